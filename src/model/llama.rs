@@ -81,7 +81,13 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn from_gguf(content: &gguf_file::Content, file: &mut std::fs::File) -> Result<Self> {
+    /// `dequantize` expands quantized weights to f32: slower, but free of the int8 activation
+    /// rounding that quantized matmuls apply (which moves logits by up to ~0.5 on this model).
+    pub fn from_gguf(
+        content: &gguf_file::Content,
+        file: &mut std::fs::File,
+        dequantize: bool,
+    ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(content)?;
         let dev = Device::Cpu;
         let mut get = |name: &str| -> Result<QTensor> {
@@ -89,17 +95,23 @@ impl Llama {
                 .tensor(file, name, &dev)
                 .with_context(|| format!("GGUF tensor `{name}` is missing or unreadable"))
         };
+        let linear = |t: QTensor| -> Result<QMatMul> {
+            Ok(if dequantize {
+                QMatMul::Tensor(t.dequantize(&Device::Cpu)?)
+            } else {
+                QMatMul::from_qtensor(t)?
+            })
+        };
         let embed_q = get("token_embd.weight")?;
         let embed = embed_q.dequantize(&dev)?;
         let output = match get("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(embed_q)?,
+            Ok(t) => linear(t)?,
+            Err(_) => linear(embed_q)?,
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let mut q = |n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::from_qtensor(get(&format!("blk.{i}.{n}.weight"))?)?)
-            };
+            let mut q =
+                |n: &str| -> Result<QMatMul> { linear(get(&format!("blk.{i}.{n}.weight"))?) };
             let wq = q("attn_q")?;
             let wk = q("attn_k")?;
             let wv = q("attn_v")?;

@@ -41,6 +41,11 @@ pub struct Model {
 impl Model {
     /// Load a GGUF file or a Hugging Face safetensors folder.
     pub fn load(path: &Path, name: &str, role: Role) -> Result<Self> {
+        Self::load_with(path, name, role, false)
+    }
+
+    /// `dequantize`: run GGUF weights in f32 (exact but slower; see `Llama::from_gguf`).
+    pub fn load_with(path: &Path, name: &str, role: Role, dequantize: bool) -> Result<Self> {
         if !path.exists() {
             bail!(
                 "model not found: {} (run `tilt fetch` for the default model)",
@@ -50,16 +55,16 @@ impl Model {
         if path.is_dir() {
             Self::load_safetensors(path, name, role)
         } else {
-            Self::load_gguf(path, name, role)
+            Self::load_gguf(path, name, role, dequantize)
         }
     }
 
-    fn load_gguf(path: &Path, name: &str, role: Role) -> Result<Self> {
+    fn load_gguf(path: &Path, name: &str, role: Role, dequantize: bool) -> Result<Self> {
         let mut file =
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| anyhow::anyhow!("{} is not a readable GGUF file: {e}", path.display()))?;
-        let llama = Llama::from_gguf(&content, &mut file)
+        let llama = Llama::from_gguf(&content, &mut file, dequantize)
             .with_context(|| format!("loading {}", path.display()))?;
         let vocab = Vocab::from_gguf(&content)?;
         if vocab.size() != llama.cfg.vocab_size {

@@ -1,0 +1,135 @@
+//! The command line: sensible output, and clear errors (never a panic) for bad models and prompts.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn tilt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(args)
+        .output()
+        .expect("tilt runs")
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "a panic: {stderr}"
+    );
+}
+
+#[test]
+fn generate_writes_english_for_the_haiku_prompt() {
+    let model = common::model_path();
+    let out = tilt(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "Write a haiku about the sea",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() >= 5, "{text:?}");
+    let english = ["the", "sea", "a", "of", "and", "in", "waves", "ocean"];
+    assert!(words.iter().any(|w| english.contains(&w.to_lowercase().trim_matches(|c: char| !c.is_alphabetic()))), "{text:?}");
+    assert!(!text.contains("<|im_end|>"));
+}
+
+#[test]
+fn missing_model_file() {
+    let out = tilt(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, "model not found");
+}
+
+#[test]
+fn corrupt_model_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00garbage that is not a model").unwrap();
+    let out = tilt(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, "not a readable GGUF file");
+    // A truncated copy of the real model.
+    let real = std::fs::read(common::model_path()).unwrap();
+    std::fs::write(&path, &real[..real.len() / 3]).unwrap();
+    let out = tilt(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, "broken.gguf");
+}
+
+#[test]
+fn unsupported_architecture() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt2.gguf");
+    let t = QTensor::quantize(
+        &candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &Value::String("gpt2".into()))],
+        &[("token_embd.weight", &t)],
+    )
+    .unwrap();
+    drop(f);
+    let out = tilt(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clean_failure(&out, "unsupported architecture `gpt2`");
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let model = common::model_path();
+    let prompt = "word ".repeat(9000);
+    let out = tilt(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+    ]);
+    assert_clean_failure(&out, "context");
+}
