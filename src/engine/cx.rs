@@ -57,7 +57,7 @@ impl<'a> Cx<'a> {
     /// A copy of `seq` (its cached positions), to continue independently.
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
         let (model, cache) = self.store.get(seq).context("fork of an unknown sequence")?;
-        let (model, copy) = (*model, cache.fork()?);
+        let (model, copy) = (*model, cache.fork());
         let id = self.store.insert(model, copy);
         self.owned.push(id);
         Ok(id)

@@ -1,29 +1,19 @@
-//! Per-sequence key/value cache: pre-allocated per layer and grown by doubling, so a decode step
-//! writes one row in place instead of copying the whole cache (candle's stock llama concatenates).
+//! Per-sequence key/value cache: plain vectors, `[position][kv_head][head_dim]` per layer, so a
+//! decode step appends one row (amortised O(1), no copy of the cache) and a fork copies only the
+//! used rows.
 
-use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
-
-use super::config::LlamaConfig;
-
-/// Rows are allocated in multiples of this many positions.
-const CHUNK: usize = 128;
-
-#[derive(Debug)]
+#[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// Per layer: keys and values, each `(n_kv_heads, capacity, head_dim)`.
-    layers: Vec<(Tensor, Tensor)>,
+    /// Per layer: keys and values.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
-    capacity: usize,
+    /// Floats per position per layer (kv_heads × head_dim), known from the first append.
+    width: usize,
 }
 
 impl KvCache {
     pub fn new() -> Self {
-        Self {
-            layers: Vec::new(),
-            len: 0,
-            capacity: 0,
-        }
+        Self::default()
     }
 
     /// Positions already cached: the next token is at this position.
@@ -35,36 +25,23 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held by this cache (allocated capacity, not only the used rows).
+    /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
-            .sum()
+        self.layers.iter().map(|(k, v)| (k.capacity() + v.capacity()) * 4).sum()
     }
 
     /// An independent copy of the cached positions (the prompt shared by best-of-N candidates or
     /// search branches): costs one copy of the used rows, never a new prefill.
-    pub fn fork(&self) -> Result<Self> {
-        if self.len == 0 {
-            return Ok(Self::new());
-        }
-        let capacity = round_up(self.len + 1);
+    pub fn fork(&self) -> Self {
         let layers = self
             .layers
             .iter()
             .map(|(k, v)| {
-                Ok((
-                    Self::copy_rows(k, self.len, capacity)?,
-                    Self::copy_rows(v, self.len, capacity)?,
-                ))
+                let used = self.len * self.width;
+                (k[..used].to_vec(), v[..used].to_vec())
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            layers,
-            len: self.len,
-            capacity,
-        })
+            .collect();
+        Self { layers, len: self.len, width: self.width }
     }
 
     /// Forget positions from `len` on (search decoders roll back lookahead tokens this way).
@@ -72,65 +49,22 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Make room for `extra` more positions.
-    pub(crate) fn reserve(&mut self, cfg: &LlamaConfig, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed <= self.capacity {
-            return Ok(());
+    /// Append rows (each `width` floats) of layer `layer` at position `len()`, and return all keys
+    /// and values through them. `advance` commits the positions once every layer is written.
+    pub(crate) fn append(&mut self, n_layers: usize, layer: usize, width: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+        if self.layers.len() < n_layers {
+            self.layers.resize_with(n_layers, Default::default);
         }
-        let capacity = round_up(needed.max(self.capacity * 2));
-        if self.layers.is_empty() {
-            let zeros = || {
-                Tensor::zeros(
-                    (cfg.n_kv_heads, capacity, cfg.head_dim),
-                    DType::F32,
-                    &Device::Cpu,
-                )
-            };
-            self.layers = (0..cfg.n_layers)
-                .map(|_| Ok((zeros()?, zeros()?)))
-                .collect::<Result<_>>()?;
-        } else {
-            for (k, v) in self.layers.iter_mut() {
-                *k = Self::copy_rows(k, self.len, capacity)?;
-                *v = Self::copy_rows(v, self.len, capacity)?;
-            }
-        }
-        self.capacity = capacity;
-        Ok(())
+        self.width = width;
+        let (ck, cv) = &mut self.layers[layer];
+        ck.truncate(self.len * width);
+        cv.truncate(self.len * width);
+        ck.extend_from_slice(k);
+        cv.extend_from_slice(v);
+        (ck, cv)
     }
 
-    /// Write `k`, `v` (`(n_kv_heads, t, head_dim)`, contiguous) of layer `layer` at position
-    /// `self.len()`, and return views of all keys and values up to and including them.
-    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (ck, cv) = &self.layers[layer];
-        ck.slice_set(k, 1, self.len)?;
-        cv.slice_set(v, 1, self.len)?;
-        let total = self.len + k.dim(1)?;
-        Ok((ck.narrow(1, 0, total)?, cv.narrow(1, 0, total)?))
-    }
-
-    /// Commit `t` positions written by `write` in every layer.
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
-
-    fn copy_rows(src: &Tensor, len: usize, capacity: usize) -> Result<Tensor> {
-        let (h, _, d) = src.dims3()?;
-        let dst = Tensor::zeros((h, capacity, d), DType::F32, &Device::Cpu)?;
-        if len > 0 {
-            dst.slice_set(&src.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-        }
-        Ok(dst)
-    }
-}
-
-impl Default for KvCache {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-fn round_up(n: usize) -> usize {
-    n.div_ceil(CHUNK).max(1) * CHUNK
 }

@@ -1,17 +1,20 @@
 //! Llama-family decoder forward over a ragged batch: every item is one sequence with its own KV
 //! cache and any number of new tokens (prefill, chunked prefill or a single decode token).
-//! Linear layers run once over all items' rows; attention runs per item against its own cache.
+//! Linear layers run once over all items' rows through candle's quantized matmuls; everything
+//! between them (norms, RoPE, attention against each item's cache, SwiGLU) is a plain loop over
+//! f32 rows, which avoids dozens of small tensor allocations per layer on the decode path.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
+use super::q4_1::Q4_1Matrix;
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,37 +60,96 @@ impl ForwardOutput {
     }
 }
 
+/// Projections that read the same input, fused into one matmul when their weights allow it
+/// (q|k|v, gate|up): one activation quantization and one pass over the thread pool instead of several.
+struct Linear {
+    kernel: Kernel,
+    out: usize,
+}
+
+enum Kernel {
+    /// Our SIMD kernel (see `q4_1`).
+    Q4_1(Q4_1Matrix),
+    /// candle's matmuls (other quantizations, dense weights); several parts are concatenated.
+    Candle(Vec<QMatMul>),
+}
+
+impl Linear {
+    fn fuse(weights: Vec<QTensor>) -> Result<Self> {
+        let out = weights.iter().map(|w| w.shape().dims()[0]).sum();
+        let cols = weights[0].shape().dims()[1];
+        let dtype = weights[0].dtype();
+        let same = weights.iter().all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
+        if same && dtype == GgmlDType::Q4_1 {
+            let parts = weights
+                .iter()
+                .map(|w| Q4_1Matrix::from_ggml(&w.data()?, w.shape().dims()[0], cols).context("malformed Q4_1 tensor"))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Self { kernel: Kernel::Q4_1(Q4_1Matrix::concat(parts).context("Q4_1 shapes")?), out });
+        }
+        if same && weights.len() > 1 {
+            let mut bytes = Vec::new();
+            for w in &weights {
+                bytes.extend_from_slice(&w.data()?);
+            }
+            let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype)?;
+            let fused = QTensor::new(storage, (out, cols))?;
+            return Ok(Self { kernel: Kernel::Candle(vec![QMatMul::from_qtensor(fused)?]), out });
+        }
+        let parts = weights.into_iter().map(QMatMul::from_qtensor).collect::<candle_core::Result<_>>()?;
+        Ok(Self { kernel: Kernel::Candle(parts), out })
+    }
+
+    fn dense(weights: Vec<Tensor>) -> Result<Self> {
+        let out = weights.iter().map(|w| w.dim(0)).sum::<candle_core::Result<usize>>()?;
+        let w = if weights.len() == 1 { weights[0].clone() } else { Tensor::cat(&weights, 0)? };
+        Ok(Self { kernel: Kernel::Candle(vec![QMatMul::Tensor(w)]), out })
+    }
+
+    /// `x` is `n` rows; returns `n` rows of `self.out` values.
+    fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let parts = match &self.kernel {
+            Kernel::Q4_1(w) => return Ok(w.matmul(x, n)),
+            Kernel::Candle(parts) => parts,
+        };
+        let input = Tensor::from_slice(x, (n, x.len() / n), &Device::Cpu)?;
+        if let [one] = parts.as_slice() {
+            return Ok(one.forward(&input)?.flatten_all()?.to_vec1()?);
+        }
+        let outs = parts.iter().map(|p| p.forward(&input)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, 1)?.flatten_all()?.to_vec1()?)
+    }
+}
+
 struct Layer {
-    attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    attn_norm: Vec<f32>,
+    qkv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    gate_up: Linear,
+    down: Linear,
 }
 
 pub struct Llama {
     pub cfg: LlamaConfig,
-    embed: Tensor,
+    /// `(vocab, hidden)` row-major.
+    embed: Vec<f32>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    output: QMatMul,
+    norm: Vec<f32>,
+    output: Linear,
     /// `(context_length, head_dim / 2)` rotary tables.
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
 impl Llama {
     /// `dequantize` expands quantized weights to f32: slower, but free of the int8 activation
     /// rounding that quantized matmuls apply (which moves logits by up to ~0.5 on this model).
-    pub fn from_gguf(
-        content: &gguf_file::Content,
-        file: &mut std::fs::File,
-        dequantize: bool,
-    ) -> Result<Self> {
+    pub fn from_gguf(content: &gguf_file::Content, file: &mut std::fs::File, dequantize: bool) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(content)?;
         let dev = Device::Cpu;
         let mut get = |name: &str| -> Result<QTensor> {
@@ -95,45 +157,31 @@ impl Llama {
                 .tensor(file, name, &dev)
                 .with_context(|| format!("GGUF tensor `{name}` is missing or unreadable"))
         };
-        let linear = |t: QTensor| -> Result<QMatMul> {
-            Ok(if dequantize {
-                QMatMul::Tensor(t.dequantize(&Device::Cpu)?)
+        let linear = |ws: Vec<QTensor>| -> Result<Linear> {
+            if dequantize {
+                Linear::dense(ws.iter().map(|w| w.dequantize(&Device::Cpu)).collect::<candle_core::Result<_>>()?)
             } else {
-                QMatMul::from_qtensor(t)?
-            })
+                Linear::fuse(ws)
+            }
         };
         let embed_q = get("token_embd.weight")?;
-        let embed = embed_q.dequantize(&dev)?;
+        let embed = vec_of(&embed_q.dequantize(&dev)?)?;
         let output = match get("output.weight") {
-            Ok(t) => linear(t)?,
-            Err(_) => linear(embed_q)?,
+            Ok(t) => linear(vec![t])?,
+            Err(_) => linear(vec![embed_q])?,
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let mut q =
-                |n: &str| -> Result<QMatMul> { linear(get(&format!("blk.{i}.{n}.weight"))?) };
-            let wq = q("attn_q")?;
-            let wk = q("attn_k")?;
-            let wv = q("attn_v")?;
-            let wo = q("attn_output")?;
-            let w_gate = q("ffn_gate")?;
-            let w_up = q("ffn_up")?;
-            let w_down = q("ffn_down")?;
-            let attn_norm = get(&format!("blk.{i}.attn_norm.weight"))?.dequantize(&dev)?;
-            let ffn_norm = get(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(&dev)?;
-            layers.push(Layer {
-                attn_norm,
-                wq,
-                wk,
-                wv,
-                wo,
-                ffn_norm,
-                w_gate,
-                w_up,
-                w_down,
-            });
+            let mut w = |n: &str| get(&format!("blk.{i}.{n}.weight"));
+            let qkv = linear(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?])?;
+            let wo = linear(vec![w("attn_output")?])?;
+            let gate_up = linear(vec![w("ffn_gate")?, w("ffn_up")?])?;
+            let down = linear(vec![w("ffn_down")?])?;
+            let attn_norm = vec_of(&w("attn_norm")?.dequantize(&dev)?)?;
+            let ffn_norm = vec_of(&w("ffn_norm")?.dequantize(&dev)?)?;
+            layers.push(Layer { attn_norm, qkv, wo, ffn_norm, gate_up, down });
         }
-        let norm = get("output_norm.weight")?.dequantize(&dev)?;
+        let norm = vec_of(&get("output_norm.weight")?.dequantize(&dev)?)?;
         Self::assemble(cfg, embed, layers, norm, output)
     }
 
@@ -149,9 +197,7 @@ impl Llama {
         }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
-            for (name, t) in candle_core::safetensors::load(f, &Device::Cpu)
-                .with_context(|| format!("reading {}", f.display()))?
-            {
+            for (name, t) in candle_core::safetensors::load(f, &Device::Cpu).with_context(|| format!("reading {}", f.display()))? {
                 tensors.insert(name, t);
             }
         }
@@ -162,61 +208,37 @@ impl Llama {
                 .with_context(|| format!("safetensors lack tensor `{name}`"))?;
             Ok(t.to_dtype(DType::F32)?)
         };
-        let embed = take("model.embed_tokens.weight")?;
+        let embed_t = take("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
-            let mut lin = |n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::Tensor(take(&format!("{p}.{n}.weight"))?))
-            };
-            let wq = lin("self_attn.q_proj")?;
-            let wk = lin("self_attn.k_proj")?;
-            let wv = lin("self_attn.v_proj")?;
-            let wo = lin("self_attn.o_proj")?;
-            let w_gate = lin("mlp.gate_proj")?;
-            let w_up = lin("mlp.up_proj")?;
-            let w_down = lin("mlp.down_proj")?;
-            let attn_norm = take(&format!("{p}.input_layernorm.weight"))?;
-            let ffn_norm = take(&format!("{p}.post_attention_layernorm.weight"))?;
-            layers.push(Layer {
-                attn_norm,
-                wq,
-                wk,
-                wv,
-                wo,
-                ffn_norm,
-                w_gate,
-                w_up,
-                w_down,
-            });
+            let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
+            let qkv = Linear::dense(vec![w("self_attn.q_proj")?, w("self_attn.k_proj")?, w("self_attn.v_proj")?])?;
+            let wo = Linear::dense(vec![w("self_attn.o_proj")?])?;
+            let gate_up = Linear::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?])?;
+            let down = Linear::dense(vec![w("mlp.down_proj")?])?;
+            let attn_norm = vec_of(&w("input_layernorm")?)?;
+            let ffn_norm = vec_of(&w("post_attention_layernorm")?)?;
+            layers.push(Layer { attn_norm, qkv, wo, ffn_norm, gate_up, down });
         }
-        let norm = take("model.norm.weight")?;
-        let output = match take("lm_head.weight") {
-            Ok(t) => QMatMul::Tensor(t),
-            Err(_) => QMatMul::Tensor(embed.clone()),
-        };
+        let norm = vec_of(&take("model.norm.weight")?)?;
+        let output = Linear::dense(vec![take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())])?;
+        let embed = vec_of(&embed_t)?;
         Self::assemble(cfg, embed, layers, norm, output)
     }
 
-    fn assemble(
-        cfg: LlamaConfig,
-        embed: Tensor,
-        layers: Vec<Layer>,
-        norm: Tensor,
-        output: QMatMul,
-    ) -> Result<Self> {
-        let (v, h) = embed.dims2()?;
-        if v != cfg.vocab_size || h != cfg.hidden {
-            bail!(
-                "token embedding is {v}x{h}, config says {}x{}",
-                cfg.vocab_size,
-                cfg.hidden
-            );
+    fn assemble(cfg: LlamaConfig, embed: Vec<f32>, layers: Vec<Layer>, norm: Vec<f32>, output: Linear) -> Result<Self> {
+        if embed.len() != cfg.vocab_size * cfg.hidden {
+            bail!("token embedding has {} values, config says {}x{}", embed.len(), cfg.vocab_size, cfg.hidden);
+        }
+        let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+        for (i, l) in layers.iter().enumerate() {
+            if l.qkv.out != q + 2 * kv || l.gate_up.out != 2 * cfg.ffn || l.attn_norm.len() != cfg.hidden {
+                bail!("layer {i} has shapes that do not match the config {cfg:?}");
+            }
         }
         let half = cfg.head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
         let n = cfg.context_length;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
@@ -227,133 +249,68 @@ impl Llama {
                 sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (n, half), &Device::Cpu)?;
-        let sin = Tensor::from_vec(sin, (n, half), &Device::Cpu)?;
-        Ok(Self {
-            cfg,
-            embed,
-            layers,
-            norm,
-            output,
-            cos,
-            sin,
-        })
+        Ok(Self { cfg, embed, layers, norm, output, cos, sin })
     }
 
     /// Run a ragged batch: each item's tokens are appended to its cache; logits come back as asked.
     pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<ForwardOutput> {
         let cfg = &self.cfg;
-        let dev = Device::Cpu;
-        let mut ids = Vec::new();
+        let (hidden, hd) = (cfg.hidden, cfg.head_dim);
+        let (qw, kvw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         let mut positions = Vec::new();
-        for it in items.iter_mut() {
+        for it in items.iter() {
             if it.tokens.is_empty() {
                 bail!("forward item without tokens");
             }
             let start = it.cache.len();
             if start + it.tokens.len() > cfg.context_length {
-                bail!(
-                    "sequence of {} positions exceeds the context length {}",
-                    start + it.tokens.len(),
-                    cfg.context_length
-                );
+                bail!("sequence of {} positions exceeds the context length {}", start + it.tokens.len(), cfg.context_length);
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                bail!(
-                    "token id {bad} is outside the vocabulary ({})",
-                    cfg.vocab_size
-                );
+                bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab_size);
             }
-            it.cache.reserve(cfg, it.tokens.len())?;
-            ids.extend_from_slice(it.tokens);
-            positions.extend((start..start + it.tokens.len()).map(|p| p as u32));
+            positions.extend(start..start + it.tokens.len());
         }
-        let n = ids.len();
-        let ids = Tensor::from_vec(ids, n, &dev)?;
-        let pos = Tensor::from_vec(positions, n, &dev)?;
-        let cos = self.cos.index_select(&pos, 0)?.unsqueeze(1)?; // (n, 1, half)
-        let sin = self.sin.index_select(&pos, 0)?.unsqueeze(1)?;
-        let (h, kv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let group = cfg.group();
-        let scale = 1.0 / (hd as f64).sqrt();
-
-        let mut x = self.embed.index_select(&ids, 0)?; // (n, hidden)
+        let n = positions.len();
+        let mut x = Vec::with_capacity(n * hidden);
+        for it in items.iter() {
+            for &t in it.tokens {
+                x.extend_from_slice(&self.embed[t as usize * hidden..(t as usize + 1) * hidden]);
+            }
+        }
+        let mut xn = vec![0f32; n * hidden];
+        let mut attn = vec![0f32; n * qw];
         for (li, layer) in self.layers.iter().enumerate() {
-            let xn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
-            let q = self.rope(&layer.wq.forward(&xn)?.reshape((n, h, 1, hd))?, &cos, &sin)?;
-            let k = self.rope(&layer.wk.forward(&xn)?.reshape((n, kv, 1, hd))?, &cos, &sin)?;
-            let v = layer.wv.forward(&xn)?;
-            let q = q.reshape((n, h * hd))?;
-            let k = k.reshape((n, kv * hd))?;
-            let mut outs = Vec::with_capacity(items.len());
+            rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32, &mut xn);
+            let mut qkv = layer.qkv.forward(&xn, n)?;
+            let width = qw + 2 * kvw;
+            for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
+                let (q, k) = row[..qw + kvw].split_at_mut(qw);
+                self.rope(q, positions[r]);
+                self.rope(k, positions[r]);
+            }
             let mut row = 0;
-            for it in items.iter() {
+            for it in items.iter_mut() {
                 let t = it.tokens.len();
-                let qi = q.narrow(0, row, t)?;
-                let ki = k
-                    .narrow(0, row, t)?
-                    .reshape((t, kv, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?;
-                let vi = v
-                    .narrow(0, row, t)?
-                    .reshape((t, kv, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?;
-                let (keys, values) = it.cache.write(li, &ki, &vi)?;
-                // (t, kv, group, hd) -> (kv, group * t, hd): each key/value head serves its query group.
-                let qi = if t == 1 {
-                    qi.reshape((kv, group, hd))?
-                } else {
-                    qi.reshape((t, kv, group, hd))?
-                        .permute((1, 2, 0, 3))?
-                        .contiguous()?
-                        .reshape((kv, group * t, hd))?
-                };
-                let mut att = (qi.matmul(&keys.t()?)? * scale)?; // (kv, group*t, total)
-                if t > 1 {
-                    let total = keys.dim(1)?;
-                    let start = total - t;
-                    let mask: Vec<f32> = (0..t)
-                        .flat_map(|i| {
-                            (0..total).map(move |j| {
-                                if j > start + i {
-                                    f32::NEG_INFINITY
-                                } else {
-                                    0.0
-                                }
-                            })
-                        })
-                        .collect();
-                    let mask = Tensor::from_vec(mask, (1, 1, t, total), &dev)?;
-                    att = att
-                        .reshape((kv, group, t, total))?
-                        .broadcast_add(&mask)?
-                        .reshape((kv, group * t, total))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&values)?; // (kv, group*t, hd)
-                let o = if t == 1 {
-                    o.reshape((1, h * hd))?
-                } else {
-                    o.reshape((kv, group, t, hd))?
-                        .permute((2, 0, 1, 3))?
-                        .contiguous()?
-                        .reshape((t, h * hd))?
-                };
-                outs.push(o);
+                let rows = &qkv[row * width..(row + t) * width];
+                let k: Vec<f32> = rows.chunks_exact(width).flat_map(|r| &r[qw..qw + kvw]).copied().collect();
+                let v: Vec<f32> = rows.chunks_exact(width).flat_map(|r| &r[qw + kvw..]).copied().collect();
+                let start = it.cache.len();
+                let (keys, values) = it.cache.append(cfg.n_layers, li, kvw, &k, &v);
+                attention(cfg, rows, width, start, keys, values, &mut attn[row * qw..(row + t) * qw]);
                 row += t;
             }
-            let attn = if outs.len() == 1 {
-                outs.pop().unwrap()
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
-            x = (x + layer.wo.forward(&attn)?)?;
-            let xn = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32)?;
-            let gate = layer.w_gate.forward(&xn)?.silu()?;
-            let up = layer.w_up.forward(&xn)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            add(&mut x, &layer.wo.forward(&attn, n)?);
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32, &mut xn);
+            let gu = layer.gate_up.forward(&xn, n)?;
+            let act: Vec<f32> = gu
+                .chunks_exact(2 * cfg.ffn)
+                .flat_map(|r| {
+                    let (g, u) = r.split_at(cfg.ffn);
+                    g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                })
+                .collect();
+            add(&mut x, &layer.down.forward(&act, n)?);
         }
         let mut wanted = Vec::new();
         let mut rows = Vec::with_capacity(items.len());
@@ -363,8 +320,8 @@ impl Llama {
             let first = wanted.len();
             match it.logits {
                 Logits::None => {}
-                Logits::Last => wanted.push((row + t - 1) as u32),
-                Logits::All => wanted.extend((row..row + t).map(|r| r as u32)),
+                Logits::Last => wanted.push(row + t - 1),
+                Logits::All => wanted.extend(row..row + t),
             }
             rows.push(first..wanted.len());
             it.cache.advance(t);
@@ -372,24 +329,115 @@ impl Llama {
         }
         let vocab = cfg.vocab_size;
         if wanted.is_empty() {
-            return Ok(ForwardOutput {
-                data: Vec::new(),
-                vocab,
-                rows,
-            });
+            return Ok(ForwardOutput { data: Vec::new(), vocab, rows });
         }
-        let r = wanted.len();
-        let sel = x.index_select(&Tensor::from_vec(wanted, r, &dev)?, 0)?;
-        let sel = candle_nn::ops::rms_norm(&sel, &self.norm, cfg.rms_eps as f32)?;
-        let logits = self.output.forward(&sel)?;
-        let data = logits.flatten_all()?.to_vec1::<f32>()?;
+        let sel: Vec<f32> = wanted.iter().flat_map(|&r| &x[r * hidden..(r + 1) * hidden]).copied().collect();
+        let mut normed = vec![0f32; sel.len()];
+        rms_norm(&sel, &self.norm, cfg.rms_eps as f32, &mut normed);
+        let data = self.output.forward(&normed, wanted.len())?;
         Ok(ForwardOutput { data, vocab, rows })
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(match self.cfg.rope_style {
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
-            RopeStyle::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
-        })
+    /// Rotate every head of `x` (one row) for position `pos`.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let half = self.cfg.head_dim / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(self.cfg.head_dim) {
+            match self.cfg.rope_style {
+                RopeStyle::Interleaved => {
+                    for i in 0..half {
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * cos[i] - b * sin[i];
+                        head[2 * i + 1] = a * sin[i] + b * cos[i];
+                    }
+                }
+                RopeStyle::Halves => {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * cos[i] - b * sin[i];
+                        head[i + half] = a * sin[i] + b * cos[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Causal attention of `t` query rows (inside `rows`, each `width` wide, queries first) at
+/// positions `start..start + t`, against `keys`/`values` (`[position][kv_head][head_dim]`, through
+/// `start + t`). Writes `t` rows of `n_heads × head_dim` into `out`. Heads run on candle's pool.
+fn attention(cfg: &LlamaConfig, rows: &[f32], width: usize, start: usize, keys: &[f32], values: &[f32], out: &mut [f32]) {
+    let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
+    let kvw = cfg.n_kv_heads * hd;
+    let t = rows.len() / width;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let task = |i: usize| {
+        let (r, head) = (i / h, i % h);
+        let q = &rows[r * width + head * hd..r * width + (head + 1) * hd];
+        let kv_off = (head / group) * hd;
+        let visible = start + r + 1;
+        let mut scores: Vec<f32> = (0..visible).map(|p| dot(q, &keys[p * kvw + kv_off..p * kvw + kv_off + hd]) * scale).collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        // SAFETY: task `i` alone writes the `hd` values at offset `i * hd` (row r, head `head`).
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * hd), hd) };
+        o.fill(0.0);
+        for (p, w) in scores.iter().enumerate() {
+            let v = &values[p * kvw + kv_off..p * kvw + kv_off + hd];
+            let w = w / sum;
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+    };
+    let n_tasks = t * h;
+    candle_core::utils::barrier_pool().execute_chunked(n_tasks, |range| range.for_each(task));
+}
+
+/// A raw output pointer shared by attention tasks that write disjoint slices.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks write disjoint ranges (see `attention`), and the pool joins before `out` is read.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Dot product with eight independent accumulators, so the compiler vectorises it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let k = weight.len();
+    for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        let ms = dot(row, row) / k as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * s * w;
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
     }
 }
