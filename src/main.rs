@@ -32,7 +32,7 @@ enum Command {
         name: String,
     },
     /// Benchmark latency and throughput of an OpenAI-compatible server, per decoder.
-    Bench(tilt::bench::BenchArgs),
+    Bench(Box<tilt::bench::BenchArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         Command::Fetch { name } => {
             fetch::ensure(&fetch::models_dir(), &name).map(|p| println!("{}", p.display()))
         }
-        Command::Bench(args) => tilt::bench::run(args),
+        Command::Bench(args) => tilt::bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

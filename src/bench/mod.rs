@@ -26,10 +26,10 @@ use serde_json::{Map, Value};
 
 pub use client::{Endpoint, Failure, Sample};
 pub use report::{markdown, write};
-pub use stats::{Distribution, RuntimeFit, Slo, Summary};
 
 use client::Target;
 use load::{Load, Stop};
+use stats::{RuntimeFit, Slo, Summary};
 use workload::Workload;
 
 /// Requests per run unless `--requests` or `--duration` says otherwise.
@@ -177,6 +177,13 @@ pub struct Run {
 
 impl BenchArgs {
     fn check(&self) -> Result<()> {
+        for url in &self.url {
+            let parsed = reqwest::Url::parse(url).with_context(|| format!("--url {url}"))?;
+            ensure!(
+                parsed.scheme() == "http",
+                "--url {url}: only http:// (tilt bench targets local servers and has no TLS)"
+            );
+        }
         ensure!(
             self.concurrency.iter().all(|&c| c > 0),
             "--concurrency must be at least 1"
@@ -489,4 +496,26 @@ fn progress_bar(stop: Stop, message: String) -> ProgressBar {
         }
     };
     bar.with_message(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        BenchArgs::try_parse_from(["bench"].iter().chain(args))
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_any_request() {
+        let check = |args: &[&str]| parse(args).unwrap().check();
+        assert!(check(&["--url", "http://127.0.0.1:8080/v1"]).is_ok());
+        assert!(check(&["--url", "https://127.0.0.1:8080"]).is_err());
+        assert!(check(&["--url", "localhost:8080"]).is_err());
+        assert!(check(&["--url", "http://a", "--concurrency", "1,0"]).is_err());
+        assert!(check(&["--url", "http://a", "--rate", "0"]).is_err());
+        assert!(parse(&["--url", "http://a", "--requests", "3", "--duration", "2"]).is_err());
+        assert!(parse(&["--url", "http://a", "--sweep", "--concurrency", "2"]).is_err());
+        assert!(parse(&["--url", "http://a", "--sweep-prompt-tokens", "8"]).is_err());
+    }
 }

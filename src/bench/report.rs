@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{Distribution, Report, Run, Series};
+use super::stats::Distribution;
+use super::{Report, Run, Series};
 
 /// Write `path` (JSON) and, beside it, the markdown (same name, `.md`) and, for load runs, the
 /// charts `<stem>-<metric>.svg`. Returns the files written.

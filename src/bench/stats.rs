@@ -193,10 +193,12 @@ pub fn least_squares(xs: &[Vec<f64>], ys: &[f64]) -> Option<LinearFit> {
             return None;
         }
         a.swap(col, pivot);
-        for r in (col + 1)..k {
-            let f = a[r][col] / a[col][col];
-            for c in col..=k {
-                a[r][c] -= f * a[col][c];
+        let (done, rest) = a.split_at_mut(col + 1);
+        let pivot_row = &done[col];
+        for row in rest {
+            let f = row[col] / pivot_row[col];
+            for (x, p) in row[col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
             }
         }
     }
