@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::stats::Distribution;
+use super::stats::{Distribution, Summary};
 use super::{Report, Run, Series};
 
 /// Write `path` (JSON) and, beside it, the markdown (same name, `.md`) and, for load runs, the
@@ -59,6 +59,10 @@ fn num(v: f64) -> String {
         a if a >= 10.0 => format!("{v:.1}"),
         _ => format!("{v:.2}"),
     }
+}
+
+fn median(d: &Option<Distribution>) -> Option<f64> {
+    d.as_ref().map(|d| d.median)
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -193,7 +197,6 @@ fn comparison(md: &mut String, series: &[Series]) {
     writeln!(md, "\n## Relative to {}\n", base.label).unwrap();
     md.push_str("| load | series | output tok/s | × | median TPOT | × | median TTFT | × |\n");
     md.push_str("|---|---|---:|---:|---:|---:|---:|---:|\n");
-    let median = |d: &Option<Distribution>| d.as_ref().map(|d| d.median);
     let ratio = |v: Option<f64>, b: Option<f64>| match (v, b) {
         (Some(v), Some(b)) if b > 0.0 => format!("{v:.2}", v = v / b),
         _ => "–".into(),
@@ -255,53 +258,34 @@ fn charts(report: &Report) -> Vec<(&'static str, String)> {
     } else {
         "request rate (Poisson)"
     };
-    let metric = |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<(String, Vec<Option<f64>>)> {
-        let line = |s: &Series| (s.label.clone(), s.runs.iter().map(f).collect());
-        report.series.iter().map(line).collect()
-    };
-    let median = |d: &Option<Distribution>| d.as_ref().map(|d| d.median);
-    vec![
-        (
-            "latency",
-            chart(
-                "Median end-to-end latency",
-                x_title,
-                "ms",
-                &ticks,
-                &metric(&|r| median(&r.summary.e2el_ms)),
-            ),
-        ),
-        (
-            "ttft",
-            chart(
-                "Median time to first token",
-                x_title,
-                "ms",
-                &ticks,
-                &metric(&|r| median(&r.summary.ttft_ms)),
-            ),
-        ),
-        (
-            "tpot",
-            chart(
-                "Median time per output token",
-                x_title,
-                "ms",
-                &ticks,
-                &metric(&|r| median(&r.summary.tpot_ms)),
-            ),
-        ),
-        (
-            "throughput",
-            chart(
-                "Output throughput",
-                x_title,
-                "tokens/s",
-                &ticks,
-                &metric(&|r| Some(r.summary.output_throughput)),
-            ),
-        ),
-    ]
+    type Metric = fn(&Summary) -> Option<f64>;
+    let specs: [(&str, &str, &str, Metric); 4] = [
+        ("latency", "Median end-to-end latency", "ms", |s| {
+            median(&s.e2el_ms)
+        }),
+        ("ttft", "Median time to first token", "ms", |s| {
+            median(&s.ttft_ms)
+        }),
+        ("tpot", "Median time per output token", "ms", |s| {
+            median(&s.tpot_ms)
+        }),
+        ("throughput", "Output throughput", "tokens/s", |s| {
+            Some(s.output_throughput)
+        }),
+    ];
+    specs
+        .into_iter()
+        .map(|(name, title, unit, value)| {
+            let line = |s: &Series| {
+                (
+                    s.label.clone(),
+                    s.runs.iter().map(|r| value(&r.summary)).collect(),
+                )
+            };
+            let lines: Vec<_> = report.series.iter().map(line).collect();
+            (name, chart(title, x_title, unit, &ticks, &lines))
+        })
+        .collect()
 }
 
 const COLORS: &[&str] = &[
