@@ -31,6 +31,8 @@ enum Command {
         #[arg(long, default_value = fetch::DEFAULT_MODEL)]
         name: String,
     },
+    /// Benchmark latency and throughput of an OpenAI-compatible server, per decoder.
+    Bench(Box<tilt::bench::BenchArgs>),
 }
 
 #[derive(Args, Clone)]
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Command::Fetch { name } => {
             fetch::ensure(&fetch::models_dir(), &name).map(|p| println!("{}", p.display()))
         }
+        Command::Bench(args) => tilt::bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
