@@ -27,7 +27,10 @@ impl KvCache {
 
     /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| (k.capacity() + v.capacity()) * 4).sum()
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .sum()
     }
 
     /// An independent copy of the cached positions (the prompt shared by best-of-N candidates or
@@ -41,7 +44,11 @@ impl KvCache {
                 (k[..used].to_vec(), v[..used].to_vec())
             })
             .collect();
-        Self { layers, len: self.len, width: self.width }
+        Self {
+            layers,
+            len: self.len,
+            width: self.width,
+        }
     }
 
     /// Forget positions from `len` on (search decoders roll back lookahead tokens this way).
@@ -51,7 +58,14 @@ impl KvCache {
 
     /// Append rows (each `width` floats) of layer `layer` at position `len()`, and return all keys
     /// and values through them. `advance` commits the positions once every layer is written.
-    pub(crate) fn append(&mut self, n_layers: usize, layer: usize, width: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+    pub(crate) fn append(
+        &mut self,
+        n_layers: usize,
+        layer: usize,
+        width: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> (&[f32], &[f32]) {
         if self.layers.len() < n_layers {
             self.layers.resize_with(n_layers, Default::default);
         }

@@ -79,13 +79,21 @@ impl Linear {
         let out = weights.iter().map(|w| w.shape().dims()[0]).sum();
         let cols = weights[0].shape().dims()[1];
         let dtype = weights[0].dtype();
-        let same = weights.iter().all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
+        let same = weights
+            .iter()
+            .all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
         if same && dtype == GgmlDType::Q4_1 {
             let parts = weights
                 .iter()
-                .map(|w| Q4_1Matrix::from_ggml(&w.data()?, w.shape().dims()[0], cols).context("malformed Q4_1 tensor"))
+                .map(|w| {
+                    Q4_1Matrix::from_ggml(&w.data()?, w.shape().dims()[0], cols)
+                        .context("malformed Q4_1 tensor")
+                })
                 .collect::<Result<Vec<_>>>()?;
-            return Ok(Self { kernel: Kernel::Q4_1(Q4_1Matrix::concat(parts).context("Q4_1 shapes")?), out });
+            return Ok(Self {
+                kernel: Kernel::Q4_1(Q4_1Matrix::concat(parts).context("Q4_1 shapes")?),
+                out,
+            });
         }
         if same && weights.len() > 1 {
             let mut bytes = Vec::new();
@@ -94,16 +102,35 @@ impl Linear {
             }
             let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype)?;
             let fused = QTensor::new(storage, (out, cols))?;
-            return Ok(Self { kernel: Kernel::Candle(vec![QMatMul::from_qtensor(fused)?]), out });
+            return Ok(Self {
+                kernel: Kernel::Candle(vec![QMatMul::from_qtensor(fused)?]),
+                out,
+            });
         }
-        let parts = weights.into_iter().map(QMatMul::from_qtensor).collect::<candle_core::Result<_>>()?;
-        Ok(Self { kernel: Kernel::Candle(parts), out })
+        let parts = weights
+            .into_iter()
+            .map(QMatMul::from_qtensor)
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            kernel: Kernel::Candle(parts),
+            out,
+        })
     }
 
     fn dense(weights: Vec<Tensor>) -> Result<Self> {
-        let out = weights.iter().map(|w| w.dim(0)).sum::<candle_core::Result<usize>>()?;
-        let w = if weights.len() == 1 { weights[0].clone() } else { Tensor::cat(&weights, 0)? };
-        Ok(Self { kernel: Kernel::Candle(vec![QMatMul::Tensor(w)]), out })
+        let out = weights
+            .iter()
+            .map(|w| w.dim(0))
+            .sum::<candle_core::Result<usize>>()?;
+        let w = if weights.len() == 1 {
+            weights[0].clone()
+        } else {
+            Tensor::cat(&weights, 0)?
+        };
+        Ok(Self {
+            kernel: Kernel::Candle(vec![QMatMul::Tensor(w)]),
+            out,
+        })
     }
 
     /// `x` is `n` rows; returns `n` rows of `self.out` values.
@@ -116,7 +143,10 @@ impl Linear {
         if let [one] = parts.as_slice() {
             return Ok(one.forward(&input)?.flatten_all()?.to_vec1()?);
         }
-        let outs = parts.iter().map(|p| p.forward(&input)).collect::<candle_core::Result<Vec<_>>>()?;
+        let outs = parts
+            .iter()
+            .map(|p| p.forward(&input))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&outs, 1)?.flatten_all()?.to_vec1()?)
     }
 }
@@ -149,7 +179,11 @@ fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
 impl Llama {
     /// `dequantize` expands quantized weights to f32: slower, but free of the int8 activation
     /// rounding that quantized matmuls apply (which moves logits by up to ~0.5 on this model).
-    pub fn from_gguf(content: &gguf_file::Content, file: &mut std::fs::File, dequantize: bool) -> Result<Self> {
+    pub fn from_gguf(
+        content: &gguf_file::Content,
+        file: &mut std::fs::File,
+        dequantize: bool,
+    ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(content)?;
         let dev = Device::Cpu;
         let mut get = |name: &str| -> Result<QTensor> {
@@ -159,7 +193,11 @@ impl Llama {
         };
         let linear = |ws: Vec<QTensor>| -> Result<Linear> {
             if dequantize {
-                Linear::dense(ws.iter().map(|w| w.dequantize(&Device::Cpu)).collect::<candle_core::Result<_>>()?)
+                Linear::dense(
+                    ws.iter()
+                        .map(|w| w.dequantize(&Device::Cpu))
+                        .collect::<candle_core::Result<_>>()?,
+                )
             } else {
                 Linear::fuse(ws)
             }
@@ -179,7 +217,14 @@ impl Llama {
             let down = linear(vec![w("ffn_down")?])?;
             let attn_norm = vec_of(&w("attn_norm")?.dequantize(&dev)?)?;
             let ffn_norm = vec_of(&w("ffn_norm")?.dequantize(&dev)?)?;
-            layers.push(Layer { attn_norm, qkv, wo, ffn_norm, gate_up, down });
+            layers.push(Layer {
+                attn_norm,
+                qkv,
+                wo,
+                ffn_norm,
+                gate_up,
+                down,
+            });
         }
         let norm = vec_of(&get("output_norm.weight")?.dequantize(&dev)?)?;
         Self::assemble(cfg, embed, layers, norm, output)
@@ -197,7 +242,9 @@ impl Llama {
         }
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &files {
-            for (name, t) in candle_core::safetensors::load(f, &Device::Cpu).with_context(|| format!("reading {}", f.display()))? {
+            for (name, t) in candle_core::safetensors::load(f, &Device::Cpu)
+                .with_context(|| format!("reading {}", f.display()))?
+            {
                 tensors.insert(name, t);
             }
         }
@@ -213,32 +260,61 @@ impl Llama {
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
             let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
-            let qkv = Linear::dense(vec![w("self_attn.q_proj")?, w("self_attn.k_proj")?, w("self_attn.v_proj")?])?;
+            let qkv = Linear::dense(vec![
+                w("self_attn.q_proj")?,
+                w("self_attn.k_proj")?,
+                w("self_attn.v_proj")?,
+            ])?;
             let wo = Linear::dense(vec![w("self_attn.o_proj")?])?;
             let gate_up = Linear::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?])?;
             let down = Linear::dense(vec![w("mlp.down_proj")?])?;
             let attn_norm = vec_of(&w("input_layernorm")?)?;
             let ffn_norm = vec_of(&w("post_attention_layernorm")?)?;
-            layers.push(Layer { attn_norm, qkv, wo, ffn_norm, gate_up, down });
+            layers.push(Layer {
+                attn_norm,
+                qkv,
+                wo,
+                ffn_norm,
+                gate_up,
+                down,
+            });
         }
         let norm = vec_of(&take("model.norm.weight")?)?;
-        let output = Linear::dense(vec![take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())])?;
+        let output = Linear::dense(vec![
+            take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())
+        ])?;
         let embed = vec_of(&embed_t)?;
         Self::assemble(cfg, embed, layers, norm, output)
     }
 
-    fn assemble(cfg: LlamaConfig, embed: Vec<f32>, layers: Vec<Layer>, norm: Vec<f32>, output: Linear) -> Result<Self> {
+    fn assemble(
+        cfg: LlamaConfig,
+        embed: Vec<f32>,
+        layers: Vec<Layer>,
+        norm: Vec<f32>,
+        output: Linear,
+    ) -> Result<Self> {
         if embed.len() != cfg.vocab_size * cfg.hidden {
-            bail!("token embedding has {} values, config says {}x{}", embed.len(), cfg.vocab_size, cfg.hidden);
+            bail!(
+                "token embedding has {} values, config says {}x{}",
+                embed.len(),
+                cfg.vocab_size,
+                cfg.hidden
+            );
         }
         let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
         for (i, l) in layers.iter().enumerate() {
-            if l.qkv.out != q + 2 * kv || l.gate_up.out != 2 * cfg.ffn || l.attn_norm.len() != cfg.hidden {
+            if l.qkv.out != q + 2 * kv
+                || l.gate_up.out != 2 * cfg.ffn
+                || l.attn_norm.len() != cfg.hidden
+            {
                 bail!("layer {i} has shapes that do not match the config {cfg:?}");
             }
         }
         let half = cfg.head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
         let n = cfg.context_length;
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
@@ -249,7 +325,15 @@ impl Llama {
                 sin.push(a.sin());
             }
         }
-        Ok(Self { cfg, embed, layers, norm, output, cos, sin })
+        Ok(Self {
+            cfg,
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+        })
     }
 
     /// Run a ragged batch: each item's tokens are appended to its cache; logits come back as asked.
@@ -264,10 +348,17 @@ impl Llama {
             }
             let start = it.cache.len();
             if start + it.tokens.len() > cfg.context_length {
-                bail!("sequence of {} positions exceeds the context length {}", start + it.tokens.len(), cfg.context_length);
+                bail!(
+                    "sequence of {} positions exceeds the context length {}",
+                    start + it.tokens.len(),
+                    cfg.context_length
+                );
             }
             if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                bail!("token id {bad} is outside the vocabulary ({})", cfg.vocab_size);
+                bail!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    cfg.vocab_size
+                );
             }
             positions.extend(start..start + it.tokens.len());
         }
@@ -293,11 +384,27 @@ impl Llama {
             for it in items.iter_mut() {
                 let t = it.tokens.len();
                 let rows = &qkv[row * width..(row + t) * width];
-                let k: Vec<f32> = rows.chunks_exact(width).flat_map(|r| &r[qw..qw + kvw]).copied().collect();
-                let v: Vec<f32> = rows.chunks_exact(width).flat_map(|r| &r[qw + kvw..]).copied().collect();
+                let k: Vec<f32> = rows
+                    .chunks_exact(width)
+                    .flat_map(|r| &r[qw..qw + kvw])
+                    .copied()
+                    .collect();
+                let v: Vec<f32> = rows
+                    .chunks_exact(width)
+                    .flat_map(|r| &r[qw + kvw..])
+                    .copied()
+                    .collect();
                 let start = it.cache.len();
                 let (keys, values) = it.cache.append(cfg.n_layers, li, kvw, &k, &v);
-                attention(cfg, rows, width, start, keys, values, &mut attn[row * qw..(row + t) * qw]);
+                attention(
+                    cfg,
+                    rows,
+                    width,
+                    start,
+                    keys,
+                    values,
+                    &mut attn[row * qw..(row + t) * qw],
+                );
                 row += t;
             }
             add(&mut x, &layer.wo.forward(&attn, n)?);
@@ -329,9 +436,17 @@ impl Llama {
         }
         let vocab = cfg.vocab_size;
         if wanted.is_empty() {
-            return Ok(ForwardOutput { data: Vec::new(), vocab, rows });
+            return Ok(ForwardOutput {
+                data: Vec::new(),
+                vocab,
+                rows,
+            });
         }
-        let sel: Vec<f32> = wanted.iter().flat_map(|&r| &x[r * hidden..(r + 1) * hidden]).copied().collect();
+        let sel: Vec<f32> = wanted
+            .iter()
+            .flat_map(|&r| &x[r * hidden..(r + 1) * hidden])
+            .copied()
+            .collect();
         let mut normed = vec![0f32; sel.len()];
         rms_norm(&sel, &self.norm, cfg.rms_eps as f32, &mut normed);
         let data = self.output.forward(&normed, wanted.len())?;
@@ -367,7 +482,15 @@ impl Llama {
 /// Causal attention of `t` query rows (inside `rows`, each `width` wide, queries first) at
 /// positions `start..start + t`, against `keys`/`values` (`[position][kv_head][head_dim]`, through
 /// `start + t`). Writes `t` rows of `n_heads × head_dim` into `out`. Heads run on candle's pool.
-fn attention(cfg: &LlamaConfig, rows: &[f32], width: usize, start: usize, keys: &[f32], values: &[f32], out: &mut [f32]) {
+fn attention(
+    cfg: &LlamaConfig,
+    rows: &[f32],
+    width: usize,
+    start: usize,
+    keys: &[f32],
+    values: &[f32],
+    out: &mut [f32],
+) {
     let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
     let kvw = cfg.n_kv_heads * hd;
     let t = rows.len() / width;
@@ -378,7 +501,9 @@ fn attention(cfg: &LlamaConfig, rows: &[f32], width: usize, start: usize, keys: 
         let q = &rows[r * width + head * hd..r * width + (head + 1) * hd];
         let kv_off = (head / group) * hd;
         let visible = start + r + 1;
-        let mut scores: Vec<f32> = (0..visible).map(|p| dot(q, &keys[p * kvw + kv_off..p * kvw + kv_off + hd]) * scale).collect();
+        let mut scores: Vec<f32> = (0..visible)
+            .map(|p| dot(q, &keys[p * kvw + kv_off..p * kvw + kv_off + hd]) * scale)
+            .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for s in scores.iter_mut() {
@@ -416,7 +541,12 @@ impl SharedOut {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
