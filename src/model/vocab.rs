@@ -40,48 +40,12 @@ pub struct Vocab {
 impl Vocab {
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
-        let strings = |key: &str| -> Result<Vec<String>> {
-            match md.get(key) {
-                Some(gguf_file::Value::Array(items)) => items
-                    .iter()
-                    .map(|v| v.to_string().cloned().map_err(anyhow::Error::from))
-                    .collect::<Result<_>>()
-                    .with_context(|| format!("GGUF metadata {key} holds non-strings")),
-                _ => bail!("GGUF metadata lacks {key}"),
-            }
-        };
-        let model = md
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if model != "gpt2" {
-            bail!("GGUF tokenizer `{model}` is not supported: tilt reads byte-level BPE (`gpt2`) vocabularies from GGUF; use a safetensors folder with tokenizer.json for other tokenizers");
-        }
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<u64> = match md.get("tokenizer.ggml.token_type") {
-            Some(gguf_file::Value::Array(items)) => {
-                items.iter().map(|v| gguf_int(v).unwrap_or(1)).collect()
-            }
-            _ => vec![1; tokens.len()],
-        };
-        let id = |key: &str| md.get(key).and_then(gguf_int).map(|v| v as u32);
-        let pre = md
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        // Control (3) and user-defined (4) tokens are matched whole, before the BPE model sees the text.
-        let specials: Vec<(u32, &str)> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
-            .map(|(i, t)| (i as u32, t.as_str()))
-            .collect();
-        let spec = tokenizer_json(&tokens, &merges, &specials, &pre);
+        let spec = tokenizer_json_from_gguf(content)?;
         let tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&spec)?)
             .map_err(|e| anyhow::anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        let tokens = gguf_strings(content, "tokenizer.ggml.tokens")?;
+        let types = gguf_token_types(content, tokens.len());
+        let id = |key: &str| md.get(key).and_then(gguf_int).map(|v| v as u32);
         let control: HashSet<u32> = tokens
             .iter()
             .enumerate()
@@ -264,6 +228,56 @@ impl Vocab {
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.tokenizer.token_to_id(text)
     }
+}
+
+fn gguf_strings(content: &gguf_file::Content, key: &str) -> Result<Vec<String>> {
+    match content.metadata.get(key) {
+        Some(gguf_file::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(anyhow::Error::from))
+            .collect::<Result<_>>()
+            .with_context(|| format!("GGUF metadata {key} holds non-strings")),
+        _ => bail!("GGUF metadata lacks {key}"),
+    }
+}
+
+/// llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+fn gguf_token_types(content: &gguf_file::Content, n: usize) -> Vec<u64> {
+    match content.metadata.get("tokenizer.ggml.token_type") {
+        Some(gguf_file::Value::Array(items)) => {
+            items.iter().map(|v| gguf_int(v).unwrap_or(1)).collect()
+        }
+        _ => vec![1; n],
+    }
+}
+
+/// The Hugging Face `tokenizer.json` equivalent of a GGUF's byte-level BPE vocabulary.
+pub fn tokenizer_json_from_gguf(content: &gguf_file::Content) -> Result<Value> {
+    let md = &content.metadata;
+    let model = md
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if model != "gpt2" {
+        bail!("GGUF tokenizer `{model}` is not supported: tilt reads byte-level BPE (`gpt2`) vocabularies from GGUF; use a safetensors folder with tokenizer.json for other tokenizers");
+    }
+    let tokens = gguf_strings(content, "tokenizer.ggml.tokens")?;
+    let merges = gguf_strings(content, "tokenizer.ggml.merges")?;
+    let types = gguf_token_types(content, tokens.len());
+    let pre = md
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    // Control (3) and user-defined (4) tokens are matched whole, before the BPE model sees the text.
+    let specials: Vec<(u32, &str)> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .map(|(i, t)| (i as u32, t.as_str()))
+        .collect();
+    Ok(tokenizer_json(&tokens, &merges, &specials, &pre))
 }
 
 /// The `tokenizer.json` that the GGUF metadata describes (what llama.cpp implements natively).
