@@ -46,7 +46,7 @@ impl Choice {
     pub fn accept(&mut self, cx: &mut Cx, generation: &Generation, s: Sampled) -> Result<()> {
         self.tokens.push(s.token);
         let vocab = &cx.model(BASE).vocab;
-        let logprob = generation.sampling.logprobs.map(|_| s.logprob);
+        let logprob = s.logprob;
         if !generation.ignore_eos && vocab.end_of_generation.contains(&s.token) {
             cx.emit(Event::Token(TokenEvent {
                 choice: self.index,

@@ -56,12 +56,12 @@ impl SamplingParams {
     }
 }
 
-/// A sampled token with its log-probability under the distribution handed to the sampler
-/// (before temperature and truncation), and the most likely alternatives when asked.
+/// A sampled token; when `logprobs` was asked, its log-probability under the distribution handed
+/// to the sampler (before temperature and truncation) and the most likely alternatives.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    pub logprob: f32,
+    pub logprob: Option<f32>,
     pub top: Vec<(u32, f32)>,
 }
 
@@ -104,24 +104,46 @@ impl Sampler {
 
     /// Draw the next token from `logits` (one row, vocabulary wide) and record it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let mut x = std::mem::take(&mut self.scratch);
-        x.clear();
-        x.extend_from_slice(logits);
-        let lse = log_sum_exp(logits);
-        let top = self.top_logprobs(logits, lse);
-        self.adjust(&mut x);
-        let token = if self.params.temperature <= 1e-5 {
-            argmax(&x)
+        let token = if self.params.temperature <= 1e-5 && !self.adjusts() {
+            argmax(logits)
         } else {
-            self.draw(&mut x)
+            let mut x = std::mem::take(&mut self.scratch);
+            x.clear();
+            x.extend_from_slice(logits);
+            self.adjust(&mut x);
+            let token = if self.params.temperature <= 1e-5 {
+                argmax(&x)
+            } else {
+                self.draw(&mut x)
+            };
+            self.scratch = x;
+            token
         };
         *self.counts.entry(token).or_insert(0) += 1;
-        self.scratch = x;
+        let (logprob, top) = match self.params.logprobs {
+            Some(_) => {
+                let lse = log_sum_exp(logits);
+                (
+                    Some(logits[token as usize] - lse),
+                    self.top_logprobs(logits, lse),
+                )
+            }
+            None => (None, Vec::new()),
+        };
         Sampled {
             token,
-            logprob: logits[token as usize] - lse,
+            logprob,
             top,
         }
+    }
+
+    /// Whether bias or penalties change the logits.
+    fn adjusts(&self) -> bool {
+        let p = &self.params;
+        !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
     }
 
     /// Record a token chosen elsewhere (a search decoder) so the penalties see it.
@@ -197,38 +219,49 @@ impl Sampler {
                 self.rng.random::<f32>(),
             );
         }
-        // Candidates in descending probability: the top-k, or a prefix wide enough for top-p.
+        // Candidates in descending probability: the top-k; for top-p the tokens within a factor
+        // 1e-4 of the best, exact whenever they already hold the nucleus' mass (every other token
+        // is less likely than each of them), else the whole vocabulary; for min-p alone, its cut.
+        // (After the exp above the best token weighs 1.)
         let total: f32 = x.iter().sum();
-        let mut k = if p.top_k > 0 {
-            p.top_k.min(x.len())
-        } else {
-            256.min(x.len())
-        };
-        let mut cand = loop {
-            let mut c = top_n(x, k);
-            c.sort_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+        let mut cand: Vec<u32> = if p.top_k > 0 {
+            top_n(x, p.top_k)
+        } else if p.top_p < 1.0 {
+            let c: Vec<u32> = (0..x.len() as u32)
+                .filter(|&i| x[i as usize] >= 1e-4)
+                .collect();
             let mass: f32 = c.iter().map(|&i| x[i as usize]).sum();
-            if p.top_k > 0 || mass >= p.top_p * total || k == x.len() {
-                break c;
+            if mass >= p.top_p * total {
+                c
+            } else {
+                (0..x.len() as u32).collect()
             }
-            k = (k * 4).min(x.len());
+        } else {
+            (0..x.len() as u32)
+                .filter(|&i| x[i as usize] >= p.min_p)
+                .collect()
         };
-        let top_prob = x[cand[0] as usize];
-        if p.min_p > 0.0 {
-            cand.retain(|&i| x[i as usize] >= p.min_p * top_prob);
-        }
+        cand.sort_unstable_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
         if p.top_p < 1.0 {
-            let mass: f32 = cand.iter().map(|&i| x[i as usize]).sum();
+            // After top-k the nucleus is taken of the renormalised top-k distribution.
+            let base = if p.top_k > 0 {
+                cand.iter().map(|&i| x[i as usize]).sum()
+            } else {
+                total
+            };
             let mut acc = 0.0;
-            let mut keep = cand.len();
-            for (j, &i) in cand.iter().enumerate() {
-                acc += x[i as usize];
-                if acc >= p.top_p * mass.min(total) {
-                    keep = j + 1;
-                    break;
-                }
-            }
+            let keep = cand
+                .iter()
+                .position(|&i| {
+                    acc += x[i as usize];
+                    acc >= p.top_p * base
+                })
+                .map_or(cand.len(), |j| j + 1);
             cand.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let best = x[cand[0] as usize];
+            cand.retain(|&i| x[i as usize] >= p.min_p * best);
         }
         let mass: f32 = cand.iter().map(|&i| x[i as usize]).sum();
         pick(
@@ -417,7 +450,7 @@ mod tests {
         );
         let r = s.sample(&logits());
         let lse = log_sum_exp(&logits());
-        assert!((r.logprob - (3.0 - lse)).abs() < 1e-6);
+        assert!((r.logprob.unwrap() - (3.0 - lse)).abs() < 1e-6);
         let top: Vec<u32> = r.top.iter().map(|t| t.0).collect();
         assert_eq!(top, vec![1, 4]);
     }
