@@ -251,31 +251,32 @@ fn message(i: usize, m: ChatMessage) -> Result<Message, ApiError> {
             ))
         }
     };
-    let content =
-        match m.content {
-            None => String::new(),
-            Some(Content::Text(text)) => text,
-            Some(Content::Parts(parts)) => {
-                let mut texts = Vec::with_capacity(parts.len());
-                for (j, part) in parts.into_iter().enumerate() {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(text)) => texts.push(text),
-                        ("text", None) => {
-                            return Err(ApiError::missing(&format!(
-                                "messages[{i}].content[{j}].text"
-                            )))
-                        }
-                        (other, _) => return Err(ApiError::unsupported(
+    let content = match m.content {
+        None => String::new(),
+        Some(Content::Text(text)) => text,
+        Some(Content::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(text)) => texts.push(text),
+                    ("text", None) => {
+                        return Err(ApiError::missing(&format!(
+                            "messages[{i}].content[{j}].text"
+                        )))
+                    }
+                    (other, _) => {
+                        return Err(ApiError::unsupported(
                             &format!("messages[{i}].content[{j}].type"),
                             format!(
                                 "content parts of type `{other}` are not supported; only `text`"
                             ),
-                        )),
+                        ))
                     }
                 }
-                texts.join("\n")
             }
-        };
+            texts.join("\n")
+        }
+    };
     Ok(Message { role, content })
 }
 
