@@ -87,7 +87,7 @@ async fn invalid_values_name_their_parameter(c: Client) {
             reply.body["error"]["message"]
                 .as_str()
                 .unwrap()
-                .contains(param.split('.').last().unwrap())
+                .contains(param.rsplit('.').next().unwrap())
                 || param == "logit_bias"
                 || param == "prompt",
             "{extra}: {:?}",

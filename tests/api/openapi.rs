@@ -174,6 +174,9 @@ async fn every_route_in_the_spec_answers_as_described(c: Client) {
     }
 }
 
+/// A change that breaks a valid response.
+type Edit = fn(&mut Value);
+
 async fn checker_rejects_broken_responses(c: Client) {
     let path = "/v1/chat/completions";
     let reply = c
@@ -183,7 +186,7 @@ async fn checker_rejects_broken_responses(c: Client) {
         )
         .await;
     assert_eq!(check("POST", path, &reply), Ok(()));
-    let broken = |edit: &dyn Fn(&mut Value)| {
+    let broken = |edit: Edit| {
         let mut body = reply.body.clone();
         edit(&mut body);
         check(
@@ -195,18 +198,18 @@ async fn checker_rejects_broken_responses(c: Client) {
             },
         )
     };
-    let cases: [(&str, &dyn Fn(&mut Value)); 5] = [
-        ("missing usage", &|b| {
+    let cases: [(&str, Edit); 5] = [
+        ("missing usage", |b| {
             b.as_object_mut().unwrap().remove("usage");
         }),
-        ("index as a string", &|b| {
+        ("index as a string", |b| {
             b["choices"][0]["index"] = json!("0")
         }),
-        ("unknown finish reason", &|b| {
+        ("unknown finish reason", |b| {
             b["choices"][0]["finish_reason"] = json!("eos")
         }),
-        ("undocumented field", &|b| b["extra"] = json!(1)),
-        ("content null", &|b| {
+        ("undocumented field", |b| b["extra"] = json!(1)),
+        ("content null", |b| {
             b["choices"][0]["message"]["content"] = Value::Null
         }),
     ];
