@@ -110,10 +110,8 @@ fn token_string(vocab: &Vocab, id: u32) -> String {
     }
 }
 
-/// A token's exact bytes (OpenAI's `bytes`, so clients can rebuild split characters).
+/// The bytes a token adds to the text (none for control tokens), so that a choice's tokens'
+/// bytes always rebuild its text, characters split across tokens included.
 fn token_bytes(vocab: &Vocab, id: u32) -> Vec<u8> {
-    match vocab.bytes(id) {
-        [] => vocab.text(id).as_bytes().to_vec(),
-        bytes => bytes.to_vec(),
-    }
+    vocab.bytes(id).to_vec()
 }

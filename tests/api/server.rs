@@ -15,8 +15,10 @@ pub struct Server {
 
 impl Server {
     /// Start `tilt serve --port 0 <args>` and wait until it listens (not until it is ready).
+    /// `TILT_BIN` picks another binary than the one cargo built (as in tests/compat/run.sh).
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tilt"))
+        let bin = std::env::var("TILT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tilt").into());
+        let mut child = Command::new(bin)
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .env("RUST_LOG", "warn")
