@@ -32,7 +32,7 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
         created: now(),
         model: job.model.clone(),
         vocab: model.vocab.clone(),
-        logprobs: job.generations[0].sampling.logprobs.is_some(),
+        logprobs: job.logprobs(),
     };
     let stream = job.stream;
     let run = Run::start(engine, job, arrived)?;

@@ -30,7 +30,7 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
         model: job.model.clone(),
         vocab: model.vocab.clone(),
         n: job.n,
-        logprobs: job.generations[0].sampling.logprobs.is_some(),
+        logprobs: job.logprobs(),
         offsets: Vec::new(),
         echo,
     };

@@ -6,14 +6,14 @@
 
 mod chat;
 mod completions;
-pub mod error;
+mod error;
 mod json;
 pub mod metrics;
 mod routes;
 mod run;
 mod stream;
-pub mod validate;
-pub mod wire;
+mod validate;
+mod wire;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};

@@ -36,6 +36,13 @@ pub struct Job {
     pub stream: Option<Streaming>,
 }
 
+impl Job {
+    /// Whether tokens carry logprobs (the same for every prompt).
+    pub fn logprobs(&self) -> bool {
+        self.generations[0].sampling.logprobs.is_some()
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Streaming {
     /// End with a chunk that carries `usage` and no choices.
@@ -134,7 +141,7 @@ pub fn completion(
     }
     let logprobs = request
         .logprobs
-        .map(|k| count("logprobs", k, 0, MAX_LOGPROBS))
+        .map(|k| count("logprobs", k, 0, Some(MAX_LOGPROBS)))
         .transpose()?;
     let job = job(
         common,
@@ -183,7 +190,7 @@ pub fn chat(
     let n = choices(common.n)?;
     let top = request
         .top_logprobs
-        .map(|k| count("top_logprobs", k, 0, MAX_LOGPROBS))
+        .map(|k| count("top_logprobs", k, 0, Some(MAX_LOGPROBS)))
         .transpose()?;
     let logprobs = match (request.logprobs.unwrap_or(false), top) {
         (true, top) => Some(top.unwrap_or(0)),
@@ -316,7 +323,7 @@ fn job(
     }
     let requested = common
         .max_tokens
-        .map(|m| count(budget.param, m, 1, i64::MAX as usize))
+        .map(|m| count(budget.param, m, 1, None))
         .transpose()?;
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
@@ -367,22 +374,21 @@ fn too_long(budget: &Budget, ctx: usize, prompt: usize, completion: usize) -> Ap
 }
 
 fn choices(n: Option<i64>) -> Result<usize, ApiError> {
-    n.map_or(Ok(1), |n| count("n", n, 1, MAX_N))
+    n.map_or(Ok(1), |n| count("n", n, 1, Some(MAX_N)))
 }
 
-/// An integer parameter within `min..=max`.
-fn count(param: &str, value: i64, min: usize, max: usize) -> Result<usize, ApiError> {
-    match usize::try_from(value) {
-        Ok(v) if (min..=max).contains(&v) => Ok(v),
-        _ if max == i64::MAX as usize => Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be at least {min}, got {value}"),
-        )),
-        _ => Err(ApiError::invalid(
-            param,
-            format!("`{param}` must be between {min} and {max}, got {value}"),
-        )),
-    }
+/// An integer parameter of at least `min` and, when given, at most `max`.
+fn count(param: &str, value: i64, min: usize, max: Option<usize>) -> Result<usize, ApiError> {
+    usize::try_from(value)
+        .ok()
+        .filter(|&v| v >= min && max.is_none_or(|m| v <= m))
+        .ok_or_else(|| {
+            let range = match max {
+                Some(max) => format!("between {min} and {max}"),
+                None => format!("at least {min}"),
+            };
+            ApiError::invalid(param, format!("`{param}` must be {range}, got {value}"))
+        })
 }
 
 fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
@@ -430,7 +436,7 @@ fn sampling(
 ) -> Result<SamplingParams, ApiError> {
     let top_k = match c.top_k {
         None | Some(-1) => 0, // -1 is vLLM's "off"
-        Some(k) => count("top_k", k, 0, model.vocab.size())?,
+        Some(k) => count("top_k", k, 0, Some(model.vocab.size()))?,
     };
     let vocab = model.vocab.size();
     let logit_bias = c
@@ -514,11 +520,12 @@ mod tests {
 
     #[test]
     fn counts_and_reals_name_their_bounds() {
-        assert_eq!(count("n", 3, 1, 16), Ok(3));
-        let e = count("n", 0, 1, 16).unwrap_err();
+        assert_eq!(count("n", 3, 1, Some(16)), Ok(3));
+        let e = count("n", 0, 1, Some(16)).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("n"));
         assert!(e.body.message.contains("between 1 and 16"));
-        assert!(count("max_tokens", -5, 1, i64::MAX as usize).is_err());
+        let e = count("max_tokens", -5, 1, None).unwrap_err();
+        assert!(e.body.message.contains("at least 1"));
         assert_eq!(real("top_p", Some(1.0), 1.0, (0.0, 1.0), true), Ok(1.0));
         assert!(real("top_p", Some(0.0), 1.0, (0.0, 1.0), true).is_err());
         assert_eq!(
