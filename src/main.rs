@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -124,6 +125,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long open streams may run on after Ctrl-C or SIGTERM before the server stops anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Bind first, so `/health` answers 503 while the model loads, then serve with the engine.
 fn serve(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -134,12 +138,30 @@ fn serve(args: ServeArgs) -> Result<()> {
         let state = AppState::new(api::metrics::install()?);
         println!("tilt: listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
+        // The sender is dropped on the first signal; every receiver then sees the channel close.
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            drop(stop);
+        });
+        let graceful = {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.changed().await;
+            }
+        };
+        let deadline = async move {
+            let mut stopped = stopped;
+            let _ = stopped.changed().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
         let model = args.model.clone();
         let load = tokio::task::spawn_blocking(move || model.load());
-        let server = api::serve(listener, state.clone(), shutdown_signal());
-        tokio::pin!(server);
+        let server = api::serve(listener, state.clone(), graceful);
+        tokio::pin!(server, deadline);
         let model = tokio::select! {
             served = &mut server => return served.context("serving"),
+            () = &mut deadline => return Ok(()),
             loaded = load => loaded.context("loading the model")??,
         };
         let options = EngineOptions {
@@ -148,7 +170,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         tracing::info!("{} loaded; ready", model.name);
         state.ready(Engine::start(vec![model], options));
-        server.await.context("serving")
+        tokio::select! {
+            served = server => served.context("serving"),
+            () = deadline => {
+                tracing::warn!("streams still open {SHUTDOWN_GRACE:?} after the signal; stopping");
+                Ok(())
+            }
+        }
     })
 }
 
