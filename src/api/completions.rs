@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use super::run::Run;
 use super::stream::{sse, Chunks};
-use super::wire::{Completion, CompletionChoice, CompletionLogprobs, Usage};
+use super::wire::{CommonRequest, Completion, CompletionChoice, CompletionLogprobs, Usage};
 use super::{id, now, token_string, validate, AppState};
 use crate::engine::{FinishReason, TokenEvent};
 use crate::model::Vocab;
@@ -20,7 +20,7 @@ use crate::model::Vocab;
 pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let engine = state.engine()?;
-    let common: super::wire::CommonRequest = body.parse()?;
+    let common: CommonRequest = body.parse()?;
     let request = body.parse()?;
     let model = validate::model(engine, common.model.as_deref())?;
     let validate::CompletionJob { job, echo } = validate::completion(common, request, model)?;

@@ -154,7 +154,10 @@ impl Run {
                             .record(self.arrived.elapsed().as_secs_f64());
                         return Some(Event::Done {
                             usage: self.usage,
-                            report: Some(self.alignment()),
+                            report: Some(alignment(
+                                self.decoder.name(),
+                                std::mem::take(&mut self.reports),
+                            )),
                         });
                     }
                 }
@@ -177,26 +180,6 @@ impl Run {
             self.metrics.itl.record((now - last).as_secs_f64());
         }
         self.metrics.generation_tokens.increment(1);
-    }
-
-    /// `{"decoder": name, ...the decoder's report}`; with several prompts their reports go in a
-    /// `prompts` list, in prompt order.
-    fn alignment(&mut self) -> Value {
-        let mut alignment = json!({ "decoder": self.decoder.name() });
-        let reports = std::mem::take(&mut self.reports);
-        if reports.iter().all(Option::is_none) {
-            return alignment;
-        }
-        match <[Option<Value>; 1]>::try_from(reports) {
-            Ok([Some(Value::Object(fields))]) => {
-                for (k, v) in fields {
-                    alignment[k.as_str()] = v;
-                }
-            }
-            Ok([report]) => alignment["report"] = report.into(),
-            Err(reports) => alignment["prompts"] = reports.into(),
-        }
-        alignment
     }
 
     /// Run to the end and gather every choice.
@@ -245,5 +228,52 @@ impl Run {
             }
         }
         Err(ApiError::internal("the request ended without a result"))
+    }
+}
+
+/// `{"decoder": name, ...the decoder's report}`; with several prompts their reports go in a
+/// `prompts` list, in prompt order.
+fn alignment(decoder: &str, mut reports: Vec<Option<Value>>) -> Value {
+    let mut alignment = json!({ "decoder": decoder });
+    if reports.iter().all(Option::is_none) {
+        return alignment;
+    }
+    if reports.len() > 1 {
+        alignment["prompts"] = reports.into();
+        return alignment;
+    }
+    match reports.pop().flatten() {
+        Some(Value::Object(fields)) => {
+            for (k, v) in fields {
+                alignment[k.as_str()] = v;
+            }
+        }
+        report => alignment["report"] = report.into(),
+    }
+    alignment
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_merges_reports() {
+        assert_eq!(
+            alignment("sample", vec![None]),
+            json!({"decoder": "sample"})
+        );
+        assert_eq!(
+            alignment("best_of_n", vec![Some(json!({"scores": [1, 2]}))]),
+            json!({"decoder": "best_of_n", "scores": [1, 2]})
+        );
+        assert_eq!(
+            alignment("x", vec![Some(json!(3))]),
+            json!({"decoder": "x", "report": 3})
+        );
+        assert_eq!(
+            alignment("x", vec![None, Some(json!({"kl": 0.5}))]),
+            json!({"decoder": "x", "prompts": [null, {"kl": 0.5}]})
+        );
     }
 }
