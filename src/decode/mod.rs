@@ -43,13 +43,104 @@ pub struct Generation {
 /// Names of the decoders a request may ask for.
 pub const DECODERS: &[&str] = &["sample"];
 
-/// The decoder named `name` for `generation`.
+/// A decoder parameter a request got wrong: `param` names it (relative to the decoder's
+/// parameter object), `message` says what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    pub param: Option<String>,
+    pub message: String,
+}
+
+/// A decoder and its checked parameters: what a request's choice of decoder becomes before any
+/// work starts. Each decoder deserializes its own typed parameters, so a new decoder adds a
+/// variant, a parameter struct and a line in `parse`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecoderSpec {
+    Sample,
+}
+
+/// `sample` takes no parameters beyond the request's sampling fields.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SampleParams {}
+
+impl DecoderSpec {
+    /// The decoder `name` with `params` (the remaining fields of the request's decoder object).
+    pub fn parse(
+        name: &str,
+        params: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, ParamError> {
+        match name {
+            "sample" => typed::<SampleParams>(params).map(|_| Self::Sample),
+            other => Err(ParamError {
+                param: Some("decoder".into()),
+                message: format!(
+                    "unknown decoder `{other}`; available: {}",
+                    DECODERS.join(", ")
+                ),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sample => "sample",
+        }
+    }
+
+    pub fn build(&self, generation: Generation) -> Box<dyn Decoder> {
+        match self {
+            Self::Sample => Box::new(Sample::new(generation)),
+        }
+    }
+}
+
+/// Deserialize a decoder's parameter object, naming the offending field on error.
+fn typed<T: serde::de::DeserializeOwned>(
+    params: serde_json::Map<String, serde_json::Value>,
+) -> Result<T, ParamError> {
+    let value = serde_json::Value::Object(params);
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        // The path ends at the offending field, an unknown one included.
+        let path = e.path().to_string();
+        ParamError {
+            param: (path != ".").then_some(path),
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// The decoder named `name` with default parameters, for `generation`.
 pub fn build(name: &str, generation: Generation) -> Result<Box<dyn Decoder>, String> {
-    match name {
-        "sample" => Ok(Box::new(Sample::new(generation))),
-        other => Err(format!(
-            "unknown decoder `{other}`; available: {}",
-            DECODERS.join(", ")
-        )),
+    let spec = DecoderSpec::parse(name, Default::default()).map_err(|e| e.message)?;
+    Ok(spec.build(generation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn sample_parses_and_rejects_unknown_parameters() {
+        assert_eq!(
+            DecoderSpec::parse("sample", params(json!({}))),
+            Ok(DecoderSpec::Sample)
+        );
+        let e = DecoderSpec::parse("sample", params(json!({"beta": 1.0}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn unknown_decoder_lists_the_available_ones() {
+        let e = DecoderSpec::parse("nope", params(json!({}))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("decoder"));
+        for d in DECODERS {
+            assert!(e.message.contains(d), "{}", e.message);
+        }
     }
 }

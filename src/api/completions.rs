@@ -1,0 +1,184 @@
+//! `POST /v1/completions`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::json::JsonBody;
+use super::run::Run;
+use super::stream::{sse, Chunks};
+use super::wire::{CommonRequest, Completion, CompletionChoice, CompletionLogprobs, Usage};
+use super::{id, now, token_string, validate, AppState};
+use crate::engine::{FinishReason, TokenEvent};
+use crate::model::Vocab;
+
+pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let engine = state.engine()?;
+    let common: CommonRequest = body.parse()?;
+    let request = body.parse()?;
+    let model = validate::model(engine, common.model.as_deref())?;
+    let validate::CompletionJob { job, echo } = validate::completion(common, request, model)?;
+    let writer = Writer {
+        id: id("cmpl"),
+        created: now(),
+        model: job.model.clone(),
+        vocab: model.vocab.clone(),
+        n: job.n,
+        logprobs: job.logprobs(),
+        offsets: Vec::new(),
+        echo,
+    };
+    let stream = job.stream;
+    let run = Run::start(engine, job, arrived)?;
+    match stream {
+        Some(streaming) => Ok(sse(run, writer, streaming).into_response()),
+        None => {
+            let outcome = run.collect().await?;
+            Ok(Json(writer.complete(outcome)).into_response())
+        }
+    }
+}
+
+/// Writes one request's completion objects.
+struct Writer {
+    id: String,
+    created: u64,
+    model: String,
+    vocab: Arc<Vocab>,
+    n: usize,
+    logprobs: bool,
+    /// Per choice: characters written so far, for `text_offset`.
+    offsets: Vec<usize>,
+    echo: Option<Vec<String>>,
+}
+
+impl Writer {
+    fn object(&self, choices: Vec<CompletionChoice>) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: None,
+            alignment: None,
+        }
+    }
+
+    /// The echoed prompt of `choice` (prompt `choice / n`), or nothing.
+    fn echo(&self, choice: usize) -> &str {
+        self.echo.as_ref().map_or("", |e| &e[choice / self.n])
+    }
+
+    /// Logprobs of `tokens`, the first one at character `offset` of the choice's text.
+    fn logprobs(&self, tokens: &[TokenEvent], mut offset: usize) -> Option<CompletionLogprobs> {
+        if !self.logprobs {
+            return None;
+        }
+        let mut out = CompletionLogprobs::default();
+        for t in tokens {
+            let text = token_string(&self.vocab, t.token);
+            out.text_offset.push(offset);
+            offset += text.chars().count();
+            out.tokens.push(text);
+            out.token_logprobs.push(t.logprob);
+            out.top_logprobs.push(
+                t.top
+                    .iter()
+                    .map(|&(id, lp)| (token_string(&self.vocab, id), lp))
+                    .collect(),
+            );
+        }
+        Some(out)
+    }
+
+    fn complete(self, outcome: super::run::Outcome) -> Completion {
+        let choices = outcome
+            .choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let echo = self.echo(index);
+                CompletionChoice {
+                    index,
+                    logprobs: self.logprobs(&c.tokens, echo.chars().count()),
+                    text: format!("{echo}{}", c.text),
+                    finish_reason: Some(c.finish_reason.as_str()),
+                }
+            })
+            .collect();
+        Completion {
+            usage: Some(outcome.usage.into()),
+            alignment: Some(outcome.alignment),
+            ..self.object(choices)
+        }
+    }
+}
+
+impl Chunks for Writer {
+    type Chunk = Completion;
+
+    fn start(&mut self, choices: usize) -> Vec<Completion> {
+        self.offsets = (0..choices).map(|c| self.echo(c).chars().count()).collect();
+        if self.echo.is_none() {
+            return Vec::new();
+        }
+        (0..choices)
+            .map(|index| {
+                self.object(vec![CompletionChoice {
+                    index,
+                    text: self.echo(index).to_string(),
+                    logprobs: None,
+                    finish_reason: None,
+                }])
+            })
+            .collect()
+    }
+
+    fn token(&mut self, token: &TokenEvent) -> Option<Completion> {
+        if token.text.is_empty() && !self.logprobs {
+            return None;
+        }
+        let logprobs = self.logprobs(std::slice::from_ref(token), self.offsets[token.choice]);
+        if let Some(lp) = &logprobs {
+            self.offsets[token.choice] += lp.tokens[0].chars().count();
+        }
+        Some(self.object(vec![CompletionChoice {
+            index: token.choice,
+            text: token.text.clone(),
+            logprobs,
+            finish_reason: None,
+        }]))
+    }
+
+    fn finish(
+        &mut self,
+        choice: usize,
+        reason: FinishReason,
+        text: String,
+        alignment: Option<Value>,
+    ) -> Completion {
+        Completion {
+            alignment,
+            ..self.object(vec![CompletionChoice {
+                index: choice,
+                text,
+                logprobs: None,
+                finish_reason: Some(reason.as_str()),
+            }])
+        }
+    }
+
+    fn usage(&mut self, usage: crate::engine::Usage) -> Completion {
+        Completion {
+            usage: Some(Usage::from(usage)),
+            ..self.object(Vec::new())
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! The HTTP layer: OpenAI-compatible routes plus tilt's `alignment` extension. It knows HTTP and
+//! the wire formats, not tensors: requests are validated into `decode::Generation`s here
+//! (`validate`), handed to the engine, and its events written back as JSON or server-sent events.
+//! `openapi.yaml` at the repository root is the contract; README.md lists which OpenAI fields are
+//! implemented, ignored or rejected.
+
+mod chat;
+mod completions;
+mod error;
+mod json;
+pub mod metrics;
+mod routes;
+mod run;
+mod stream;
+mod validate;
+mod wire;
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::engine::Engine;
+use crate::model::Vocab;
+use error::ApiError;
+
+/// Largest request body accepted (413 beyond): ample for a full context of token ids.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What every handler shares. The engine is set once the model has loaded; until then the routes
+/// that need it answer 503.
+#[derive(Clone)]
+pub struct AppState {
+    engine: Arc<OnceLock<Engine>>,
+    metrics: PrometheusHandle,
+    /// Unix time the server started (the models' `created`).
+    started: u64,
+}
+
+impl AppState {
+    pub fn new(metrics: PrometheusHandle) -> Self {
+        Self {
+            engine: Arc::default(),
+            metrics,
+            started: now(),
+        }
+    }
+
+    /// Serve with `engine` from now on.
+    pub fn ready(&self, engine: Engine) {
+        if self.engine.set(engine).is_err() {
+            tracing::warn!("the engine was already set; keeping the first");
+        }
+    }
+
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        self.engine.get().ok_or_else(ApiError::loading)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(routes::models))
+        .route("/health", get(routes::health))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(metrics::track_http))
+        .with_state(state)
+}
+
+/// Serve on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Without TCP_NODELAY, Nagle's algorithm holds small SSE chunks back (tens of ms of TTFT).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// A fresh response id such as `chatcmpl-3f2a…`.
+fn id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A token as text for logprobs: its bytes (lossy where a character spans tokens), or the
+/// control token's name.
+fn token_string(vocab: &Vocab, id: u32) -> String {
+    match vocab.bytes(id) {
+        [] => vocab.text(id).to_string(),
+        bytes => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// The bytes a token adds to the text (none for control tokens), so that a choice's tokens'
+/// bytes always rebuild its text, characters split across tokens included.
+fn token_bytes(vocab: &Vocab, id: u32) -> Vec<u8> {
+    vocab.bytes(id).to_vec()
+}

@@ -1,0 +1,131 @@
+//! Server-sent events as OpenAI clients expect them: one `data: {chunk}` per event, `data: [DONE]`
+//! at the end. The stream owns the `Run`, so a client that disconnects drops it and cancels the
+//! request at the engine's next step.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use futures::stream::{self, Stream, StreamExt};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::run::Run;
+use super::validate::Streaming;
+use crate::engine::{Event, FinishReason, TokenEvent, Usage};
+
+/// How one endpoint writes a run as chunks.
+pub trait Chunks: Send + 'static {
+    type Chunk: Serialize;
+    /// What precedes the first token (the chat role, echoed prompts).
+    fn start(&mut self, choices: usize) -> Vec<Self::Chunk>;
+    /// A token; `None` when there is nothing to send (its text is held back, no logprobs asked).
+    fn token(&mut self, token: &TokenEvent) -> Option<Self::Chunk>;
+    /// The end of a choice, with its held-back text; the last one carries the `alignment` report.
+    fn finish(
+        &mut self,
+        choice: usize,
+        reason: FinishReason,
+        text: String,
+        alignment: Option<Value>,
+    ) -> Self::Chunk;
+    /// The closing chunk with usage and no choices (`stream_options.include_usage`).
+    fn usage(&mut self, usage: Usage) -> Self::Chunk;
+}
+
+struct State<C> {
+    run: Run,
+    chunks: C,
+    streaming: Streaming,
+    started: bool,
+    finished: usize,
+    /// The last choice to finish waits for the run's report, which arrives right after it.
+    last: Option<(usize, FinishReason, String)>,
+}
+
+pub fn sse<C: Chunks>(
+    run: Run,
+    chunks: C,
+    streaming: Streaming,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let state = State {
+        run,
+        chunks,
+        streaming,
+        started: false,
+        finished: 0,
+        last: None,
+    };
+    let events = stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        let (batch, over) = state.advance().await;
+        Some((stream::iter(batch), (!over).then_some(state)))
+    })
+    .flatten()
+    .map(Ok);
+    Sse::new(events)
+}
+
+impl<C: Chunks> State<C> {
+    /// The next events to send, and whether the stream is over after them.
+    async fn advance(&mut self) -> (Vec<SseEvent>, bool) {
+        if !self.started {
+            self.started = true;
+            let first = self.chunks.start(self.run.choices());
+            if !first.is_empty() {
+                return (first.iter().map(data).collect(), false);
+            }
+        }
+        loop {
+            let Some(event) = self.run.next().await else {
+                return (Vec::new(), true);
+            };
+            match event {
+                Event::Token(token) => {
+                    if let Some(chunk) = self.chunks.token(&token) {
+                        return (vec![data(&chunk)], false);
+                    }
+                }
+                Event::Finished {
+                    choice,
+                    reason,
+                    text,
+                } => {
+                    self.finished += 1;
+                    if self.finished == self.run.choices() {
+                        self.last = Some((choice, reason, text));
+                    } else {
+                        let chunk = self.chunks.finish(choice, reason, text, None);
+                        return (vec![data(&chunk)], false);
+                    }
+                }
+                Event::Done { usage, report } => {
+                    let mut out = Vec::new();
+                    if let Some((choice, reason, text)) = self.last.take() {
+                        out.push(data(&self.chunks.finish(choice, reason, text, report)));
+                    }
+                    if self.streaming.include_usage {
+                        out.push(data(&self.chunks.usage(usage)));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
+                    return (out, true);
+                }
+                Event::Failed(message) => {
+                    let error = ApiError::internal(message).to_json();
+                    return (
+                        vec![
+                            SseEvent::default().data(error),
+                            SseEvent::default().data("[DONE]"),
+                        ],
+                        true,
+                    );
+                }
+                Event::Started { .. } => {}
+            }
+        }
+    }
+}
+
+fn data(chunk: &impl Serialize) -> SseEvent {
+    SseEvent::default().data(serde_json::to_string(chunk).expect("chunks always serialize"))
+}

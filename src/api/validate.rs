@@ -1,0 +1,551 @@
+//! From wire requests to a `Job`: every value checked once, against the model it will run on, so
+//! that nothing past this point can be a client's mistake. Each failure is a 400 naming its
+//! parameter.
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::wire::{
+    ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, Stop,
+};
+use crate::decode::{DecoderSpec, Generation};
+use crate::engine::{Engine, ModelInfo};
+use crate::model::{Message, Role};
+use crate::sampling::SamplingParams;
+
+/// Most choices per prompt (`n`).
+pub const MAX_N: usize = 16;
+/// Most choices in one request, over all its prompts.
+pub const MAX_CHOICES: usize = 64;
+/// Most alternatives per token (`logprobs`, `top_logprobs`).
+pub const MAX_LOGPROBS: usize = 20;
+/// Most stop strings.
+pub const MAX_STOP: usize = 4;
+/// `max_tokens` when a completions request gives none (OpenAI's default).
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+/// A checked generation request: one `Generation` per prompt, each with `n` choices.
+#[derive(Debug)]
+pub struct Job {
+    /// The served model's name, echoed in responses.
+    pub model: String,
+    pub decoder: DecoderSpec,
+    pub generations: Vec<Generation>,
+    pub n: usize,
+    /// `None` answers with one JSON body.
+    pub stream: Option<Streaming>,
+}
+
+impl Job {
+    /// Whether tokens carry logprobs (the same for every prompt).
+    pub fn logprobs(&self) -> bool {
+        self.generations[0].sampling.logprobs.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Streaming {
+    /// End with a chunk that carries `usage` and no choices.
+    pub include_usage: bool,
+}
+
+#[derive(Debug)]
+pub struct CompletionJob {
+    pub job: Job,
+    /// The prompts' texts, to put before each choice's text (`echo`).
+    pub echo: Option<Vec<String>>,
+}
+
+/// The model a request names (the base model when it names none).
+pub fn model<'a>(engine: &'a Engine, requested: Option<&str>) -> Result<&'a ModelInfo, ApiError> {
+    let base = engine.base();
+    match requested {
+        None => Ok(base),
+        Some(name) if name == base.name => Ok(base),
+        Some(name) => match engine.models().iter().find(|m| m.name == name) {
+            Some(m) => Err(ApiError::invalid(
+                "model",
+                format!(
+                    "`{name}` is a {} model; requests generate with `{}`",
+                    role_name(m.role),
+                    base.name
+                ),
+            )),
+            None => Err(ApiError::model_not_found(name, &base.name)),
+        },
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Base => "base",
+        Role::Reward => "reward",
+        Role::Draft => "draft",
+    }
+}
+
+pub fn completion(
+    common: CommonRequest,
+    request: CompletionRequest,
+    model: &ModelInfo,
+) -> Result<CompletionJob, ApiError> {
+    if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::unsupported(
+            "suffix",
+            "`suffix` is not supported: tilt's models do not fill in the middle",
+        ));
+    }
+    let n = choices(common.n)?;
+    if request.best_of.is_some_and(|b| b != n as i64) {
+        return Err(ApiError::unsupported(
+            "best_of",
+            "`best_of` is only accepted equal to `n`; for best-of-N selection by reward use the `alignment` extension",
+        ));
+    }
+    let vocab = &model.vocab;
+    let prompt = request.prompt.ok_or_else(|| ApiError::missing("prompt"))?;
+    let (prompts, texts): (Vec<Vec<u32>>, Vec<String>) = match prompt {
+        Prompt::Text(text) => (vec![encode(model, &text)?], vec![text]),
+        Prompt::Texts(texts) => (
+            texts
+                .iter()
+                .map(|t| encode(model, t))
+                .collect::<Result<_, _>>()?,
+            texts,
+        ),
+        Prompt::Tokens(ids) => {
+            let text = vocab.decode_with_special(&ids);
+            (vec![ids], vec![text])
+        }
+        Prompt::TokenLists(lists) => {
+            let texts = lists.iter().map(|l| vocab.decode_with_special(l)).collect();
+            (lists, texts)
+        }
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "the list of prompts is empty"));
+    }
+    for p in &prompts {
+        if p.is_empty() {
+            return Err(ApiError::invalid("prompt", "the prompt is empty"));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab.size()) {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "token id {bad} is out of range: the vocabulary has {} tokens",
+                    vocab.size()
+                ),
+            ));
+        }
+    }
+    let logprobs = request
+        .logprobs
+        .map(|k| count("logprobs", k, 0, Some(MAX_LOGPROBS)))
+        .transpose()?;
+    let job = job(
+        common,
+        model,
+        prompts,
+        n,
+        logprobs,
+        Budget {
+            param: "max_tokens",
+            prompt_param: "prompt",
+            default: Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+        },
+    )?;
+    Ok(CompletionJob {
+        job,
+        echo: request.echo.unwrap_or(false).then_some(texts),
+    })
+}
+
+pub fn chat(
+    common: CommonRequest,
+    request: ChatRequest,
+    model: &ModelInfo,
+) -> Result<Job, ApiError> {
+    if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::unsupported(
+            "tools",
+            "tool calling is not supported",
+        ));
+    }
+    if let Some(format) = &request.response_format {
+        if format.kind != "text" {
+            return Err(ApiError::unsupported(
+                "response_format.type",
+                format!(
+                    "response format `{}` is not supported; only `text`",
+                    format.kind
+                ),
+            ));
+        }
+    }
+    let messages = request
+        .messages
+        .ok_or_else(|| ApiError::missing("messages"))?;
+    let prompt = chat_prompt(model, messages)?;
+    let n = choices(common.n)?;
+    let top = request
+        .top_logprobs
+        .map(|k| count("top_logprobs", k, 0, Some(MAX_LOGPROBS)))
+        .transpose()?;
+    let logprobs = match (request.logprobs.unwrap_or(false), top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ))
+        }
+        (false, _) => None,
+    };
+    let (max, param) = match request.max_completion_tokens {
+        Some(m) => (Some(m), "max_completion_tokens"),
+        None => (common.max_tokens, "max_tokens"),
+    };
+    job(
+        CommonRequest {
+            max_tokens: max,
+            ..common
+        },
+        model,
+        vec![prompt],
+        n,
+        logprobs,
+        Budget {
+            param,
+            prompt_param: "messages",
+            default: None,
+        },
+    )
+}
+
+/// The prompt tokens of a chat: the model's template over the messages.
+pub fn chat_prompt(model: &ModelInfo, messages: Vec<ChatMessage>) -> Result<Vec<u32>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    let messages = messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = model
+        .chat
+        .render(&messages)
+        .map_err(|e| ApiError::invalid("messages", e))?;
+    model
+        .vocab
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", format!("{e:#}")))
+}
+
+fn message(i: usize, m: ChatMessage) -> Result<Message, ApiError> {
+    let role = match m.role.as_str() {
+        "system" | "user" | "assistant" => m.role,
+        // OpenAI's newer name for the system role; chat templates know `system`.
+        "developer" => "system".to_string(),
+        other => {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].role"),
+                format!("unsupported role `{other}`: use system, developer, user or assistant"),
+            ))
+        }
+    };
+    let content = match m.content {
+        None => String::new(),
+        Some(Content::Text(text)) => text,
+        Some(Content::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(text)) => texts.push(text),
+                    ("text", None) => {
+                        return Err(ApiError::missing(&format!(
+                            "messages[{i}].content[{j}].text"
+                        )))
+                    }
+                    (other, _) => {
+                        return Err(ApiError::unsupported(
+                            &format!("messages[{i}].content[{j}].type"),
+                            format!(
+                                "content parts of type `{other}` are not supported; only `text`"
+                            ),
+                        ))
+                    }
+                }
+            }
+            texts.join("\n")
+        }
+    };
+    Ok(Message { role, content })
+}
+
+/// Tokens of a completions prompt, with BOS when the model wants it.
+pub fn encode(model: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
+    model
+        .vocab
+        .encode(text, true)
+        .map_err(|e| ApiError::invalid("prompt", format!("{e:#}")))
+}
+
+/// How many tokens a choice may generate, and where to point when it cannot.
+struct Budget {
+    param: &'static str,
+    prompt_param: &'static str,
+    /// When the request names no limit: this, or what the context leaves.
+    default: Option<usize>,
+}
+
+fn job(
+    common: CommonRequest,
+    model: &ModelInfo,
+    prompts: Vec<Vec<u32>>,
+    n: usize,
+    logprobs: Option<usize>,
+    budget: Budget,
+) -> Result<Job, ApiError> {
+    if prompts.len() * n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts × n = {n} asks for {} choices; at most {MAX_CHOICES}",
+                prompts.len(),
+                prompts.len() * n
+            ),
+        ));
+    }
+    let requested = common
+        .max_tokens
+        .map(|m| count(budget.param, m, 1, None))
+        .transpose()?;
+    let sampling = sampling(&common, model, logprobs)?;
+    let stop = stops(common.stop)?;
+    let decoder = decoder(common.alignment)?;
+    let ctx = model.context_length();
+    let generations = prompts
+        .into_iter()
+        .map(|prompt| {
+            let max_tokens = match requested {
+                Some(m) if prompt.len() + m > ctx => Err(too_long(&budget, ctx, prompt.len(), m)),
+                Some(m) => Ok(m),
+                None if prompt.len() >= ctx => Err(too_long(&budget, ctx, prompt.len(), 1)),
+                None => Ok(budget.default.unwrap_or(usize::MAX).min(ctx - prompt.len())),
+            }?;
+            Ok(Generation {
+                prompt,
+                max_tokens,
+                stop: stop.clone(),
+                ignore_eos: common.ignore_eos.unwrap_or(false),
+                n,
+                sampling: sampling.clone(),
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    let stream = common.stream.unwrap_or(false).then(|| Streaming {
+        include_usage: common
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    });
+    Ok(Job {
+        model: model.name.clone(),
+        decoder,
+        generations,
+        n,
+        stream,
+    })
+}
+
+fn too_long(budget: &Budget, ctx: usize, prompt: usize, completion: usize) -> ApiError {
+    ApiError::context_length(
+        budget.prompt_param,
+        format!(
+            "this model's maximum context length is {ctx} tokens; this request needs {} ({prompt} in the prompt, {completion} in the completion)",
+            prompt + completion
+        ),
+    )
+}
+
+fn choices(n: Option<i64>) -> Result<usize, ApiError> {
+    n.map_or(Ok(1), |n| count("n", n, 1, Some(MAX_N)))
+}
+
+/// An integer parameter of at least `min` and, when given, at most `max`.
+fn count(param: &str, value: i64, min: usize, max: Option<usize>) -> Result<usize, ApiError> {
+    usize::try_from(value)
+        .ok()
+        .filter(|&v| v >= min && max.is_none_or(|m| v <= m))
+        .ok_or_else(|| {
+            let range = match max {
+                Some(max) => format!("between {min} and {max}"),
+                None => format!("at least {min}"),
+            };
+            ApiError::invalid(param, format!("`{param}` must be {range}, got {value}"))
+        })
+}
+
+fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
+    let stops = match stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stops.len() > MAX_STOP {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOP} stop sequences, got {}", stops.len()),
+        ));
+    }
+    Ok(stops)
+}
+
+/// A float parameter: `default` when absent, else within `[lo, hi]` (`(lo, hi]` when `open`).
+fn real(
+    param: &str,
+    value: Option<f64>,
+    default: f32,
+    (lo, hi): (f64, f64),
+    open: bool,
+) -> Result<f32, ApiError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    let above = if open { v > lo } else { v >= lo };
+    if above && v <= hi {
+        Ok(v as f32)
+    } else {
+        let open_bracket = if open { "(" } else { "[" };
+        Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be in {open_bracket}{lo}, {hi}], got {v}"),
+        ))
+    }
+}
+
+fn sampling(
+    c: &CommonRequest,
+    model: &ModelInfo,
+    logprobs: Option<usize>,
+) -> Result<SamplingParams, ApiError> {
+    let top_k = match c.top_k {
+        None | Some(-1) => 0, // -1 is vLLM's "off"
+        Some(k) => count("top_k", k, 0, Some(model.vocab.size()))?,
+    };
+    let vocab = model.vocab.size();
+    let logit_bias = c
+        .logit_bias
+        .iter()
+        .flatten()
+        .map(|(token, &bias)| {
+            let id = token
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("`{token}` is not a token id: ids are 0 to {}", vocab - 1),
+                    )
+                })?;
+            let bias = real("logit_bias", Some(bias), 0.0, (-100.0, 100.0), false)?;
+            Ok((id, bias))
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(SamplingParams {
+        temperature: real("temperature", c.temperature, 1.0, (0.0, 2.0), false)?,
+        top_p: real("top_p", c.top_p, 1.0, (0.0, 1.0), true)?,
+        top_k,
+        min_p: real("min_p", c.min_p, 0.0, (0.0, 1.0), false)?,
+        repetition_penalty: real(
+            "repetition_penalty",
+            c.repetition_penalty,
+            1.0,
+            (0.0, 10.0),
+            true,
+        )?,
+        presence_penalty: real(
+            "presence_penalty",
+            c.presence_penalty,
+            0.0,
+            (-2.0, 2.0),
+            false,
+        )?,
+        frequency_penalty: real(
+            "frequency_penalty",
+            c.frequency_penalty,
+            0.0,
+            (-2.0, 2.0),
+            false,
+        )?,
+        logit_bias,
+        // OpenAI seeds are signed 64-bit; keep their bits.
+        seed: c.seed.map(|s| s as u64),
+        logprobs,
+    })
+}
+
+/// The decoder an `alignment` object asks for (`sample` when there is none).
+fn decoder(alignment: Option<Map<String, Value>>) -> Result<DecoderSpec, ApiError> {
+    let Some(mut params) = alignment else {
+        return Ok(DecoderSpec::Sample);
+    };
+    let name = match params.remove("decoder") {
+        None | Some(Value::Null) => "sample".to_string(),
+        Some(Value::String(name)) => name,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "alignment.decoder",
+                "`alignment.decoder` must be a string",
+            ))
+        }
+    };
+    DecoderSpec::parse(&name, params).map_err(|e| {
+        let param = e
+            .param
+            .map_or_else(|| "alignment".to_string(), |p| format!("alignment.{p}"));
+        ApiError::invalid(param, e.message)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_reals_name_their_bounds() {
+        assert_eq!(count("n", 3, 1, Some(16)), Ok(3));
+        let e = count("n", 0, 1, Some(16)).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("n"));
+        assert!(e.body.message.contains("between 1 and 16"));
+        let e = count("max_tokens", -5, 1, None).unwrap_err();
+        assert!(e.body.message.contains("at least 1"));
+        assert_eq!(real("top_p", Some(1.0), 1.0, (0.0, 1.0), true), Ok(1.0));
+        assert!(real("top_p", Some(0.0), 1.0, (0.0, 1.0), true).is_err());
+        assert_eq!(
+            real("temperature", Some(0.0), 1.0, (0.0, 2.0), false),
+            Ok(0.0)
+        );
+        assert!(real("temperature", Some(2.5), 1.0, (0.0, 2.0), false).is_err());
+    }
+
+    #[test]
+    fn alignment_defaults_to_sample_and_names_bad_parameters() {
+        assert_eq!(decoder(None), Ok(DecoderSpec::Sample));
+        let obj = |v: Value| v.as_object().cloned();
+        assert_eq!(decoder(obj(serde_json::json!({}))), Ok(DecoderSpec::Sample));
+        let e = decoder(obj(serde_json::json!({"decoder": "genarm"}))).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("alignment.decoder"));
+        assert!(e.body.message.contains("sample"));
+        let e = decoder(obj(serde_json::json!({"decoder": "sample", "beta": 2}))).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("alignment.beta"));
+        let e = decoder(obj(serde_json::json!({"decoder": 3}))).unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("alignment.decoder"));
+    }
+}

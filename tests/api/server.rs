@@ -1,0 +1,237 @@
+//! A real `tilt serve` on a free loopback port, and a small HTTP client for it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+}
+
+impl Server {
+    /// Start `tilt serve --port 0 <args>` and wait until it listens (not until it is ready).
+    /// `TILT_BIN` picks another binary than the one cargo built (as in tests/compat/run.sh).
+    pub fn spawn(args: &[&str]) -> Self {
+        let bin = std::env::var("TILT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tilt").into());
+        let mut child = Command::new(bin)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning tilt serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("reading the server's address");
+        let url = line
+            .trim()
+            .strip_prefix("tilt: listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from tilt serve: {line:?}"))
+            .to_string();
+        Self { child, url }
+    }
+
+    /// Start and wait until `/health` answers 200.
+    pub async fn ready(args: &[&str]) -> Self {
+        let server = Self::spawn(args);
+        let client = server.client();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = client.http.get(client.url("/health")).send().await {
+                if r.status() == StatusCode::OK {
+                    return server;
+                }
+            }
+            assert!(Instant::now() < deadline, "tilt serve never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client {
+            base: self.url.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// A response: status, content type and body (JSON when it parses, else a string).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Client {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Send `request` (which is `method path`) and check the reply against openapi.yaml.
+    pub async fn send(&self, method: &str, path: &str, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("sending a request");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let text = response.text().await.expect("reading a response");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let reply = Reply {
+            status,
+            content_type,
+            body,
+        };
+        if let Err(e) = crate::openapi::check(method, path, &reply) {
+            panic!("{method} {path} answered outside openapi.yaml: {e}");
+        }
+        reply
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send("POST", path, self.http.post(self.url(path)).json(body))
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send("GET", path, self.http.get(self.url(path))).await
+    }
+
+    /// POST expecting 200; the JSON body.
+    pub async fn ok(&self, path: &str, body: &Value) -> Value {
+        let reply = self.post(path, body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{path} {body}: {:?}",
+            reply.body
+        );
+        reply.body
+    }
+
+    /// POST a streaming request and read every `data:` payload up to and including `[DONE]`
+    /// (returned as the string "[DONE]"); checks the SSE content type.
+    pub async fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("sending a request");
+        assert_eq!(response.status(), StatusCode::OK);
+        let ct = response.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap();
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        let mut events = Events::new(response);
+        let mut out = Vec::new();
+        while let Some(data) = events.next().await {
+            out.push(data);
+        }
+        if let Err(e) = crate::openapi::check_stream(path, &out) {
+            panic!("POST {path} streamed outside openapi.yaml: {e}");
+        }
+        out
+    }
+
+    /// The value of a metric line `name{labels…} value` summed over its label sets.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get("/metrics").await.body;
+        let text = text.as_str().expect("metrics are text");
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    }
+
+    /// Token ids of a plain prompt, as the server counts them.
+    pub async fn tokens(&self, prompt: &str) -> Vec<u64> {
+        let body = self
+            .ok("/tokenize", &serde_json::json!({ "prompt": prompt }))
+            .await;
+        body["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect()
+    }
+}
+
+/// The `data:` payloads of an SSE response, one at a time; JSON when they parse.
+pub struct Events {
+    body: futures::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    buffer: Vec<u8>,
+    done: bool,
+}
+
+impl Events {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: response
+                .bytes_stream()
+                .map(|chunk| chunk.map(|b| b.to_vec()))
+                .boxed(),
+            buffer: Vec::new(),
+            done: false,
+        }
+    }
+
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let event = String::from_utf8(event).expect("events are UTF-8");
+                let data: Vec<&str> = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if data.is_empty() {
+                    continue; // a comment or keep-alive
+                }
+                let data = data.join("\n");
+                return Some(serde_json::from_str(&data).unwrap_or(Value::String(data)));
+            }
+            if self.done {
+                assert!(
+                    self.buffer.iter().all(u8::is_ascii_whitespace),
+                    "truncated event: {:?}",
+                    String::from_utf8_lossy(&self.buffer)
+                );
+                return None;
+            }
+            match self.body.next().await {
+                Some(chunk) => self
+                    .buffer
+                    .extend_from_slice(&chunk.expect("reading the stream")),
+                None => self.done = true,
+            }
+        }
+    }
+}
