@@ -538,6 +538,7 @@ impl SharedOut {
 }
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it.
+#[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -189,6 +189,19 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Sums of four adjacent u8·i8 products, as eight i32.
+    #[inline]
+    #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+    unsafe fn dot_u8_i8(u: __m256i, i: __m256i, _ones: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, i)
+    }
+
+    #[inline]
+    #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+    unsafe fn dot_u8_i8(u: __m256i, i: __m256i, ones: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, i), ones)
+    }
+
     #[inline]
     pub(super) unsafe fn dot_tile(
         w: &[Block],
@@ -210,7 +223,7 @@ mod avx2 {
             for i in 0..count {
                 let a = (r0 + i) * nb + b;
                 let y = _mm256_loadu_si256(acts.qs.as_ptr().add(a * BLOCK) as *const __m256i);
-                let products = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles, y), ones);
+                let products = dot_u8_i8(nibbles, y, ones);
                 acc[i] = _mm256_fmadd_ps(
                     _mm256_set1_ps(d * acts.d[a]),
                     _mm256_cvtepi32_ps(products),
