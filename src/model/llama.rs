@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::q4_1::Q4_1Matrix;
+use super::quant::{QMatrix, WeightBlock, Q4_1, Q8_0};
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +68,9 @@ struct Linear {
 }
 
 enum Kernel {
-    /// Our SIMD kernel (see `q4_1`).
-    Q4_1(Q4_1Matrix),
+    /// Our SIMD kernels (see `quant`).
+    Q4_1(QMatrix<Q4_1>),
+    Q8_0(QMatrix<Q8_0>),
     /// candle's matmuls (other quantizations, dense weights); several parts are concatenated.
     Candle(Vec<QMatMul>),
 }
@@ -82,18 +83,30 @@ impl Linear {
         let same = weights
             .iter()
             .all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
-        if same && dtype == GgmlDType::Q4_1 {
+        fn ours<B: WeightBlock>(weights: &[QTensor], cols: usize) -> Result<QMatrix<B>> {
             let parts = weights
                 .iter()
                 .map(|w| {
-                    Q4_1Matrix::from_ggml(&w.data()?, w.shape().dims()[0], cols)
-                        .context("malformed Q4_1 tensor")
+                    QMatrix::from_ggml(&w.data()?, w.shape().dims()[0], cols)
+                        .context("malformed quantized tensor")
                 })
                 .collect::<Result<Vec<_>>>()?;
-            return Ok(Self {
-                kernel: Kernel::Q4_1(Q4_1Matrix::concat(parts).context("Q4_1 shapes")?),
-                out,
-            });
+            QMatrix::concat(parts).context("no weights")
+        }
+        match dtype {
+            GgmlDType::Q4_1 if same => {
+                return Ok(Self {
+                    kernel: Kernel::Q4_1(ours(&weights, cols)?),
+                    out,
+                })
+            }
+            GgmlDType::Q8_0 if same => {
+                return Ok(Self {
+                    kernel: Kernel::Q8_0(ours(&weights, cols)?),
+                    out,
+                })
+            }
+            _ => {}
         }
         if same && weights.len() > 1 {
             let mut bytes = Vec::new();
@@ -137,6 +150,7 @@ impl Linear {
     fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let parts = match &self.kernel {
             Kernel::Q4_1(w) => return Ok(w.matmul(x, n)),
+            Kernel::Q8_0(w) => return Ok(w.matmul(x, n)),
             Kernel::Candle(parts) => parts,
         };
         let input = Tensor::from_slice(x, (n, x.len() / n), &Device::Cpu)?;

@@ -6,7 +6,7 @@ pub mod config;
 pub mod fetch;
 pub mod kv;
 pub mod llama;
-mod q4_1;
+mod quant;
 pub mod vocab;
 
 use std::path::Path;
