@@ -2,6 +2,7 @@
 //! (this custom harness starts it on first use and stops it at the end); cases that watch
 //! server-wide state (load gauges, the loading phase) start their own.
 
+mod bench;
 mod chat;
 mod completions;
 mod errors;
@@ -59,6 +60,7 @@ fn main() -> ExitCode {
         ("chat", chat::cases()),
         ("errors", errors::cases()),
         ("openapi", openapi::cases()),
+        ("bench", bench::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {
