@@ -22,6 +22,9 @@
 #   OUTPUT_TOKENS  max_tokens (ignore_eos on)   [128]
 #   SWEEP_REQUESTS requests per sweep cell      [3]
 #   RAW            where the JSON reports go    [target/benchmarks]
+#   COMPARE_URL    another OpenAI-compatible server (llama-server, vLLM, ...) to measure beside
+#                  tilt with plain sampling, same prompts and load points   [none]
+#   COMPARE_NAME   how the page names it       [the URL]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +37,8 @@ PROMPT_TOKENS=${PROMPT_TOKENS:-128}
 OUTPUT_TOKENS=${OUTPUT_TOKENS:-128}
 SWEEP_REQUESTS=${SWEEP_REQUESTS:-3}
 RAW=${RAW:-target/benchmarks}
+COMPARE_URL=${COMPARE_URL:-}
+COMPARE_NAME=${COMPARE_NAME:-$COMPARE_URL}
 DECODERS=bench/decoders.jsonl
 URL=http://127.0.0.1:$PORT
 
@@ -60,6 +65,12 @@ sweep=(bench --url "$URL" --alignment-file "$DECODERS" --sweep --requests "$SWEE
 "$TILT" "${load[@]}" --output "$RAW/load.json" >/dev/null
 "$TILT" "${sweep[@]}" --output "$RAW/sweep.json" >/dev/null
 cp "$RAW"/load-*.svg docs/benchmarks/
+if [[ -n $COMPARE_URL ]]; then
+    compare=(bench --url "$URL" --url "$COMPARE_URL" --concurrency "$CONCURRENCY"
+        --requests "$REQUESTS" --prompt-tokens "$PROMPT_TOKENS" --output-tokens "$OUTPUT_TOKENS")
+    "$TILT" "${compare[@]}" --output "$RAW/compare.json" >/dev/null
+    cp "$RAW"/compare-*.svg docs/benchmarks/
+fi
 
 commit=$(git rev-parse --short HEAD)
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock || commit="$commit (with uncommitted changes)"
@@ -86,5 +97,13 @@ cores=$(lscpu -p=socket,core | grep -v "^#" | sort -u | wc -l)
     sed -e '/^# tilt bench$/d' -e 's/^## /### /' -e 's/](load-/](benchmarks\/load-/' "$RAW/load.md"
     echo
     sed -n '/^## Idealised runtime/,$p' "$RAW/sweep.md"
+    if [[ -n $COMPARE_URL ]]; then
+        echo
+        echo "## Beside $COMPARE_NAME"
+        echo
+        echo "Plain sampling on both, one series per server: \`tilt ${compare[*]}\`."
+        echo
+        sed -e '/^# tilt bench$/d' -e 's/^## /### /' -e 's/](compare-/](benchmarks\/compare-/' "$RAW/compare.md"
+    fi
 } >docs/benchmarks.md
 echo "wrote docs/benchmarks.md and docs/benchmarks/*.svg (JSON reports in $RAW)" >&2

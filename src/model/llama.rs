@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::quant::{QMatrix, WeightBlock, Q4_1, Q8_0};
+use super::quant::{QMatrix, SharedOut, WeightBlock, Q4_1, Q8_0};
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -537,18 +537,6 @@ fn attention(
     };
     let n_tasks = t * h;
     candle_core::utils::barrier_pool().execute_chunked(n_tasks, |range| range.for_each(task));
-}
-
-/// A raw output pointer shared by attention tasks that write disjoint slices.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks write disjoint ranges (see `attention`), and the pool joins before `out` is read.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it.

@@ -335,13 +335,15 @@ mod simd {
     }
 }
 
+/// An output buffer shared by pool workers that each write their own disjoint elements.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint elements (see `matmul`) and the pool joins before `out` is read.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: users guarantee disjoint writes (see `matmul`, `llama::attention`), and the pool joins
+// every worker before the buffer is read.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 impl SharedOut {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
