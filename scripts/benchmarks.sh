@@ -25,6 +25,9 @@
 #   COMPARE_URL    another OpenAI-compatible server (llama-server, vLLM, ...) to measure beside
 #                  tilt with plain sampling, same prompts and load points   [none]
 #   COMPARE_NAME   how the page names it       [the URL]
+#   COMPARE_CONCURRENCY  its load points       [CONCURRENCY] (1 for servers that serve one
+#                  stream at a time: llama-cpp-python's server interrupts a running stream when
+#                  another request arrives, which would read as short, fast answers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +42,7 @@ SWEEP_REQUESTS=${SWEEP_REQUESTS:-3}
 RAW=${RAW:-target/benchmarks}
 COMPARE_URL=${COMPARE_URL:-}
 COMPARE_NAME=${COMPARE_NAME:-$COMPARE_URL}
+COMPARE_CONCURRENCY=${COMPARE_CONCURRENCY:-$CONCURRENCY}
 DECODERS=bench/decoders.jsonl
 URL=http://127.0.0.1:$PORT
 
@@ -66,7 +70,7 @@ sweep=(bench --url "$URL" --alignment-file "$DECODERS" --sweep --requests "$SWEE
 "$TILT" "${sweep[@]}" --output "$RAW/sweep.json" >/dev/null
 cp "$RAW"/load-*.svg docs/benchmarks/
 if [[ -n $COMPARE_URL ]]; then
-    compare=(bench --url "$URL" --url "$COMPARE_URL" --concurrency "$CONCURRENCY"
+    compare=(bench --url "$URL" --url "$COMPARE_URL" --concurrency "$COMPARE_CONCURRENCY"
         --requests "$REQUESTS" --prompt-tokens "$PROMPT_TOKENS" --output-tokens "$OUTPUT_TOKENS")
     "$TILT" "${compare[@]}" --output "$RAW/compare.json" >/dev/null
     cp "$RAW"/compare-*.svg docs/benchmarks/
