@@ -425,3 +425,47 @@ fn a_multi_sequence_decoder_plugs_into_the_same_seam() {
         assert_ne!(c.tokens[0][0], greedy.tokens[0][0]);
     }
 }
+
+/// A decoder with a bug: it panics once it has logits.
+struct Panics(Option<SeqId>);
+
+impl Decoder for Panics {
+    fn plan(&mut self, cx: &mut Cx) -> Result<()> {
+        let seq = *self.0.get_or_insert_with(|| cx.new_seq(BASE));
+        cx.forward(seq, vec![1, 2, 3], Logits::Last)?;
+        Ok(())
+    }
+
+    fn absorb(&mut self, _: &mut Cx, _: &Outputs) -> Result<Flow> {
+        panic!("decoder bug");
+    }
+}
+
+#[test]
+fn a_panicking_decoder_fails_its_request_and_the_engine_lives_on() {
+    let e = engine();
+    let mut plain = e
+        .submit(
+            decode::build(
+                "sample",
+                generation(&e, "Hello", 12, SamplingParams::greedy()),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let mut rx = e.submit(Box::new(Panics(None))).unwrap();
+    let failure = loop {
+        match rx.blocking_recv() {
+            Some(Event::Failed(msg)) => break msg,
+            Some(_) => {}
+            None => panic!("the request ended without a failure event"),
+        }
+    };
+    assert!(failure.contains("decoder bug"), "{failure}");
+    // The request beside it finishes normally, and new ones are served.
+    while !matches!(plain.blocking_recv(), Some(Event::Done { .. })) {}
+    assert_eq!(
+        sample(&e, generation(&e, "Hi", 3, SamplingParams::greedy())).tokens[0].len(),
+        3
+    );
+}

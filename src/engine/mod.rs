@@ -271,7 +271,7 @@ impl Worker {
                 &r.events,
                 self.options.prefill_chunk,
             );
-            if let Err(e) = r.decoder.plan(&mut cx) {
+            if let Err(e) = guarded("the decoder", || r.decoder.plan(&mut cx)) {
                 r.failed = Some(format!("{e:#}"));
             }
         }
@@ -313,7 +313,7 @@ impl Worker {
                         }
                     })
                     .collect();
-                model.llama.forward(&mut items)
+                guarded("the forward", || model.llama.forward(&mut items))
             };
             for (cache, &(ri, pi)) in caches.into_iter().zip(&owners) {
                 let seq = self.running[ri].planned[pi].seq;
@@ -346,7 +346,7 @@ impl Worker {
                 &r.events,
                 self.options.prefill_chunk,
             );
-            match r.decoder.absorb(&mut cx, &out) {
+            match guarded("the decoder", || r.decoder.absorb(&mut cx, &out)) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Done) => r.done = true,
                 Err(e) => r.failed = Some(format!("{e:#}")),
@@ -374,4 +374,17 @@ impl Worker {
             false
         });
     }
+}
+
+/// Run `f`, turning a panic (a bug) into an error that fails the requests involved instead of
+/// taking the engine thread, and every other request with it, down.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(anyhow::anyhow!("{what} panicked: {msg}"))
+    })
 }
