@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked --all-targets
-./target/release/tilt fetch
+"${CARGO_TARGET_DIR:-target}/release/tilt" fetch
 cargo test --release --locked
 if [ -x tests/compat/run.sh ]; then
   tests/compat/run.sh
