@@ -131,14 +131,17 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             bail!(
                 "attention heads ({}) must be a multiple of key/value heads ({})",
                 self.n_heads,
                 self.n_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 || self.n_layers == 0 || self.vocab_size == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.n_layers == 0 || self.vocab_size == 0 {
             bail!("inconsistent model dimensions: {self:?}");
         }
         Ok(())

@@ -56,7 +56,7 @@ pub struct Q8Rows {
 impl<B: WeightBlock> QMatrix<B> {
     /// From ggml's raw bytes.
     pub fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        if cols % BLOCK != 0 || bytes.len() != rows * cols / BLOCK * B::BYTES {
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * B::BYTES {
             return None;
         }
         Some(Self {
@@ -322,11 +322,11 @@ mod simd {
             // u8·i8 products: |w| against the activations carrying w's sign.
             let abs = _mm256_sign_epi8(q, q);
             let d = blk.d.to_f32();
-            for i in 0..count {
+            for (i, acc) in acc[..count].iter_mut().enumerate() {
                 let a = (r0 + i) * acts.nb + b;
                 let signed = _mm256_sign_epi8(load_acts(acts, a), q);
                 let products = _mm256_cvtepi32_ps(dot_u8_i8(abs, signed));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * acts.d[a]), products, acc[i]);
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * acts.d[a]), products, *acc);
             }
         }
         for i in 0..count {
