@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::quant::{QMatrix, SharedOut, WeightBlock, Q4_1, Q8_0};
+use super::quant::{self, GgmlMatrix, Q4_1Matrix, Q8_0Matrix, SharedOut};
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +69,8 @@ struct Linear {
 
 enum Kernel {
     /// Our SIMD kernels (see `quant`).
-    Q4_1(QMatrix<Q4_1>),
-    Q8_0(QMatrix<Q8_0>),
+    Q4_1(Q4_1Matrix),
+    Q8_0(Q8_0Matrix),
     /// candle's matmuls (other quantizations, dense weights); several parts are concatenated.
     Candle(Vec<QMatMul>),
 }
@@ -83,15 +83,15 @@ impl Linear {
         let same = weights
             .iter()
             .all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
-        fn ours<B: WeightBlock>(weights: &[QTensor], cols: usize) -> Result<QMatrix<B>> {
+        fn ours<M: GgmlMatrix>(weights: &[QTensor], cols: usize) -> Result<M> {
             let parts = weights
                 .iter()
                 .map(|w| {
-                    QMatrix::from_ggml(&w.data()?, w.shape().dims()[0], cols)
+                    M::from_ggml(&w.data()?, w.shape().dims()[0], cols)
                         .context("malformed quantized tensor")
                 })
                 .collect::<Result<Vec<_>>>()?;
-            QMatrix::concat(parts).context("no weights")
+            M::concat(parts).context("no weights")
         }
         match dtype {
             GgmlDType::Q4_1 if same => {
@@ -149,8 +149,8 @@ impl Linear {
     /// `x` is `n` rows; returns `n` rows of `self.out` values.
     fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         let parts = match &self.kernel {
-            Kernel::Q4_1(w) => return Ok(w.matmul(x, n)),
-            Kernel::Q8_0(w) => return Ok(w.matmul(x, n)),
+            Kernel::Q4_1(w) => return Ok(quant::matmul(w, x, n)),
+            Kernel::Q8_0(w) => return Ok(quant::matmul(w, x, n)),
             Kernel::Candle(parts) => parts,
         };
         let input = Tensor::from_slice(x, (n, x.len() / n), &Device::Cpu)?;
