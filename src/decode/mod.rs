@@ -159,11 +159,14 @@ fn genarm_spec(p: GenArmParams, models: &[ModelInfo]) -> Result<GenArmSpec, Para
             } else {
                 format!("loaded: {}", loaded.join(", "))
             };
+            let what = if reward::scorers::builtin().iter().any(|b| b.name == name) {
+                "is a programmatic (sequence-level) reward"
+            } else {
+                "is not a loaded reward model"
+            };
             return Err(invalid(
                 "rewards".into(),
-                format!(
-                    "unknown reward model `{name}`; genarm steers with reward models, {loaded}"
-                ),
+                format!("`{name}` {what}; genarm steers with reward models, {loaded}"),
             ));
         };
         let weight = w as f32;
