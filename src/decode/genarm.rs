@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::sample::plan_prefill;
@@ -44,17 +44,17 @@ impl GenArmSpec {
 
 /// The tilted scores and the buffers that compute them, reused every step.
 #[derive(Default)]
-pub struct Tilt {
+struct Tilt {
     base: Vec<f32>,
     arm: Vec<f32>,
-    pub scores: Vec<f32>,
+    scores: Vec<f32>,
 }
 
 impl Tilt {
     /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) over the first `vocab` ids (models
     /// may pad their output rows past the shared tokenizer). Returns KL(softmax(scores) ‖ base),
     /// the divergence of the tilted distribution from the base at temperature 1.
-    pub fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
+    fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
         let v = arms
             .iter()
             .map(|(_, row)| row.len())
@@ -219,6 +219,9 @@ impl Decoder for GenArm {
         self.tickets.clear();
         if self.branches.is_empty() {
             for (l, lane) in self.lanes.iter_mut().enumerate() {
+                if lane.prompt.is_empty() {
+                    bail!("an empty prompt for {}", cx.model(lane.model).name);
+                }
                 if lane.prefilled < lane.prompt.len() {
                     let seq = *lane
                         .prompt_seq
