@@ -7,4 +7,5 @@ pub mod bench;
 pub mod decode;
 pub mod engine;
 pub mod model;
+pub mod reward;
 pub mod sampling;

@@ -1,4 +1,4 @@
-//! The `tilt` command line: serve | generate | fetch.
+//! The `tilt` command line: serve | generate | fetch | bench.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -76,6 +76,43 @@ struct ServeArgs {
     /// Requests stepped together; later ones wait in the queue.
     #[arg(long, default_value_t = EngineOptions::default().max_running)]
     max_running: usize,
+    /// A reward model (ARM) for the `genarm` decoder, as NAME=PATH (GGUF file or safetensors
+    /// folder; repeatable). It must share the base's tokenizer. Added to the reward models of
+    /// models/models.toml; a flag replaces a manifest entry of the same name.
+    #[arg(long = "reward", value_name = "NAME=PATH", value_parser = tilt::reward::parse_flag)]
+    rewards: Vec<(String, PathBuf)>,
+}
+
+/// The base model, then its reward models: the manifest's that are present (skipped with a
+/// warning if their tokenizer differs, as they may have been trained for another base), then
+/// those named by `--reward` (an error if they do not load).
+fn load_models(args: &ModelArgs, flags: &[(String, PathBuf)]) -> Result<Vec<Model>> {
+    let base = args.load()?;
+    let mut models = Vec::new();
+    let manifest = tilt::reward::manifest_arms(&fetch::models_dir()).unwrap_or_else(|e| {
+        tracing::warn!("no reward models from the manifest: {e:#}");
+        Vec::new()
+    });
+    for (name, path) in manifest {
+        if flags.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        match tilt::reward::load_arm(&base, &name, &path) {
+            Ok(arm) => models.push(arm),
+            Err(e) => tracing::warn!("skipping reward model `{name}`: {e:#}"),
+        }
+    }
+    for (i, (name, path)) in flags.iter().enumerate() {
+        if *name == base.name || flags[..i].iter().any(|(n, _)| n == name) {
+            bail!("--reward {name}: the name is already taken");
+        }
+        models.push(tilt::reward::load_arm(&base, name, path)?);
+    }
+    for arm in &models {
+        tracing::info!("reward model `{}` loaded", arm.name);
+    }
+    models.insert(0, base);
+    Ok(models)
 }
 
 #[derive(Args)]
@@ -158,21 +195,21 @@ fn serve(args: ServeArgs) -> Result<()> {
             let _ = stopped.changed().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
-        let model = args.model.clone();
-        let load = tokio::task::spawn_blocking(move || model.load());
+        let (model, rewards) = (args.model.clone(), args.rewards.clone());
+        let load = tokio::task::spawn_blocking(move || load_models(&model, &rewards));
         let server = api::serve(listener, state.clone(), graceful);
         tokio::pin!(server, deadline);
-        let model = tokio::select! {
+        let models = tokio::select! {
             served = &mut server => return served.context("serving"),
             () = &mut deadline => return Ok(()),
-            loaded = load => loaded.context("loading the model")??,
+            loaded = load => loaded.context("loading the models")??,
         };
         let options = EngineOptions {
             max_running: args.max_running.max(1),
             ..EngineOptions::default()
         };
-        tracing::info!("{} loaded; ready", model.name);
-        state.ready(Engine::start(vec![model], options));
+        tracing::info!("{} loaded; ready", models[0].name);
+        state.ready(Engine::start(models, options));
         tokio::select! {
             served = server => served.context("serving"),
             () = deadline => {
@@ -238,6 +275,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             seed: args.seed,
             ..Default::default()
         },
+        model_prompts: Default::default(),
     };
     let engine = Engine::start(vec![model], EngineOptions::default());
     let decoder = decode::build("sample", generation).map_err(anyhow::Error::msg)?;

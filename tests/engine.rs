@@ -31,6 +31,7 @@ fn generation(
         ignore_eos: false,
         n: 1,
         sampling,
+        model_prompts: Default::default(),
     }
 }
 
@@ -417,6 +418,7 @@ fn a_multi_sequence_decoder_plugs_into_the_same_seam() {
             ignore_eos: true,
             n: 1,
             sampling: SamplingParams::greedy(),
+            model_prompts: Default::default(),
         },
     );
     if chosen == 0 {

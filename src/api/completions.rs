@@ -23,7 +23,8 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
     let common: CommonRequest = body.parse()?;
     let request = body.parse()?;
     let model = validate::model(engine, common.model.as_deref())?;
-    let validate::CompletionJob { job, echo } = validate::completion(common, request, model)?;
+    let validate::CompletionJob { job, echo } =
+        validate::completion(common, request, engine.models(), model)?;
     let writer = Writer {
         id: id("cmpl"),
         created: now(),

@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/models", get(routes::models))
+        .route("/v1/rewards", get(routes::rewards))
         .route("/health", get(routes::health))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))

@@ -8,8 +8,8 @@ use axum::Json;
 use super::error::ApiError;
 use super::json::JsonBody;
 use super::wire::{
-    DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList, TokenizeRequest,
-    TokenizeResponse,
+    DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList, RewardList,
+    TokenizeRequest, TokenizeResponse,
 };
 use super::{metrics, validate, AppState};
 
@@ -31,6 +31,15 @@ pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, Ap
     Ok(Json(ModelList {
         object: "list",
         data,
+    }))
+}
+
+/// Reward sources: the loaded reward models (ARMs) and the built-in programmatic scorers.
+pub async fn rewards(State(state): State<AppState>) -> Result<Json<RewardList>, ApiError> {
+    let engine = state.engine()?;
+    Ok(Json(RewardList {
+        object: "list",
+        data: crate::reward::list(engine.models()),
     }))
 }
 

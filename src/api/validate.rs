@@ -2,6 +2,8 @@
 //! that nothing past this point can be a client's mistake. Each failure is a 400 naming its
 //! parameter.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
@@ -9,7 +11,7 @@ use super::wire::{
     ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, Stop,
 };
 use crate::decode::{DecoderSpec, Generation};
-use crate::engine::{Engine, ModelInfo};
+use crate::engine::{Engine, ModelInfo, BASE};
 use crate::model::{Message, Role};
 use crate::sampling::SamplingParams;
 
@@ -84,9 +86,30 @@ fn role_name(role: Role) -> &'static str {
     }
 }
 
+/// A prompt as the client gave it, so that each model the decoder runs can read it in its own
+/// tokens and chat template.
+enum Source {
+    Text(String),
+    Tokens(Vec<u32>),
+    Chat(Vec<Message>),
+}
+
+impl Source {
+    fn tokens(&self, model: &ModelInfo) -> Result<Vec<u32>, ApiError> {
+        match self {
+            Self::Text(text) => encode(model, text),
+            Self::Tokens(ids) => Ok(ids.clone()),
+            Self::Chat(messages) => render(model, messages),
+        }
+    }
+}
+
+/// `models`: every model the engine serves (decoders may run the auxiliary ones); `model`: the
+/// base model the request names.
 pub fn completion(
     common: CommonRequest,
     request: CompletionRequest,
+    models: &[ModelInfo],
     model: &ModelInfo,
 ) -> Result<CompletionJob, ApiError> {
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -104,24 +127,25 @@ pub fn completion(
     }
     let vocab = &model.vocab;
     let prompt = request.prompt.ok_or_else(|| ApiError::missing("prompt"))?;
-    let (prompts, texts): (Vec<Vec<u32>>, Vec<String>) = match prompt {
-        Prompt::Text(text) => (vec![encode(model, &text)?], vec![text]),
+    let (sources, texts): (Vec<Source>, Vec<String>) = match prompt {
+        Prompt::Text(text) => (vec![Source::Text(text.clone())], vec![text]),
         Prompt::Texts(texts) => (
-            texts
-                .iter()
-                .map(|t| encode(model, t))
-                .collect::<Result<_, _>>()?,
+            texts.iter().map(|t| Source::Text(t.clone())).collect(),
             texts,
         ),
         Prompt::Tokens(ids) => {
             let text = vocab.decode_with_special(&ids);
-            (vec![ids], vec![text])
+            (vec![Source::Tokens(ids)], vec![text])
         }
         Prompt::TokenLists(lists) => {
             let texts = lists.iter().map(|l| vocab.decode_with_special(l)).collect();
-            (lists, texts)
+            (lists.into_iter().map(Source::Tokens).collect(), texts)
         }
     };
+    let prompts = sources
+        .iter()
+        .map(|s| s.tokens(model))
+        .collect::<Result<Vec<_>, _>>()?;
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "the list of prompts is empty"));
     }
@@ -145,8 +169,9 @@ pub fn completion(
         .transpose()?;
     let job = job(
         common,
+        models,
         model,
-        prompts,
+        prompts.into_iter().zip(sources).collect(),
         n,
         logprobs,
         Budget {
@@ -164,6 +189,7 @@ pub fn completion(
 pub fn chat(
     common: CommonRequest,
     request: ChatRequest,
+    models: &[ModelInfo],
     model: &ModelInfo,
 ) -> Result<Job, ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -186,7 +212,8 @@ pub fn chat(
     let messages = request
         .messages
         .ok_or_else(|| ApiError::missing("messages"))?;
-    let prompt = chat_prompt(model, messages)?;
+    let messages = chat_messages(messages)?;
+    let prompt = render(model, &messages)?;
     let n = choices(common.n)?;
     let top = request
         .top_logprobs
@@ -211,8 +238,9 @@ pub fn chat(
             max_tokens: max,
             ..common
         },
+        models,
         model,
-        vec![prompt],
+        vec![(prompt, Source::Chat(messages))],
         n,
         logprobs,
         Budget {
@@ -225,20 +253,28 @@ pub fn chat(
 
 /// The prompt tokens of a chat: the model's template over the messages.
 pub fn chat_prompt(model: &ModelInfo, messages: Vec<ChatMessage>) -> Result<Vec<u32>, ApiError> {
+    render(model, &chat_messages(messages)?)
+}
+
+fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<Message>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "`messages` must hold at least one message",
         ));
     }
-    let messages = messages
+    messages
         .into_iter()
         .enumerate()
         .map(|(i, m)| message(i, m))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// `model`'s chat template over `messages`, in its tokens.
+fn render(model: &ModelInfo, messages: &[Message]) -> Result<Vec<u32>, ApiError> {
     let text = model
         .chat
-        .render(&messages)
+        .render(messages)
         .map_err(|e| ApiError::invalid("messages", e))?;
     model
         .vocab
@@ -303,10 +339,12 @@ struct Budget {
     default: Option<usize>,
 }
 
+/// `prompts`: each prompt in the base's tokens, with its source for the other models.
 fn job(
     common: CommonRequest,
+    models: &[ModelInfo],
     model: &ModelInfo,
-    prompts: Vec<Vec<u32>>,
+    prompts: Vec<(Vec<u32>, Source)>,
     n: usize,
     logprobs: Option<usize>,
     budget: Budget,
@@ -327,16 +365,27 @@ fn job(
         .transpose()?;
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
-    let decoder = decoder(common.alignment)?;
-    let ctx = model.context_length();
+    let decoder = decoder(common.alignment, models)?;
     let generations = prompts
         .into_iter()
-        .map(|prompt| {
+        .map(|(prompt, source)| {
+            let model_prompts = decoder
+                .models()
+                .into_iter()
+                .map(|id| Ok((id, source.tokens(&models[id])?)))
+                .collect::<Result<HashMap<_, _>, ApiError>>()?;
+            // Every model the decoder runs must fit its prompt and the completion: the
+            // tightest one sets the budget.
+            let (ctx, len) = std::iter::once((&BASE, &prompt))
+                .chain(&model_prompts)
+                .map(|(&id, p)| (models[id].context_length(), p.len()))
+                .min_by_key(|&(ctx, len)| ctx.saturating_sub(len))
+                .expect("the base model runs");
             let max_tokens = match requested {
-                Some(m) if prompt.len() + m > ctx => Err(too_long(&budget, ctx, prompt.len(), m)),
+                Some(m) if len + m > ctx => Err(too_long(&budget, ctx, len, m)),
                 Some(m) => Ok(m),
-                None if prompt.len() >= ctx => Err(too_long(&budget, ctx, prompt.len(), 1)),
-                None => Ok(budget.default.unwrap_or(usize::MAX).min(ctx - prompt.len())),
+                None if len >= ctx => Err(too_long(&budget, ctx, len, 1)),
+                None => Ok(budget.default.unwrap_or(usize::MAX).min(ctx - len)),
             }?;
             Ok(Generation {
                 prompt,
@@ -345,6 +394,7 @@ fn job(
                 ignore_eos: common.ignore_eos.unwrap_or(false),
                 n,
                 sampling: sampling.clone(),
+                model_prompts,
             })
         })
         .collect::<Result<_, ApiError>>()?;
@@ -492,7 +542,10 @@ fn sampling(
 }
 
 /// The decoder an `alignment` object asks for (`sample` when there is none).
-fn decoder(alignment: Option<Map<String, Value>>) -> Result<DecoderSpec, ApiError> {
+fn decoder(
+    alignment: Option<Map<String, Value>>,
+    models: &[ModelInfo],
+) -> Result<DecoderSpec, ApiError> {
     let Some(mut params) = alignment else {
         return Ok(DecoderSpec::Sample);
     };
@@ -506,7 +559,7 @@ fn decoder(alignment: Option<Map<String, Value>>) -> Result<DecoderSpec, ApiErro
             ))
         }
     };
-    DecoderSpec::parse(&name, params).map_err(|e| {
+    DecoderSpec::parse(&name, params, models).map_err(|e| {
         let param = e
             .param
             .map_or_else(|| "alignment".to_string(), |p| format!("alignment.{p}"));
@@ -537,15 +590,41 @@ mod tests {
 
     #[test]
     fn alignment_defaults_to_sample_and_names_bad_parameters() {
-        assert_eq!(decoder(None), Ok(DecoderSpec::Sample));
+        assert_eq!(decoder(None, &[]), Ok(DecoderSpec::Sample));
         let obj = |v: Value| v.as_object().cloned();
-        assert_eq!(decoder(obj(serde_json::json!({}))), Ok(DecoderSpec::Sample));
-        let e = decoder(obj(serde_json::json!({"decoder": "genarm"}))).unwrap_err();
+        assert_eq!(
+            decoder(obj(serde_json::json!({})), &[]),
+            Ok(DecoderSpec::Sample)
+        );
+        let e = decoder(obj(serde_json::json!({"decoder": "nope"})), &[]).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.decoder"));
-        assert!(e.body.message.contains("sample"));
-        let e = decoder(obj(serde_json::json!({"decoder": "sample", "beta": 2}))).unwrap_err();
+        assert!(e.body.message.contains("sample") && e.body.message.contains("genarm"));
+        let e = decoder(
+            obj(serde_json::json!({"decoder": "sample", "beta": 2})),
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.beta"));
-        let e = decoder(obj(serde_json::json!({"decoder": 3}))).unwrap_err();
+        for beta in [0.0, -1.0, 1e39] {
+            let e = decoder(
+                obj(serde_json::json!({"decoder": "genarm", "beta": beta})),
+                &[],
+            )
+            .unwrap_err();
+            assert_eq!(e.body.param.as_deref(), Some("alignment.beta"), "{beta}");
+        }
+        let e = decoder(
+            obj(serde_json::json!({"decoder": "genarm", "rewards": {"toy": 1}})),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.body.param.as_deref(), Some("alignment.rewards"));
+        assert!(
+            e.body.message.contains("none are loaded"),
+            "{}",
+            e.body.message
+        );
+        let e = decoder(obj(serde_json::json!({"decoder": 3})), &[]).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.decoder"));
     }
 }

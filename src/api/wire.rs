@@ -244,6 +244,12 @@ pub struct ModelCard {
     pub context_length: usize,
 }
 
+#[derive(Debug, Serialize)]
+pub struct RewardList {
+    pub object: &'static str,
+    pub data: Vec<crate::reward::RewardInfo>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct TokenizeRequest {
     pub model: Option<String>,

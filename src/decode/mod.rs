@@ -3,15 +3,19 @@
 //! search decoders share this one seam, so the engine batches them all together.
 
 mod choice;
+pub mod genarm;
 pub mod sample;
+
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
 
-use crate::engine::Cx;
-use crate::engine::Outputs;
+use crate::engine::{Cx, ModelId, ModelInfo, Outputs};
+use crate::reward;
 use crate::sampling::SamplingParams;
 
 pub use choice::Choice;
+pub use genarm::{ArmWeight, GenArm, GenArmSpec};
 pub use sample::Sample;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,10 +42,21 @@ pub struct Generation {
     /// Choices to return.
     pub n: usize,
     pub sampling: SamplingParams,
+    /// The prompt in the tokens of other models that the decoder runs, each formatted with that
+    /// model's own chat template. A model missing here reads `prompt` (ARMs share the base's
+    /// vocabulary, so only the templates can differ).
+    pub model_prompts: HashMap<ModelId, Vec<u32>>,
+}
+
+impl Generation {
+    /// The prompt as `model` reads it.
+    pub fn prompt_for(&self, model: ModelId) -> &[u32] {
+        self.model_prompts.get(&model).unwrap_or(&self.prompt)
+    }
 }
 
 /// Names of the decoders a request may ask for.
-pub const DECODERS: &[&str] = &["sample"];
+pub const DECODERS: &[&str] = &["sample", "genarm"];
 
 /// A decoder parameter a request got wrong: `param` names it (relative to the decoder's
 /// parameter object), `message` says what is wrong.
@@ -57,6 +72,7 @@ pub struct ParamError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecoderSpec {
     Sample,
+    GenArm(GenArmSpec),
 }
 
 /// `sample` takes no parameters beyond the request's sampling fields.
@@ -64,14 +80,26 @@ pub enum DecoderSpec {
 #[serde(deny_unknown_fields)]
 struct SampleParams {}
 
+/// `genarm`: reward name → weight, and the KL strength β (each ARM's log-probs count w/β).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenArmParams {
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    beta: Option<f64>,
+}
+
 impl DecoderSpec {
-    /// The decoder `name` with `params` (the remaining fields of the request's decoder object).
+    /// The decoder `name` with `params` (the remaining fields of the request's decoder object);
+    /// reward names are resolved against the engine's `models`.
     pub fn parse(
         name: &str,
         params: serde_json::Map<String, serde_json::Value>,
+        models: &[ModelInfo],
     ) -> Result<Self, ParamError> {
         match name {
             "sample" => typed::<SampleParams>(params).map(|_| Self::Sample),
+            "genarm" => genarm_spec(typed(params)?, models).map(Self::GenArm),
             other => Err(ParamError {
                 param: Some("decoder".into()),
                 message: format!(
@@ -85,14 +113,76 @@ impl DecoderSpec {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Sample => "sample",
+            Self::GenArm(_) => "genarm",
+        }
+    }
+
+    /// Models other than the base that the decoder runs (they need the prompt in their tokens).
+    pub fn models(&self) -> Vec<ModelId> {
+        match self {
+            Self::Sample => Vec::new(),
+            Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
         }
     }
 
     pub fn build(&self, generation: Generation) -> Box<dyn Decoder> {
         match self {
             Self::Sample => Box::new(Sample::new(generation)),
+            Self::GenArm(spec) => Box::new(GenArm::new(spec.clone(), generation)),
         }
     }
+}
+
+fn genarm_spec(p: GenArmParams, models: &[ModelInfo]) -> Result<GenArmSpec, ParamError> {
+    let invalid = |param: String, message: String| ParamError {
+        param: Some(param),
+        message,
+    };
+    // Checked in f32, the precision the decoder computes in: 1e39 is finite only as an f64.
+    let beta = p.beta.unwrap_or(1.0) as f32;
+    if !(beta.is_finite() && beta > 0.0) {
+        return Err(invalid(
+            "beta".into(),
+            format!(
+                "`beta` must be a finite number above 0, got {}",
+                p.beta.unwrap_or(1.0)
+            ),
+        ));
+    }
+    let mut rewards = Vec::with_capacity(p.rewards.len());
+    for (name, w) in p.rewards {
+        let param = format!("rewards.{name}");
+        let Some(model) = reward::arm(models, &name) else {
+            let loaded = reward::arm_names(models);
+            let loaded = if loaded.is_empty() {
+                "none are loaded (start the server with `--reward NAME=PATH`)".to_string()
+            } else {
+                format!("loaded: {}", loaded.join(", "))
+            };
+            let what = if reward::scorers::builtin().iter().any(|b| b.name == name) {
+                "is a programmatic (sequence-level) reward"
+            } else {
+                "is not a loaded reward model"
+            };
+            return Err(invalid(
+                "rewards".into(),
+                format!("`{name}` {what}; genarm steers with reward models, {loaded}"),
+            ));
+        };
+        let weight = w as f32;
+        if !(weight.is_finite() && (weight / beta).is_finite()) {
+            return Err(invalid(
+                param,
+                format!("the weight of `{name}` must be a finite number (also once divided by `beta`), got {w}"),
+            ));
+        }
+        rewards.push(ArmWeight {
+            name,
+            model,
+            weight,
+        });
+    }
+    Ok(GenArmSpec { rewards, beta })
 }
 
 /// Deserialize a decoder's parameter object, naming the offending field on error.
@@ -112,7 +202,7 @@ fn typed<T: serde::de::DeserializeOwned>(
 
 /// The decoder named `name` with default parameters, for `generation`.
 pub fn build(name: &str, generation: Generation) -> Result<Box<dyn Decoder>, String> {
-    let spec = DecoderSpec::parse(name, Default::default()).map_err(|e| e.message)?;
+    let spec = DecoderSpec::parse(name, Default::default(), &[]).map_err(|e| e.message)?;
     Ok(spec.build(generation))
 }
 
@@ -128,16 +218,16 @@ mod tests {
     #[test]
     fn sample_parses_and_rejects_unknown_parameters() {
         assert_eq!(
-            DecoderSpec::parse("sample", params(json!({}))),
+            DecoderSpec::parse("sample", params(json!({})), &[]),
             Ok(DecoderSpec::Sample)
         );
-        let e = DecoderSpec::parse("sample", params(json!({"beta": 1.0}))).unwrap_err();
+        let e = DecoderSpec::parse("sample", params(json!({"beta": 1.0})), &[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("beta"));
     }
 
     #[test]
     fn unknown_decoder_lists_the_available_ones() {
-        let e = DecoderSpec::parse("nope", params(json!({}))).unwrap_err();
+        let e = DecoderSpec::parse("nope", params(json!({})), &[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("decoder"));
         for d in DECODERS {
             assert!(e.message.contains(d), "{}", e.message);

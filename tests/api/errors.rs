@@ -252,7 +252,7 @@ async fn unknown_decoder_lists_the_available_ones(c: Client) {
     let reply = c
         .post(
             "/v1/chat/completions",
-            &chat(json!({"alignment": {"decoder": "genarm", "rewards": {"positive": 1.0}}})),
+            &chat(json!({"alignment": {"decoder": "nope", "rewards": {"positive": 1.0}}})),
         )
         .await;
     assert_error(

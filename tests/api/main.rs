@@ -2,10 +2,14 @@
 //! (this custom harness starts it on first use and stops it at the end); cases that watch
 //! server-wide state (load gauges, the loading phase) start their own.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod bench;
 mod chat;
 mod completions;
 mod errors;
+mod genarm;
 mod lifecycle;
 mod openapi;
 mod server;
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         ("errors", errors::cases()),
         ("openapi", openapi::cases()),
         ("bench", bench::cases()),
+        ("genarm", genarm::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {
@@ -71,9 +76,16 @@ fn main() -> ExitCode {
             }));
         }
     }
-    for (name, case) in lifecycle::cases() {
+    let own = [
+        ("lifecycle", lifecycle::cases()),
+        ("genarm", genarm::own_cases()),
+    ];
+    for (group, name, case) in own
+        .into_iter()
+        .flat_map(|(g, cases)| cases.into_iter().map(move |(n, c)| (g, n, c)))
+    {
         let runtime = runtime.clone();
-        trials.push(Trial::test(format!("lifecycle::{name}"), move || {
+        trials.push(Trial::test(format!("{group}::{name}"), move || {
             runtime.block_on(case());
             Ok(())
         }));

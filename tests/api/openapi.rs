@@ -129,6 +129,7 @@ async fn every_route_in_the_spec_answers_as_described(c: Client) {
             json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": true, "top_logprobs": 2}),
         ),
         ("get", "/v1/models", Value::Null),
+        ("get", "/v1/rewards", Value::Null),
         ("get", "/health", Value::Null),
         ("post", "/tokenize", json!({"prompt": "Hi"})),
         ("post", "/detokenize", json!({"tokens": [1, 2, 3]})),

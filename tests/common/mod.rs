@@ -52,3 +52,80 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// Write a tiny llama-architecture ARM (safetensors, 1 layer, hidden 64) into `dir` that puts
+/// about 10 nats more next-token log-probability on `favoured` than on any other token, whatever
+/// the context: every embedding is the same vector and the layer adds nothing, so the untied
+/// output head sees one hidden state and only `favoured`'s row is non-zero. It uses the base's
+/// tokenizer after `edit` (which may change it, to make a mismatching ARM) and its own chat
+/// template.
+pub fn toy_arm(dir: &std::path::Path, favoured: u32, edit: impl FnOnce(&mut serde_json::Value)) {
+    use candle_core::{DType, Device, Tensor};
+    use std::collections::HashMap;
+
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut tokenizer = tilt::model::vocab::tokenizer_json_from_gguf(&content).unwrap();
+    edit(&mut tokenizer);
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let tokens = tilt::model::Vocab::from_dir(dir).unwrap().size();
+
+    let (hidden, ffn, layers) = (64, 128, 1);
+    let dev = Device::Cpu;
+    let ones = |shape: &[usize]| Tensor::ones(shape, DType::F32, &dev).unwrap();
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &dev).unwrap();
+    // RMS-normed all-ones hidden state · head row of 10/hidden = a logit of 10.
+    let mut head = vec![0f32; tokens * hidden];
+    head[favoured as usize * hidden..][..hidden].fill(10.0 / hidden as f32);
+    let mut t: HashMap<String, Tensor> = HashMap::from([
+        ("model.embed_tokens.weight".into(), ones(&[tokens, hidden])),
+        ("model.norm.weight".into(), ones(&[hidden])),
+        (
+            "lm_head.weight".into(),
+            Tensor::from_vec(head, (tokens, hidden), &dev).unwrap(),
+        ),
+    ]);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [hidden, hidden]),
+            ("self_attn.k_proj", [hidden, hidden]),
+            ("self_attn.v_proj", [hidden, hidden]),
+            ("self_attn.o_proj", [hidden, hidden]),
+            ("mlp.gate_proj", [ffn, hidden]),
+            ("mlp.up_proj", [ffn, hidden]),
+            ("mlp.down_proj", [hidden, ffn]),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), zeros(&shape));
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), ones(&[hidden]));
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            ones(&[hidden]),
+        );
+    }
+    let t: HashMap<String, Tensor> = t
+        .into_iter()
+        .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": tokens, "hidden_size": hidden, "intermediate_size": ffn,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": false,
+        "torch_dtype": "float16"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:";
+    let tok_cfg = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": template});
+    std::fs::write(dir.join("tokenizer_config.json"), tok_cfg.to_string()).unwrap();
+}
+
+/// The single base token that spells `text`.
+pub fn single_token(text: &str) -> u32 {
+    match model().vocab.encode(text, false).unwrap()[..] {
+        [t] => t,
+        ref ts => panic!("{text:?} is {} tokens", ts.len()),
+    }
+}

@@ -1,0 +1,333 @@
+//! GenARM (Xu et al., ICLR 2025): steer the base with autoregressive reward models. Each step
+//! samples from ℓ = log_softmax(base) + Σ_i (w_i/β)·log_softmax(ARM_i), computed in f32, through
+//! the request's sampler (temperature 1 samples the tilted distribution itself; see
+//! reference/algorithms.md §2.1 on why the official code's τ/(1+Σα) rescaling is not needed).
+//!
+//! Every model runs in lockstep: the base and each ARM prefill their own prompt (their own chat
+//! template) on their own sequence, each is forked for the `n` choices, and each step feeds every
+//! sequence of a choice the same token. All of a step's forwards are planned together, so the
+//! engine runs one batched forward per model per step.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::sample::plan_prefill;
+use super::{Choice, Decoder, Flow, Generation};
+use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
+use crate::model::Logits;
+use crate::sampling::{log_softmax, log_sum_exp};
+
+/// One reward model and its weight in a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmWeight {
+    pub name: String,
+    pub model: ModelId,
+    pub weight: f32,
+}
+
+/// Checked `genarm` parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenArmSpec {
+    pub rewards: Vec<ArmWeight>,
+    /// Strength of the KL regulariser: each ARM's log-probs count w/β.
+    pub beta: f32,
+}
+
+impl GenArmSpec {
+    /// The ARMs that change the distribution; a weight of 0 costs nothing.
+    pub fn active(&self) -> impl Iterator<Item = &ArmWeight> {
+        self.rewards.iter().filter(|a| a.weight != 0.0)
+    }
+}
+
+/// The tilted scores and the buffers that compute them, reused every step.
+#[derive(Default)]
+struct Tilt {
+    base: Vec<f32>,
+    arm: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Tilt {
+    /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) over the first `vocab` ids (models
+    /// may pad their output rows past the shared tokenizer). Returns KL(softmax(scores) ‖ base),
+    /// the divergence of the tilted distribution from the base at temperature 1.
+    fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
+        let v = arms
+            .iter()
+            .map(|(_, row)| row.len())
+            .fold(base.len().min(vocab), usize::min);
+        self.base.clear();
+        self.base.extend_from_slice(&base[..v]);
+        log_softmax(&mut self.base);
+        self.scores.clear();
+        self.scores.extend_from_slice(&self.base);
+        for &(c, row) in arms {
+            self.arm.clear();
+            self.arm.extend_from_slice(&row[..v]);
+            log_softmax(&mut self.arm);
+            for (s, a) in self.scores.iter_mut().zip(&self.arm) {
+                *s += c * a;
+            }
+        }
+        let z = log_sum_exp(&self.scores);
+        let kl: f32 = self
+            .scores
+            .iter()
+            .zip(&self.base)
+            .map(|(&s, &b)| {
+                let lp = s - z;
+                lp.exp() * (lp - b)
+            })
+            .filter(|x| x.is_finite())
+            .sum();
+        kl.max(0.0)
+    }
+}
+
+/// One model's part of the request: its prompt while prefilling, then one sequence per choice.
+struct Lane {
+    model: ModelId,
+    /// What this model's log-probs are multiplied by: w/β for an ARM (the base is lane 0).
+    coef: f32,
+    prompt: Vec<u32>,
+    prompt_seq: Option<SeqId>,
+    prefilled: usize,
+    /// Next-token logits after the prompt, kept until every lane has prefilled.
+    first: Option<Vec<f32>>,
+}
+
+/// A choice with its ARM sequences (`arms[i]` belongs to lane `i + 1`).
+struct Branch {
+    choice: Choice,
+    arms: Vec<SeqId>,
+}
+
+pub struct GenArm {
+    spec: GenArmSpec,
+    generation: Generation,
+    lanes: Vec<Lane>,
+    branches: Vec<Branch>,
+    /// (branch, lane, ticket) planned this step; a branch's tickets are consecutive, lane order.
+    tickets: Vec<(usize, usize, usize)>,
+    tilt: Tilt,
+    kl_sum: f64,
+    tokens: usize,
+}
+
+impl GenArm {
+    pub fn new(spec: GenArmSpec, generation: Generation) -> Self {
+        let lane = |model, coef| Lane {
+            model,
+            coef,
+            prompt: generation.prompt_for(model).to_vec(),
+            prompt_seq: None,
+            prefilled: 0,
+            first: None,
+        };
+        let mut lanes = vec![lane(BASE, 1.0)];
+        lanes.extend(spec.active().map(|a| lane(a.model, a.weight / spec.beta)));
+        Self {
+            spec,
+            generation,
+            lanes,
+            branches: Vec::new(),
+            tickets: Vec::new(),
+            tilt: Tilt::default(),
+            kl_sum: 0.0,
+            tokens: 0,
+        }
+    }
+
+    /// Sample branch `b`'s next token from its models' rows (lane order) and record it.
+    fn advance(&mut self, cx: &mut Cx, b: usize, rows: &[&[f32]]) -> Result<()> {
+        let g = &self.generation;
+        let branch = &mut self.branches[b];
+        let sampled = if rows.len() == 1 {
+            // No ARM: exactly plain decoding.
+            branch.choice.sampler.sample(rows[0])
+        } else {
+            let arms: Vec<(f32, &[f32])> = self.lanes[1..]
+                .iter()
+                .zip(&rows[1..])
+                .map(|(lane, &row)| (lane.coef, row))
+                .collect();
+            let vocab = cx.model(BASE).vocab.size();
+            self.kl_sum += f64::from(self.tilt.combine(rows[0], &arms, vocab));
+            branch.choice.sampler.sample(&self.tilt.scores)
+        };
+        self.tokens += 1;
+        branch.choice.accept(cx, g, sampled)?;
+        // An ARM with a shorter context ends the choice as the base's would.
+        if !branch.choice.is_done() && branch.arms.iter().any(|&s| cx.room(s) == 0) {
+            branch.choice.finish(cx, FinishReason::Length)?;
+        }
+        if branch.choice.is_done() {
+            for &s in &branch.arms {
+                cx.free(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// Once every lane has its prompt's logits: fork each lane for the choices and sample their
+    /// first tokens.
+    fn branch_out(&mut self, cx: &mut Cx) -> Result<()> {
+        let n = self.generation.n;
+        let mut seqs = Vec::with_capacity(self.lanes.len());
+        let mut firsts = Vec::with_capacity(self.lanes.len());
+        for lane in &mut self.lanes {
+            let seq = lane.prompt_seq.context("a lane without its prompt")?;
+            // Fork before the first choice appends anything to the shared prompt cache.
+            let mut forks = vec![seq];
+            for _ in 1..n {
+                forks.push(cx.fork(seq)?);
+            }
+            seqs.push(forks);
+            firsts.push(lane.first.take().context("a lane without logits")?);
+        }
+        let rows: Vec<&[f32]> = firsts.iter().map(Vec::as_slice).collect();
+        for i in 0..n {
+            self.branches.push(Branch {
+                choice: Choice::new(i, seqs[0][i], &self.generation),
+                arms: seqs[1..].iter().map(|s| s[i]).collect(),
+            });
+            self.advance(cx, i, &rows)?;
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let weights: BTreeMap<&str, f32> = self
+            .spec
+            .rewards
+            .iter()
+            .map(|a| (a.name.as_str(), a.weight))
+            .collect();
+        json!({
+            "weights": weights,
+            "beta": self.spec.beta,
+            "kl_per_token": self.kl_sum / self.tokens.max(1) as f64,
+        })
+    }
+}
+
+impl Decoder for GenArm {
+    fn plan(&mut self, cx: &mut Cx) -> Result<()> {
+        self.tickets.clear();
+        if self.branches.is_empty() {
+            for (l, lane) in self.lanes.iter_mut().enumerate() {
+                if lane.prompt.is_empty() {
+                    bail!("an empty prompt for {}", cx.model(lane.model).name);
+                }
+                if lane.prefilled < lane.prompt.len() {
+                    let seq = *lane
+                        .prompt_seq
+                        .get_or_insert_with(|| cx.new_seq(lane.model));
+                    let t = plan_prefill(cx, seq, &lane.prompt, lane.prefilled)?;
+                    self.tickets.push((usize::MAX, l, t));
+                }
+            }
+            return Ok(());
+        }
+        for (b, branch) in self.branches.iter().enumerate() {
+            let (false, Some(tok)) = (branch.choice.is_done(), branch.choice.last()) else {
+                continue;
+            };
+            let seqs = std::iter::once(branch.choice.seq).chain(branch.arms.iter().copied());
+            for (l, seq) in seqs.enumerate() {
+                let t = cx.forward(seq, vec![tok], Logits::Last)?;
+                self.tickets.push((b, l, t));
+            }
+        }
+        Ok(())
+    }
+
+    fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
+        let tickets = std::mem::take(&mut self.tickets);
+        if self.branches.is_empty() {
+            for &(_, l, t) in &tickets {
+                let lane = &mut self.lanes[l];
+                lane.prefilled = (lane.prefilled + cx.prefill_chunk.max(1)).min(lane.prompt.len());
+                if lane.prefilled == lane.prompt.len() {
+                    lane.first = Some(out.last(t)?.to_vec());
+                }
+            }
+            if self.lanes.iter().all(|l| l.first.is_some()) {
+                self.branch_out(cx)?;
+            }
+        } else {
+            for step in tickets.chunks(self.lanes.len()) {
+                let rows = step
+                    .iter()
+                    .map(|&(_, _, t)| out.last(t))
+                    .collect::<Result<Vec<_>>>()?;
+                self.advance(cx, step[0].0, &rows)?;
+            }
+        }
+        self.tickets = tickets;
+        if self.branches.is_empty() || !self.branches.iter().all(|b| b.choice.is_done()) {
+            return Ok(Flow::Continue);
+        }
+        let completion_tokens = self.branches.iter().map(|b| b.choice.tokens.len()).sum();
+        cx.emit(Event::Done {
+            usage: Usage {
+                prompt_tokens: self.generation.prompt.len(),
+                completion_tokens,
+            },
+            report: Some(self.report()),
+        });
+        Ok(Flow::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_arm_weight_leaves_the_base_distribution() {
+        let base = [1.0, 2.0, 0.5];
+        let arm = [5.0, -3.0, 0.0];
+        let mut t = Tilt::default();
+        let kl = t.combine(&base, &[(0.0, &arm)], 3);
+        let mut lp = base.to_vec();
+        log_softmax(&mut lp);
+        assert_eq!(t.scores, lp);
+        assert!(kl.abs() < 1e-6, "{kl}");
+    }
+
+    #[test]
+    fn tilts_by_the_weighted_arm_and_measures_the_kl() {
+        // Base uniform over two tokens; the ARM says 0.8 / 0.2: π_base·π_arm ∝ (0.4, 0.1).
+        let base = [0.0, 0.0];
+        let arm = [0.8f32.ln(), 0.2f32.ln()];
+        let mut t = Tilt::default();
+        let kl = t.combine(&base, &[(1.0, &arm)], 2);
+        let z = log_sum_exp(&t.scores);
+        let p: Vec<f32> = t.scores.iter().map(|s| (s - z).exp()).collect();
+        assert!(
+            (p[0] - 0.8).abs() < 1e-6 && (p[1] - 0.2).abs() < 1e-6,
+            "{p:?}"
+        );
+        let expected = 0.8 * (0.8f32 / 0.5).ln() + 0.2 * (0.2f32 / 0.5).ln();
+        assert!((kl - expected).abs() < 1e-6, "{kl} vs {expected}");
+        // A negative weight steers the other way: ∝ 0.5·(0.8, 0.2)^-1 → (0.2, 0.8).
+        t.combine(&base, &[(-1.0, &arm)], 2);
+        let z = log_sum_exp(&t.scores);
+        assert!(((t.scores[1] - z).exp() - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn only_the_shared_vocabulary_counts() {
+        // The ARM pads its rows past the tokenizer; the padding is ignored.
+        let base = [0.0, 0.0];
+        let arm = [0.0, 0.0, 50.0];
+        let mut t = Tilt::default();
+        t.combine(&base, &[(2.0, &arm)], 2);
+        assert_eq!(t.scores.len(), 2);
+        assert!((t.scores[0] - t.scores[1]).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,202 @@
+//! GenARM with the real base model and toy reward models generated here: weight 0 is plain
+//! decoding, a reward model steers towards (or away from) what it favours, and a reward model
+//! with another tokenizer is refused at load.
+
+mod common;
+
+use serde_json::{json, Value};
+use tilt::decode::{self, DecoderSpec, Generation};
+use tilt::engine::{Engine, EngineOptions, Event};
+use tilt::model::{Model, Role};
+use tilt::sampling::SamplingParams;
+
+/// An engine over the base and a toy ARM named `toy` that favours `favoured`; the tempdir holds
+/// the ARM's files.
+fn engine(favoured: u32) -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    common::toy_arm(dir.path(), favoured, |_| {});
+    let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
+    let arm = tilt::reward::load_arm(&base, "toy", dir.path()).unwrap();
+    (
+        Engine::start(vec![base, arm], EngineOptions::default()),
+        dir,
+    )
+}
+
+fn generation(engine: &Engine, prompt: &str, n: usize, sampling: SamplingParams) -> Generation {
+    Generation {
+        prompt: engine.base().vocab.encode(prompt, false).unwrap(),
+        max_tokens: 16,
+        stop: Vec::new(),
+        ignore_eos: false,
+        n,
+        sampling,
+        model_prompts: Default::default(),
+    }
+}
+
+fn genarm(engine: &Engine, params: Value) -> DecoderSpec {
+    let params = params.as_object().cloned().unwrap();
+    DecoderSpec::parse("genarm", params, engine.models()).unwrap()
+}
+
+/// Each choice's tokens, and the report.
+fn run(engine: &Engine, spec: &DecoderSpec, g: Generation) -> (Vec<Vec<u32>>, Option<Value>) {
+    let mut tokens = vec![Vec::new(); g.n];
+    let mut rx = engine.submit(spec.build(g)).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token(t) => tokens[t.choice].push(t.token),
+            Event::Done { report, .. } => return (tokens, report),
+            Event::Failed(msg) => panic!("request failed: {msg}"),
+            _ => {}
+        }
+    }
+    panic!("the engine stopped");
+}
+
+#[test]
+fn zero_weights_decode_exactly_like_plain_sampling() {
+    let (e, _dir) = engine(common::single_token(" Paris"));
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        seed: Some(7),
+        ..Default::default()
+    };
+    let g = generation(&e, "Tell me about the sea.", 3, sampling);
+    let plain = run(&e, &DecoderSpec::Sample, g.clone()).0;
+    let (tilted, report) = run(&e, &genarm(&e, json!({"rewards": {"toy": 0}})), g.clone());
+    assert_eq!(tilted, plain);
+    assert_ne!(plain[0], plain[1], "choices draw from their own streams");
+    let report = report.unwrap();
+    assert_eq!(report["weights"], json!({"toy": 0.0}));
+    assert_eq!(report["kl_per_token"], 0.0);
+    // With weight, the same seed gives another answer.
+    let (steered, report) = run(&e, &genarm(&e, json!({"rewards": {"toy": 1}})), g);
+    assert_ne!(steered, plain);
+    assert!(report.unwrap()["kl_per_token"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn the_favoured_token_appears_with_a_positive_weight_and_vanishes_with_a_negative_one() {
+    let paris = common::single_token(" Paris");
+    let (e, _dir) = engine(paris);
+    let greedy = |prompt, rewards: Value| {
+        let g = generation(&e, prompt, 1, SamplingParams::greedy());
+        let spec = genarm(&e, json!({ "rewards": rewards }));
+        run(&e, &spec, g).0.remove(0)
+    };
+    // Where the base says Paris, steering away removes it…
+    let france = "The capital of France is";
+    assert!(greedy(france, json!({})).contains(&paris));
+    assert!(!greedy(france, json!({"toy": -2})).contains(&paris));
+    // …and where it does not, steering towards it brings it in.
+    let sea = "Write one sentence about the sea:";
+    assert!(!greedy(sea, json!({})).contains(&paris));
+    assert!(greedy(sea, json!({"toy": 2})).contains(&paris));
+    // β divides the weight: weight 2 at β = 100 is too weak to move the answer.
+    let g = generation(&e, sea, 1, SamplingParams::greedy());
+    let weak = run(
+        &e,
+        &genarm(&e, json!({"rewards": {"toy": 2}, "beta": 100})),
+        g,
+    );
+    assert_eq!(weak.0[0], greedy(sea, json!({})));
+}
+
+#[test]
+fn each_model_reads_the_prompt_through_its_own_template() {
+    // A per-model prompt reaches the ARM: generation still runs and the tilt still applies.
+    let paris = common::single_token(" Paris");
+    let (e, _dir) = engine(paris);
+    let arm = &e.models()[1];
+    let messages = [tilt::model::Message {
+        role: "user".into(),
+        content: "Name a fruit.".into(),
+    }];
+    let own = arm.chat.render(&messages).unwrap();
+    assert!(own.starts_with("user: Name a fruit."), "{own:?}");
+    let base_text = e.base().chat.render(&messages).unwrap();
+    let mut g = generation(&e, &base_text, 1, SamplingParams::greedy());
+    g.model_prompts
+        .insert(1, arm.vocab.encode(&own, false).unwrap());
+    let spec = genarm(&e, json!({"rewards": {"toy": 3}}));
+    let (tokens, _) = run(&e, &spec, g);
+    assert!(tokens[0].contains(&paris));
+}
+
+#[test]
+fn a_reward_model_with_another_tokenizer_is_refused() {
+    let base = common::model();
+    // One token more…
+    let bigger = tempfile::tempdir().unwrap();
+    common::toy_arm(bigger.path(), 0, |t| {
+        t["added_tokens"].as_array_mut().unwrap().push(json!({
+            "id": 49152, "content": "<|extra|>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    });
+    let e = tilt::reward::load_arm(&base, "bigger", bigger.path())
+        .err()
+        .expect("refused");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("`bigger`") && msg.contains(&format!("`{}`", base.name)),
+        "{msg}"
+    );
+    assert!(msg.contains("49153") && msg.contains("49152"), "{msg}");
+    // …or the same size with one token renamed.
+    let renamed = tempfile::tempdir().unwrap();
+    common::toy_arm(renamed.path(), 0, |t| {
+        let old = t["added_tokens"][0]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        t["added_tokens"][0]["content"] = json!("<|renamed|>");
+        let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+        let id = vocab.remove(&old).unwrap();
+        vocab.insert("<|renamed|>".into(), id);
+    });
+    let e = tilt::reward::load_arm(&base, "renamed", renamed.path())
+        .err()
+        .expect("refused");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("`renamed`") && msg.contains("different token tables"),
+        "{msg}"
+    );
+    // The unedited tokenizer loads.
+    let same = tempfile::tempdir().unwrap();
+    common::toy_arm(same.path(), 0, |_| {});
+    tilt::reward::load_arm(&base, "same", same.path()).unwrap();
+}
+
+#[test]
+fn unknown_rewards_list_the_loaded_ones() {
+    let (e, _dir) = engine(0);
+    let params = json!({"rewards": {"nope": 1}})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let err = DecoderSpec::parse("genarm", params, e.models()).unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("rewards"));
+    assert!(
+        err.message.contains("`nope`") && err.message.contains("toy"),
+        "{}",
+        err.message
+    );
+    // The base is not a reward model.
+    let params = json!({"rewards": {"smollm2": 1}})
+        .as_object()
+        .cloned()
+        .unwrap();
+    assert!(DecoderSpec::parse("genarm", params, e.models()).is_err());
+    let params = json!({"rewards": {"toy": 1e39}})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let err = DecoderSpec::parse("genarm", params, e.models()).unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("rewards.toy"));
+    // `decode::build` knows genarm too (no rewards: plain decoding).
+    assert!(decode::build("genarm", generation(&e, "Hi", 1, SamplingParams::greedy())).is_ok());
+}
