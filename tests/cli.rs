@@ -11,6 +11,17 @@ fn tilt(args: &[&str]) -> Output {
         .expect("tilt runs")
 }
 
+/// `tilt generate --model PATH --prompt hi`.
+fn generate_with(path: &std::path::Path) -> Output {
+    tilt(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ])
+}
+
 fn assert_clean_failure(out: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -54,13 +65,7 @@ fn generate_writes_english_for_the_haiku_prompt() {
 
 #[test]
 fn missing_model_file() {
-    let out = tilt(&[
-        "generate",
-        "--model",
-        "/nonexistent/model.gguf",
-        "--prompt",
-        "hi",
-    ]);
+    let out = generate_with(std::path::Path::new("/nonexistent/model.gguf"));
     assert_clean_failure(&out, "model not found");
 }
 
@@ -69,24 +74,12 @@ fn corrupt_model_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.gguf");
     std::fs::write(&path, b"GGUF\x03\x00\x00\x00garbage that is not a model").unwrap();
-    let out = tilt(&[
-        "generate",
-        "--model",
-        path.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
+    let out = generate_with(&path);
     assert_clean_failure(&out, "not a readable GGUF file");
     // A truncated copy of the real model.
     let real = std::fs::read(common::model_path()).unwrap();
     std::fs::write(&path, &real[..real.len() / 3]).unwrap();
-    let out = tilt(&[
-        "generate",
-        "--model",
-        path.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
+    let out = generate_with(&path);
     assert_clean_failure(&out, "broken.gguf");
 }
 
@@ -110,13 +103,7 @@ fn unsupported_architecture() {
     )
     .unwrap();
     drop(f);
-    let out = tilt(&[
-        "generate",
-        "--model",
-        path.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
+    let out = generate_with(&path);
     assert_clean_failure(&out, "unsupported architecture `gpt2`");
 }
 
