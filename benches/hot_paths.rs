@@ -1,4 +1,4 @@
-//! The numbers that catch regressions: one decode step, a prefill, the sampler.
+//! The numbers that catch regressions: one decode step, a prefill, the sampler, GenARM's combine.
 //!
 //!     cargo bench --bench hot_paths
 
@@ -121,5 +121,23 @@ fn sampler(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, forward, sampler);
+fn genarm_combine(c: &mut Criterion) {
+    let row = |seed: usize| -> Vec<f32> {
+        (0..49152)
+            .map(|i| ((i * 7919 + seed) % 1000) as f32 / 100.0)
+            .collect()
+    };
+    let (base, arm1, arm2) = (row(0), row(1), row(2));
+    let mut tilt = tilt::decode::genarm::Tilt::default();
+    let mut g = c.benchmark_group("genarm_combine");
+    g.bench_function("one_arm", |b| {
+        b.iter(|| tilt.combine(&base, &[(1.0, &arm1)], 49152))
+    });
+    g.bench_function("two_arms", |b| {
+        b.iter(|| tilt.combine(&base, &[(1.0, &arm1), (-0.5, &arm2)], 49152))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, forward, sampler, genarm_combine);
 criterion_main!(benches);

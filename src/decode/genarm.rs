@@ -44,17 +44,22 @@ impl GenArmSpec {
 
 /// The tilted scores and the buffers that compute them, reused every step.
 #[derive(Default)]
-struct Tilt {
+pub struct Tilt {
     base: Vec<f32>,
     arm: Vec<f32>,
     scores: Vec<f32>,
 }
 
 impl Tilt {
+    /// The scores of the last `combine`.
+    pub fn scores(&self) -> &[f32] {
+        &self.scores
+    }
+
     /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) over the first `vocab` ids (models
     /// may pad their output rows past the shared tokenizer). Returns KL(softmax(scores) ‖ base),
     /// the divergence of the tilted distribution from the base at temperature 1.
-    fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
+    pub fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
         let v = arms
             .iter()
             .map(|(_, row)| row.len())
