@@ -32,14 +32,17 @@ impl ArmConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             bail!(
                 "attention heads ({}) must be a multiple of key/value heads ({})",
                 self.n_heads,
                 self.n_kv_heads
             );
         }
-        if self.hidden % self.n_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.hidden.is_multiple_of(self.n_heads) || !self.head_dim().is_multiple_of(2) {
             bail!(
                 "hidden size {} must split into {} heads of an even size",
                 self.hidden,
