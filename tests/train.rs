@@ -213,3 +213,48 @@ fn bad_data_gives_clear_errors() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!dir.path().join("arm").exists());
 }
+
+#[test]
+fn train_arm_command_writes_a_loadable_model_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Say something about day {i}."),
+                "chosen": "What a lovely day!", "rejected": "What an awful, dreadful, gloomy day."})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out_dir = dir.path().join("arm");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["train-arm", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir)
+        .args(["--base"])
+        .arg(common::model_path())
+        .args([
+            "--layers", "1", "--hidden", "32", "--ffn", "64", "--epochs", "2",
+        ])
+        .args(["--heldout", "0.5", "--lr", "1e-2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["pairs"], 4);
+    assert_eq!(report["train_pairs"], 2);
+    assert_eq!(report["heldout_pairs"], 2);
+    assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
+    assert!(report["heldout_accuracy"].as_f64().is_some());
+    assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
+    let arm = tilt::reward::load_arm(&common::model(), "arm", &out_dir).unwrap();
+    assert_eq!(arm.llama.cfg.hidden, 32);
+    assert_eq!(arm.context_length(), common::model().context_length());
+}
