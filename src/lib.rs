@@ -9,3 +9,4 @@ pub mod engine;
 pub mod model;
 pub mod reward;
 pub mod sampling;
+pub mod train;

@@ -1,0 +1,260 @@
+//! ARM training: the GenARM loss learns a toy preference, the saved model serves with the same
+//! log-probs as the training forward, and bad data fails with clear errors.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use tilt::model::config::RopeStyle;
+use tilt::model::{ForwardItem, KvCache, Logits};
+use tilt::train::{self, Arm, ArmConfig, Batch, Pair, TrainOptions};
+
+fn tiny(vocab_size: usize, context_length: usize) -> ArmConfig {
+    ArmConfig {
+        vocab_size,
+        hidden: 32,
+        n_layers: 1,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn: 64,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        context_length,
+    }
+}
+
+#[test]
+fn loss_decreases_and_flips_the_ranking() {
+    // Chosen responses are longer, so an untrained (near-uniform) ARM ranks them lower.
+    let pairs = vec![
+        Pair {
+            prompt: vec![1, 2],
+            chosen: vec![3, 4, 5, 6, 7],
+            rejected: vec![8],
+        },
+        Pair {
+            prompt: vec![2, 9],
+            chosen: vec![10, 11, 12],
+            rejected: vec![13],
+        },
+    ];
+    let arm = Arm::new(tiny(16, 32), 1).unwrap();
+    let margins =
+        |arm: &Arm| -> Vec<f32> { train::margins(arm, &pairs, 1.0).unwrap().to_vec1().unwrap() };
+    assert!(
+        margins(&arm).iter().all(|&m| m < 0.0),
+        "{:?}",
+        margins(&arm)
+    );
+    let opts = TrainOptions {
+        epochs: 40,
+        lr: 1e-2,
+        beta_r: 1.0,
+        batch: 2,
+        seed: 0,
+    };
+    let reports = train::train(&arm, &pairs, &[], &opts, |_| {}).unwrap();
+    let (first, last) = (reports[0].train_loss, reports.last().unwrap().train_loss);
+    assert!(last < first / 10.0, "loss {first} -> {last}");
+    assert!(
+        margins(&arm).iter().all(|&m| m > 0.0),
+        "{:?}",
+        margins(&arm)
+    );
+    let eval = train::evaluate(&arm, &pairs, 1.0, 8).unwrap();
+    assert_eq!(eval.accuracy, 1.0);
+}
+
+#[test]
+fn response_log_probs_sum_only_response_tokens() {
+    let arm = Arm::new(tiny(16, 32), 2).unwrap();
+    arm.randomize(3, 0.3).unwrap();
+    // Two sequences of different lengths (the shorter is padded) and prompt lengths.
+    let seqs = vec![(vec![1u32, 2, 3, 4, 5], 2), (vec![6u32, 7, 8], 1)];
+    let got: Vec<f32> = arm
+        .response_log_probs(&Batch::new(&seqs).unwrap())
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for ((seq, prompt), got) in seqs.iter().zip(got) {
+        let tokens = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let lp: Vec<Vec<f32>> = arm
+            .log_probs(&tokens)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let want: f32 = (*prompt..seq.len())
+            .map(|t| lp[t - 1][seq[t] as usize])
+            .sum();
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+}
+
+/// Log-softmax of every row the inference forward returns for `tokens`.
+fn served_log_probs(model: &tilt::model::Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::new();
+    let out = model
+        .llama
+        .forward(&mut [ForwardItem {
+            cache: &mut cache,
+            tokens,
+            logits: Logits::All,
+        }])
+        .unwrap();
+    out.item(0)
+        .map(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+            row.iter().map(|x| x - lse).collect()
+        })
+        .collect()
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn saved_arm_serves_with_the_training_log_probs() {
+    let base = common::model();
+    let mut cfg = tiny(base.llama.cfg.vocab_size, base.context_length());
+    cfg.n_layers = 2;
+    let arm = Arm::new(cfg, 4).unwrap();
+    // Large weights, so attention, RoPE and the norms all move the log-probs by whole nats.
+    arm.randomize(5, 0.3).unwrap();
+    for var in arm.varmap.all_vars() {
+        if var.rank() == 1 {
+            var.set(&Tensor::rand(0.5f32, 1.5f32, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    arm.save(dir.path(), DType::F32, base.vocab.bos, base.vocab.eos)
+        .unwrap();
+    train::write_tokenizer(&common::model_path(), &base, dir.path()).unwrap();
+    let mut served = tilt::reward::load_arm(&base, "arm", dir.path()).expect("GenARM accepts it");
+    assert_eq!(served.vocab.digest, base.vocab.digest);
+    assert_eq!(
+        served.chat.render(&[]).unwrap(),
+        base.chat.render(&[]).unwrap()
+    );
+
+    let tokens = base
+        .vocab
+        .encode("<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nYes, on a clear day.", false)
+        .unwrap();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let trained: Vec<Vec<f32>> = arm
+        .log_probs(&input)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let spread = trained[3].iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        - trained[3].iter().copied().fold(f32::INFINITY, f32::min);
+    assert!(spread > 5.0, "log-probs too flat to compare: {spread}");
+    let diff = max_diff(&served_log_probs(&served, &tokens), &trained);
+    assert!(diff < 1e-3, "served and trained log-probs differ by {diff}");
+
+    // The comparison notices a RoPE mismatch.
+    served.llama.cfg.rope_style = RopeStyle::Interleaved;
+    let diff = max_diff(&served_log_probs(&served, &tokens), &trained);
+    assert!(diff > 1e-2, "interleaved RoPE differs by only {diff}");
+}
+
+#[test]
+fn bad_data_gives_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.jsonl");
+    let err = format!("{:#}", train::read_pairs(&missing).unwrap_err());
+    assert!(err.contains("missing.jsonl"), "{err}");
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n\n{\"prompt\": \"a\", \"chosen\": \"b\"}\n",
+    )
+    .unwrap();
+    let err = format!("{:#}", train::read_pairs(&bad).unwrap_err());
+    assert!(err.contains("bad.jsonl line 3"), "{err}");
+    assert!(err.contains("rejected"), "{err}");
+
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    let err = format!("{:#}", train::read_pairs(&empty).unwrap_err());
+    assert!(err.contains("no preference pairs"), "{err}");
+
+    // The command reports the error and exits with a failure, without a panic.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["train-arm", "--data"])
+        .arg(&bad)
+        .arg("--out")
+        .arg(dir.path().join("arm"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("error:") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.path().join("arm").exists());
+}
+
+#[test]
+fn train_arm_command_writes_a_loadable_model_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Say something about day {i}."),
+                "chosen": "What a lovely day!", "rejected": "What an awful, dreadful, gloomy day."})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out_dir = dir.path().join("arm");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["train-arm", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir)
+        .args(["--base"])
+        .arg(common::model_path())
+        .args([
+            "--layers", "1", "--hidden", "32", "--ffn", "64", "--epochs", "2",
+        ])
+        .args(["--heldout", "0.5", "--lr", "1e-2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["pairs"], 4);
+    assert_eq!(report["train_pairs"], 2);
+    assert_eq!(report["heldout_pairs"], 2);
+    assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
+    assert!(report["heldout_accuracy"].as_f64().is_some());
+    assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
+    let arm = tilt::reward::load_arm(&common::model(), "arm", &out_dir).unwrap();
+    assert_eq!(arm.llama.cfg.hidden, 32);
+    assert_eq!(arm.context_length(), common::model().context_length());
+}
