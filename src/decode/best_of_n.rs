@@ -147,12 +147,18 @@ impl BestOfN {
         }
         let generated: usize = self.candidates.iter().map(|c| c.tokens.len()).sum();
         let n = self.spec.n as f64;
+        let weights: BTreeMap<&str, f32> = self
+            .spec
+            .objectives
+            .iter()
+            .map(|o| (o.name.as_str(), o.weight))
+            .collect();
         let mut report = json!({
             "n": self.spec.n,
             "kl_bound": n.ln() - (n - 1.0) / n,
             "chosen": chosen,
             "scores": rewards,
-            "weights": self.spec.objectives.iter().map(|o| (o.name.as_str(), o.weight)).collect::<BTreeMap<_, _>>(),
+            "weights": weights,
             "calibrate": self.spec.calibrate,
             "generated_tokens": generated,
         });
@@ -194,7 +200,11 @@ impl BestOfN {
 
     /// The selection's own RNG: the request's seed on a stream no candidate uses.
     fn rng(&self) -> ChaCha8Rng {
-        let seed = (self.generation.sampling.seed).unwrap_or_else(|| rand::rng().random());
+        let seed = self
+            .generation
+            .sampling
+            .seed
+            .unwrap_or_else(|| rand::rng().random());
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(u64::MAX);
         rng
