@@ -14,6 +14,8 @@ pub struct Choice {
     /// Tokens generated so far.
     pub tokens: Vec<u32>,
     pub finished: Option<FinishReason>,
+    /// Events kept back instead of sent, for a candidate that is only streamed if chosen.
+    held: Option<Vec<Event>>,
 }
 
 impl Choice {
@@ -29,6 +31,28 @@ impl Choice {
             text: TextStream::new(generation.stop.clone()),
             tokens: Vec::new(),
             finished: None,
+            held: None,
+        }
+    }
+
+    /// A candidate for choice 0 that draws from RNG stream `stream` and holds its events until
+    /// `take_held`.
+    pub fn candidate(stream: usize, seq: SeqId, generation: &Generation) -> Self {
+        let mut c = Self::new(stream, seq, generation);
+        c.index = 0;
+        c.held = Some(Vec::new());
+        c
+    }
+
+    /// The events a candidate held back, in order.
+    pub fn take_held(&mut self) -> Vec<Event> {
+        self.held.take().unwrap_or_default()
+    }
+
+    fn send(&mut self, cx: &Cx, event: Event) {
+        match &mut self.held {
+            Some(held) => held.push(event),
+            None => cx.emit(event),
         }
     }
 
@@ -48,23 +72,29 @@ impl Choice {
         let vocab = &cx.model(BASE).vocab;
         let logprob = s.logprob;
         if !generation.ignore_eos && vocab.end_of_generation.contains(&s.token) {
-            cx.emit(Event::Token(TokenEvent {
-                choice: self.index,
-                token: s.token,
-                text: String::new(),
-                logprob,
-                top: s.top,
-            }));
+            self.send(
+                cx,
+                Event::Token(TokenEvent {
+                    choice: self.index,
+                    token: s.token,
+                    text: String::new(),
+                    logprob,
+                    top: s.top,
+                }),
+            );
             return self.finish(cx, FinishReason::Stop);
         }
         let released = self.text.push(vocab.bytes(s.token));
-        cx.emit(Event::Token(TokenEvent {
-            choice: self.index,
-            token: s.token,
-            text: released.text,
-            logprob,
-            top: s.top,
-        }));
+        self.send(
+            cx,
+            Event::Token(TokenEvent {
+                choice: self.index,
+                token: s.token,
+                text: released.text,
+                logprob,
+                top: s.top,
+            }),
+        );
         if released.stopped {
             return self.finish(cx, FinishReason::Stop);
         }
@@ -77,11 +107,14 @@ impl Choice {
     pub fn finish(&mut self, cx: &mut Cx, reason: FinishReason) -> Result<()> {
         let text = self.text.finish();
         self.finished = Some(reason);
-        cx.emit(Event::Finished {
-            choice: self.index,
-            reason,
-            text,
-        });
+        self.send(
+            cx,
+            Event::Finished {
+                choice: self.index,
+                reason,
+                text,
+            },
+        );
         cx.free(self.seq);
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! any number of sequences), then absorbs their logits and emits tokens. Token-level decoders and
 //! search decoders share this one seam, so the engine batches them all together.
 
+pub mod best_of_n;
 mod choice;
 pub mod genarm;
 pub mod sample;
@@ -14,6 +15,7 @@ use crate::engine::{Cx, ModelId, ModelInfo, Outputs};
 use crate::reward;
 use crate::sampling::SamplingParams;
 
+pub use best_of_n::{BestOfN, BestOfNSpec};
 pub use choice::Choice;
 pub use genarm::{ArmWeight, GenArm, GenArmSpec};
 pub use sample::Sample;
@@ -56,7 +58,7 @@ impl Generation {
 }
 
 /// Names of the decoders a request may ask for.
-pub const DECODERS: &[&str] = &["sample", "genarm"];
+pub const DECODERS: &[&str] = &["sample", "genarm", "best_of_n"];
 
 /// A decoder parameter a request got wrong: `param` names it (relative to the decoder's
 /// parameter object), `message` says what is wrong.
@@ -73,6 +75,7 @@ pub struct ParamError {
 pub enum DecoderSpec {
     Sample,
     GenArm(GenArmSpec),
+    BestOfN(BestOfNSpec),
 }
 
 /// `sample` takes no parameters beyond the request's sampling fields.
@@ -89,6 +92,44 @@ struct GenArmParams {
     beta: Option<f64>,
 }
 
+/// `best_of_n`: candidates, programmatic rewards and per-request constraints, selection.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BestOfNParams {
+    #[serde(default = "default_candidates")]
+    n: usize,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+    #[serde(default)]
+    selection: SelectionName,
+    beta: Option<f64>,
+    #[serde(default)]
+    calibrate: usize,
+    #[serde(default)]
+    return_candidates: bool,
+}
+
+fn default_candidates() -> usize {
+    4
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Constraints {
+    keywords: Option<Vec<String>>,
+    max_words: Option<usize>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SelectionName {
+    #[default]
+    Hard,
+    Soft,
+}
+
 impl DecoderSpec {
     /// The decoder `name` with `params` (the remaining fields of the request's decoder object);
     /// reward names are resolved against the engine's `models`.
@@ -100,6 +141,7 @@ impl DecoderSpec {
         match name {
             "sample" => typed::<SampleParams>(params).map(|_| Self::Sample),
             "genarm" => genarm_spec(typed(params)?, models).map(Self::GenArm),
+            "best_of_n" => best_of_n_spec(typed(params)?, models).map(Self::BestOfN),
             other => Err(ParamError {
                 param: Some("decoder".into()),
                 message: format!(
@@ -114,13 +156,14 @@ impl DecoderSpec {
         match self {
             Self::Sample => "sample",
             Self::GenArm(_) => "genarm",
+            Self::BestOfN(_) => "best_of_n",
         }
     }
 
     /// Models other than the base that the decoder runs (they need the prompt in their tokens).
     pub fn models(&self) -> Vec<ModelId> {
         match self {
-            Self::Sample => Vec::new(),
+            Self::Sample | Self::BestOfN(_) => Vec::new(),
             Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
         }
     }
@@ -129,6 +172,7 @@ impl DecoderSpec {
         match self {
             Self::Sample => Box::new(Sample::new(generation)),
             Self::GenArm(spec) => Box::new(GenArm::new(spec.clone(), generation)),
+            Self::BestOfN(spec) => Box::new(BestOfN::new(spec.clone(), generation)),
         }
     }
 }
@@ -183,6 +227,119 @@ fn genarm_spec(p: GenArmParams, models: &[ModelInfo]) -> Result<GenArmSpec, Para
         });
     }
     Ok(GenArmSpec { rewards, beta })
+}
+
+fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec, ParamError> {
+    use best_of_n::{Objective, Selection, Source, MAX_CALIBRATE, MAX_N};
+    let invalid = |param: &str, message: String| ParamError {
+        param: Some(param.into()),
+        message,
+    };
+    if !(1..=MAX_N).contains(&p.n) {
+        return Err(invalid(
+            "n",
+            format!("`n` must be between 1 and {MAX_N}, got {}", p.n),
+        ));
+    }
+    if p.calibrate > MAX_CALIBRATE {
+        return Err(invalid(
+            "calibrate",
+            format!(
+                "`calibrate` must be at most {MAX_CALIBRATE} reference samples, got {}",
+                p.calibrate
+            ),
+        ));
+    }
+    let selection = match (p.selection, p.beta) {
+        (SelectionName::Hard, None) => Selection::Hard,
+        (SelectionName::Hard, Some(_)) => {
+            return Err(invalid(
+                "beta",
+                "`beta` applies only to `selection: \"soft\"`".into(),
+            ))
+        }
+        (SelectionName::Soft, beta) => {
+            // RSO's default.
+            let beta = beta.unwrap_or(0.5);
+            if !(beta.is_finite() && beta > 0.0) {
+                return Err(invalid(
+                    "beta",
+                    format!("`beta` must be a finite number above 0, got {beta}"),
+                ));
+            }
+            Selection::Soft { beta }
+        }
+    };
+    let mut objectives = Vec::new();
+    for (name, w) in p.rewards {
+        let builtin = reward::scorers::builtin();
+        if !builtin.iter().any(|b| b.name == name) {
+            let what = if reward::arm(models, &name).is_some() {
+                "is a reward model: sequence-level ARM scoring is not implemented yet".to_string()
+            } else {
+                "is not a programmatic reward".to_string()
+            };
+            let names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
+            return Err(invalid(
+                "rewards",
+                format!(
+                    "`{name}` {what}; best_of_n scores with: {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        let weight = w as f32;
+        if !weight.is_finite() {
+            return Err(invalid(
+                &format!("rewards.{name}"),
+                format!("the weight of `{name}` must be a finite number, got {w}"),
+            ));
+        }
+        objectives.push(Objective {
+            source: Source::Builtin(name.clone()),
+            name,
+            weight,
+        });
+    }
+    if let Some(keywords) = p.constraints.keywords {
+        if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid(
+                "constraints.keywords",
+                "`constraints.keywords` must list at least one keyword, none blank".into(),
+            ));
+        }
+        objectives.push(Objective {
+            name: "keywords".into(),
+            weight: 1.0,
+            source: Source::Keywords(keywords),
+        });
+    }
+    if let Some(words) = p.constraints.max_words {
+        if words == 0 {
+            return Err(invalid(
+                "constraints.max_words",
+                "`constraints.max_words` must be at least 1".into(),
+            ));
+        }
+        objectives.push(Objective {
+            name: "max_words".into(),
+            weight: 1.0,
+            source: Source::MaxWords(words),
+        });
+    }
+    if objectives.is_empty() {
+        return Err(invalid(
+            "rewards",
+            "best_of_n needs something to select by: `rewards` or `constraints`".into(),
+        ));
+    }
+    Ok(BestOfNSpec {
+        n: p.n,
+        objectives,
+        selection,
+        calibrate: p.calibrate,
+        return_candidates: p.return_candidates,
+    })
 }
 
 /// Deserialize a decoder's parameter object, naming the offending field on error.

@@ -94,7 +94,8 @@ impl Scorer for Length {
         } else {
             (n - target).abs()
         };
-        -off / target
+        // 0 − x rather than −x, so that a text on budget scores 0, not −0.
+        0.0 - off / target
     }
 }
 
@@ -261,6 +262,8 @@ mod tests {
         assert_eq!(t.score("a b c d e f g h"), -1.0);
         let m = Length::at_most(4);
         assert_eq!(m.score("one two"), 0.0);
+        // Reports show it: 0, not −0.
+        assert!(m.score("one two").is_sign_positive());
         assert_eq!(m.score("a b c d e f"), -0.5);
     }
 

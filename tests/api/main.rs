@@ -6,6 +6,7 @@
 mod common;
 
 mod bench;
+mod best_of_n;
 mod chat;
 mod completions;
 mod errors;
@@ -66,6 +67,7 @@ fn main() -> ExitCode {
         ("openapi", openapi::cases()),
         ("bench", bench::cases()),
         ("genarm", genarm::cases()),
+        ("best_of_n", best_of_n::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
     let own = [
         ("lifecycle", lifecycle::cases()),
         ("genarm", genarm::own_cases()),
+        ("best_of_n", best_of_n::own_cases()),
     ];
     for (group, name, case) in own
         .into_iter()

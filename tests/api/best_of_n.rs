@@ -1,0 +1,193 @@
+//! The `best_of_n` decoder over HTTP: reachable through `alignment` with its report (plain and
+//! streamed), and its parameters checked with a 400 naming each. The reward-model case starts its
+//! own server with a toy ARM; the shared server has none.
+
+use serde_json::{json, Value};
+
+use crate::cases;
+use crate::common;
+use crate::server::{Client, Server};
+
+pub fn cases() -> Vec<(&'static str, crate::Case)> {
+    cases![
+        best_of_n_answers_with_its_report,
+        best_of_n_parameters_are_checked
+    ]
+}
+
+pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
+    cases![own: best_of_n_refuses_reward_models_for_now]
+}
+
+fn best_of_n(params: Value) -> Value {
+    let mut alignment = json!({"decoder": "best_of_n"});
+    alignment
+        .as_object_mut()
+        .unwrap()
+        .extend(params.as_object().unwrap().clone());
+    alignment
+}
+
+/// Checks each `(alignment, param, message fragment)` gets a 400 naming `param`.
+async fn refused(c: &Client, cases: &[(Value, &str, &str)]) {
+    for (alignment, param, says) in cases {
+        let body = json!({"prompt": "Hi", "max_tokens": 2, "alignment": alignment});
+        let r = c.post("/v1/completions", &body).await;
+        assert_eq!(r.status, 400, "{alignment}: {:?}", r.body);
+        assert_eq!(
+            r.body["error"]["param"], *param,
+            "{alignment}: {:?}",
+            r.body
+        );
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{alignment}: {message}");
+    }
+}
+
+async fn best_of_n_answers_with_its_report(c: Client) {
+    let alignment = best_of_n(json!({"n": 3, "rewards": {"sentiment": 1},
+                                     "constraints": {"max_words": 12}, "return_candidates": true}));
+    let body = json!({"prompt": "Describe your morning in one sentence:", "max_tokens": 12,
+                      "seed": 4, "alignment": alignment});
+    let r = c.ok("/v1/completions", &body).await;
+    let report = &r["alignment"];
+    assert_eq!(report["decoder"], "best_of_n");
+    assert_eq!(report["n"], 3);
+    assert_eq!(report["selection"], "hard");
+    assert_eq!(
+        report["weights"],
+        json!({"sentiment": 1.0, "max_words": 1.0})
+    );
+    let candidates = report["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 3);
+    let chosen = report["chosen"].as_u64().unwrap() as usize;
+    assert_eq!(r["choices"][0]["text"], candidates[chosen]["text"]);
+    assert_eq!(r["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(r["usage"]["completion_tokens"], report["generated_tokens"]);
+
+    // Streamed, the chosen candidate arrives as choice 0 with the report on its last chunk.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = c.stream("/v1/completions", &streamed).await;
+    let text: String = events
+        .iter()
+        .flat_map(|e| e["choices"].as_array().into_iter().flatten())
+        .map(|ch| {
+            assert_eq!(ch["index"], 0);
+            ch["text"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(text, r["choices"][0]["text"].as_str().unwrap());
+    let last = events.iter().rev().find(|e| e.get("alignment").is_some());
+    assert_eq!(last.expect("a chunk with the report")["alignment"], *report);
+}
+
+async fn best_of_n_parameters_are_checked(c: Client) {
+    let sentiment = json!({"sentiment": 1});
+    refused(
+        &c,
+        &[
+            (
+                best_of_n(json!({"n": 0, "rewards": sentiment})),
+                "alignment.n",
+                "between 1 and 16",
+            ),
+            (
+                best_of_n(json!({"n": 17, "rewards": sentiment})),
+                "alignment.n",
+                "between 1 and 16",
+            ),
+            (
+                best_of_n(json!({"n": -1, "rewards": sentiment})),
+                "alignment.n",
+                "invalid value",
+            ),
+            (
+                best_of_n(json!({"rewards": {"helpful": 1}})),
+                "alignment.rewards",
+                "scores with: sentiment",
+            ),
+            (
+                best_of_n(json!({"rewards": {"sentiment": 1e39}})),
+                "alignment.rewards.sentiment",
+                "finite",
+            ),
+            (
+                best_of_n(json!({"rewards": {"sentiment": "NaN"}})),
+                "alignment.rewards.sentiment",
+                "f64",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "selection": "soft", "beta": 0})),
+                "alignment.beta",
+                "above 0",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "beta": 1})),
+                "alignment.beta",
+                "soft",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "selection": "softest"})),
+                "alignment.selection",
+                "unknown variant",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "calibrate": 33})),
+                "alignment.calibrate",
+                "at most 32",
+            ),
+            (
+                best_of_n(json!({"constraints": {"keywords": []}})),
+                "alignment.constraints.keywords",
+                "at least one",
+            ),
+            (
+                best_of_n(json!({"constraints": {"keywords": ["sea", " "]}})),
+                "alignment.constraints.keywords",
+                "blank",
+            ),
+            (
+                best_of_n(json!({"constraints": {"max_words": 0}})),
+                "alignment.constraints.max_words",
+                "at least 1",
+            ),
+            (
+                best_of_n(json!({"constraints": {"min_words": 3}})),
+                "alignment.constraints.min_words",
+                "unknown field",
+            ),
+            (best_of_n(json!({})), "alignment.rewards", "select by"),
+        ],
+    )
+    .await;
+    // The top-level `n` counts choices; one best-of-N answer per request for now.
+    let r = c
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Hi", "n": 2, "alignment": best_of_n(json!({"rewards": sentiment}))}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["error"]["param"], "n");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("best_of_n"));
+}
+
+async fn best_of_n_refuses_reward_models_for_now() {
+    let dir = tempfile::tempdir().unwrap();
+    common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
+    let flag = format!("toy={}", dir.path().display());
+    let server = Server::ready(&["--reward", &flag]).await;
+    refused(
+        &server.client(),
+        &[(
+            best_of_n(json!({"rewards": {"toy": 1}})),
+            "alignment.rewards",
+            "sequence-level ARM scoring is not implemented yet",
+        )],
+    )
+    .await;
+}
