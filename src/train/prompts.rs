@@ -84,7 +84,7 @@ pub enum Split {
 
 impl Split {
     fn holds(self, prompt: &str) -> bool {
-        let eval = stable_hash(prompt) % 10 == 0;
+        let eval = stable_hash(prompt).is_multiple_of(10);
         match self {
             Self::Train => !eval,
             Self::Eval => eval,
