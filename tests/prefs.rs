@@ -220,4 +220,17 @@ fn bad_arguments_fail_with_clear_errors() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
+    let run = tilt(&[
+        "prefs",
+        "--objective",
+        "concise",
+        "--out",
+        dir.path().join("no/such/dir/pairs.jsonl").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("creating") && stderr.contains("no/such/dir"),
+        "{stderr}"
+    );
 }

@@ -189,6 +189,11 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("no prompts in the {:?} split", args.split);
     }
+    // Before the long part, so that an unwritable path fails at once.
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?,
+    );
     let path = match &args.model {
         Some(p) => p.clone(),
         None => fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL)?,
@@ -218,10 +223,6 @@ pub fn run(args: PrefsArgs) -> Result<()> {
             best_vs_worst(prompt, texts, &scores)
         })
         .collect();
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))?,
-    );
     for pair in &pairs {
         writeln!(file, "{}", serde_json::to_string(pair)?)?;
     }
