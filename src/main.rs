@@ -1,4 +1,4 @@
-//! The `tilt` command line: serve | generate | fetch | train-arm | bench.
+//! The `tilt` command line: serve | generate | fetch | prefs | train-arm | bench.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ enum Command {
         #[arg(long, default_value = fetch::DEFAULT_MODEL)]
         name: String,
     },
+    /// Build preference pairs for train-arm: sample K responses per prompt, keep best vs worst under a programmatic scorer.
+    Prefs(Box<tilt::train::prefs::PrefsArgs>),
     /// Train an autoregressive reward model (ARM) on preference pairs with the GenARM loss.
     TrainArm(Box<tilt::train::TrainArgs>),
     /// Benchmark latency and throughput of an OpenAI-compatible server, per decoder.
@@ -156,6 +158,7 @@ fn main() -> ExitCode {
         Command::Fetch { name } => {
             fetch::ensure(&fetch::models_dir(), &name).map(|p| println!("{}", p.display()))
         }
+        Command::Prefs(args) => tilt::train::prefs::run(*args),
         Command::TrainArm(args) => tilt::train::run(*args),
         Command::Bench(args) => tilt::bench::run(*args),
     };

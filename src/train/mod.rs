@@ -4,6 +4,8 @@
 //! template, and is saved as a Hugging Face llama folder that the server loads like any model.
 
 pub mod model;
+pub mod prefs;
+pub mod prompts;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{fetch, vocab, Message, Model, Role, Vocab};
+use crate::model::{fetch, vocab, ChatTemplate, Message, Model, Role, Vocab};
 pub use model::{Arm, ArmConfig, Batch};
 
 /// One line of the training data.
@@ -76,6 +78,18 @@ impl Pair {
     }
 }
 
+/// `prompt` as a user turn in `chat`, in tokens: how ARMs see prompts in training, and how
+/// `tilt prefs` asks the base for the responses they learn from.
+pub fn render_prompt(chat: &ChatTemplate, vocab: &Vocab, prompt: &str) -> Result<Vec<u32>> {
+    let text = chat
+        .render(&[Message {
+            role: "user".into(),
+            content: prompt.to_string(),
+        }])
+        .map_err(anyhow::Error::msg)?;
+    vocab.encode(&text, false)
+}
+
 /// Render each prompt as a user turn in the base's chat template and append the response tokens.
 /// Returns the pairs that fit in `max_len` tokens and how many did not.
 pub fn encode(base: &Model, pairs: &[TextPair], max_len: usize) -> Result<(Vec<Pair>, usize)> {
@@ -86,15 +100,8 @@ pub fn encode(base: &Model, pairs: &[TextPair], max_len: usize) -> Result<(Vec<P
     };
     let mut encoded = Vec::with_capacity(pairs.len());
     for p in pairs {
-        let text = base
-            .chat
-            .render(&[Message {
-                role: "user".into(),
-                content: p.prompt.clone(),
-            }])
-            .map_err(anyhow::Error::msg)?;
         encoded.push(Pair {
-            prompt: base.vocab.encode(&text, false)?,
+            prompt: render_prompt(&base.chat, &base.vocab, &p.prompt)?,
             chosen: response(&p.chosen)?,
             rejected: response(&p.rejected)?,
         });

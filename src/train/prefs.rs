@@ -1,0 +1,268 @@
+//! `tilt prefs`: preference pairs for `tilt train-arm`. Samples K responses per prompt from the
+//! base (one shared prefill per prompt, every prompt queued at once so the engine batches them),
+//! scores them with the objective's programmatic scorer, and keeps best vs worst.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use super::prompts::{self, Split};
+use crate::decode::{self, Generation};
+use crate::engine::{Engine, EngineOptions, Event};
+use crate::model::{fetch, Model, Role};
+use crate::reward::scorers::{Length, Scorer, Sentiment};
+use crate::sampling::SamplingParams;
+
+/// What the chosen response has more of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Objective {
+    /// The sentiment lexicon scorer: more positive is better.
+    Sentiment,
+    /// Fewer words is better.
+    Concise,
+}
+
+impl Objective {
+    pub fn scorer(self) -> Box<dyn Scorer> {
+        match self {
+            Self::Sentiment => Box::new(Sentiment),
+            // A budget of one word: each word past it costs 1, so the score is −(words − 1).
+            Self::Concise => Box::new(Length::at_most(1)),
+        }
+    }
+}
+
+/// One line of the output: what `train-arm` reads, plus the scores of all K responses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoredPair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+    pub scores: Vec<f32>,
+}
+
+/// Best vs worst of `responses` under `scores`, or `None` when they all score the same.
+pub fn best_vs_worst(prompt: &str, responses: &[String], scores: &[f32]) -> Option<ScoredPair> {
+    let by_score = |a: &(usize, &f32), b: &(usize, &f32)| a.1.total_cmp(b.1);
+    // `max_by` keeps the last of equals and `min_by` the first: either is fine, both are fixed.
+    let (best, _) = scores.iter().enumerate().max_by(by_score)?;
+    let (worst, _) = scores.iter().enumerate().min_by(by_score)?;
+    (scores[best] > scores[worst]).then(|| ScoredPair {
+        prompt: prompt.to_string(),
+        chosen: responses[best].clone(),
+        rejected: responses[worst].clone(),
+        scores: scores.to_vec(),
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PrefsArgs {
+    /// What the chosen response is better at.
+    #[arg(long, value_enum)]
+    pub objective: Objective,
+    /// Output JSONL: {"prompt", "chosen", "rejected", "scores"} per line.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Prompts, one {"prompt": …} per line (default: the built-in set of 500).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Which prompts: `train` leaves out the held-out ones that `eval` selects (a stable hash of
+    /// the prompt's text picks about one in ten).
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: Split,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Responses sampled per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The base model to sample from (default: the manifest's default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompts decoded together (each with its K responses); the rest wait in the queue.
+    #[arg(long, default_value_t = EngineOptions::default().max_running)]
+    pub max_running: usize,
+}
+
+impl PrefsArgs {
+    fn check(&self) -> Result<()> {
+        if self.k < 2 {
+            bail!("--k must be at least 2 to make a pair, got {}", self.k);
+        }
+        if self.max_tokens == 0 {
+            bail!("--max-tokens must be at least 1");
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            bail!(
+                "--temperature must be above 0 (at 0 all K responses are the same), got {}",
+                self.temperature
+            );
+        }
+        if self.limit == Some(0) {
+            bail!("--limit must be at least 1");
+        }
+        if self.max_running == 0 {
+            bail!("--max-running must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// K responses to each prompt, in prompt order, and the number of tokens generated.
+fn sample(
+    engine: &Engine,
+    prompts: &[String],
+    args: &PrefsArgs,
+    bar: &ProgressBar,
+) -> Result<(Vec<Vec<String>>, usize)> {
+    let base = engine.base();
+    let mut streams = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let tokens = super::render_prompt(&base.chat, &base.vocab, prompt)?;
+        if tokens.len() >= base.context_length() {
+            bail!(
+                "prompt {} has {} tokens; the model's context holds {}",
+                i + 1,
+                tokens.len(),
+                base.context_length()
+            );
+        }
+        let generation = Generation {
+            prompt: tokens,
+            max_tokens: args.max_tokens,
+            stop: Vec::new(),
+            ignore_eos: false,
+            n: args.k,
+            sampling: SamplingParams {
+                temperature: args.temperature,
+                // Per prompt, so a prompt gets the same responses wherever it sits in the set.
+                seed: Some(args.seed ^ prompts::stable_hash(prompt)),
+                ..SamplingParams::default()
+            },
+            model_prompts: Default::default(),
+        };
+        let decoder = decode::build("sample", generation).map_err(anyhow::Error::msg)?;
+        streams.push(engine.submit(decoder)?);
+    }
+    let mut responses = Vec::with_capacity(prompts.len());
+    let mut generated = 0;
+    for mut events in streams {
+        let mut texts = vec![String::new(); args.k];
+        loop {
+            match events.blocking_recv() {
+                Some(Event::Token(t)) => texts[t.choice].push_str(&t.text),
+                Some(Event::Finished { choice, text, .. }) => texts[choice].push_str(&text),
+                Some(Event::Done { usage, .. }) => {
+                    generated += usage.completion_tokens;
+                    break;
+                }
+                Some(Event::Failed(msg)) => bail!(msg),
+                Some(Event::Started { .. }) => {}
+                None => bail!("the engine stopped"),
+            }
+        }
+        responses.push(texts);
+        bar.inc(1);
+    }
+    Ok((responses, generated))
+}
+
+/// The `tilt prefs` command.
+pub fn run(args: PrefsArgs) -> Result<()> {
+    let start = Instant::now();
+    args.check()?;
+    let mut prompts = match &args.prompts {
+        Some(path) => prompts::read(path, args.split)?,
+        None => prompts::builtin(args.split),
+    };
+    prompts.truncate(args.limit.unwrap_or(usize::MAX));
+    if prompts.is_empty() {
+        bail!("no prompts in the {:?} split", args.split);
+    }
+    // Before the long part, so that an unwritable path fails at once.
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?,
+    );
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL)?,
+    };
+    let base = Model::load(&path, "base", Role::Base)?;
+    let options = EngineOptions {
+        max_running: args.max_running,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::start(vec![base], options);
+    let bar = ProgressBar::new(prompts.len() as u64).with_style(
+        ProgressStyle::with_template("prompts [{bar:30}] {pos}/{len} {elapsed} (eta {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let sampling = Instant::now();
+    let (responses, generated) = sample(&engine, &prompts, &args, &bar)?;
+    let sampling = sampling.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let scorer = args.objective.scorer();
+    let pairs: Vec<ScoredPair> = prompts
+        .iter()
+        .zip(&responses)
+        .filter_map(|(prompt, texts)| {
+            let scores: Vec<f32> = texts.iter().map(|t| scorer.score(t)).collect();
+            best_vs_worst(prompt, texts, &scores)
+        })
+        .collect();
+    for pair in &pairs {
+        writeln!(file, "{}", serde_json::to_string(pair)?)?;
+    }
+    file.flush()
+        .with_context(|| format!("writing {}", args.out.display()))?;
+
+    let gap = |p: &ScoredPair| scorer.score(&p.chosen) - scorer.score(&p.rejected);
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "{} pairs from {} prompts ({} skipped as ties), mean score gap {:.3}",
+        pairs.len(),
+        prompts.len(),
+        prompts.len() - pairs.len(),
+        // A fold from +0: an empty `sum` of floats is −0.
+        pairs.iter().map(gap).fold(0.0, |a, b| a + b) / pairs.len().max(1) as f32,
+    );
+    println!(
+        "{generated} tokens generated at {:.1} tok/s; {wall:.1} s in all; written to {}",
+        generated as f64 / sampling,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_vs_worst_skips_ties() {
+        let texts: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let pair = best_vs_worst("p", &texts, &[0.5, 2.0, -1.0]).unwrap();
+        assert_eq!((pair.chosen.as_str(), pair.rejected.as_str()), ("b", "c"));
+        assert_eq!(pair.scores, [0.5, 2.0, -1.0]);
+        assert!(best_vs_worst("p", &texts, &[1.0, 1.0, 1.0]).is_none());
+    }
+
+    #[test]
+    fn concise_prefers_fewer_words() {
+        let s = Objective::Concise.scorer();
+        assert!(s.score("Yes.") > s.score("Yes, I think so."));
+    }
+}

@@ -1,0 +1,236 @@
+//! `tilt prefs` with the real model, kept small: the pairs rank as the objective's scorer says,
+//! the same seed writes the same bytes, `train-arm` trains on the output, and bad arguments fail
+//! with clear errors.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tilt::train::prefs::{Objective, ScoredPair};
+
+fn tilt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(args)
+        .output()
+        .expect("tilt runs")
+}
+
+/// `tilt prefs` on the real model with `args`, writing `out`; panics on failure.
+fn prefs(out: &Path, args: &[&str]) -> Vec<u8> {
+    let model = common::model_path();
+    let mut all = vec![
+        "prefs",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    all.extend(args);
+    let run = tilt(&all);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn parse(bytes: &[u8]) -> Vec<ScoredPair> {
+    String::from_utf8(bytes.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a pair per line"))
+        .collect()
+}
+
+/// Every pair's chosen response scores above its rejected one, and they are the best and worst
+/// of the K scores recorded.
+fn assert_ranked(pairs: &[ScoredPair], objective: Objective, k: usize) {
+    let scorer = objective.scorer();
+    for p in pairs {
+        let (chosen, rejected) = (scorer.score(&p.chosen), scorer.score(&p.rejected));
+        assert!(chosen > rejected, "{p:?}");
+        assert_eq!(p.scores.len(), k, "{p:?}");
+        let max = p.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let min = p.scores.iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!((chosen, rejected), (max, min), "{p:?}");
+    }
+}
+
+const SMALL: &[&str] = &["--limit", "3", "--k", "3", "--max-tokens", "12"];
+
+#[test]
+fn concise_pairs_rank_repeat_by_seed_and_train_an_arm() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = prefs(
+        &dir.path().join("a.jsonl"),
+        &[&["--objective", "concise"], SMALL].concat(),
+    );
+    let pairs = parse(&first);
+    assert!(!pairs.is_empty(), "every prompt was a tie");
+    assert_ranked(&pairs, Objective::Concise, 3);
+    let builtin = tilt::train::prompts::builtin(tilt::train::prompts::Split::Train);
+    assert!(pairs.iter().all(|p| builtin[..3].contains(&p.prompt)));
+
+    let again = prefs(
+        &dir.path().join("b.jsonl"),
+        &[&["--objective", "concise"], SMALL].concat(),
+    );
+    assert_eq!(first, again, "the same seed writes the same file");
+    let other = prefs(
+        &dir.path().join("c.jsonl"),
+        &[&["--objective", "concise", "--seed", "1"], SMALL].concat(),
+    );
+    assert_ne!(first, other, "another seed samples other responses");
+
+    let arm = dir.path().join("arm");
+    let run = Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["train-arm", "--data"])
+        .arg(dir.path().join("a.jsonl"))
+        .arg("--out")
+        .arg(&arm)
+        .arg("--base")
+        .arg(common::model_path())
+        .args(["--layers", "1", "--hidden", "32", "--ffn", "64"])
+        .args(["--epochs", "1", "--heldout", "0"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(arm.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["pairs"], pairs.len());
+}
+
+#[test]
+fn sentiment_pairs_rank_by_the_lexicon() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let args = [
+        "--objective",
+        "sentiment",
+        "--split",
+        "eval",
+        "--limit",
+        "3",
+        "--k",
+        "4",
+        "--max-tokens",
+        "24",
+    ];
+    let pairs = parse(&prefs(&out, &args));
+    assert!(!pairs.is_empty(), "every prompt was a tie");
+    assert_ranked(&pairs, Objective::Sentiment, 4);
+    let eval = tilt::train::prompts::builtin(tilt::train::prompts::Split::Eval);
+    assert!(pairs.iter().all(|p| eval.contains(&p.prompt)));
+}
+
+#[test]
+fn a_prompt_file_replaces_the_builtin_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"Say hello.\"}\n\n{\"prompt\": \"Name a colour.\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let args = [
+        "--objective",
+        "concise",
+        "--prompts",
+        file.to_str().unwrap(),
+        "--split",
+        "all",
+        "--k",
+        "3",
+        "--max-tokens",
+        "12",
+    ];
+    let pairs = parse(&prefs(&out, &args));
+    assert!(!pairs.is_empty(), "every prompt was a tie");
+    assert!(pairs
+        .iter()
+        .all(|p| ["Say hello.", "Name a colour."].contains(&p.prompt.as_str())));
+}
+
+#[test]
+fn bad_arguments_fail_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::model_path();
+    let out = dir.path().join("pairs.jsonl");
+    let bad_file = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad_file,
+        "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.jsonl");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--objective", "concise", "--k", "1"],
+            "--k must be at least 2",
+        ),
+        (
+            &["--objective", "concise", "--temperature", "0"],
+            "--temperature must be above 0",
+        ),
+        (&["--objective", "concise", "--limit", "0"], "--limit"),
+        (
+            &["--objective", "concise", "--max-tokens", "0"],
+            "--max-tokens",
+        ),
+        (&["--objective", "kindness"], "invalid value 'kindness'"),
+        (
+            &[
+                "--objective",
+                "concise",
+                "--prompts",
+                bad_file.to_str().unwrap(),
+            ],
+            "bad.jsonl line 2",
+        ),
+        (
+            &[
+                "--objective",
+                "concise",
+                "--prompts",
+                missing.to_str().unwrap(),
+            ],
+            "missing.jsonl",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec![
+            "prefs",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        all.extend(*args);
+        let run = tilt(&all);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    let run = tilt(&[
+        "prefs",
+        "--objective",
+        "concise",
+        "--out",
+        dir.path().join("no/such/dir/pairs.jsonl").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("creating") && stderr.contains("no/such/dir"),
+        "{stderr}"
+    );
+}
