@@ -10,16 +10,15 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::sample::plan_prefill;
+use super::prompt::{fork, plan_choices, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, Outputs, SeqId, Usage, BASE};
-use crate::model::Logits;
+use crate::engine::{Cx, Event, Outputs, Usage, BASE};
 use crate::reward::scorers::{self, Keywords, Length, Scorer};
 
 /// Most candidates one request may ask for.
@@ -86,8 +85,7 @@ pub struct BestOfN {
     spec: BestOfNSpec,
     scorers: Vec<Box<dyn Scorer>>,
     generation: Generation,
-    prompt_seq: Option<SeqId>,
-    prefilled: usize,
+    prompt: SharedPrompt,
     /// The N candidates, then the K reference samples.
     candidates: Vec<Choice>,
     /// (candidate, ticket) planned this step.
@@ -100,9 +98,8 @@ impl BestOfN {
         Self {
             spec,
             scorers,
+            prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
             generation,
-            prompt_seq: None,
-            prefilled: 0,
             candidates: Vec::new(),
             tickets: Vec::new(),
         }
@@ -261,38 +258,19 @@ fn soft(rewards: &[f64], beta: f64, mut rng: ChaCha8Rng) -> usize {
 impl Decoder for BestOfN {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
-        if self.prefilled < self.generation.prompt.len() {
-            let seq = *self.prompt_seq.get_or_insert_with(|| cx.new_seq(BASE));
-            let t = plan_prefill(cx, seq, &self.generation.prompt, self.prefilled)?;
-            self.tickets.push((usize::MAX, t));
-            return Ok(());
+        if self.candidates.is_empty() {
+            return self.prompt.plan(cx);
         }
-        for (i, c) in self.candidates.iter().enumerate() {
-            if let (false, Some(tok)) = (c.is_done(), c.last()) {
-                let t = cx.forward(c.seq, vec![tok], Logits::Last)?;
-                self.tickets.push((i, t));
-            }
-        }
-        Ok(())
+        plan_choices(cx, &self.candidates, &mut self.tickets)
     }
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         let g = &self.generation;
         if self.candidates.is_empty() {
-            let (_, t) = self.tickets[0];
-            self.prefilled = (self.prefilled + cx.prefill_chunk.max(1)).min(g.prompt.len());
-            if self.prefilled < g.prompt.len() {
+            let Some((seq, logits)) = self.prompt.absorb(out)? else {
                 return Ok(Flow::Continue);
-            }
-            let logits = out.last(t)?;
-            let seq = self
-                .prompt_seq
-                .context("a prompt that was never prefilled")?;
-            // Fork before the first candidate appends anything to the shared prompt cache.
-            let mut seqs = vec![seq];
-            for _ in 1..self.spec.n + self.spec.calibrate {
-                seqs.push(cx.fork(seq)?);
-            }
+            };
+            let seqs = fork(cx, seq, self.spec.n + self.spec.calibrate)?;
             for (i, s) in seqs.into_iter().enumerate() {
                 let mut c = Choice::candidate(i, s, g);
                 let sampled = c.sampler.sample(logits);

@@ -10,10 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::sample::plan_prefill;
+use super::prompt::{fork, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
 use crate::model::Logits;
@@ -94,14 +94,11 @@ impl Tilt {
 
 /// One model's part of the request: its prompt while prefilling, then one sequence per choice.
 struct Lane {
-    model: ModelId,
     /// What this model's log-probs are multiplied by: w/β for an ARM (the base is lane 0).
     coef: f32,
-    prompt: Vec<u32>,
-    prompt_seq: Option<SeqId>,
-    prefilled: usize,
-    /// Next-token logits after the prompt, kept until every lane has prefilled.
-    first: Option<Vec<f32>>,
+    prompt: SharedPrompt,
+    /// The prompt's sequence and next-token logits, kept until every lane has prefilled.
+    first: Option<(SeqId, Vec<f32>)>,
 }
 
 /// A choice with its ARM sequences (`arms[i]` belongs to lane `i + 1`).
@@ -125,11 +122,8 @@ pub struct GenArm {
 impl GenArm {
     pub fn new(spec: GenArmSpec, generation: Generation) -> Self {
         let lane = |model, coef| Lane {
-            model,
             coef,
-            prompt: generation.prompt_for(model).to_vec(),
-            prompt_seq: None,
-            prefilled: 0,
+            prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
             first: None,
         };
         let mut lanes = vec![lane(BASE, 1.0)];
@@ -184,14 +178,9 @@ impl GenArm {
         let mut seqs = Vec::with_capacity(self.lanes.len());
         let mut firsts = Vec::with_capacity(self.lanes.len());
         for lane in &mut self.lanes {
-            let seq = lane.prompt_seq.context("a lane without its prompt")?;
-            // Fork before the first choice appends anything to the shared prompt cache.
-            let mut forks = vec![seq];
-            for _ in 1..n {
-                forks.push(cx.fork(seq)?);
-            }
-            seqs.push(forks);
-            firsts.push(lane.first.take().context("a lane without logits")?);
+            let (seq, logits) = lane.first.take().context("a lane without its prompt")?;
+            seqs.push(fork(cx, seq, n)?);
+            firsts.push(logits);
         }
         let rows: Vec<&[f32]> = firsts.iter().map(Vec::as_slice).collect();
         for i in 0..n {
@@ -223,17 +212,8 @@ impl Decoder for GenArm {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
         if self.branches.is_empty() {
-            for (l, lane) in self.lanes.iter_mut().enumerate() {
-                if lane.prompt.is_empty() {
-                    bail!("an empty prompt for {}", cx.model(lane.model).name);
-                }
-                if lane.prefilled < lane.prompt.len() {
-                    let seq = *lane
-                        .prompt_seq
-                        .get_or_insert_with(|| cx.new_seq(lane.model));
-                    let t = plan_prefill(cx, seq, &lane.prompt, lane.prefilled)?;
-                    self.tickets.push((usize::MAX, l, t));
-                }
+            for lane in &mut self.lanes {
+                lane.prompt.plan(cx)?;
             }
             return Ok(());
         }
@@ -253,11 +233,9 @@ impl Decoder for GenArm {
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         let tickets = std::mem::take(&mut self.tickets);
         if self.branches.is_empty() {
-            for &(_, l, t) in &tickets {
-                let lane = &mut self.lanes[l];
-                lane.prefilled = (lane.prefilled + cx.prefill_chunk.max(1)).min(lane.prompt.len());
-                if lane.prefilled == lane.prompt.len() {
-                    lane.first = Some(out.last(t)?.to_vec());
+            for lane in &mut self.lanes {
+                if let Some((seq, logits)) = lane.prompt.absorb(out)? {
+                    lane.first = Some((seq, logits.to_vec()));
                 }
             }
             if self.lanes.iter().all(|l| l.first.is_some()) {

@@ -5,6 +5,7 @@
 pub mod best_of_n;
 mod choice;
 pub mod genarm;
+mod prompt;
 pub mod sample;
 
 use std::collections::{BTreeMap, HashMap};

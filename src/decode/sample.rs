@@ -3,14 +3,13 @@
 
 use anyhow::Result;
 
+use super::prompt::{fork, plan_choices, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, Outputs, SeqId, Usage, BASE};
-use crate::model::Logits;
+use crate::engine::{Cx, Event, Outputs, Usage, BASE};
 
 pub struct Sample {
     generation: Generation,
-    prompt_seq: Option<SeqId>,
-    prefilled: usize,
+    prompt: SharedPrompt,
     choices: Vec<Choice>,
     /// (choice, ticket) planned this step.
     tickets: Vec<(usize, usize)>,
@@ -18,60 +17,32 @@ pub struct Sample {
 
 impl Sample {
     pub fn new(generation: Generation) -> Self {
+        let prompt = SharedPrompt::new(BASE, generation.prompt.clone());
         Self {
             generation,
-            prompt_seq: None,
-            prefilled: 0,
+            prompt,
             choices: Vec::new(),
             tickets: Vec::new(),
         }
     }
 }
 
-/// Schedule the next prompt chunk of `seq`; returns its ticket. Logits only after the last chunk.
-pub fn plan_prefill(cx: &mut Cx, seq: SeqId, prompt: &[u32], done: usize) -> Result<usize> {
-    let end = (done + cx.prefill_chunk.max(1)).min(prompt.len());
-    let logits = if end == prompt.len() {
-        Logits::Last
-    } else {
-        Logits::None
-    };
-    cx.forward(seq, prompt[done..end].to_vec(), logits)
-}
-
 impl Decoder for Sample {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
-        if self.prefilled < self.generation.prompt.len() {
-            let seq = *self.prompt_seq.get_or_insert_with(|| cx.new_seq(BASE));
-            let t = plan_prefill(cx, seq, &self.generation.prompt, self.prefilled)?;
-            self.tickets.push((usize::MAX, t));
-            return Ok(());
+        if self.choices.is_empty() {
+            return self.prompt.plan(cx);
         }
-        for (i, c) in self.choices.iter().enumerate() {
-            if let (false, Some(tok)) = (c.is_done(), c.last()) {
-                let t = cx.forward(c.seq, vec![tok], Logits::Last)?;
-                self.tickets.push((i, t));
-            }
-        }
-        Ok(())
+        plan_choices(cx, &self.choices, &mut self.tickets)
     }
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         let g = &self.generation;
         if self.choices.is_empty() {
-            let (_, t) = self.tickets[0];
-            self.prefilled = (self.prefilled + cx.prefill_chunk.max(1)).min(g.prompt.len());
-            if self.prefilled < g.prompt.len() {
+            let Some((seq, logits)) = self.prompt.absorb(out)? else {
                 return Ok(Flow::Continue);
-            }
-            let logits = out.last(t)?;
-            let seq = self.prompt_seq.expect("prefilled a sequence");
-            // Fork before the first choice appends anything to the shared prompt cache.
-            let mut seqs = vec![seq];
-            for _ in 1..g.n {
-                seqs.push(cx.fork(seq)?);
-            }
+            };
+            let seqs = fork(cx, seq, g.n)?;
             for (i, s) in seqs.into_iter().enumerate() {
                 let mut c = Choice::new(i, s, g);
                 let sampled = c.sampler.sample(logits);
