@@ -32,26 +32,18 @@ impl ArmConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.n_heads == 0
-            || self.n_kv_heads == 0
-            || !self.n_heads.is_multiple_of(self.n_kv_heads)
-        {
+        if self.n_heads == 0 || !self.hidden.is_multiple_of(self.n_heads) {
             bail!(
-                "attention heads ({}) must be a multiple of key/value heads ({})",
-                self.n_heads,
-                self.n_kv_heads
-            );
-        }
-        if !self.hidden.is_multiple_of(self.n_heads) || !self.head_dim().is_multiple_of(2) {
-            bail!(
-                "hidden size {} must split into {} heads of an even size",
+                "hidden size {} must split into {} heads",
                 self.hidden,
                 self.n_heads
             );
         }
-        if self.n_layers == 0 || self.ffn == 0 || self.vocab_size == 0 {
-            bail!("layers, feed-forward size and vocabulary must be positive");
+        if self.ffn == 0 {
+            bail!("the feed-forward size must be positive");
         }
+        // Everything else is what the server checks when it loads the saved config.
+        crate::model::LlamaConfig::from_hf_json(&self.hf_json(DType::F32, None, None).to_string())?;
         Ok(())
     }
 
