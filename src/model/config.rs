@@ -141,7 +141,13 @@ impl LlamaConfig {
                 self.n_kv_heads
             );
         }
-        if !self.head_dim.is_multiple_of(2) || self.n_layers == 0 || self.vocab_size == 0 {
+        if !self.head_dim.is_multiple_of(2) {
+            bail!(
+                "the head dimension ({}) must be even for rotary embeddings",
+                self.head_dim
+            );
+        }
+        if self.n_layers == 0 || self.vocab_size == 0 {
             bail!("inconsistent model dimensions: {self:?}");
         }
         Ok(())
