@@ -4,14 +4,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::JsonBody;
 use super::run::{Outcome, Run};
-use super::stream::{sse, Chunks};
+use super::stream::{respond, Chunks};
 use super::wire::{
     AssistantMessage, ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChunkChoice,
     CommonRequest, Delta, TokenLogprob, TopLogprob,
@@ -35,14 +34,7 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
         logprobs: job.logprobs(),
     };
     let stream = job.stream;
-    let run = Run::start(engine, job, arrived)?;
-    match stream {
-        Some(streaming) => Ok(sse(run, writer, streaming).into_response()),
-        None => {
-            let outcome = run.collect().await?;
-            Ok(Json(writer.complete(outcome)).into_response())
-        }
-    }
+    respond(Run::start(engine, job, arrived)?, writer, stream).await
 }
 
 /// Writes one request's chat completion objects.
@@ -77,6 +69,23 @@ impl Writer {
         })
     }
 
+    fn chunk(&self, choices: Vec<ChunkChoice>) -> ChatChunk {
+        ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage: None,
+            alignment: None,
+        }
+    }
+}
+
+impl Chunks for Writer {
+    type Complete = ChatCompletion;
+    type Chunk = ChatChunk;
+
     fn complete(self, outcome: Outcome) -> ChatCompletion {
         let choices = outcome
             .choices
@@ -102,22 +111,6 @@ impl Writer {
             alignment: outcome.alignment,
         }
     }
-
-    fn chunk(&self, choices: Vec<ChunkChoice>) -> ChatChunk {
-        ChatChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: self.model.clone(),
-            choices,
-            usage: None,
-            alignment: None,
-        }
-    }
-}
-
-impl Chunks for Writer {
-    type Chunk = ChatChunk;
 
     /// The assistant role opens every choice.
     fn start(&mut self, choices: usize) -> Vec<ChatChunk> {

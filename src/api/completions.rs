@@ -4,14 +4,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::JsonBody;
-use super::run::Run;
-use super::stream::{sse, Chunks};
+use super::run::{Outcome, Run};
+use super::stream::{respond, Chunks};
 use super::wire::{CommonRequest, Completion, CompletionChoice, CompletionLogprobs, Usage};
 use super::{id, now, token_string, validate, AppState};
 use crate::engine::{FinishReason, TokenEvent};
@@ -36,14 +35,7 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
         echo,
     };
     let stream = job.stream;
-    let run = Run::start(engine, job, arrived)?;
-    match stream {
-        Some(streaming) => Ok(sse(run, writer, streaming).into_response()),
-        None => {
-            let outcome = run.collect().await?;
-            Ok(Json(writer.complete(outcome)).into_response())
-        }
-    }
+    respond(Run::start(engine, job, arrived)?, writer, stream).await
 }
 
 /// Writes one request's completion objects.
@@ -98,8 +90,13 @@ impl Writer {
         }
         Some(out)
     }
+}
 
-    fn complete(self, outcome: super::run::Outcome) -> Completion {
+impl Chunks for Writer {
+    type Complete = Completion;
+    type Chunk = Completion;
+
+    fn complete(self, outcome: Outcome) -> Completion {
         let choices = outcome
             .choices
             .into_iter()
@@ -120,10 +117,6 @@ impl Writer {
             ..self.object(choices)
         }
     }
-}
-
-impl Chunks for Writer {
-    type Chunk = Completion;
 
     fn start(&mut self, choices: usize) -> Vec<Completion> {
         self.offsets = (0..choices).map(|c| self.echo(c).chars().count()).collect();

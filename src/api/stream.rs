@@ -5,18 +5,23 @@
 use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::run::Run;
+use super::run::{Outcome, Run};
 use super::validate::Streaming;
 use crate::engine::{Event, FinishReason, TokenEvent, Usage};
 
-/// How one endpoint writes a run as chunks.
+/// How one endpoint writes a run: as chunks while streaming, or as one object at the end.
 pub trait Chunks: Send + 'static {
     type Chunk: Serialize;
+    type Complete: Serialize;
+    /// The whole response object of a run that was not streamed.
+    fn complete(self, outcome: Outcome) -> Self::Complete;
     /// What precedes the first token (the chat role, echoed prompts).
     fn start(&mut self, choices: usize) -> Vec<Self::Chunk>;
     /// A token; `None` when there is nothing to send (its text is held back, no logprobs asked).
@@ -43,7 +48,19 @@ struct State<C> {
     last: Option<(usize, FinishReason, String)>,
 }
 
-pub fn sse<C: Chunks>(
+/// The response of a run: a stream of chunks when asked for, else the finished object.
+pub async fn respond<C: Chunks>(
+    run: Run,
+    chunks: C,
+    stream: Option<Streaming>,
+) -> Result<Response, ApiError> {
+    Ok(match stream {
+        Some(streaming) => sse(run, chunks, streaming).into_response(),
+        None => Json(chunks.complete(run.collect().await?)).into_response(),
+    })
+}
+
+fn sse<C: Chunks>(
     run: Run,
     chunks: C,
     streaming: Streaming,
