@@ -63,11 +63,10 @@ async fn bench_measures_the_real_server(c: Client) {
         for sample in run["samples"].as_array().unwrap() {
             assert_eq!(sample["ok"], true);
             assert_eq!(sample["tokens_from_usage"], true);
-            assert_eq!(
-                sample["itl_ms"].as_array().unwrap().len(),
-                7,
-                "8 tokens, 7 gaps: {sample}"
-            );
+            // Gaps between chunks that carry text: at most 7 for 8 tokens (with ignore_eos the model
+            // may go on emitting control tokens, which add no text; so may bytes ending mid-character).
+            let gaps = sample["itl_ms"].as_array().unwrap().len();
+            assert!((1..=7).contains(&gaps), "8 tokens, {gaps} gaps: {sample}");
             assert!(sample["prompt_tokens"].as_u64().unwrap() > 0);
         }
     }
