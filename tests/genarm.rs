@@ -7,7 +7,7 @@ mod common;
 use serde_json::{json, Value};
 use tilt::decode::{self, DecoderSpec, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
-use tilt::model::{Model, Role};
+use tilt::model::{Model, Precision, Role};
 use tilt::sampling::SamplingParams;
 
 /// An engine over the base and a toy ARM named `toy` that favours `favoured`; the tempdir holds
@@ -16,7 +16,7 @@ fn engine(favoured: u32) -> (Engine, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     common::toy_arm(dir.path(), favoured, |_| {});
     let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
-    let arm = tilt::reward::load_arm(&base, "toy", dir.path()).unwrap();
+    let arm = tilt::reward::load_arm(&base, "toy", dir.path(), Precision::Q8_0).unwrap();
     (
         Engine::start(vec![base, arm], EngineOptions::default()),
         dir,
@@ -136,7 +136,7 @@ fn a_reward_model_with_another_tokenizer_is_refused() {
             "rstrip": false, "normalized": false, "special": true
         }));
     });
-    let e = tilt::reward::load_arm(&base, "bigger", bigger.path())
+    let e = tilt::reward::load_arm(&base, "bigger", bigger.path(), Precision::Stored)
         .err()
         .expect("refused");
     let msg = format!("{e:#}");
@@ -157,7 +157,7 @@ fn a_reward_model_with_another_tokenizer_is_refused() {
         let id = vocab.remove(&old).unwrap();
         vocab.insert("<|renamed|>".into(), id);
     });
-    let e = tilt::reward::load_arm(&base, "renamed", renamed.path())
+    let e = tilt::reward::load_arm(&base, "renamed", renamed.path(), Precision::Stored)
         .err()
         .expect("refused");
     let msg = format!("{e:#}");
@@ -168,7 +168,7 @@ fn a_reward_model_with_another_tokenizer_is_refused() {
     // The unedited tokenizer loads.
     let same = tempfile::tempdir().unwrap();
     common::toy_arm(same.path(), 0, |_| {});
-    tilt::reward::load_arm(&base, "same", same.path()).unwrap();
+    tilt::reward::load_arm(&base, "same", same.path(), Precision::Stored).unwrap();
 }
 
 #[test]
@@ -199,4 +199,87 @@ fn unknown_rewards_list_the_loaded_ones() {
     assert_eq!(err.param.as_deref(), Some("rewards.toy"));
     // `decode::build` knows genarm too (no rewards: plain decoding).
     assert!(decode::build("genarm", generation(&e, "Hi", 1, SamplingParams::greedy())).is_ok());
+}
+
+fn best_of_n(engine: &Engine, params: Value) -> DecoderSpec {
+    let params = params.as_object().cloned().unwrap();
+    DecoderSpec::parse("best_of_n", params, engine.models()).unwrap()
+}
+
+#[test]
+fn best_of_n_scores_candidates_by_the_reward_models_sequence_log_prob() {
+    // The toy ARM ignores context: log π_r(y) = 10·[y favoured] − ln(e^10 + V − 1) at every
+    // position, so a response of T tokens, k of them favoured, scores 10k − T·ln(e^10 + V − 1).
+    let the = common::single_token(" the");
+    let (e, _dir) = engine(the);
+    let v = e.models()[1].config.vocab_size as f64;
+    let lse = (10f64.exp() + v - 1.0).ln();
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(3),
+        ..Default::default()
+    };
+    let g = generation(&e, "Describe the sea and the sky.", 1, sampling);
+    let spec = best_of_n(
+        &e,
+        json!({"n": 4, "rewards": {"toy": 1}, "return_candidates": true}),
+    );
+    let (_, report) = run(&e, &spec, g);
+    let report = report.unwrap();
+    let candidates = report["candidates"].as_array().unwrap();
+    let mut favoured = Vec::new();
+    for c in candidates {
+        let score = c["scores"]["toy"].as_f64().unwrap();
+        let t = c["tokens"].as_f64().unwrap();
+        let k = (score + t * lse) / 10.0;
+        // Q8_0 rounding of the ARM moves each log-prob by far less than 0.01.
+        assert!((k - k.round()).abs() < 0.01 * t, "{score} is not 10k − {t}·lse: k = {k}");
+        let text = c["text"].as_str().unwrap();
+        assert!(k.round() as usize <= text.matches(" the").count(), "{k} in {text:?}");
+        favoured.push(score);
+    }
+    let best = (0..4).max_by(|&a, &b| favoured[a].total_cmp(&favoured[b])).unwrap();
+    assert_eq!(report["chosen"], best);
+}
+
+#[test]
+fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
+    let paris = common::single_token(" Paris");
+    let (e, _dir) = engine(paris);
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let g = generation(&e, "Write one sentence about the sea:", 1, sampling);
+    let steered = run(&e, &genarm(&e, json!({"rewards": {"toy": 2}})), g.clone());
+    let spec = best_of_n(
+        &e,
+        json!({"n": 1, "rewards": {"sentiment": 1}, "guide": {"rewards": {"toy": 2}}}),
+    );
+    let (guided, report) = run(&e, &spec, g.clone());
+    assert_eq!(guided, steered.0);
+    let report = report.unwrap();
+    assert!(report["guide"]["kl_per_token"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["guide"]["weights"], json!({"toy": 2.0}));
+
+    // Two choices, two candidates each: choice g's candidates are RNG streams 2g and 2g + 1.
+    let mut two = g.clone();
+    two.n = 2;
+    let spec = best_of_n(&e, json!({"n": 2, "rewards": {"toy": 1}}));
+    let (tokens, report) = run(&e, &spec, two);
+    let report = report.unwrap();
+    assert_eq!(report["choices"].as_array().unwrap().len(), 2);
+    let mut four = g;
+    four.n = 4;
+    let (plain, _) = run(&e, &DecoderSpec::Sample, four);
+    for (choice, tokens) in tokens.iter().enumerate() {
+        let chosen = report["choices"][choice]["chosen"].as_u64().unwrap() as usize;
+        assert_eq!(*tokens, plain[2 * choice + chosen], "choice {choice}");
+    }
+    // A guide's unknown reward names its parameter.
+    let params = json!({"rewards": {"sentiment": 1}, "guide": {"rewards": {"nope": 1}}});
+    let err = DecoderSpec::parse("best_of_n", params.as_object().cloned().unwrap(), e.models())
+        .unwrap_err();
+    assert_eq!(err.param.as_deref(), Some("guide.rewards"));
 }

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use tilt::model::config::RopeStyle;
-use tilt::model::{ForwardItem, KvCache, Logits};
+use tilt::model::{ForwardItem, KvCache, Logits, Precision};
 use tilt::train::{self, Arm, ArmConfig, Batch, Pair, TrainOptions};
 
 fn tiny(vocab_size: usize, context_length: usize) -> ArmConfig {
@@ -140,7 +140,7 @@ fn saved_arm_serves_with_the_training_log_probs() {
     arm.save(dir.path(), DType::F32, base.vocab.bos, base.vocab.eos)
         .unwrap();
     train::write_tokenizer(&common::model_path(), &base, dir.path()).unwrap();
-    let mut served = tilt::reward::load_arm(&base, "arm", dir.path()).expect("GenARM accepts it");
+    let mut served = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::F32).expect("GenARM accepts it");
     assert_eq!(served.vocab.digest, base.vocab.digest);
     assert_eq!(
         served.chat.render(&[]).unwrap(),
@@ -167,6 +167,14 @@ fn saved_arm_serves_with_the_training_log_probs() {
     assert!(spread > 5.0, "log-probs too flat to compare: {spread}");
     let diff = max_diff(&served_log_probs(&served, &tokens), &trained);
     assert!(diff < 1e-3, "served and trained log-probs differ by {diff}");
+
+    // Served as the server does by default, in Q8_0: int8 rounding of weights and activations
+    // moves these large log-probs by a few per cent of their range; a wrong layout would move
+    // them by all of it.
+    let q8 = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::Q8_0).unwrap();
+    let diff = max_diff(&served_log_probs(&q8, &tokens), &trained);
+    eprintln!("Q8_0 ARM log-probs differ from f32 by at most {diff}");
+    assert!(diff < 0.15 * spread, "Q8_0 log-probs differ by {diff} (spread {spread})");
 
     // The comparison notices a RoPE mismatch.
     served.llama.cfg.rope_style = RopeStyle::Interleaved;
@@ -254,7 +262,7 @@ fn train_arm_command_writes_a_loadable_model_and_report() {
     assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
     assert!(report["heldout_accuracy"].as_f64().is_some());
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
-    let arm = tilt::reward::load_arm(&common::model(), "arm", &out_dir).unwrap();
+    let arm = tilt::reward::load_arm(&common::model(), "arm", &out_dir, Precision::Q8_0).unwrap();
     assert_eq!(arm.llama.cfg.hidden, 32);
     assert_eq!(arm.context_length(), common::model().context_length());
 }

@@ -366,13 +366,6 @@ fn job(
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
     let decoder = decoder(common.alignment, models)?;
-    // One answer per request for now: each choice would need its own group of candidates.
-    if matches!(decoder, DecoderSpec::BestOfN(_)) && n > 1 {
-        return Err(ApiError::invalid(
-            "n",
-            format!("`n` must be 1 with the best_of_n decoder (its candidates are `alignment.n`), got {n}"),
-        ));
-    }
     let generations = prompts
         .into_iter()
         .map(|(prompt, source)| {

@@ -35,11 +35,11 @@ impl Choice {
         }
     }
 
-    /// A candidate for choice 0 that draws from RNG stream `stream` and holds its events until
-    /// `take_held`.
-    pub fn candidate(stream: usize, seq: SeqId, generation: &Generation) -> Self {
+    /// A candidate for choice `index` that draws from RNG stream `stream` and holds its events
+    /// until `take_held`.
+    pub fn candidate(index: usize, stream: usize, seq: SeqId, generation: &Generation) -> Self {
         let mut c = Self::new(stream, seq, generation);
-        c.index = 0;
+        c.index = index;
         c.held = Some(Vec::new());
         c
     }

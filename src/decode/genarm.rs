@@ -107,10 +107,40 @@ struct Branch {
     arms: Vec<SeqId>,
 }
 
-pub struct GenArm {
-    spec: GenArmSpec,
-    generation: Generation,
+/// What the sequences of a [`Guided`] are: the request's choices, streamed as they go, or
+/// candidates that hold their events for a decoder that picks among them.
+#[derive(Debug, Clone, Copy)]
+pub enum Sequences {
+    /// `n` choices, choice i drawing from RNG stream i.
+    Choices(usize),
+    /// `groups` groups of `per_group` candidates; group g answers choice g, and candidate j of it
+    /// draws from RNG stream g·per_group + j.
+    Candidates { groups: usize, per_group: usize },
+}
+
+impl Sequences {
+    fn count(self) -> usize {
+        match self {
+            Self::Choices(n) => n,
+            Self::Candidates { groups, per_group } => groups * per_group,
+        }
+    }
+
+    fn choice(self, i: usize, seq: SeqId, generation: &Generation) -> Choice {
+        match self {
+            Self::Choices(_) => Choice::new(i, seq, generation),
+            Self::Candidates { per_group, .. } => {
+                Choice::candidate(i / per_group, i, seq, generation)
+            }
+        }
+    }
+}
+
+/// Token-level guided sampling of several sequences in lockstep: the whole of `genarm`, and how
+/// best-of-N draws its candidates. With no active ARM it is exactly plain sampling.
+pub struct Guided {
     lanes: Vec<Lane>,
+    sequences: Sequences,
     branches: Vec<Branch>,
     /// (branch, lane, ticket) planned this step; a branch's tickets are consecutive, lane order.
     tickets: Vec<(usize, usize, usize)>,
@@ -119,8 +149,8 @@ pub struct GenArm {
     tokens: usize,
 }
 
-impl GenArm {
-    pub fn new(spec: GenArmSpec, generation: Generation) -> Self {
+impl Guided {
+    pub fn new(spec: &GenArmSpec, generation: &Generation, sequences: Sequences) -> Self {
         let lane = |model, coef| Lane {
             coef,
             prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
@@ -129,9 +159,8 @@ impl GenArm {
         let mut lanes = vec![lane(BASE, 1.0)];
         lanes.extend(spec.active().map(|a| lane(a.model, a.weight / spec.beta)));
         Self {
-            spec,
-            generation,
             lanes,
+            sequences,
             branches: Vec::new(),
             tickets: Vec::new(),
             tilt: Tilt::default(),
@@ -140,9 +169,27 @@ impl GenArm {
         }
     }
 
+    /// The sequences, in order, once the prompts are prefilled (empty before).
+    pub fn choices(&self) -> impl Iterator<Item = &Choice> {
+        self.branches.iter().map(|b| &b.choice)
+    }
+
+    pub fn choices_mut(&mut self) -> impl Iterator<Item = &mut Choice> {
+        self.branches.iter_mut().map(|b| &mut b.choice)
+    }
+
+    /// Every sequence has finished.
+    pub fn is_done(&self) -> bool {
+        !self.branches.is_empty() && self.branches.iter().all(|b| b.choice.is_done())
+    }
+
+    /// Mean KL(tilted ‖ base) per sampled token (0 without an active ARM).
+    pub fn kl_per_token(&self) -> f64 {
+        self.kl_sum / self.tokens.max(1) as f64
+    }
+
     /// Sample branch `b`'s next token from its models' rows (lane order) and record it.
-    fn advance(&mut self, cx: &mut Cx, b: usize, rows: &[&[f32]]) -> Result<()> {
-        let g = &self.generation;
+    fn advance(&mut self, cx: &mut Cx, g: &Generation, b: usize, rows: &[&[f32]]) -> Result<()> {
         let branch = &mut self.branches[b];
         let sampled = if rows.len() == 1 {
             // No ARM: exactly plain decoding.
@@ -171,45 +218,29 @@ impl GenArm {
         Ok(())
     }
 
-    /// Once every lane has its prompt's logits: fork each lane for the choices and sample their
-    /// first tokens.
-    fn branch_out(&mut self, cx: &mut Cx) -> Result<()> {
-        let n = self.generation.n;
+    /// Once every lane has its prompt's logits: fork each lane for the sequences and sample
+    /// their first tokens.
+    fn branch_out(&mut self, cx: &mut Cx, g: &Generation) -> Result<()> {
+        let count = self.sequences.count();
         let mut seqs = Vec::with_capacity(self.lanes.len());
         let mut firsts = Vec::with_capacity(self.lanes.len());
         for lane in &mut self.lanes {
             let (seq, logits) = lane.first.take().context("a lane without its prompt")?;
-            seqs.push(fork(cx, seq, n)?);
+            seqs.push(fork(cx, seq, count)?);
             firsts.push(logits);
         }
         let rows: Vec<&[f32]> = firsts.iter().map(Vec::as_slice).collect();
-        for i in 0..n {
+        for i in 0..count {
             self.branches.push(Branch {
-                choice: Choice::new(i, seqs[0][i], &self.generation),
+                choice: self.sequences.choice(i, seqs[0][i], g),
                 arms: seqs[1..].iter().map(|s| s[i]).collect(),
             });
-            self.advance(cx, i, &rows)?;
+            self.advance(cx, g, i, &rows)?;
         }
         Ok(())
     }
 
-    fn report(&self) -> serde_json::Value {
-        let weights: BTreeMap<&str, f32> = self
-            .spec
-            .rewards
-            .iter()
-            .map(|a| (a.name.as_str(), a.weight))
-            .collect();
-        json!({
-            "weights": weights,
-            "beta": self.spec.beta,
-            "kl_per_token": self.kl_sum / self.tokens.max(1) as f64,
-        })
-    }
-}
-
-impl Decoder for GenArm {
-    fn plan(&mut self, cx: &mut Cx) -> Result<()> {
+    pub fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
         if self.branches.is_empty() {
             for lane in &mut self.lanes {
@@ -230,7 +261,8 @@ impl Decoder for GenArm {
         Ok(())
     }
 
-    fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
+    /// Read this step's logits and advance every sequence planned; true once all are done.
+    pub fn absorb(&mut self, cx: &mut Cx, out: &Outputs, g: &Generation) -> Result<bool> {
         let tickets = std::mem::take(&mut self.tickets);
         if self.branches.is_empty() {
             for lane in &mut self.lanes {
@@ -239,7 +271,7 @@ impl Decoder for GenArm {
                 }
             }
             if self.lanes.iter().all(|l| l.first.is_some()) {
-                self.branch_out(cx)?;
+                self.branch_out(cx, g)?;
             }
         } else {
             for step in tickets.chunks(self.lanes.len()) {
@@ -247,20 +279,61 @@ impl Decoder for GenArm {
                     .iter()
                     .map(|&(_, _, t)| out.last(t))
                     .collect::<Result<Vec<_>>>()?;
-                self.advance(cx, step[0].0, &rows)?;
+                self.advance(cx, g, step[0].0, &rows)?;
             }
         }
         self.tickets = tickets;
-        if self.branches.is_empty() || !self.branches.iter().all(|b| b.choice.is_done()) {
+        Ok(self.is_done())
+    }
+}
+
+pub struct GenArm {
+    spec: GenArmSpec,
+    generation: Generation,
+    guided: Guided,
+}
+
+impl GenArm {
+    pub fn new(spec: GenArmSpec, generation: Generation) -> Self {
+        let guided = Guided::new(&spec, &generation, Sequences::Choices(generation.n));
+        Self {
+            spec,
+            generation,
+            guided,
+        }
+    }
+}
+
+impl GenArmSpec {
+    /// Reward name → weight, for reports.
+    pub fn weights(&self) -> BTreeMap<&str, f32> {
+        self.rewards
+            .iter()
+            .map(|a| (a.name.as_str(), a.weight))
+            .collect()
+    }
+}
+
+impl Decoder for GenArm {
+    fn plan(&mut self, cx: &mut Cx) -> Result<()> {
+        self.guided.plan(cx)
+    }
+
+    fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
+        if !self.guided.absorb(cx, out, &self.generation)? {
             return Ok(Flow::Continue);
         }
-        let completion_tokens = self.branches.iter().map(|b| b.choice.tokens.len()).sum();
+        let completion_tokens = self.guided.choices().map(|c| c.tokens.len()).sum();
         cx.emit(Event::Done {
             usage: Usage {
                 prompt_tokens: self.generation.prompt.len(),
                 completion_tokens,
             },
-            report: Some(self.report()),
+            report: Some(json!({
+                "weights": self.spec.weights(),
+                "beta": self.spec.beta,
+                "kl_per_token": self.guided.kl_per_token(),
+            })),
         });
         Ok(Flow::Done)
     }

@@ -110,6 +110,8 @@ struct BestOfNParams {
     calibrate: usize,
     #[serde(default)]
     return_candidates: bool,
+    /// GenARM guidance of the candidates: `{"rewards": {arm: w}, "beta": b}`.
+    guide: Option<GenArmParams>,
 }
 
 fn default_candidates() -> usize {
@@ -164,8 +166,15 @@ impl DecoderSpec {
     /// Models other than the base that the decoder runs (they need the prompt in their tokens).
     pub fn models(&self) -> Vec<ModelId> {
         match self {
-            Self::Sample | Self::BestOfN(_) => Vec::new(),
+            Self::Sample => Vec::new(),
             Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
+            Self::BestOfN(spec) => {
+                let mut models: Vec<ModelId> = spec.guide.active().map(|a| a.model).collect();
+                models.extend(spec.scoring_models());
+                models.sort_unstable();
+                models.dedup();
+                models
+            }
         }
     }
 
@@ -179,8 +188,17 @@ impl DecoderSpec {
 }
 
 fn genarm_spec(p: GenArmParams, models: &[ModelInfo]) -> Result<GenArmSpec, ParamError> {
+    genarm_spec_at("", p, models)
+}
+
+/// `genarm_spec` for parameters found under `prefix` (e.g. `guide.` inside best_of_n).
+fn genarm_spec_at(
+    prefix: &str,
+    p: GenArmParams,
+    models: &[ModelInfo],
+) -> Result<GenArmSpec, ParamError> {
     let invalid = |param: String, message: String| ParamError {
-        param: Some(param),
+        param: Some(format!("{prefix}{param}")),
         message,
     };
     // Checked in f32, the precision the decoder computes in: 1e39 is finite only as an f64.
@@ -274,21 +292,21 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
     let mut objectives = Vec::new();
     for (name, w) in p.rewards {
         let builtin = reward::scorers::builtin();
-        if !builtin.iter().any(|b| b.name == name) {
-            let what = if reward::arm(models, &name).is_some() {
-                "is a reward model: sequence-level ARM scoring is not implemented yet".to_string()
-            } else {
-                "is not a programmatic reward".to_string()
-            };
-            let names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
+        let source = if builtin.iter().any(|b| b.name == name) {
+            Source::Builtin(name.clone())
+        } else if let Some(model) = reward::arm(models, &name) {
+            Source::Arm(model)
+        } else {
+            let mut names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
+            names.extend(reward::arm_names(models));
             return Err(invalid(
                 "rewards",
                 format!(
-                    "`{name}` {what}; best_of_n scores with: {}",
+                    "`{name}` is not a loaded reward; best_of_n scores with: {}",
                     names.join(", ")
                 ),
             ));
-        }
+        };
         let weight = w as f32;
         if !weight.is_finite() {
             return Err(invalid(
@@ -297,7 +315,7 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
             ));
         }
         objectives.push(Objective {
-            source: Source::Builtin(name.clone()),
+            source,
             name,
             weight,
         });
@@ -334,12 +352,20 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
             "best_of_n needs something to select by: `rewards` or `constraints`".into(),
         ));
     }
+    let guide = match p.guide {
+        Some(g) => genarm_spec_at("guide.", g, models)?,
+        None => GenArmSpec {
+            rewards: Vec::new(),
+            beta: 1.0,
+        },
+    };
     Ok(BestOfNSpec {
         n: p.n,
         objectives,
         selection,
         calibrate: p.calibrate,
         return_candidates: p.return_candidates,
+        guide,
     })
 }
 

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
+use super::Precision;
 use super::quant::{self, GgmlMatrix, Q4_1Matrix, Q8_0Matrix, SharedOut};
 
 /// Which logits a forward item wants back.
@@ -130,11 +131,25 @@ impl Linear {
         })
     }
 
-    fn dense(weights: Vec<Tensor>) -> Result<Self> {
+    /// Dense weights, kept in f32 or quantized to Q8_0 as `precision` asks (Q8_0 needs whole
+    /// 32-value blocks per row; other shapes stay f32).
+    fn dense(weights: Vec<Tensor>, precision: Precision) -> Result<Self> {
+        let blocks = weights.iter().all(|w| w.dim(1).is_ok_and(|c| c % 32 == 0));
+        if precision == Precision::Q8_0 && blocks {
+            let quantized = weights
+                .iter()
+                .map(|w| QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0))
+                .collect::<candle_core::Result<_>>()?;
+            return Self::fuse(quantized);
+        }
         let out = weights
             .iter()
             .map(|w| w.dim(0))
             .sum::<candle_core::Result<usize>>()?;
+        let weights = weights
+            .iter()
+            .map(|w| w.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let w = if weights.len() == 1 {
             weights[0].clone()
         } else {
@@ -191,12 +206,12 @@ fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl Llama {
-    /// `dequantize` expands quantized weights to f32: slower, but free of the int8 activation
+    /// `Precision::F32` expands quantized weights to f32: slower, but free of the int8 activation
     /// rounding that quantized matmuls apply (which moves logits by up to ~0.5 on this model).
     pub fn from_gguf(
         content: &gguf_file::Content,
         file: &mut std::fs::File,
-        dequantize: bool,
+        precision: Precision,
     ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(content)?;
         let dev = Device::Cpu;
@@ -206,12 +221,15 @@ impl Llama {
                 .with_context(|| format!("GGUF tensor `{name}` is missing or unreadable"))
         };
         let linear = |ws: Vec<QTensor>| -> Result<Linear> {
-            if dequantize {
-                Linear::dense(
-                    ws.iter()
-                        .map(|w| w.dequantize(&Device::Cpu))
-                        .collect::<candle_core::Result<_>>()?,
-                )
+            let dense = ws
+                .iter()
+                .all(|w| matches!(w.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
+            if precision == Precision::F32 || (dense && precision == Precision::Q8_0) {
+                let ws = ws
+                    .iter()
+                    .map(|w| w.dequantize(&Device::Cpu))
+                    .collect::<candle_core::Result<_>>()?;
+                Linear::dense(ws, precision)
             } else {
                 Linear::fuse(ws)
             }
@@ -245,7 +263,7 @@ impl Llama {
     }
 
     /// A Hugging Face llama checkpoint: `config.json` and `*.safetensors` (f32, f16 or bf16), run in f32.
-    pub fn from_safetensors(dir: &Path, cfg: LlamaConfig) -> Result<Self> {
+    pub fn from_safetensors(dir: &Path, cfg: LlamaConfig, precision: Precision) -> Result<Self> {
         let mut files: Vec<_> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
@@ -267,7 +285,7 @@ impl Llama {
                 .remove(name)
                 .or_else(|| tensors.remove(name.trim_start_matches("model.")))
                 .with_context(|| format!("safetensors lack tensor `{name}`"))?;
-            Ok(t.to_dtype(DType::F32)?)
+            Ok(t)
         };
         let embed_t = take("model.embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -278,10 +296,10 @@ impl Llama {
                 w("self_attn.q_proj")?,
                 w("self_attn.k_proj")?,
                 w("self_attn.v_proj")?,
-            ])?;
-            let wo = Linear::dense(vec![w("self_attn.o_proj")?])?;
-            let gate_up = Linear::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?])?;
-            let down = Linear::dense(vec![w("mlp.down_proj")?])?;
+            ], precision)?;
+            let wo = Linear::dense(vec![w("self_attn.o_proj")?], precision)?;
+            let gate_up = Linear::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?], precision)?;
+            let down = Linear::dense(vec![w("mlp.down_proj")?], precision)?;
             let attn_norm = vec_of(&w("input_layernorm")?)?;
             let ffn_norm = vec_of(&w("post_attention_layernorm")?)?;
             layers.push(Layer {
@@ -296,7 +314,7 @@ impl Llama {
         let norm = vec_of(&take("model.norm.weight")?)?;
         let output = Linear::dense(vec![
             take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())
-        ])?;
+        ], precision)?;
         let embed = vec_of(&embed_t)?;
         Self::assemble(cfg, embed, layers, norm, output)
     }

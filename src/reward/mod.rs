@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::engine::{ModelId, ModelInfo};
 use crate::model::fetch::Manifest;
-use crate::model::{Model, Role};
+use crate::model::{Model, Precision, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -94,8 +94,8 @@ pub fn check_tokenizer(base: &Model, arm: &Model) -> Result<()> {
 }
 
 /// Load the ARM `name` from `path` and check it against `base`.
-pub fn load_arm(base: &Model, name: &str, path: &Path) -> Result<Model> {
-    let arm = Model::load(path, name, Role::Reward)
+pub fn load_arm(base: &Model, name: &str, path: &Path, precision: Precision) -> Result<Model> {
+    let arm = Model::load_with(path, name, Role::Reward, precision)
         .with_context(|| format!("loading reward model `{name}`"))?;
     check_tokenizer(base, &arm)?;
     Ok(arm)

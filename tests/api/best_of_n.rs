@@ -1,6 +1,6 @@
 //! The `best_of_n` decoder over HTTP: reachable through `alignment` with its report (plain and
 //! streamed), and its parameters checked with a 400 naming each. The reward-model case starts its
-//! own server with a toy ARM; the shared server has none.
+//! own server with a toy ARM.
 
 use serde_json::{json, Value};
 
@@ -16,7 +16,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
 }
 
 pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
-    cases![own: best_of_n_refuses_reward_models_for_now]
+    cases![own: best_of_n_scores_and_is_guided_by_reward_models]
 }
 
 fn best_of_n(params: Value) -> Value {
@@ -161,32 +161,44 @@ async fn best_of_n_parameters_are_checked(c: Client) {
         ],
     )
     .await;
-    // The top-level `n` counts choices; one best-of-N answer per request for now.
-    let r = c
-        .post(
-            "/v1/completions",
-            &json!({"prompt": "Hi", "n": 2, "alignment": best_of_n(json!({"rewards": sentiment}))}),
-        )
-        .await;
-    assert_eq!(r.status, 400, "{:?}", r.body);
-    assert_eq!(r.body["error"]["param"], "n");
-    assert!(r.body["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("best_of_n"));
+    // The top-level `n` counts choices: each gets its own best of `alignment.n`.
+    let body = json!({"prompt": "Hi", "n": 2, "max_tokens": 4, "seed": 1,
+                      "alignment": best_of_n(json!({"n": 2, "rewards": sentiment}))});
+    let r = c.ok("/v1/completions", &body).await;
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["alignment"]["choices"].as_array().unwrap().len(), 2, "{r}");
 }
 
-async fn best_of_n_refuses_reward_models_for_now() {
+async fn best_of_n_scores_and_is_guided_by_reward_models() {
     let dir = tempfile::tempdir().unwrap();
     common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
     let flag = format!("toy={}", dir.path().display());
     let server = Server::ready(&["--reward", &flag]).await;
+    let c = server.client();
+    let alignment = best_of_n(json!({"n": 2, "rewards": {"toy": 1}, "return_candidates": true,
+                                     "guide": {"rewards": {"toy": 2}, "beta": 0.5}}));
+    let body = json!({"messages": [{"role": "user", "content": "Name a city."}],
+                      "max_tokens": 6, "seed": 2, "alignment": alignment});
+    let r = c.ok("/v1/chat/completions", &body).await;
+    let report = &r["alignment"];
+    assert_eq!(report["guide"]["weights"], json!({"toy": 2.0}), "{report}");
+    assert!(report["guide"]["kl_per_token"].as_f64().unwrap() > 0.0);
+    let scores: Vec<f64> = report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["scores"]["toy"].as_f64().unwrap())
+        .collect();
+    // A sum of log-probs: below 0, and the higher one chosen.
+    assert!(scores.iter().all(|&s| s < 0.0), "{scores:?}");
+    let best = if scores[1] > scores[0] { 1 } else { 0 };
+    assert_eq!(report["chosen"], best);
     refused(
-        &server.client(),
+        &c,
         &[(
-            best_of_n(json!({"rewards": {"toy": 1}})),
-            "alignment.rewards",
-            "sequence-level ARM scoring is not implemented yet",
+            best_of_n(json!({"rewards": {"toy": 1}, "guide": {"rewards": {"toy": "x"}}})),
+            "alignment.guide.rewards.toy",
+            "invalid type",
         )],
     )
     .await;

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use tilt::model::{fetch, Model, Role};
+use tilt::model::{fetch, Model, Precision, Role};
 
 pub fn model_path() -> std::path::PathBuf {
     fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL)
@@ -29,7 +29,7 @@ pub fn exact_model() -> Arc<Model> {
     MODEL
         .get_or_init(|| {
             Arc::new(
-                Model::load_with(&model_path(), fetch::DEFAULT_MODEL, Role::Base, true)
+                Model::load_with(&model_path(), fetch::DEFAULT_MODEL, Role::Base, Precision::F32)
                     .expect("model loads"),
             )
         })
