@@ -90,18 +90,28 @@ struct ServeArgs {
     /// models/models.toml; a flag replaces a manifest entry of the same name.
     #[arg(long = "reward", value_name = "NAME=PATH", value_parser = tilt::reward::parse_flag)]
     rewards: Vec<(String, PathBuf)>,
+    /// Skip the reward models of models/models.toml (only `--reward` ones load).
+    #[arg(long)]
+    no_default_rewards: bool,
 }
 
 /// The base model, then its reward models: the manifest's that are present (skipped with a
 /// warning if their tokenizer differs, as they may have been trained for another base), then
 /// those named by `--reward` (an error if they do not load).
-fn load_models(args: &ModelArgs, flags: &[(String, PathBuf)]) -> Result<Vec<Model>> {
+fn load_models(
+    args: &ModelArgs,
+    flags: &[(String, PathBuf)],
+    manifest_rewards: bool,
+) -> Result<Vec<Model>> {
     let base = args.load()?;
     let mut models = Vec::new();
-    let manifest = tilt::reward::manifest_arms(&fetch::models_dir()).unwrap_or_else(|e| {
-        tracing::warn!("no reward models from the manifest: {e:#}");
-        Vec::new()
-    });
+    let manifest = match manifest_rewards {
+        true => tilt::reward::manifest_arms(&fetch::models_dir()).unwrap_or_else(|e| {
+            tracing::warn!("no reward models from the manifest: {e:#}");
+            Vec::new()
+        }),
+        false => Vec::new(),
+    };
     for (name, path) in manifest {
         if flags.iter().any(|(n, _)| *n == name) {
             continue;
@@ -207,7 +217,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         let (model, rewards) = (args.model.clone(), args.rewards.clone());
-        let load = tokio::task::spawn_blocking(move || load_models(&model, &rewards));
+        let manifest_rewards = !args.no_default_rewards;
+        let load =
+            tokio::task::spawn_blocking(move || load_models(&model, &rewards, manifest_rewards));
         let server = api::serve(listener, state.clone(), graceful);
         tokio::pin!(server, deadline);
         let models = tokio::select! {

@@ -1,6 +1,6 @@
 //! The `genarm` decoder over HTTP: reward sources listed, steering through `alignment`, and its
 //! parameters checked. Cases with a reward model start their own server with a toy ARM (see
-//! `common::toy_arm`); the shared server has none.
+//! `common::toy_arm`); the shared server has the reward models that models/ ships.
 
 use serde_json::{json, Value};
 
@@ -9,11 +9,12 @@ use crate::common;
 use crate::server::{Client, Server};
 
 pub fn cases() -> Vec<(&'static str, crate::Case)> {
-    cases![genarm_without_reward_models_says_none_are_loaded]
+    cases![unknown_rewards_list_the_loaded_ones]
 }
 
 pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
-    cases![own: reward_sources_are_listed, genarm_steers_and_reports, genarm_parameters_are_checked]
+    cases![own: reward_sources_are_listed, genarm_steers_and_reports, genarm_parameters_are_checked,
+           genarm_without_reward_models_says_none_are_loaded]
 }
 
 /// A server with the toy ARM `toy`, which favours " Paris"; the tempdir holds its files.
@@ -171,7 +172,43 @@ async fn genarm_parameters_are_checked() {
     assert_eq!(r.status, 400, "{:?}", r.body);
 }
 
-async fn genarm_without_reward_models_says_none_are_loaded(c: Client) {
+/// The names of the reward models a server has loaded.
+async fn loaded_arms(c: &Client) -> Vec<String> {
+    let rewards = c.get("/v1/rewards").await.body;
+    rewards["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "arm")
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn unknown_rewards_list_the_loaded_ones(c: Client) {
+    let r = c
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Hi"}],
+                    "alignment": genarm(json!({"no-such-reward": 1}))}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["error"]["param"], "alignment.rewards");
+    let message = r.body["error"]["message"].as_str().unwrap();
+    let loaded = loaded_arms(&c).await;
+    assert!(message.contains("`no-such-reward`"), "{message}");
+    for name in &loaded {
+        assert!(message.contains(name.as_str()), "{name} missing from: {message}");
+    }
+    if loaded.is_empty() {
+        assert!(message.contains("none are loaded"), "{message}");
+    }
+}
+
+async fn genarm_without_reward_models_says_none_are_loaded() {
+    let server = Server::ready(&["--no-default-rewards"]).await;
+    let c = server.client();
+    assert_eq!(loaded_arms(&c).await, Vec::<String>::new());
     let r = c
         .post(
             "/v1/chat/completions",
