@@ -201,7 +201,12 @@ fn keywords_reports_each_method_and_best_of_n_covers_at_least_as_much() {
         assert!(m["output_tokens_per_s"].as_f64().unwrap() > 0.0);
     }
     let cover = |i: usize| methods[i]["mean_coverage"].as_f64().unwrap();
-    assert!(cover(1) >= cover(0), "best_of_n {} < sample {}", cover(1), cover(0));
+    assert!(
+        cover(1) >= cover(0),
+        "best_of_n {} < sample {}",
+        cover(1),
+        cover(0)
+    );
     // N candidates cost about N times the tokens of the answer.
     let cost = |i: usize| methods[i]["generated_per_output_token"].as_f64().unwrap();
     assert!((cost(0) - 1.0).abs() < 0.2, "{}", cost(0));

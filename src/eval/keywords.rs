@@ -237,7 +237,8 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
     }
     let mut sets = match &args.concepts {
         Some(path) => parse_concepts(
-            &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("reading {}", path.display()))?,
         None => parse_concepts(CONCEPTS)?,
@@ -328,9 +329,8 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
             .zip(&prompts)
             .map(|(set, prompt)| {
                 let (decoder, params) = super::split_config(&fill(&config, set))?;
-                let spec = DecoderSpec::parse(&decoder, params, engine.models()).map_err(|e| {
-                    anyhow::anyhow!("method `{name}` for {set:?}: {}", e.message)
-                })?;
+                let spec = DecoderSpec::parse(&decoder, params, engine.models())
+                    .map_err(|e| anyhow::anyhow!("method `{name}` for {set:?}: {}", e.message))?;
                 Ok(Job {
                     spec,
                     prompt: prompt.clone(),
@@ -584,7 +584,10 @@ mod tests {
         assert_eq!(filled["constraints"]["keywords"], json!(["a", "b"]));
         assert_eq!(filled["n"], 4);
         let (name, config) = parse_method(r#"mine={"decoder":"sample"}"#).unwrap();
-        assert_eq!((name.as_str(), config["decoder"].as_str()), ("mine", Some("sample")));
+        assert_eq!(
+            (name.as_str(), config["decoder"].as_str()),
+            ("mine", Some("sample"))
+        );
         assert!(parse_method("mine").is_err());
         assert!(parse_method(r#"mine={"n":4}"#).is_err());
         for (_, c) in DEFAULT_METHODS {

@@ -325,7 +325,10 @@ pub fn cell(v: f64, decimals: usize) -> String {
     if v.is_finite() {
         // 0 − x keeps −0.000 out of tables.
         let s = format!("{v:.decimals$}");
-        if s.trim_start_matches('-').chars().all(|c| c == '0' || c == '.') {
+        if s.trim_start_matches('-')
+            .chars()
+            .all(|c| c == '0' || c == '.')
+        {
             format!("{:.decimals$}", 0.0)
         } else {
             s

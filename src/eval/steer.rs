@@ -195,14 +195,12 @@ struct Measured {
 /// Every setting once: each ARM's sweep, then the grid over the first two.
 fn settings(arms: &[String], weights: &[f32], grid: &[f32]) -> Vec<Setting> {
     let mut out: Vec<Setting> = Vec::new();
-    let mut add = |w: Vec<f32>, sweep: String| {
-        match out.iter_mut().find(|s| s.weights == w) {
-            Some(s) => s.sweeps.push(sweep),
-            None => out.push(Setting {
-                weights: w,
-                sweeps: vec![sweep],
-            }),
-        }
+    let mut add = |w: Vec<f32>, sweep: String| match out.iter_mut().find(|s| s.weights == w) {
+        Some(s) => s.sweeps.push(sweep),
+        None => out.push(Setting {
+            weights: w,
+            sweeps: vec![sweep],
+        }),
     };
     for (i, arm) in arms.iter().enumerate() {
         for &w in weights {
@@ -466,16 +464,7 @@ impl Report<'_> {
         let front = self.front();
         let mut header: Vec<String> = self.arms.iter().map(|a| format!("w {a}")).collect();
         header.extend((0..self.arms.len()).map(|i| format!("reward {}", self.objective_label(i))));
-        header.extend(
-            [
-                "KL/token",
-                "distinct-2",
-                "tokens",
-                "tok/s",
-                "sweeps",
-            ]
-            .map(String::from),
-        );
+        header.extend(["KL/token", "distinct-2", "tokens", "tok/s", "sweeps"].map(String::from));
         let rows: Vec<Vec<String>> = self
             .settings
             .iter()
@@ -557,7 +546,9 @@ impl Report<'_> {
         ];
         if self.arms.len() >= 2 {
             // One line per weight of the first ARM, through the weights of the second.
-            let mut by_first: Vec<(f32, Vec<(f32, f64, f64)>)> = Vec::new();
+            // (first ARM's weight, [(second's weight, reward 1, reward 2)]).
+            type Line = (f32, Vec<(f32, f64, f64)>);
+            let mut by_first: Vec<Line> = Vec::new();
             for (s, m) in self.settings.iter().zip(self.measured) {
                 if !s.sweeps.iter().any(|x| x == "grid") {
                     continue;
@@ -574,7 +565,10 @@ impl Report<'_> {
                 .map(|(w0, mut pts)| {
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     XySeries {
-                        label: format!("w {} = {w0} (points: w {} ascending)", self.arms[0], self.arms[1]),
+                        label: format!(
+                            "w {} = {w0} (points: w {} ascending)",
+                            self.arms[0], self.arms[1]
+                        ),
                         points: pts.into_iter().map(|(_, a, b)| (a, b)).collect(),
                         line: true,
                     }
@@ -687,7 +681,15 @@ mod tests {
         let s = settings(&arms, &[0.0, 1.0], &[0.0, 1.0]);
         // a: (0,0) (1,0); b: (0,0) dup, (0,1); grid adds (1,1).
         let w: Vec<Vec<f32>> = s.iter().map(|s| s.weights.clone()).collect();
-        assert_eq!(w, [vec![0.0, 0.0], vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 1.0]]);
+        assert_eq!(
+            w,
+            [
+                vec![0.0, 0.0],
+                vec![1.0, 0.0],
+                vec![0.0, 1.0],
+                vec![1.0, 1.0]
+            ]
+        );
         assert_eq!(s[0].sweeps, ["a", "b", "grid"]);
         // One ARM: no grid.
         assert_eq!(settings(&arms[..1], &[0.0, 2.0], &[0.0, 1.0]).len(), 2);
@@ -697,7 +699,10 @@ mod tests {
     fn drops_and_the_front() {
         assert!(drops(&[(0.0, 1.0), (1.0, 1.0), (2.0, 3.0)]).is_empty());
         assert_eq!(drops(&[(0.0, 1.0), (1.0, 0.5)]), [(0.0, 1.0, -0.5)]);
-        assert_eq!(pareto(&[(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]), [1, 2, 3]);
+        assert_eq!(
+            pareto(&[(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]),
+            [1, 2, 3]
+        );
     }
 
     #[test]
@@ -708,7 +713,9 @@ mod tests {
         assert!(ObjectiveScorer::parse("regex:(").is_err());
         assert!(ObjectiveScorer::parse("nope").is_err());
         assert_eq!(
-            ObjectiveScorer::parse("keywords:a, b").unwrap().score("a c"),
+            ObjectiveScorer::parse("keywords:a, b")
+                .unwrap()
+                .score("a c"),
             0.5
         );
         assert!(parse_objective("toy=sentiment").is_ok());
