@@ -432,6 +432,15 @@ fn axis(lo: f64, hi: f64) -> (f64, f64, f64) {
     ((lo / step).floor() * step, step, (hi / step).ceil() * step)
 }
 
+/// `v` rounded to 0 when it is within rounding error of it.
+fn snap(v: f64, step: f64) -> f64 {
+    if v.abs() < step * 1e-9 {
+        0.0
+    } else {
+        v
+    }
+}
+
 /// Charts with numeric x and y axes, stacked in one SVG: a series is points, joined by a line
 /// when it asks; each panel has its legend below it.
 pub(crate) fn xy_panels(panels: &[Panel]) -> String {
@@ -477,7 +486,8 @@ pub(crate) fn xy_panels(panels: &[Panel]) -> String {
         let (xd, yd) = (decimals(xs), decimals(ys));
         let mut i = 0.0;
         while y0 + i * ys <= y1 + ys / 2.0 {
-            let v = y0 + i * ys;
+            // Snapped, so that a sum of steps near 0 does not print as −0.
+            let v = snap(y0 + i * ys, ys);
             writeln!(
                 svg,
                 "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>\
@@ -492,7 +502,7 @@ pub(crate) fn xy_panels(panels: &[Panel]) -> String {
         }
         let mut i = 0.0;
         while x0 + i * xs <= x1 + xs / 2.0 {
-            let v = x0 + i * xs;
+            let v = snap(x0 + i * xs, xs);
             writeln!(
                 svg,
                 "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"#eee\"/>\

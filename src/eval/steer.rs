@@ -143,10 +143,10 @@ pub struct SteerArgs {
     #[arg(long = "objective", value_name = "ARM=SCORER", value_parser = parse_objective)]
     pub objectives: Vec<(String, ObjectiveScorer)>,
     /// Each ARM's weight in its 1-D sweep (the others at 0).
-    #[arg(long, default_value = "-1,0,0.5,1,2,4", value_parser = parse_weights)]
+    #[arg(long, default_value = "-1,0,0.5,1,2,4", value_parser = parse_weights, allow_hyphen_values = true)]
     pub weights: Weights,
     /// Weights of the 2-D grid over the first two ARMs (each pair of them); empty for none.
-    #[arg(long, default_value = "-1,0,1,2", value_parser = parse_weights)]
+    #[arg(long, default_value = "-1,0,1,2", value_parser = parse_weights, allow_hyphen_values = true)]
     pub grid: Weights,
     /// GenARM's β: each ARM's log-probs count weight/β.
     #[arg(long, default_value_t = 1.0)]
@@ -496,8 +496,15 @@ impl Report<'_> {
                 .iter()
                 .map(|(w, r)| format!("{w}: {}", super::cell(*r, 3)))
                 .collect();
+            let change = match (c.points.first(), c.points.last()) {
+                (Some(a), Some(b)) => b.1 - a.1,
+                _ => 0.0,
+            };
             let verdict = if c.drops.is_empty() {
-                "monotone (never falls)".to_string()
+                format!(
+                    "monotone (never falls; {:+.3} from the lowest weight to the highest)",
+                    if change.abs() < 1e-12 { 0.0 } else { change }
+                )
             } else {
                 let d: Vec<String> = c
                     .drops
