@@ -6,6 +6,7 @@ pub mod api;
 pub mod bench;
 pub mod decode;
 pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod reward;
 pub mod sampling;

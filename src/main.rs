@@ -1,4 +1,4 @@
-//! The `tilt` command line: serve | generate | fetch | prefs | train-arm | bench.
+//! The `tilt` command line: serve | generate | fetch | prefs | train-arm | bench | eval.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -41,6 +41,11 @@ enum Command {
     TrainArm(Box<tilt::train::TrainArgs>),
     /// Benchmark latency and throughput of an OpenAI-compatible server, per decoder.
     Bench(Box<tilt::bench::BenchArgs>),
+    /// Offline evaluations: GenARM weight sweeps (steer) and keyword-constrained generation (keywords).
+    Eval {
+        #[command(subcommand)]
+        command: tilt::eval::EvalCommand,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -95,43 +100,13 @@ struct ServeArgs {
     no_default_rewards: bool,
 }
 
-/// The base model, then its reward models: the manifest's that are present (skipped with a
-/// warning if their tokenizer differs, as they may have been trained for another base), then
-/// those named by `--reward` (an error if they do not load).
+/// The base model, then its reward models (see `tilt::reward::with_rewards`).
 fn load_models(
     args: &ModelArgs,
     flags: &[(String, PathBuf)],
     manifest_rewards: bool,
 ) -> Result<Vec<Model>> {
-    let base = args.load()?;
-    let mut models = Vec::new();
-    let manifest = match manifest_rewards {
-        true => tilt::reward::manifest_arms(&fetch::models_dir()).unwrap_or_else(|e| {
-            tracing::warn!("no reward models from the manifest: {e:#}");
-            Vec::new()
-        }),
-        false => Vec::new(),
-    };
-    for (name, path) in manifest {
-        if flags.iter().any(|(n, _)| *n == name) {
-            continue;
-        }
-        match tilt::reward::load_arm(&base, &name, &path, args.precision) {
-            Ok(arm) => models.push(arm),
-            Err(e) => tracing::warn!("skipping reward model `{name}`: {e:#}"),
-        }
-    }
-    for (i, (name, path)) in flags.iter().enumerate() {
-        if *name == base.name || flags[..i].iter().any(|(n, _)| n == name) {
-            bail!("--reward {name}: the name is already taken");
-        }
-        models.push(tilt::reward::load_arm(&base, name, path, args.precision)?);
-    }
-    for arm in &models {
-        tracing::info!("reward model `{}` loaded", arm.name);
-    }
-    models.insert(0, base);
-    Ok(models)
+    tilt::reward::with_rewards(args.load()?, flags, manifest_rewards, args.precision)
 }
 
 #[derive(Args)]
@@ -176,6 +151,7 @@ fn main() -> ExitCode {
         Command::Prefs(args) => tilt::train::prefs::run(*args),
         Command::TrainArm(args) => tilt::train::run(*args),
         Command::Bench(args) => tilt::bench::run(*args),
+        Command::Eval { command } => tilt::eval::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@
 
 mod client;
 mod load;
-mod report;
+pub(crate) mod report;
 pub mod stats;
 mod workload;
 

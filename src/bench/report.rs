@@ -406,6 +406,174 @@ fn chart(
     svg
 }
 
+/// Points of one series of an x–y panel; `line` joins them in order.
+pub(crate) struct XySeries {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub line: bool,
+}
+
+/// One x–y chart with numeric axes (negative values included) for `xy_panels`.
+pub(crate) struct Panel {
+    pub title: String,
+    pub x_title: String,
+    pub y_title: String,
+    pub series: Vec<XySeries>,
+}
+
+/// The round grid lines (first, step, last) covering `lo..=hi`, with some room when they are equal.
+fn axis(lo: f64, hi: f64) -> (f64, f64, f64) {
+    let (lo, hi) = if hi - lo > 1e-12 * hi.abs().max(1.0) {
+        (lo, hi)
+    } else {
+        (lo - 0.5 * lo.abs().max(1.0), hi + 0.5 * hi.abs().max(1.0))
+    };
+    let step = nice_step(hi - lo);
+    ((lo / step).floor() * step, step, (hi / step).ceil() * step)
+}
+
+/// `v` rounded to 0 when it is within rounding error of it.
+fn snap(v: f64, step: f64) -> f64 {
+    if v.abs() < step * 1e-9 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// Charts with numeric x and y axes, stacked in one SVG: a series is points, joined by a line
+/// when it asks; each panel has its legend below it.
+pub(crate) fn xy_panels(panels: &[Panel]) -> String {
+    const W: f64 = 720.0;
+    const PLOT_H: f64 = 300.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 20.0;
+    const TOP: f64 = 40.0;
+    let plot_w = W - LEFT - RIGHT;
+    let panel_h = |p: &Panel| TOP + PLOT_H + 55.0 + 20.0 * p.series.len() as f64 + 10.0;
+    let height: f64 = panels.iter().map(panel_h).sum();
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    let mut offset = 0.0;
+    for panel in panels {
+        let points = || panel.series.iter().flat_map(|s| s.points.iter());
+        let finite = |v: &f64| v.is_finite();
+        let range = |vs: Vec<f64>| {
+            let lo = vs.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = vs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            if lo.is_finite() {
+                axis(lo, hi)
+            } else {
+                (0.0, 1.0, 1.0)
+            }
+        };
+        let (x0, xs, x1) = range(points().map(|p| p.0).filter(finite).collect());
+        let (y0, ys, y1) = range(points().map(|p| p.1).filter(finite).collect());
+        let x = |v: f64| LEFT + plot_w * (v - x0) / (x1 - x0);
+        let y = |v: f64| offset + TOP + PLOT_H * (1.0 - (v - y0) / (y1 - y0));
+        writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-size=\"15\">{}</text>",
+            W / 2.0,
+            offset + 22.0,
+            escape(&panel.title)
+        )
+        .unwrap();
+        let decimals = |step: f64| (-step.log10().floor()).max(0.0) as usize;
+        let (xd, yd) = (decimals(xs), decimals(ys));
+        let mut i = 0.0;
+        while y0 + i * ys <= y1 + ys / 2.0 {
+            // Snapped, so that a sum of steps near 0 does not print as −0.
+            let v = snap(y0 + i * ys, ys);
+            writeln!(
+                svg,
+                "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.yd$}</text>",
+                W - RIGHT,
+                LEFT - 6.0,
+                y(v) + 4.0,
+                py = y(v),
+            )
+            .unwrap();
+            i += 1.0;
+        }
+        let mut i = 0.0;
+        while x0 + i * xs <= x1 + xs / 2.0 {
+            let v = snap(x0 + i * xs, xs);
+            writeln!(
+                svg,
+                "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"#eee\"/>\
+                 <text x=\"{px:.1}\" y=\"{}\" text-anchor=\"middle\">{v:.xd$}</text>",
+                offset + TOP,
+                offset + TOP + PLOT_H,
+                offset + TOP + PLOT_H + 18.0,
+                px = x(v),
+            )
+            .unwrap();
+            i += 1.0;
+        }
+        writeln!(
+            svg,
+            "<line x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{}\" y2=\"{b}\" stroke=\"black\"/>\
+             <line x1=\"{LEFT}\" x2=\"{}\" y1=\"{b}\" y2=\"{b}\" stroke=\"black\"/>\n\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+             <text transform=\"translate(18 {}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
+            offset + TOP,
+            W - RIGHT,
+            LEFT + plot_w / 2.0,
+            offset + TOP + PLOT_H + 40.0,
+            escape(&panel.x_title),
+            offset + TOP + PLOT_H / 2.0,
+            escape(&panel.y_title),
+            b = offset + TOP + PLOT_H,
+        )
+        .unwrap();
+        let legend_top = offset + TOP + PLOT_H + 55.0;
+        for (n, s) in panel.series.iter().enumerate() {
+            let color = COLORS[n % COLORS.len()];
+            let pts: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .filter(|(a, b)| a.is_finite() && b.is_finite())
+                .map(|&(a, b)| (x(a), y(b)))
+                .collect();
+            if s.line {
+                let path: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
+                writeln!(
+                    svg,
+                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+                    path.join(" ")
+                )
+                .unwrap();
+            }
+            for (px, py) in &pts {
+                writeln!(
+                    svg,
+                    "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3.5\" fill=\"{color}\"/>"
+                )
+                .unwrap();
+            }
+            let ly = legend_top + 20.0 * n as f64;
+            writeln!(
+                svg,
+                "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>\
+                 <text x=\"{}\" y=\"{}\">{}</text>",
+                LEFT + 24.0,
+                LEFT + 32.0,
+                ly + 4.0,
+                escape(&s.label)
+            )
+            .unwrap();
+        }
+        offset += panel_h(panel);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// A round grid step (1, 2 or 5 × 10^k) giving about five lines up to `max`.
 fn nice_step(max: f64) -> f64 {
     let raw = max / 5.0;
@@ -446,6 +614,29 @@ mod tests {
         assert_eq!(svg.matches("<circle").count(), 3);
         assert!(svg.contains("{&quot;decoder&quot;:&quot;sample&quot;}"));
         assert!(svg.contains("a&lt;b"));
+    }
+
+    #[test]
+    fn xy_panels_stack_charts_with_negative_ranges() {
+        let panel = |line| Panel {
+            title: "t".into(),
+            x_title: "x".into(),
+            y_title: "y".into(),
+            series: vec![XySeries {
+                label: "s<1>".into(),
+                points: vec![(-1.0, -3.0), (0.5, 2.0), (4.0, f64::NAN)],
+                line,
+            }],
+        };
+        let svg = xy_panels(&[panel(true), panel(false)]);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert_eq!(svg.matches("<polyline").count(), 1);
+        // The NaN point is left out.
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(svg.contains("s&lt;1&gt;"));
+        assert_eq!(axis(-3.0, 2.0), (-3.0, 1.0, 2.0));
+        let (lo, _, hi) = axis(5.0, 5.0);
+        assert!(lo < 5.0 && hi > 5.0);
     }
 
     #[test]

@@ -121,6 +121,45 @@ pub fn manifest_arms(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         .collect())
 }
 
+/// `base`, then its reward models: the manifest's that are present, unless `manifest` is false
+/// (skipped with a warning if their tokenizer differs, as they may have been trained for another
+/// base), then those named by `--reward NAME=PATH` flags (an error if they do not load).
+pub fn with_rewards(
+    base: Model,
+    flags: &[(String, PathBuf)],
+    manifest: bool,
+    precision: Precision,
+) -> Result<Vec<Model>> {
+    let mut models = Vec::new();
+    let manifest = match manifest {
+        true => manifest_arms(&crate::model::fetch::models_dir()).unwrap_or_else(|e| {
+            tracing::warn!("no reward models from the manifest: {e:#}");
+            Vec::new()
+        }),
+        false => Vec::new(),
+    };
+    for (name, path) in manifest {
+        if flags.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        match load_arm(&base, &name, &path, precision) {
+            Ok(arm) => models.push(arm),
+            Err(e) => tracing::warn!("skipping reward model `{name}`: {e:#}"),
+        }
+    }
+    for (i, (name, path)) in flags.iter().enumerate() {
+        if *name == base.name || flags[..i].iter().any(|(n, _)| n == name) {
+            bail!("--reward {name}: the name is already taken");
+        }
+        models.push(load_arm(&base, name, path, precision)?);
+    }
+    for arm in &models {
+        tracing::info!("reward model `{}` loaded", arm.name);
+    }
+    models.insert(0, base);
+    Ok(models)
+}
+
 /// Parse a `--reward NAME=PATH` flag.
 pub fn parse_flag(flag: &str) -> Result<(String, PathBuf), String> {
     match flag.split_once('=') {

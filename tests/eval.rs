@@ -1,0 +1,219 @@
+//! `tilt eval steer` and `tilt eval keywords` end to end through the built binary, with the real
+//! base model, toy reward models and a few prompts.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn tilt(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(args)
+        .output()
+        .expect("tilt runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tilt {args:?} failed:\n{stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Data rows of the first markdown table in `md`.
+fn table_rows(md: &str) -> Vec<&str> {
+    md.lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .collect()
+}
+
+#[test]
+fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
+    let model = common::model_path();
+    let (paris, london) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    common::toy_arm(paris.path(), common::single_token(" Paris"), |_| {});
+    common::toy_arm(london.path(), common::single_token(" London"), |_| {});
+    let prompts = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        prompts.path(),
+        "{\"prompt\": \"Tell me about a city you like.\"}\n{\"prompt\": \"Write about a trip.\"}\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let reward = |name: &str, dir: &Path| format!("{name}={}", dir.display());
+    let stdout = tilt(&[
+        "eval",
+        "steer",
+        "--model",
+        model.to_str().unwrap(),
+        "--reward",
+        &reward("paris", paris.path()),
+        "--reward",
+        &reward("london", london.path()),
+        "--objective",
+        "paris=count:paris",
+        "--objective",
+        "london=count:london",
+        "--prompts",
+        prompts.path().to_str().unwrap(),
+        "--weights",
+        "0,0.6,1.2",
+        "--grid",
+        "0,1",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "3",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    for f in ["steer.md", "steer.svg", "steer.json"] {
+        assert!(out.path().join(f).exists(), "{f} missing");
+    }
+    let report = read_json(&out.path().join("steer.json"));
+    let settings = report["settings"].as_array().unwrap();
+    // paris 0, 0.6, 1.2; london 0.6, 1.2 (0 shared); grid (0,1), (1,0), (1,1).
+    let weights: Vec<(f64, f64)> = settings
+        .iter()
+        .map(|s| {
+            let w = &s["weights"];
+            (w["paris"].as_f64().unwrap(), w["london"].as_f64().unwrap())
+        })
+        .collect();
+    let want = [
+        (0.0, 0.0),
+        (0.6, 0.0),
+        (1.2, 0.0),
+        (0.0, 0.6),
+        (0.0, 1.2),
+        (0.0, 1.0),
+        (1.0, 0.0),
+        (1.0, 1.0),
+    ];
+    assert_eq!(weights.len(), want.len(), "{weights:?}");
+    for w in want {
+        assert!(
+            weights
+                .iter()
+                .any(|v| (v.0 - w.0).abs() < 1e-6 && (v.1 - w.1).abs() < 1e-6),
+            "{w:?} missing from {weights:?}"
+        );
+    }
+    let md = std::fs::read_to_string(out.path().join("steer.md")).unwrap();
+    assert_eq!(table_rows(&md).len(), want.len(), "{md}");
+    assert_eq!(stdout.trim(), md.trim());
+    let svg = std::fs::read_to_string(out.path().join("steer.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("Trade-off"));
+
+    let setting = |p: f64, l: f64| {
+        settings
+            .iter()
+            .find(|s| {
+                (s["weights"]["paris"].as_f64().unwrap() - p).abs() < 1e-6
+                    && (s["weights"]["london"].as_f64().unwrap() - l).abs() < 1e-6
+            })
+            .unwrap()
+    };
+    let count = |s: &Value, arm: &str| s["rewards"][arm].as_f64().unwrap();
+    let (none, some, more) = (setting(0.0, 0.0), setting(0.6, 0.0), setting(1.2, 0.0));
+    assert_eq!(none["kl_per_token"], 0.0);
+    assert!(more["kl_per_token"].as_f64().unwrap() > 0.0);
+    assert!(
+        count(none, "paris") <= count(some, "paris")
+            && count(some, "paris") <= count(more, "paris")
+            && count(none, "paris") < count(more, "paris"),
+        "{} {} {}",
+        count(none, "paris"),
+        count(some, "paris"),
+        count(more, "paris")
+    );
+    // At +12 nats " Paris" is nearly every token.
+    assert!(count(more, "paris") >= 4.0, "{}", count(more, "paris"));
+    assert!(count(setting(0.0, 1.2), "london") > count(none, "london"));
+    let mono = report["monotonicity"].as_array().unwrap();
+    assert_eq!(mono.len(), 2);
+    assert_eq!(mono[0]["arm"], "paris");
+    assert_eq!(mono[0]["monotone"], true);
+    assert!(md.contains("Monotonicity"));
+    for s in settings {
+        assert_eq!(s["outputs"].as_array().unwrap().len(), 2);
+        let d = s["distinct_2"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&d));
+    }
+}
+
+#[test]
+fn keywords_reports_each_method_and_best_of_n_covers_at_least_as_much() {
+    let model = common::model_path();
+    let concepts = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        concepts.path(),
+        "# two sets\ndog frisbee catch throw\nchef knife cut vegetable\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    tilt(&[
+        "eval",
+        "keywords",
+        "--model",
+        model.to_str().unwrap(),
+        "--concepts",
+        concepts.path().to_str().unwrap(),
+        "--method",
+        r#"sample={"decoder":"sample"}"#,
+        "--method",
+        r#"bon={"decoder":"best_of_n","n":4,"constraints":{"keywords":"$concepts"}}"#,
+        "--method",
+        r#"later={"decoder":"no_such_decoder","constraints":{"keywords":"$concepts"}}"#,
+        "--max-tokens",
+        "24",
+        "--seed",
+        "1",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    for f in ["keywords.md", "keywords.svg", "keywords.json"] {
+        assert!(out.path().join(f).exists(), "{f} missing");
+    }
+    let report = read_json(&out.path().join("keywords.json"));
+    assert_eq!(report["concept_sets"], 2);
+    let methods = report["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["sample", "bon"]);
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0]["method"], "later");
+    for m in methods {
+        assert_eq!(m["outputs"].as_array().unwrap().len(), 2);
+        for key in ["all_present", "mean_coverage"] {
+            let v = m[key].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&v), "{key} {v}");
+        }
+        let ppl = m["perplexity"].as_f64().unwrap();
+        assert!(ppl > 1.0 && ppl < 1000.0, "perplexity {ppl}");
+        assert!(m["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let cover = |i: usize| methods[i]["mean_coverage"].as_f64().unwrap();
+    assert!(
+        cover(1) >= cover(0),
+        "best_of_n {} < sample {}",
+        cover(1),
+        cover(0)
+    );
+    // N candidates cost about N times the tokens of the answer.
+    let cost = |i: usize| methods[i]["generated_per_output_token"].as_f64().unwrap();
+    assert!((cost(0) - 1.0).abs() < 0.2, "{}", cost(0));
+    assert!(cost(1) > 2.0, "{}", cost(1));
+    let md = std::fs::read_to_string(out.path().join("keywords.md")).unwrap();
+    assert_eq!(table_rows(&md).len(), 2, "{md}");
+    assert!(md.contains("`later` skipped"));
+    let svg = std::fs::read_to_string(out.path().join("keywords.svg")).unwrap();
+    assert_eq!(svg.matches("<circle").count(), 6);
+}
