@@ -233,12 +233,20 @@ fn best_of_n_scores_candidates_by_the_reward_models_sequence_log_prob() {
         let t = c["tokens"].as_f64().unwrap();
         let k = (score + t * lse) / 10.0;
         // Q8_0 rounding of the ARM moves each log-prob by far less than 0.01.
-        assert!((k - k.round()).abs() < 0.01 * t, "{score} is not 10k − {t}·lse: k = {k}");
+        assert!(
+            (k - k.round()).abs() < 0.01 * t,
+            "{score} is not 10k − {t}·lse: k = {k}"
+        );
         let text = c["text"].as_str().unwrap();
-        assert!(k.round() as usize <= text.matches(" the").count(), "{k} in {text:?}");
+        assert!(
+            k.round() as usize <= text.matches(" the").count(),
+            "{k} in {text:?}"
+        );
         favoured.push(score);
     }
-    let best = (0..4).max_by(|&a, &b| favoured[a].total_cmp(&favoured[b])).unwrap();
+    let best = (0..4)
+        .max_by(|&a, &b| favoured[a].total_cmp(&favoured[b]))
+        .unwrap();
     assert_eq!(report["chosen"], best);
 }
 
@@ -279,7 +287,11 @@ fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
     }
     // A guide's unknown reward names its parameter.
     let params = json!({"rewards": {"sentiment": 1}, "guide": {"rewards": {"nope": 1}}});
-    let err = DecoderSpec::parse("best_of_n", params.as_object().cloned().unwrap(), e.models())
-        .unwrap_err();
+    let err = DecoderSpec::parse(
+        "best_of_n",
+        params.as_object().cloned().unwrap(),
+        e.models(),
+    )
+    .unwrap_err();
     assert_eq!(err.param.as_deref(), Some("guide.rewards"));
 }

@@ -107,10 +107,13 @@ fn concise_pairs_rank_repeat_by_seed_and_train_an_arm() {
 }
 
 #[test]
-fn sentiment_pairs_rank_by_the_lexicon() {
+fn sentiment_pairs_rank_by_the_lexicon_and_their_responses_serve_another_objective() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");
+    let saved = dir.path().join("responses.jsonl");
     let args = [
+        "--responses",
+        saved.to_str().unwrap(),
         "--objective",
         "sentiment",
         "--split",
@@ -127,6 +130,82 @@ fn sentiment_pairs_rank_by_the_lexicon() {
     assert_ranked(&pairs, Objective::Sentiment, 4);
     let eval = tilt::train::prompts::builtin(tilt::train::prompts::Split::Eval);
     assert!(pairs.iter().all(|p| eval.contains(&p.prompt)));
+
+    // The saved responses, ranked again for concision without sampling.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&saved)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let concise = dir.path().join("concise.jsonl");
+    let run = tilt(&[
+        "prefs",
+        "--objective",
+        "concise",
+        "--from-responses",
+        saved.to_str().unwrap(),
+        "--out",
+        concise.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let pairs = parse(&std::fs::read(&concise).unwrap());
+    assert!(!pairs.is_empty(), "every prompt was a tie");
+    assert_ranked(&pairs, Objective::Concise, 4);
+    for p in &pairs {
+        let line = lines
+            .iter()
+            .find(|l| l["prompt"] == p.prompt.as_str())
+            .unwrap();
+        let responses = line["responses"].as_array().unwrap();
+        assert!(responses.iter().any(|r| r == p.chosen.as_str()), "{p:?}");
+        assert!(responses.iter().any(|r| r == p.rejected.as_str()), "{p:?}");
+    }
+}
+
+#[test]
+fn shards_split_the_prompts() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |shard| {
+        [
+            "--objective",
+            "concise",
+            "--split",
+            "all",
+            "--limit",
+            "3",
+            "--k",
+            "2",
+            "--max-tokens",
+            "4",
+            "--shard",
+            shard,
+        ]
+    };
+    let mut prompts = Vec::new();
+    for (i, shard) in ["0/2", "1/2"].into_iter().enumerate() {
+        let saved = dir.path().join(format!("r{i}.jsonl"));
+        let out = dir.path().join(format!("p{i}.jsonl"));
+        prefs(
+            &out,
+            &[&args(shard)[..], &["--responses", saved.to_str().unwrap()]].concat(),
+        );
+        for l in std::fs::read_to_string(&saved).unwrap().lines() {
+            let l: serde_json::Value = serde_json::from_str(l).unwrap();
+            prompts.push((i, l["prompt"].as_str().unwrap().to_string()));
+        }
+    }
+    let all = tilt::train::prompts::builtin(tilt::train::prompts::Split::All);
+    let want = vec![
+        (0, all[0].clone()),
+        (0, all[2].clone()),
+        (1, all[1].clone()),
+    ];
+    assert_eq!(prompts, want);
 }
 
 #[test]

@@ -140,7 +140,8 @@ fn saved_arm_serves_with_the_training_log_probs() {
     arm.save(dir.path(), DType::F32, base.vocab.bos, base.vocab.eos)
         .unwrap();
     train::write_tokenizer(&common::model_path(), &base, dir.path()).unwrap();
-    let mut served = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::F32).expect("GenARM accepts it");
+    let mut served = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::F32)
+        .expect("GenARM accepts it");
     assert_eq!(served.vocab.digest, base.vocab.digest);
     assert_eq!(
         served.chat.render(&[]).unwrap(),
@@ -174,7 +175,10 @@ fn saved_arm_serves_with_the_training_log_probs() {
     let q8 = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::Q8_0).unwrap();
     let diff = max_diff(&served_log_probs(&q8, &tokens), &trained);
     eprintln!("Q8_0 ARM log-probs differ from f32 by at most {diff}");
-    assert!(diff < 0.15 * spread, "Q8_0 log-probs differ by {diff} (spread {spread})");
+    assert!(
+        diff < 0.15 * spread,
+        "Q8_0 log-probs differ by {diff} (spread {spread})"
+    );
 
     // The comparison notices a RoPE mismatch.
     served.llama.cfg.rope_style = RopeStyle::Interleaved;

@@ -163,7 +163,10 @@ impl BestOfN {
     /// with the log-prob of the response's first token.
     fn start_scoring(&mut self, cx: &mut Cx) -> Result<()> {
         for arm in &mut self.arms {
-            let (seq, first) = arm.first.take().context("an ARM prompt not yet prefilled")?;
+            let (seq, first) = arm
+                .first
+                .take()
+                .context("an ARM prompt not yet prefilled")?;
             for c in self.guided.choices() {
                 let run = cx.fork(seq)?;
                 let y1 = *c.tokens.first().context("a candidate without tokens")?;

@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::Precision;
 use super::quant::{self, GgmlMatrix, Q4_1Matrix, Q8_0Matrix, SharedOut};
+use super::Precision;
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,11 +292,14 @@ impl Llama {
         for i in 0..cfg.n_layers {
             let p = format!("model.layers.{i}");
             let mut w = |n: &str| take(&format!("{p}.{n}.weight"));
-            let qkv = Linear::dense(vec![
-                w("self_attn.q_proj")?,
-                w("self_attn.k_proj")?,
-                w("self_attn.v_proj")?,
-            ], precision)?;
+            let qkv = Linear::dense(
+                vec![
+                    w("self_attn.q_proj")?,
+                    w("self_attn.k_proj")?,
+                    w("self_attn.v_proj")?,
+                ],
+                precision,
+            )?;
             let wo = Linear::dense(vec![w("self_attn.o_proj")?], precision)?;
             let gate_up = Linear::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?], precision)?;
             let down = Linear::dense(vec![w("mlp.down_proj")?], precision)?;
@@ -312,9 +315,10 @@ impl Llama {
             });
         }
         let norm = vec_of(&take("model.norm.weight")?)?;
-        let output = Linear::dense(vec![
-            take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())
-        ], precision)?;
+        let output = Linear::dense(
+            vec![take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())],
+            precision,
+        )?;
         let embed = vec_of(&embed_t)?;
         Self::assemble(cfg, embed, layers, norm, output)
     }

@@ -92,6 +92,35 @@ pub struct PrefsArgs {
     /// Prompts decoded together (each with its K responses); the rest wait in the queue.
     #[arg(long, default_value_t = EngineOptions::default().max_running)]
     pub max_running: usize,
+    /// Only prompts i with i mod N = I, as I/N: N processes with one thread each share a busy
+    /// machine better than one with N threads; `cat` their outputs together.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+    /// Also write every prompt's K responses here ({"prompt", "responses"} per line), for
+    /// `--from-responses`.
+    #[arg(long)]
+    pub responses: Option<PathBuf>,
+    /// Rank the responses of an earlier `--responses` file instead of sampling: one sampling
+    /// run serves every objective.
+    #[arg(long, conflicts_with_all = ["responses", "prompts", "limit", "shard", "model"])]
+    pub from_responses: Option<PathBuf>,
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.parse().ok()?, n.parse().ok()?)));
+    match parsed {
+        Some((i, n)) if i < n => Ok((i, n)),
+        _ => Err(format!("expected I/N with I < N, got `{s}`")),
+    }
+}
+
+/// One line of a `--responses` file.
+#[derive(Serialize, Deserialize)]
+struct Responses {
+    prompt: String,
+    responses: Vec<String>,
 }
 
 impl PrefsArgs {
@@ -177,23 +206,27 @@ fn sample(
     Ok((responses, generated))
 }
 
-/// The `tilt prefs` command.
-pub fn run(args: PrefsArgs) -> Result<()> {
-    let start = Instant::now();
-    args.check()?;
+/// The prompts, their K sampled responses, the tokens generated and the seconds it took.
+fn sample_all(args: &PrefsArgs) -> Result<(Vec<String>, Vec<Vec<String>>, usize, f64)> {
     let mut prompts = match &args.prompts {
         Some(path) => prompts::read(path, args.split)?,
         None => prompts::builtin(args.split),
     };
     prompts.truncate(args.limit.unwrap_or(usize::MAX));
+    if let Some((i, n)) = args.shard {
+        prompts = prompts.into_iter().skip(i).step_by(n).collect();
+    }
     if prompts.is_empty() {
         bail!("no prompts in the {:?} split", args.split);
     }
     // Before the long part, so that an unwritable path fails at once.
-    let mut file = std::io::BufWriter::new(
-        std::fs::File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))?,
-    );
+    let mut saved = match &args.responses {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let path = match &args.model {
         Some(p) => p.clone(),
         None => fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL)?,
@@ -209,10 +242,47 @@ pub fn run(args: PrefsArgs) -> Result<()> {
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    let sampling = Instant::now();
-    let (responses, generated) = sample(&engine, &prompts, &args, &bar)?;
-    let sampling = sampling.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let (responses, generated) = sample(&engine, &prompts, args, &bar)?;
+    let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    if let (Some(file), Some(path)) = (&mut saved, &args.responses) {
+        for (prompt, responses) in prompts.iter().zip(&responses) {
+            let line = Responses {
+                prompt: prompt.clone(),
+                responses: responses.clone(),
+            };
+            writeln!(file, "{}", serde_json::to_string(&line)?)?;
+        }
+        file.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok((prompts, responses, generated, seconds))
+}
+
+/// The `tilt prefs` command.
+pub fn run(args: PrefsArgs) -> Result<()> {
+    let start = Instant::now();
+    args.check()?;
+    let (prompts, responses, generated, sampling) = match &args.from_responses {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let lines = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(serde_json::from_str::<Responses>)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("reading {}", path.display()))?;
+            let (prompts, responses) = lines.into_iter().map(|r| (r.prompt, r.responses)).unzip();
+            (prompts, responses, 0, 0.0)
+        }
+        None => sample_all(&args)?,
+    };
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?,
+    );
 
     let scorer = args.objective.scorer();
     let pairs: Vec<ScoredPair> = prompts
@@ -241,7 +311,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     );
     println!(
         "{generated} tokens generated at {:.1} tok/s; {wall:.1} s in all; written to {}",
-        generated as f64 / sampling,
+        generated as f64 / sampling.max(1e-9),
         args.out.display()
     );
     Ok(())

@@ -166,7 +166,11 @@ async fn best_of_n_parameters_are_checked(c: Client) {
                       "alignment": best_of_n(json!({"n": 2, "rewards": sentiment}))});
     let r = c.ok("/v1/completions", &body).await;
     assert_eq!(r["choices"].as_array().unwrap().len(), 2, "{r}");
-    assert_eq!(r["alignment"]["choices"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(
+        r["alignment"]["choices"].as_array().unwrap().len(),
+        2,
+        "{r}"
+    );
 }
 
 async fn best_of_n_scores_and_is_guided_by_reward_models() {
@@ -175,8 +179,10 @@ async fn best_of_n_scores_and_is_guided_by_reward_models() {
     let flag = format!("toy={}", dir.path().display());
     let server = Server::ready(&["--reward", &flag]).await;
     let c = server.client();
-    let alignment = best_of_n(json!({"n": 2, "rewards": {"toy": 1}, "return_candidates": true,
-                                     "guide": {"rewards": {"toy": 2}, "beta": 0.5}}));
+    let alignment = best_of_n(
+        json!({"n": 2, "rewards": {"toy": 1}, "return_candidates": true,
+                                     "guide": {"rewards": {"toy": 2}, "beta": 0.5}}),
+    );
     let body = json!({"messages": [{"role": "user", "content": "Name a city."}],
                       "max_tokens": 6, "seed": 2, "alignment": alignment});
     let r = c.ok("/v1/chat/completions", &body).await;

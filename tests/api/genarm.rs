@@ -198,7 +198,10 @@ async fn unknown_rewards_list_the_loaded_ones(c: Client) {
     let loaded = loaded_arms(&c).await;
     assert!(message.contains("`no-such-reward`"), "{message}");
     for name in &loaded {
-        assert!(message.contains(name.as_str()), "{name} missing from: {message}");
+        assert!(
+            message.contains(name.as_str()),
+            "{name} missing from: {message}"
+        );
     }
     if loaded.is_empty() {
         assert!(message.contains("none are loaded"), "{message}");

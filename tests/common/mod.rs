@@ -29,8 +29,13 @@ pub fn exact_model() -> Arc<Model> {
     MODEL
         .get_or_init(|| {
             Arc::new(
-                Model::load_with(&model_path(), fetch::DEFAULT_MODEL, Role::Base, Precision::F32)
-                    .expect("model loads"),
+                Model::load_with(
+                    &model_path(),
+                    fetch::DEFAULT_MODEL,
+                    Role::Base,
+                    Precision::F32,
+                )
+                .expect("model loads"),
             )
         })
         .clone()
