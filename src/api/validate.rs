@@ -373,6 +373,12 @@ fn job(
             format!("`n` must be 1 with the best_of_n decoder (its candidates are `alignment.n`), got {n}"),
         ));
     }
+    if matches!(decoder, DecoderSpec::Deal(_)) && n > 1 {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be 1 with the deal decoder (its beams are `alignment.beam_width`), got {n}"),
+        ));
+    }
     let generations = prompts
         .into_iter()
         .map(|(prompt, source)| {

@@ -8,58 +8,21 @@
 //! Candidates hold their events back; only the chosen one is streamed, once every candidate has
 //! finished. Candidate i draws from RNG stream i of the request's seed, so N = 1 is plain `sample`.
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use super::objectives::{Objective, Scoring};
 use super::prompt::{fork, plan_choices, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, Outputs, Usage, BASE};
-use crate::reward::scorers::{self, Keywords, Length, Scorer};
 
 /// Most candidates one request may ask for.
 pub const MAX_N: usize = 16;
 /// Most reference samples for calibration.
 pub const MAX_CALIBRATE: usize = 32;
-
-/// What an objective scores with.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Source {
-    /// A scorer of the built-in registry, by name.
-    Builtin(String),
-    /// `constraints.keywords`: the share of keywords present.
-    Keywords(Vec<String>),
-    /// `constraints.max_words`: 0 within the budget, falling off past it.
-    MaxWords(usize),
-}
-
-impl Source {
-    fn scorer(&self) -> Box<dyn Scorer> {
-        match self {
-            Self::Builtin(name) => {
-                scorers::builtin()
-                    .into_iter()
-                    .find(|b| b.name == name)
-                    .expect("scorer names are checked when the request is parsed")
-                    .scorer
-            }
-            Self::Keywords(k) => Box::new(Keywords::new(k)),
-            Self::MaxWords(n) => Box::new(Length::at_most(*n)),
-        }
-    }
-}
-
-/// One term of the reward: its name in reports, its weight and its source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Objective {
-    pub name: String,
-    pub weight: f32,
-    pub source: Source,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Selection {
@@ -83,7 +46,7 @@ pub struct BestOfNSpec {
 
 pub struct BestOfN {
     spec: BestOfNSpec,
-    scorers: Vec<Box<dyn Scorer>>,
+    scoring: Scoring,
     generation: Generation,
     prompt: SharedPrompt,
     /// The N candidates, then the K reference samples.
@@ -94,10 +57,9 @@ pub struct BestOfN {
 
 impl BestOfN {
     pub fn new(spec: BestOfNSpec, generation: Generation) -> Self {
-        let scorers = spec.objectives.iter().map(|o| o.source.scorer()).collect();
         Self {
+            scoring: Scoring::new(&spec.objectives),
             spec,
-            scorers,
             prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
             generation,
             candidates: Vec::new(),
@@ -111,7 +73,7 @@ impl BestOfN {
         let texts: Vec<String> = held.iter().map(|events| text(events)).collect();
         let raw: Vec<Vec<f32>> = texts
             .iter()
-            .map(|t| self.scorers.iter().map(|s| s.score(t)).collect())
+            .map(|t| self.scoring.scores(t))
             .collect();
         let (candidates, references) = raw.split_at(self.spec.n);
         let scores: Vec<Vec<f32>> = if self.spec.calibrate > 0 {
@@ -126,15 +88,7 @@ impl BestOfN {
         } else {
             candidates.to_vec()
         };
-        let rewards: Vec<f64> = scores
-            .iter()
-            .map(|s| {
-                s.iter()
-                    .zip(&self.spec.objectives)
-                    .map(|(&s, o)| f64::from(s) * f64::from(o.weight))
-                    .sum()
-            })
-            .collect();
+        let rewards: Vec<f64> = scores.iter().map(|s| self.scoring.combine(s)).collect();
         let chosen = match self.spec.selection {
             Selection::Hard => best(&rewards),
             Selection::Soft { beta } => soft(&rewards, beta, self.rng()),
@@ -144,12 +98,7 @@ impl BestOfN {
         }
         let generated: usize = self.candidates.iter().map(|c| c.tokens.len()).sum();
         let n = self.spec.n as f64;
-        let weights: BTreeMap<&str, f32> = self
-            .spec
-            .objectives
-            .iter()
-            .map(|o| (o.name.as_str(), o.weight))
-            .collect();
+        let weights = self.scoring.weights();
         let mut report = json!({
             "n": self.spec.n,
             "kl_bound": n.ln() - (n - 1.0) / n,

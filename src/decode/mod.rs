@@ -2,9 +2,12 @@
 //! any number of sequences), then absorbs their logits and emits tokens. Token-level decoders and
 //! search decoders share this one seam, so the engine batches them all together.
 
+pub mod args;
 pub mod best_of_n;
 mod choice;
+pub mod deal;
 pub mod genarm;
+pub mod objectives;
 mod prompt;
 pub mod sample;
 
@@ -15,8 +18,11 @@ use anyhow::Result;
 use crate::engine::{Cx, ModelId, ModelInfo, Outputs};
 use crate::reward;
 use crate::sampling::SamplingParams;
+use objectives::Constraints;
 
+pub use args::{Args, ArgsSpec};
 pub use best_of_n::{BestOfN, BestOfNSpec};
+pub use deal::{Deal, DealSpec};
 pub use choice::Choice;
 pub use genarm::{ArmWeight, GenArm, GenArmSpec};
 pub use sample::Sample;
@@ -59,7 +65,7 @@ impl Generation {
 }
 
 /// Names of the decoders a request may ask for.
-pub const DECODERS: &[&str] = &["sample", "genarm", "best_of_n"];
+pub const DECODERS: &[&str] = &["sample", "genarm", "best_of_n", "args", "deal"];
 
 /// A decoder parameter a request got wrong: `param` names it (relative to the decoder's
 /// parameter object), `message` says what is wrong.
@@ -77,6 +83,8 @@ pub enum DecoderSpec {
     Sample,
     GenArm(GenArmSpec),
     BestOfN(BestOfNSpec),
+    Args(ArgsSpec),
+    Deal(DealSpec),
 }
 
 /// `sample` takes no parameters beyond the request's sampling fields.
@@ -116,11 +124,57 @@ fn default_candidates() -> usize {
     4
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+/// `args`: candidates per step, how one is picked, and the rewards that rescore them.
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Constraints {
-    keywords: Option<Vec<String>>,
-    max_words: Option<usize>,
+struct ArgsParams {
+    #[serde(default = "default_args_top_k")]
+    top_k: usize,
+    #[serde(default)]
+    mode: args::Mode,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+}
+
+/// The paper's and the official code's k.
+fn default_args_top_k() -> usize {
+    10
+}
+
+/// `deal`: the search's shape, the reward's weight λ and the rewards.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DealParams {
+    #[serde(default = "default_deal_top_k")]
+    top_k: usize,
+    #[serde(default = "default_beam_width")]
+    beam_width: usize,
+    #[serde(default = "default_lookahead")]
+    lookahead: usize,
+    #[serde(default = "default_lambda")]
+    lambda: f64,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+}
+
+fn default_deal_top_k() -> usize {
+    4
+}
+
+fn default_beam_width() -> usize {
+    2
+}
+
+fn default_lookahead() -> usize {
+    8
+}
+
+fn default_lambda() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -143,6 +197,8 @@ impl DecoderSpec {
             "sample" => typed::<SampleParams>(params).map(|_| Self::Sample),
             "genarm" => genarm_spec(typed(params)?, models).map(Self::GenArm),
             "best_of_n" => best_of_n_spec(typed(params)?, models).map(Self::BestOfN),
+            "args" => args_spec(typed(params)?, models).map(Self::Args),
+            "deal" => deal_spec(typed(params)?, models).map(Self::Deal),
             other => Err(ParamError {
                 param: Some("decoder".into()),
                 message: format!(
@@ -158,13 +214,15 @@ impl DecoderSpec {
             Self::Sample => "sample",
             Self::GenArm(_) => "genarm",
             Self::BestOfN(_) => "best_of_n",
+            Self::Args(_) => "args",
+            Self::Deal(_) => "deal",
         }
     }
 
     /// Models other than the base that the decoder runs (they need the prompt in their tokens).
     pub fn models(&self) -> Vec<ModelId> {
         match self {
-            Self::Sample | Self::BestOfN(_) => Vec::new(),
+            Self::Sample | Self::BestOfN(_) | Self::Args(_) | Self::Deal(_) => Vec::new(),
             Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
         }
     }
@@ -174,6 +232,8 @@ impl DecoderSpec {
             Self::Sample => Box::new(Sample::new(generation)),
             Self::GenArm(spec) => Box::new(GenArm::new(spec.clone(), generation)),
             Self::BestOfN(spec) => Box::new(BestOfN::new(spec.clone(), generation)),
+            Self::Args(spec) => Box::new(Args::new(spec.clone(), generation)),
+            Self::Deal(spec) => Box::new(Deal::new(spec.clone(), generation)),
         }
     }
 }
@@ -231,7 +291,7 @@ fn genarm_spec(p: GenArmParams, models: &[ModelInfo]) -> Result<GenArmSpec, Para
 }
 
 fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec, ParamError> {
-    use best_of_n::{Objective, Selection, Source, MAX_CALIBRATE, MAX_N};
+    use best_of_n::{Selection, MAX_CALIBRATE, MAX_N};
     let invalid = |param: &str, message: String| ParamError {
         param: Some(param.into()),
         message,
@@ -271,75 +331,51 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
             Selection::Soft { beta }
         }
     };
-    let mut objectives = Vec::new();
-    for (name, w) in p.rewards {
-        let builtin = reward::scorers::builtin();
-        if !builtin.iter().any(|b| b.name == name) {
-            let what = if reward::arm(models, &name).is_some() {
-                "is a reward model: sequence-level ARM scoring is not implemented yet".to_string()
-            } else {
-                "is not a programmatic reward".to_string()
-            };
-            let names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
-            return Err(invalid(
-                "rewards",
-                format!(
-                    "`{name}` {what}; best_of_n scores with: {}",
-                    names.join(", ")
-                ),
-            ));
-        }
-        let weight = w as f32;
-        if !weight.is_finite() {
-            return Err(invalid(
-                &format!("rewards.{name}"),
-                format!("the weight of `{name}` must be a finite number, got {w}"),
-            ));
-        }
-        objectives.push(Objective {
-            source: Source::Builtin(name.clone()),
-            name,
-            weight,
-        });
-    }
-    if let Some(keywords) = p.constraints.keywords {
-        if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
-            return Err(invalid(
-                "constraints.keywords",
-                "`constraints.keywords` must list at least one keyword, none blank".into(),
-            ));
-        }
-        objectives.push(Objective {
-            name: "keywords".into(),
-            weight: 1.0,
-            source: Source::Keywords(keywords),
-        });
-    }
-    if let Some(words) = p.constraints.max_words {
-        if words == 0 {
-            return Err(invalid(
-                "constraints.max_words",
-                "`constraints.max_words` must be at least 1".into(),
-            ));
-        }
-        objectives.push(Objective {
-            name: "max_words".into(),
-            weight: 1.0,
-            source: Source::MaxWords(words),
-        });
-    }
-    if objectives.is_empty() {
-        return Err(invalid(
-            "rewards",
-            "best_of_n needs something to select by: `rewards` or `constraints`".into(),
-        ));
-    }
+    let objectives =
+        objectives::parse("best_of_n", "select by", p.rewards, p.constraints, models)?;
     Ok(BestOfNSpec {
         n: p.n,
         objectives,
         selection,
         calibrate: p.calibrate,
         return_candidates: p.return_candidates,
+    })
+}
+
+/// A count parameter within `1..=max`.
+fn within(param: &str, value: usize, min: usize, max: usize) -> Result<usize, ParamError> {
+    if (min..=max).contains(&value) {
+        return Ok(value);
+    }
+    Err(ParamError {
+        param: Some(param.into()),
+        message: format!("`{param}` must be between {min} and {max}, got {value}"),
+    })
+}
+
+fn args_spec(p: ArgsParams, models: &[ModelInfo]) -> Result<ArgsSpec, ParamError> {
+    Ok(ArgsSpec {
+        top_k: within("top_k", p.top_k, 1, args::MAX_TOP_K)?,
+        mode: p.mode,
+        objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models)?,
+    })
+}
+
+fn deal_spec(p: DealParams, models: &[ModelInfo]) -> Result<DealSpec, ParamError> {
+    // Checked in f32, the precision the decoder weighs rewards in.
+    let lambda = p.lambda as f32;
+    if !lambda.is_finite() {
+        return Err(ParamError {
+            param: Some("lambda".into()),
+            message: format!("`lambda` must be a finite number, got {}", p.lambda),
+        });
+    }
+    Ok(DealSpec {
+        top_k: within("top_k", p.top_k, 1, deal::MAX_TOP_K)?,
+        beam_width: within("beam_width", p.beam_width, 1, deal::MAX_BEAM_WIDTH)?,
+        lookahead: within("lookahead", p.lookahead, 0, deal::MAX_LOOKAHEAD)?,
+        lambda,
+        objectives: objectives::parse("deal", "steer by", p.rewards, p.constraints, models)?,
     })
 }
 
