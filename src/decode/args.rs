@@ -1,6 +1,6 @@
 //! ARGS (Khanov et al., ICLR 2024; reference/algorithms.md §3): each step takes the base's `top_k`
 //! next tokens (after the request's logit bias and penalties), scores each by
-//! logit + Σ_i w_i·r_i(answer + token) with the programmatic objectives, and takes the best
+//! logit + w·Σ_i w_i·r_i(answer + token) with the programmatic objectives, and takes the best
 //! (`greedy`, ARGS-greedy) or draws among the k from softmax(score/τ) at the request's
 //! temperature and truncation (`sample`, ARGS-stochastic). Raw logits, not log-probs, as in the
 //! official code: they differ by a per-step constant, which neither rule sees.
@@ -43,6 +43,8 @@ impl Mode {
 pub struct ArgsSpec {
     pub top_k: usize,
     pub mode: Mode,
+    /// w: how much the reward counts against the logit.
+    pub weight: f32,
     pub objectives: Vec<Objective>,
 }
 
@@ -82,7 +84,7 @@ impl Args {
             .iter()
             .map(|v| {
                 let text = answer_text(vocab, g, c.tokens.iter().chain([v]));
-                adjusted[*v as usize] + self.scoring.reward(&text) as f32
+                adjusted[*v as usize] + self.spec.weight * self.scoring.reward(&text) as f32
             })
             .collect();
         let j = match self.spec.mode {
@@ -104,6 +106,7 @@ impl Args {
         json!({
             "top_k": self.spec.top_k,
             "mode": self.spec.mode.name(),
+            "weight": self.spec.weight,
             "weights": self.scoring.weights(),
             "rewards": rewards,
             "forward_tokens": self.forward_tokens,

@@ -132,6 +132,9 @@ struct ArgsParams {
     top_k: usize,
     #[serde(default)]
     mode: args::Mode,
+    /// ARGS' w; the paper's default.
+    #[serde(default = "default_lambda")]
+    weight: f64,
     #[serde(default)]
     rewards: BTreeMap<String, f64>,
     #[serde(default)]
@@ -357,19 +360,25 @@ fn args_spec(p: ArgsParams, models: &[ModelInfo]) -> Result<ArgsSpec, ParamError
     Ok(ArgsSpec {
         top_k: within("top_k", p.top_k, 1, args::MAX_TOP_K)?,
         mode: p.mode,
+        weight: finite("weight", p.weight)?,
         objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models)?,
     })
 }
 
-fn deal_spec(p: DealParams, models: &[ModelInfo]) -> Result<DealSpec, ParamError> {
-    // Checked in f32, the precision the decoder weighs rewards in.
-    let lambda = p.lambda as f32;
-    if !lambda.is_finite() {
-        return Err(ParamError {
-            param: Some("lambda".into()),
-            message: format!("`lambda` must be a finite number, got {}", p.lambda),
-        });
+/// A real parameter that must be finite in f32, the precision decoders weigh rewards in.
+fn finite(param: &str, value: f64) -> Result<f32, ParamError> {
+    let v = value as f32;
+    if v.is_finite() {
+        return Ok(v);
     }
+    Err(ParamError {
+        param: Some(param.into()),
+        message: format!("`{param}` must be a finite number, got {value}"),
+    })
+}
+
+fn deal_spec(p: DealParams, models: &[ModelInfo]) -> Result<DealSpec, ParamError> {
+    let lambda = finite("lambda", p.lambda)?;
     Ok(DealSpec {
         top_k: within("top_k", p.top_k, 1, deal::MAX_TOP_K)?,
         beam_width: within("beam_width", p.beam_width, 1, deal::MAX_BEAM_WIDTH)?,
@@ -417,6 +426,25 @@ mod tests {
         );
         let e = DecoderSpec::parse("sample", params(json!({"beta": 1.0})), &[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn search_decoders_have_their_documented_defaults() {
+        let kw = json!({"constraints": {"keywords": ["sea"]}});
+        let Ok(DecoderSpec::Deal(d)) = DecoderSpec::parse("deal", params(kw.clone()), &[]) else {
+            panic!("deal parses");
+        };
+        assert_eq!(
+            (d.top_k, d.beam_width, d.lookahead, d.lambda),
+            (4, 2, 8, 1.0)
+        );
+        let Ok(DecoderSpec::Args(a)) = DecoderSpec::parse("args", params(kw), &[]) else {
+            panic!("args parses");
+        };
+        assert_eq!((a.top_k, a.mode, a.weight), (10, args::Mode::Greedy, 1.0));
+        assert_eq!(a.objectives[0].name, "keywords");
+        let e = DecoderSpec::parse("deal", params(json!({"lookahead": 65})), &[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("lookahead"));
     }
 
     #[test]
