@@ -303,7 +303,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 Some(other) => bail!("--alignment: `decoder` must be a string, got {other}"),
             };
             let spec = decode::DecoderSpec::parse(&name, params, engine.models()).map_err(|e| {
-                anyhow::anyhow!("--alignment: {}: {}", e.param.unwrap_or_default(), e.message)
+                anyhow::anyhow!(
+                    "--alignment: {}: {}",
+                    e.param.unwrap_or_default(),
+                    e.message
+                )
             })?;
             spec.build(generation)
         }

@@ -177,7 +177,10 @@ fn a_seed_fixes_args_sampling() {
             run(&e, &s, g.clone()).tokens
         })
         .collect();
-    assert!(others.iter().any(|t| *t != a.tokens), "seeds draw differently");
+    assert!(
+        others.iter().any(|t| *t != a.tokens),
+        "seeds draw differently"
+    );
 }
 
 /// The formula of `decode::deal`'s documentation.
@@ -206,7 +209,9 @@ fn deal_forward_tokens_follow_the_formula() {
             "k {k}, b {b}, l {l}, T {max_tokens}: {}",
             r.report
         );
-        let per = r.report["forward_tokens_per_output_token"].as_f64().unwrap();
+        let per = r.report["forward_tokens_per_output_token"]
+            .as_f64()
+            .unwrap();
         assert!((per - expected as f64 / max_tokens as f64).abs() < 1e-9);
     }
     // Spelled out once: k·min(b, k^(t−1))·min(l, T − t) for t = 1..5.
@@ -218,7 +223,10 @@ fn deal_stops_at_a_stop_string() {
     let e = engine();
     let mut g = generation(&e, OCEAN, 16);
     let greedy = run(&e, &DecoderSpec::Sample, g.clone());
-    let cut = greedy.text.find(" ocean").expect("greedy mentions the ocean");
+    let cut = greedy
+        .text
+        .find(" ocean")
+        .expect("greedy mentions the ocean");
     g.stop = vec![" ocean".into()];
     let s = spec(
         &e,

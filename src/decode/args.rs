@@ -100,7 +100,10 @@ impl Args {
         let rewards: Vec<f64> = self
             .choices
             .iter()
-            .map(|c| self.scoring.reward(&answer_text(vocab, &self.generation, &c.tokens)))
+            .map(|c| {
+                self.scoring
+                    .reward(&answer_text(vocab, &self.generation, &c.tokens))
+            })
             .collect();
         let output: usize = self.choices.iter().map(|c| c.tokens.len()).sum();
         json!({

@@ -71,10 +71,7 @@ impl BestOfN {
     fn finish(&mut self, cx: &mut Cx) {
         let held: Vec<Vec<Event>> = self.candidates.iter_mut().map(Choice::take_held).collect();
         let texts: Vec<String> = held.iter().map(|events| text(events)).collect();
-        let raw: Vec<Vec<f32>> = texts
-            .iter()
-            .map(|t| self.scoring.scores(t))
-            .collect();
+        let raw: Vec<Vec<f32>> = texts.iter().map(|t| self.scoring.scores(t)).collect();
         let (candidates, references) = raw.split_at(self.spec.n);
         let scores: Vec<Vec<f32>> = if self.spec.calibrate > 0 {
             candidates

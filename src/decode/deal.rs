@@ -129,13 +129,20 @@ impl Deal {
             let seq = beam.seq.context("a live beam without its cache")?;
             let room = cx.room(seq);
             let t = beam.tokens.len() + 1;
+            let prefix: Vec<u8> = beam
+                .tokens
+                .iter()
+                .flat_map(|&t| vocab.bytes(t))
+                .copied()
+                .collect();
             for &(token, logp) in &beam.next {
-                let mut bytes: Vec<u8> = beam.tokens.iter().flat_map(|&t| vocab.bytes(t)).copied().collect();
-                bytes.extend_from_slice(vocab.bytes(token));
+                let ends = !g.ignore_eos && vocab.end_of_generation.contains(&token);
+                let stops = || {
+                    let bytes = [prefix.as_slice(), vocab.bytes(token)].concat();
+                    stop_at(&String::from_utf8_lossy(&bytes), &g.stop).is_some()
+                };
                 // The same order of checks as `Choice::accept`, which streams the answer.
-                let finished = if !g.ignore_eos && vocab.end_of_generation.contains(&token) {
-                    Some(FinishReason::Stop)
-                } else if stop_at(&String::from_utf8_lossy(&bytes), &g.stop).is_some() {
+                let finished = if ends || stops() {
                     Some(FinishReason::Stop)
                 } else if t >= g.max_tokens || room == 0 {
                     Some(FinishReason::Length)
@@ -144,12 +151,7 @@ impl Deal {
                 };
                 let todo = match finished {
                     Some(_) => 0,
-                    None => self
-                        .spec
-                        .lookahead
-                        .min(g.max_tokens - t)
-                        .min(room)
-                        .max(1),
+                    None => self.spec.lookahead.min(g.max_tokens - t).min(room).max(1),
                 };
                 expansions.push(Expansion {
                     parent: p,
@@ -200,7 +202,11 @@ impl Deal {
             let mut logps = parent.logps.clone();
             logps.push(e.logp);
             let vocab = &cx.model(BASE).vocab;
-            let text = answer_text(vocab, g, tokens.iter().chain(e.lookahead.iter().take(e.scored)));
+            let text = answer_text(
+                vocab,
+                g,
+                tokens.iter().chain(e.lookahead.iter().take(e.scored)),
+            );
             let logp: f64 = logps.iter().map(|&l| f64::from(l)).sum();
             let seq = match (e.finished, e.seq) {
                 (None, seq) => seq,
@@ -235,7 +241,13 @@ impl Deal {
         let agreed = self.beams[1..]
             .iter()
             .fold(self.beams[0].tokens.len(), |n, b| {
-                n.min(b.tokens.iter().zip(&self.beams[0].tokens).take_while(|(a, b)| a == b).count())
+                n.min(
+                    b.tokens
+                        .iter()
+                        .zip(&self.beams[0].tokens)
+                        .take_while(|(a, b)| a == b)
+                        .count(),
+                )
             });
         self.stream(cx, 0, agreed)?;
         Ok(self.beams.iter().all(|b| b.finished.is_some()))
@@ -245,7 +257,10 @@ impl Deal {
     fn stream(&mut self, cx: &mut Cx, b: usize, end: usize) -> Result<()> {
         let g = &self.generation;
         let beam = &self.beams[b];
-        let choice = self.choice.as_mut().context("streaming before the prompt")?;
+        let choice = self
+            .choice
+            .as_mut()
+            .context("streaming before the prompt")?;
         for i in choice.tokens.len()..end {
             if choice.is_done() {
                 break;
@@ -265,7 +280,10 @@ impl Deal {
         let winner = &self.beams[0];
         let (end, reason) = (winner.tokens.len(), winner.finished);
         self.stream(cx, 0, end)?;
-        let choice = self.choice.as_mut().context("finishing before the prompt")?;
+        let choice = self
+            .choice
+            .as_mut()
+            .context("finishing before the prompt")?;
         if !choice.is_done() {
             choice.finish(cx, reason.unwrap_or(FinishReason::Length))?;
         }

@@ -22,8 +22,8 @@ use objectives::Constraints;
 
 pub use args::{Args, ArgsSpec};
 pub use best_of_n::{BestOfN, BestOfNSpec};
-pub use deal::{Deal, DealSpec};
 pub use choice::Choice;
+pub use deal::{Deal, DealSpec};
 pub use genarm::{ArmWeight, GenArm, GenArmSpec};
 pub use sample::Sample;
 
@@ -334,8 +334,7 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
             Selection::Soft { beta }
         }
     };
-    let objectives =
-        objectives::parse("best_of_n", "select by", p.rewards, p.constraints, models)?;
+    let objectives = objectives::parse("best_of_n", "select by", p.rewards, p.constraints, models)?;
     Ok(BestOfNSpec {
         n: p.n,
         objectives,

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use super::{Generation, ParamError};
 use crate::engine::ModelInfo;
 use crate::model::Vocab;
-use crate::reward::{self, scorers};
 use crate::reward::scorers::{Keywords, Length, Scorer};
+use crate::reward::{self, scorers};
 
 /// What an objective scores with. New kinds (sequence-level reward models) add a variant here and
 /// an arm in `Source::scorer` and `parse`.
@@ -79,7 +79,10 @@ pub fn parse(
             let names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
             return Err(invalid(
                 "rewards",
-                format!("`{name}` {what}; {decoder} scores with: {}", names.join(", ")),
+                format!(
+                    "`{name}` {what}; {decoder} scores with: {}",
+                    names.join(", ")
+                ),
             ));
         }
         let weight = w as f32;

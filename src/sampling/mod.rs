@@ -172,12 +172,10 @@ impl Sampler {
     /// The most likely alternatives with their log-probabilities, when asked.
     fn top_logprobs(&self, x: &[f32], lse: f32) -> Vec<(u32, f32)> {
         match self.params.logprobs {
-            Some(n) if n > 0 => {
-                top_sorted(x, n)
-                    .into_iter()
-                    .map(|i| (i, x[i as usize] - lse))
-                    .collect()
-            }
+            Some(n) if n > 0 => top_sorted(x, n)
+                .into_iter()
+                .map(|i| (i, x[i as usize] - lse))
+                .collect(),
             _ => Vec::new(),
         }
     }

@@ -115,17 +115,37 @@ async fn search_parameters_are_checked(c: Client) {
     refused(
         &c,
         &[
-            (with("args", json!({"top_k": 0})), "alignment.top_k", "between 1 and 32"),
-            (with("args", json!({"top_k": 33})), "alignment.top_k", "between 1 and 32"),
-            (with("args", json!({"mode": "beam"})), "alignment.mode", "unknown variant"),
-            (with("args", json!({"weight": 1e39})), "alignment.weight", "finite"),
+            (
+                with("args", json!({"top_k": 0})),
+                "alignment.top_k",
+                "between 1 and 32",
+            ),
+            (
+                with("args", json!({"top_k": 33})),
+                "alignment.top_k",
+                "between 1 and 32",
+            ),
+            (
+                with("args", json!({"mode": "beam"})),
+                "alignment.mode",
+                "unknown variant",
+            ),
+            (
+                with("args", json!({"weight": 1e39})),
+                "alignment.weight",
+                "finite",
+            ),
             (
                 decoder("args", json!({"rewards": {"helpful": 1}})),
                 "alignment.rewards",
                 "args scores with: sentiment",
             ),
             (decoder("args", json!({})), "alignment.rewards", "steer by"),
-            (with("deal", json!({"top_k": 0})), "alignment.top_k", "between 1 and 16"),
+            (
+                with("deal", json!({"top_k": 0})),
+                "alignment.top_k",
+                "between 1 and 16",
+            ),
             (
                 with("deal", json!({"lookahead": 65})),
                 "alignment.lookahead",
@@ -136,7 +156,11 @@ async fn search_parameters_are_checked(c: Client) {
                 "alignment.beam_width",
                 "between 1 and 8",
             ),
-            (with("deal", json!({"lambda": "x"})), "alignment.lambda", "f64"),
+            (
+                with("deal", json!({"lambda": "x"})),
+                "alignment.lambda",
+                "f64",
+            ),
             (
                 decoder("deal", json!({"rewards": {"helpful": 1}})),
                 "alignment.rewards",
@@ -147,7 +171,11 @@ async fn search_parameters_are_checked(c: Client) {
                 "alignment.constraints.keywords",
                 "at least one",
             ),
-            (with("deal", json!({"beams": 2})), "alignment.beams", "unknown field"),
+            (
+                with("deal", json!({"beams": 2})),
+                "alignment.beams",
+                "unknown field",
+            ),
         ],
     )
     .await;
