@@ -366,17 +366,20 @@ fn job(
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
     let decoder = decoder(common.alignment, models)?;
-    // One answer per request for now: each choice would need its own group of candidates.
-    if matches!(decoder, DecoderSpec::BestOfN(_)) && n > 1 {
+    // One answer per request for now for the decoders that search among their own sequences:
+    // each choice would need its own group of candidates or beams.
+    let searched = match decoder {
+        DecoderSpec::BestOfN(_) => Some("its candidates are `alignment.n`"),
+        DecoderSpec::Deal(_) => Some("its beams are `alignment.beam_width`"),
+        _ => None,
+    };
+    if let (Some(what), true) = (searched, n > 1) {
         return Err(ApiError::invalid(
             "n",
-            format!("`n` must be 1 with the best_of_n decoder (its candidates are `alignment.n`), got {n}"),
-        ));
-    }
-    if matches!(decoder, DecoderSpec::Deal(_)) && n > 1 {
-        return Err(ApiError::invalid(
-            "n",
-            format!("`n` must be 1 with the deal decoder (its beams are `alignment.beam_width`), got {n}"),
+            format!(
+                "`n` must be 1 with the {} decoder ({what}), got {n}",
+                decoder.name()
+            ),
         ));
     }
     let generations = prompts

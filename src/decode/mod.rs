@@ -133,7 +133,7 @@ struct ArgsParams {
     #[serde(default)]
     mode: args::Mode,
     /// ARGS' w; the paper's default.
-    #[serde(default = "default_lambda")]
+    #[serde(default = "default_weight")]
     weight: f64,
     #[serde(default)]
     rewards: BTreeMap<String, f64>,
@@ -156,7 +156,7 @@ struct DealParams {
     beam_width: usize,
     #[serde(default = "default_lookahead")]
     lookahead: usize,
-    #[serde(default = "default_lambda")]
+    #[serde(default = "default_weight")]
     lambda: f64,
     #[serde(default)]
     rewards: BTreeMap<String, f64>,
@@ -176,7 +176,7 @@ fn default_lookahead() -> usize {
     8
 }
 
-fn default_lambda() -> f64 {
+fn default_weight() -> f64 {
     1.0
 }
 
