@@ -237,3 +237,37 @@ fn deal_stops_at_a_stop_string() {
     assert_eq!(r.text, greedy.text[..cut]);
     assert!(r.tokens.len() < greedy.tokens.len(), "{}", r.text);
 }
+
+#[test]
+fn deal_streams_each_token_once_the_beams_agree() {
+    let e = engine();
+    // One beam agrees with itself at once: each token streams the iteration it is chosen.
+    let s = spec(
+        &e,
+        "deal",
+        json!({"top_k": 3, "beam_width": 1, "lookahead": 2, "rewards": {"sentiment": 1}}),
+    );
+    let mut g = generation(&e, OCEAN, 12);
+    g.ignore_eos = true;
+    let mut rx = e.submit(s.build(g)).unwrap();
+    loop {
+        match rx.blocking_recv().expect("the engine answers") {
+            Event::Token(_) => break,
+            Event::Started { .. } => {}
+            other => panic!("{other:?} before the first token"),
+        }
+    }
+    // Eleven more iterations of rollouts are still to run: nothing has finished yet.
+    while let Ok(ev) = rx.try_recv() {
+        assert!(
+            matches!(ev, Event::Token(_)),
+            "{ev:?} with the first tokens"
+        );
+    }
+    while let Some(ev) = rx.blocking_recv() {
+        if matches!(ev, Event::Done { .. }) {
+            return;
+        }
+    }
+    panic!("the engine stopped");
+}
