@@ -12,11 +12,13 @@
 //! request's sampling fields do not apply.
 //!
 //! Streaming: a token is sent once every kept beam agrees on it (later beams all descend from
-//! these, so an agreed prefix never changes); the rest of the winner follows at the end.
+//! these, so an agreed prefix never changes); the rest of the winner follows at the end. With
+//! `logprobs`, each token carries its log π (no alternatives: the search ranks its own).
 //!
 //! Cost (`forward_tokens`, tokens fed to the base after the prompt): an expansion that adds the
 //! t-th answer token feeds min(lookahead, max_tokens − t, room) tokens, at least 1 (the next
-//! iteration needs its logits), and none when it ends the answer. When no beam ends early
+//! iteration needs its logits), and none when it ends the answer; a rollout that reaches
+//! end-of-generation stops there. When no beam ends early
 //! (`ignore_eos`, no stop string, context to spare), with k = top_k, b = beam_width,
 //! l = lookahead and T = max_tokens:
 //!
