@@ -251,14 +251,14 @@ impl Deal {
                         .count(),
                 )
             });
-        self.stream(cx, 0, agreed)?;
+        self.stream(cx, agreed)?;
         Ok(self.beams.iter().all(|b| b.finished.is_some()))
     }
 
-    /// Stream beam `b`'s tokens up to `end` that were not sent yet.
-    fn stream(&mut self, cx: &mut Cx, b: usize, end: usize) -> Result<()> {
+    /// Stream the best beam's tokens up to `end` that were not sent yet.
+    fn stream(&mut self, cx: &mut Cx, end: usize) -> Result<()> {
         let g = &self.generation;
-        let beam = &self.beams[b];
+        let beam = &self.beams[0];
         let choice = self
             .choice
             .as_mut()
@@ -281,7 +281,7 @@ impl Deal {
     fn finish(&mut self, cx: &mut Cx) -> Result<()> {
         let winner = &self.beams[0];
         let (end, reason) = (winner.tokens.len(), winner.finished);
-        self.stream(cx, 0, end)?;
+        self.stream(cx, end)?;
         let choice = self
             .choice
             .as_mut()
