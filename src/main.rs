@@ -127,6 +127,14 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long)]
     seed: Option<u64>,
+    /// Keep going past end-of-generation tokens (exactly `--max-tokens`).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// The decoder as the API's `alignment` object, e.g. '{"decoder": "deal", "constraints":
+    /// {"keywords": ["sea"]}}' (programmatic rewards only: no reward models are loaded). Its
+    /// report and the decode speed go to stderr.
+    #[arg(long, value_name = "JSON")]
+    alignment: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -266,7 +274,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         prompt,
         max_tokens: args.max_tokens.max(1),
         stop: Vec::new(),
-        ignore_eos: false,
+        ignore_eos: args.ignore_eos,
         n: 1,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -277,14 +285,45 @@ fn generate(args: GenerateArgs) -> Result<()> {
         model_prompts: Default::default(),
     };
     let engine = Engine::start(vec![model], EngineOptions::default());
-    let decoder = decode::build("sample", generation).map_err(anyhow::Error::msg)?;
+    let decoder = match &args.alignment {
+        None => decode::build("sample", generation).map_err(anyhow::Error::msg)?,
+        Some(json) => {
+            let mut params: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(json).context("--alignment is not a JSON object")?;
+            let name = match params.remove("decoder") {
+                Some(serde_json::Value::String(name)) => name,
+                None => "sample".into(),
+                Some(other) => bail!("--alignment: `decoder` must be a string, got {other}"),
+            };
+            let spec = decode::DecoderSpec::parse(&name, params, engine.models()).map_err(|e| {
+                anyhow::anyhow!(
+                    "--alignment: {}: {}",
+                    e.param.unwrap_or_default(),
+                    e.message
+                )
+            })?;
+            spec.build(generation)
+        }
+    };
+    let start = std::time::Instant::now();
     let mut events = engine.submit(decoder)?;
     let mut out = std::io::stdout().lock();
     while let Some(ev) = events.blocking_recv() {
         match ev {
             Event::Token(t) => write!(out, "{}", t.text)?,
             Event::Finished { text, .. } => write!(out, "{text}")?,
-            Event::Done { .. } => break,
+            Event::Done { usage, report } => {
+                if args.alignment.is_some() {
+                    let secs = start.elapsed().as_secs_f64();
+                    let tokens = usage.completion_tokens;
+                    eprintln!(
+                        "\n{tokens} tokens in {secs:.2} s ({:.2} tok/s, prompt included); report: {}",
+                        tokens as f64 / secs,
+                        report.unwrap_or_default()
+                    );
+                }
+                break;
+            }
             Event::Failed(msg) => bail!(msg),
             Event::Started { .. } => {}
         }

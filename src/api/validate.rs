@@ -366,6 +366,13 @@ fn job(
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
     let decoder = decoder(common.alignment, models)?;
+    // DeAL searches among its own beams: one answer per request.
+    if matches!(decoder, DecoderSpec::Deal(_)) && n > 1 {
+        return Err(ApiError::invalid(
+            "n",
+            format!("`n` must be 1 with the deal decoder (its beams are `alignment.beam_width`), got {n}"),
+        ));
+    }
     let generations = prompts
         .into_iter()
         .map(|(prompt, source)| {

@@ -10,8 +10,6 @@
 //! finished. Each of the request's `n` choices has its own group of candidates; candidate j of
 //! group g draws from RNG stream g·(N+K) + j of the request's seed, so N = 1 is plain `sample`.
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -19,56 +17,17 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use super::genarm::{GenArmSpec, Guided, Sequences};
+use super::objectives::{Objective, Scoring, Source};
 use super::prompt::SharedPrompt;
 use super::{Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, ModelId, Outputs, SeqId, Usage};
 use crate::model::Logits;
-use crate::reward::scorers::{self, Keywords, Length, Scorer};
 use crate::sampling::log_softmax;
 
 /// Most candidates one request may ask for.
 pub const MAX_N: usize = 16;
 /// Most reference samples for calibration.
 pub const MAX_CALIBRATE: usize = 32;
-
-/// What an objective scores with.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Source {
-    /// A scorer of the built-in registry, by name.
-    Builtin(String),
-    /// `constraints.keywords`: the share of keywords present.
-    Keywords(Vec<String>),
-    /// `constraints.max_words`: 0 within the budget, falling off past it.
-    MaxWords(usize),
-    /// A reward model at sequence level: Σ_t log π_r(y_t | x, y_<t) over the response.
-    Arm(ModelId),
-}
-
-impl Source {
-    /// The text scorer, or `None` for a reward model (scored by forwards, not from the text).
-    fn scorer(&self) -> Option<Box<dyn Scorer>> {
-        Some(match self {
-            Self::Builtin(name) => {
-                scorers::builtin()
-                    .into_iter()
-                    .find(|b| b.name == name)
-                    .expect("scorer names are checked when the request is parsed")
-                    .scorer
-            }
-            Self::Keywords(k) => Box::new(Keywords::new(k)),
-            Self::MaxWords(n) => Box::new(Length::at_most(*n)),
-            Self::Arm(_) => return None,
-        })
-    }
-}
-
-/// One term of the reward: its name in reports, its weight and its source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Objective {
-    pub name: String,
-    pub weight: f32,
-    pub source: Source,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Selection {
@@ -120,8 +79,8 @@ struct ArmScorer {
 }
 pub struct BestOfN {
     spec: BestOfNSpec,
-    /// One per objective; `None` for a reward model, whose scores come from `arms`.
-    scorers: Vec<Option<Box<dyn Scorer>>>,
+    /// The text scorers; reward models' scores come from `arms`.
+    scoring: Scoring,
     generation: Generation,
     /// The candidates of every group, each group's N then its K reference samples.
     guided: Guided,
@@ -130,7 +89,6 @@ pub struct BestOfN {
 
 impl BestOfN {
     pub fn new(spec: BestOfNSpec, generation: Generation) -> Self {
-        let scorers = spec.objectives.iter().map(|o| o.source.scorer()).collect();
         let sequences = Sequences::Candidates {
             groups: generation.n,
             per_group: spec.n + spec.calibrate,
@@ -152,8 +110,8 @@ impl BestOfN {
             .collect();
         Self {
             guided: Guided::new(&spec.guide, &generation, sequences),
+            scoring: Scoring::new(&spec.objectives),
             spec,
-            scorers,
             generation,
             arms,
         }
@@ -194,15 +152,7 @@ impl BestOfN {
         let held: Vec<Vec<Event>> = self.guided.choices_mut().map(|c| c.take_held()).collect();
         let lens: Vec<usize> = self.guided.choices().map(|c| c.tokens.len()).collect();
         let texts: Vec<String> = held.iter().map(|events| text(events)).collect();
-        let mut raw: Vec<Vec<f32>> = texts
-            .iter()
-            .map(|t| {
-                self.scorers
-                    .iter()
-                    .map(|s| s.as_ref().map_or(0.0, |s| s.score(t)))
-                    .collect()
-            })
-            .collect();
+        let mut raw: Vec<Vec<f32>> = texts.iter().map(|t| self.scoring.scores(t)).collect();
         for arm in &self.arms {
             for (c, run) in arm.runs.iter().enumerate() {
                 raw[c][arm.objective] = run.2 as f32;
@@ -239,18 +189,12 @@ impl BestOfN {
         }
         let generated: usize = lens.iter().sum();
         let n = self.spec.n as f64;
-        let weights: BTreeMap<&str, f32> = self
-            .spec
-            .objectives
-            .iter()
-            .map(|o| (o.name.as_str(), o.weight))
-            .collect();
         // The first choice's selection at the top level; every choice's under `choices` when
         // the request asked for several.
         let mut report = groups[0].clone();
         report["n"] = self.spec.n.into();
         report["kl_bound"] = (n.ln() - (n - 1.0) / n).into();
-        report["weights"] = json!(weights);
+        report["weights"] = json!(self.scoring.weights());
         report["calibrate"] = self.spec.calibrate.into();
         report["generated_tokens"] = generated.into();
         if self.spec.guide.active().next().is_some() {
@@ -300,15 +244,7 @@ impl BestOfN {
         } else {
             candidates.to_vec()
         };
-        let rewards: Vec<f64> = scores
-            .iter()
-            .map(|s| {
-                s.iter()
-                    .zip(&self.spec.objectives)
-                    .map(|(&s, o)| f64::from(s) * f64::from(o.weight))
-                    .sum()
-            })
-            .collect();
+        let rewards: Vec<f64> = scores.iter().map(|s| self.scoring.combine(s)).collect();
         let chosen = match self.spec.selection {
             Selection::Hard => best(&rewards),
             Selection::Soft { beta } => soft(&rewards, beta, rng),

@@ -2,9 +2,12 @@
 //! any number of sequences), then absorbs their logits and emits tokens. Token-level decoders and
 //! search decoders share this one seam, so the engine batches them all together.
 
+pub mod args;
 pub mod best_of_n;
 mod choice;
+pub mod deal;
 pub mod genarm;
+pub mod objectives;
 mod prompt;
 pub mod sample;
 
@@ -15,9 +18,12 @@ use anyhow::Result;
 use crate::engine::{Cx, ModelId, ModelInfo, Outputs};
 use crate::reward;
 use crate::sampling::SamplingParams;
+use objectives::Constraints;
 
+pub use args::{Args, ArgsSpec};
 pub use best_of_n::{BestOfN, BestOfNSpec};
 pub use choice::Choice;
+pub use deal::{Deal, DealSpec};
 pub use genarm::{ArmWeight, GenArm, GenArmSpec};
 pub use sample::Sample;
 
@@ -59,7 +65,7 @@ impl Generation {
 }
 
 /// Names of the decoders a request may ask for.
-pub const DECODERS: &[&str] = &["sample", "genarm", "best_of_n"];
+pub const DECODERS: &[&str] = &["sample", "genarm", "best_of_n", "args", "deal"];
 
 /// A decoder parameter a request got wrong: `param` names it (relative to the decoder's
 /// parameter object), `message` says what is wrong.
@@ -77,6 +83,8 @@ pub enum DecoderSpec {
     Sample,
     GenArm(GenArmSpec),
     BestOfN(BestOfNSpec),
+    Args(ArgsSpec),
+    Deal(DealSpec),
 }
 
 /// `sample` takes no parameters beyond the request's sampling fields.
@@ -118,11 +126,60 @@ fn default_candidates() -> usize {
     4
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+/// `args`: candidates per step, how one is picked, and the rewards that rescore them.
+#[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Constraints {
-    keywords: Option<Vec<String>>,
-    max_words: Option<usize>,
+struct ArgsParams {
+    #[serde(default = "default_args_top_k")]
+    top_k: usize,
+    #[serde(default)]
+    mode: args::Mode,
+    /// ARGS' w; the paper's default.
+    #[serde(default = "default_weight")]
+    weight: f64,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+}
+
+/// The paper's and the official code's k.
+fn default_args_top_k() -> usize {
+    10
+}
+
+/// `deal`: the search's shape, the reward's weight λ and the rewards.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DealParams {
+    #[serde(default = "default_deal_top_k")]
+    top_k: usize,
+    #[serde(default = "default_beam_width")]
+    beam_width: usize,
+    #[serde(default = "default_lookahead")]
+    lookahead: usize,
+    #[serde(default = "default_weight")]
+    lambda: f64,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+}
+
+fn default_deal_top_k() -> usize {
+    4
+}
+
+fn default_beam_width() -> usize {
+    2
+}
+
+fn default_lookahead() -> usize {
+    8
+}
+
+fn default_weight() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -145,6 +202,8 @@ impl DecoderSpec {
             "sample" => typed::<SampleParams>(params).map(|_| Self::Sample),
             "genarm" => genarm_spec(typed(params)?, models).map(Self::GenArm),
             "best_of_n" => best_of_n_spec(typed(params)?, models).map(Self::BestOfN),
+            "args" => args_spec(typed(params)?, models).map(Self::Args),
+            "deal" => deal_spec(typed(params)?, models).map(Self::Deal),
             other => Err(ParamError {
                 param: Some("decoder".into()),
                 message: format!(
@@ -160,13 +219,15 @@ impl DecoderSpec {
             Self::Sample => "sample",
             Self::GenArm(_) => "genarm",
             Self::BestOfN(_) => "best_of_n",
+            Self::Args(_) => "args",
+            Self::Deal(_) => "deal",
         }
     }
 
     /// Models other than the base that the decoder runs (they need the prompt in their tokens).
     pub fn models(&self) -> Vec<ModelId> {
         match self {
-            Self::Sample => Vec::new(),
+            Self::Sample | Self::Args(_) | Self::Deal(_) => Vec::new(),
             Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
             Self::BestOfN(spec) => {
                 let mut models: Vec<ModelId> = spec.guide.active().map(|a| a.model).collect();
@@ -183,6 +244,8 @@ impl DecoderSpec {
             Self::Sample => Box::new(Sample::new(generation)),
             Self::GenArm(spec) => Box::new(GenArm::new(spec.clone(), generation)),
             Self::BestOfN(spec) => Box::new(BestOfN::new(spec.clone(), generation)),
+            Self::Args(spec) => Box::new(Args::new(spec.clone(), generation)),
+            Self::Deal(spec) => Box::new(Deal::new(spec.clone(), generation)),
         }
     }
 }
@@ -249,7 +312,7 @@ fn genarm_spec_at(
 }
 
 fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec, ParamError> {
-    use best_of_n::{Objective, Selection, Source, MAX_CALIBRATE, MAX_N};
+    use best_of_n::{Selection, MAX_CALIBRATE, MAX_N};
     let invalid = |param: &str, message: String| ParamError {
         param: Some(param.into()),
         message,
@@ -289,69 +352,14 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
             Selection::Soft { beta }
         }
     };
-    let mut objectives = Vec::new();
-    for (name, w) in p.rewards {
-        let builtin = reward::scorers::builtin();
-        let source = if builtin.iter().any(|b| b.name == name) {
-            Source::Builtin(name.clone())
-        } else if let Some(model) = reward::arm(models, &name) {
-            Source::Arm(model)
-        } else {
-            let mut names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
-            names.extend(reward::arm_names(models));
-            return Err(invalid(
-                "rewards",
-                format!(
-                    "`{name}` is not a loaded reward; best_of_n scores with: {}",
-                    names.join(", ")
-                ),
-            ));
-        };
-        let weight = w as f32;
-        if !weight.is_finite() {
-            return Err(invalid(
-                &format!("rewards.{name}"),
-                format!("the weight of `{name}` must be a finite number, got {w}"),
-            ));
-        }
-        objectives.push(Objective {
-            source,
-            name,
-            weight,
-        });
-    }
-    if let Some(keywords) = p.constraints.keywords {
-        if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
-            return Err(invalid(
-                "constraints.keywords",
-                "`constraints.keywords` must list at least one keyword, none blank".into(),
-            ));
-        }
-        objectives.push(Objective {
-            name: "keywords".into(),
-            weight: 1.0,
-            source: Source::Keywords(keywords),
-        });
-    }
-    if let Some(words) = p.constraints.max_words {
-        if words == 0 {
-            return Err(invalid(
-                "constraints.max_words",
-                "`constraints.max_words` must be at least 1".into(),
-            ));
-        }
-        objectives.push(Objective {
-            name: "max_words".into(),
-            weight: 1.0,
-            source: Source::MaxWords(words),
-        });
-    }
-    if objectives.is_empty() {
-        return Err(invalid(
-            "rewards",
-            "best_of_n needs something to select by: `rewards` or `constraints`".into(),
-        ));
-    }
+    let objectives = objectives::parse(
+        "best_of_n",
+        "select by",
+        p.rewards,
+        p.constraints,
+        models,
+        true,
+    )?;
     let guide = match p.guide {
         Some(g) => genarm_spec_at("guide.", g, models)?,
         None => GenArmSpec {
@@ -366,6 +374,49 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
         calibrate: p.calibrate,
         return_candidates: p.return_candidates,
         guide,
+    })
+}
+
+/// A count parameter within `1..=max`.
+fn within(param: &str, value: usize, min: usize, max: usize) -> Result<usize, ParamError> {
+    if (min..=max).contains(&value) {
+        return Ok(value);
+    }
+    Err(ParamError {
+        param: Some(param.into()),
+        message: format!("`{param}` must be between {min} and {max}, got {value}"),
+    })
+}
+
+fn args_spec(p: ArgsParams, models: &[ModelInfo]) -> Result<ArgsSpec, ParamError> {
+    Ok(ArgsSpec {
+        top_k: within("top_k", p.top_k, 1, args::MAX_TOP_K)?,
+        mode: p.mode,
+        weight: finite("weight", p.weight)?,
+        objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models, false)?,
+    })
+}
+
+/// A real parameter that must be finite in f32, the precision decoders weigh rewards in.
+fn finite(param: &str, value: f64) -> Result<f32, ParamError> {
+    let v = value as f32;
+    if v.is_finite() {
+        return Ok(v);
+    }
+    Err(ParamError {
+        param: Some(param.into()),
+        message: format!("`{param}` must be a finite number, got {value}"),
+    })
+}
+
+fn deal_spec(p: DealParams, models: &[ModelInfo]) -> Result<DealSpec, ParamError> {
+    let lambda = finite("lambda", p.lambda)?;
+    Ok(DealSpec {
+        top_k: within("top_k", p.top_k, 1, deal::MAX_TOP_K)?,
+        beam_width: within("beam_width", p.beam_width, 1, deal::MAX_BEAM_WIDTH)?,
+        lookahead: within("lookahead", p.lookahead, 0, deal::MAX_LOOKAHEAD)?,
+        lambda,
+        objectives: objectives::parse("deal", "steer by", p.rewards, p.constraints, models, false)?,
     })
 }
 
@@ -407,6 +458,25 @@ mod tests {
         );
         let e = DecoderSpec::parse("sample", params(json!({"beta": 1.0})), &[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn search_decoders_have_their_documented_defaults() {
+        let kw = json!({"constraints": {"keywords": ["sea"]}});
+        let Ok(DecoderSpec::Deal(d)) = DecoderSpec::parse("deal", params(kw.clone()), &[]) else {
+            panic!("deal parses");
+        };
+        assert_eq!(
+            (d.top_k, d.beam_width, d.lookahead, d.lambda),
+            (4, 2, 8, 1.0)
+        );
+        let Ok(DecoderSpec::Args(a)) = DecoderSpec::parse("args", params(kw), &[]) else {
+            panic!("args parses");
+        };
+        assert_eq!((a.top_k, a.mode, a.weight), (10, args::Mode::Greedy, 1.0));
+        assert_eq!(a.objectives[0].name, "keywords");
+        let e = DecoderSpec::parse("deal", params(json!({"lookahead": 65})), &[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("lookahead"));
     }
 
     #[test]

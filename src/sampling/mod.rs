@@ -119,6 +119,12 @@ impl Sampler {
             self.scratch = x;
             token
         };
+        self.record(token, logits)
+    }
+
+    /// Record `token`, drawn from `logits` or chosen from them by a search decoder: the penalties
+    /// see it, and its logprobs are reported as a sampled token's would be.
+    pub fn record(&mut self, token: u32, logits: &[f32]) -> Sampled {
         *self.counts.entry(token).or_insert(0) += 1;
         let (logprob, top) = match self.params.logprobs {
             Some(_) => {
@@ -146,22 +152,30 @@ impl Sampler {
             || p.frequency_penalty != 0.0
     }
 
-    /// Record a token chosen elsewhere (a search decoder) so the penalties see it.
-    pub fn observe(&mut self, token: u32) {
-        *self.counts.entry(token).or_insert(0) += 1;
+    /// `logits` as sampling sees them before temperature: logit bias and penalties applied.
+    pub fn adjusted(&self, logits: &[f32]) -> Vec<f32> {
+        let mut x = logits.to_vec();
+        self.adjust(&mut x);
+        x
+    }
+
+    /// An index into `scores` (a search decoder's candidates), drawn at the request's temperature
+    /// with its top-k / top-p / min-p truncation, or the best at temperature 0. Records nothing.
+    pub fn choose(&mut self, scores: &[f32]) -> usize {
+        if self.params.temperature <= 1e-5 {
+            return argmax(scores) as usize;
+        }
+        let mut x = scores.to_vec();
+        self.draw(&mut x) as usize
     }
 
     /// The most likely alternatives with their log-probabilities, when asked.
     fn top_logprobs(&self, x: &[f32], lse: f32) -> Vec<(u32, f32)> {
         match self.params.logprobs {
-            Some(n) if n > 0 => {
-                let mut top: Vec<(u32, f32)> = top_n(x, n)
-                    .into_iter()
-                    .map(|i| (i, x[i as usize] - lse))
-                    .collect();
-                top.sort_by(|a, b| b.1.total_cmp(&a.1));
-                top
-            }
+            Some(n) if n > 0 => top_sorted(x, n)
+                .into_iter()
+                .map(|i| (i, x[i as usize] - lse))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -325,6 +339,13 @@ pub fn top_n(x: &[f32], n: usize) -> Vec<u32> {
         idx.select_nth_unstable_by(n, |a, b| x[*b as usize].total_cmp(&x[*a as usize]));
         idx.truncate(n);
     }
+    idx
+}
+
+/// Indices of the `n` largest values, largest first (ties: lower index first).
+pub fn top_sorted(x: &[f32], n: usize) -> Vec<u32> {
+    let mut idx = top_n(x, n);
+    idx.sort_unstable_by(|&a, &b| x[b as usize].total_cmp(&x[a as usize]).then(a.cmp(&b)));
     idx
 }
 

@@ -13,6 +13,7 @@ mod errors;
 mod genarm;
 mod lifecycle;
 mod openapi;
+mod search;
 mod server;
 
 use std::future::Future;
@@ -68,6 +69,7 @@ fn main() -> ExitCode {
         ("bench", bench::cases()),
         ("genarm", genarm::cases()),
         ("best_of_n", best_of_n::cases()),
+        ("search", search::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         ("lifecycle", lifecycle::cases()),
         ("genarm", genarm::own_cases()),
         ("best_of_n", best_of_n::own_cases()),
+        ("search", search::own_cases()),
     ];
     for (group, name, case) in own
         .into_iter()

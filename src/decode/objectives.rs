@@ -1,0 +1,258 @@
+//! What the reward-guided decoders (best_of_n, args, deal) score with: programmatic scorers by
+//! name, per-request constraints and (for best_of_n) reward models at sequence level, each an
+//! `Objective` with a weight. One parse for all three, so a reward name means the same thing (and
+//! is refused the same way) in each.
+
+use std::collections::BTreeMap;
+
+use super::{Generation, ParamError};
+use crate::engine::{ModelId, ModelInfo};
+use crate::model::Vocab;
+use crate::reward::scorers::{Keywords, Length, Scorer};
+use crate::reward::{self, scorers};
+
+/// What an objective scores with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A scorer of the built-in registry, by name.
+    Builtin(String),
+    /// `constraints.keywords`: the share of keywords present.
+    Keywords(Vec<String>),
+    /// `constraints.max_words`: 0 within the budget, falling off past it.
+    MaxWords(usize),
+    /// A reward model at sequence level: Σ_t log π_r(y_t | x, y_<t) over the response, computed
+    /// by the decoder with forwards (not from the text).
+    Arm(ModelId),
+}
+
+impl Source {
+    /// The text scorer, or `None` for a reward model.
+    fn scorer(&self) -> Option<Box<dyn Scorer>> {
+        Some(match self {
+            Self::Builtin(name) => {
+                scorers::builtin()
+                    .into_iter()
+                    .find(|b| b.name == name)
+                    .expect("scorer names are checked when the request is parsed")
+                    .scorer
+            }
+            Self::Keywords(k) => Box::new(Keywords::new(k)),
+            Self::MaxWords(n) => Box::new(Length::at_most(*n)),
+            Self::Arm(_) => return None,
+        })
+    }
+}
+
+/// One term of the reward: its name in reports, its weight and its source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    pub name: String,
+    pub weight: f32,
+    pub source: Source,
+}
+
+/// `constraints`: per-request scorers, each with weight 1.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    keywords: Option<Vec<String>>,
+    max_words: Option<usize>,
+}
+
+/// The objectives of `rewards` (name → weight) and `constraints`, checked for `decoder`, which
+/// needs at least one of them to `purpose` (e.g. "select by"); `arms`: whether it scores with
+/// reward models at sequence level.
+pub fn parse(
+    decoder: &str,
+    purpose: &str,
+    rewards: BTreeMap<String, f64>,
+    constraints: Constraints,
+    models: &[ModelInfo],
+    arms: bool,
+) -> Result<Vec<Objective>, ParamError> {
+    let invalid = |param: &str, message: String| ParamError {
+        param: Some(param.into()),
+        message,
+    };
+    let builtin = scorers::builtin();
+    let mut objectives = Vec::new();
+    let mut names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
+    if arms {
+        names.extend(reward::arm_names(models));
+    }
+    for (name, w) in rewards {
+        let source = match reward::arm(models, &name) {
+            _ if builtin.iter().any(|b| b.name == name) => Source::Builtin(name.clone()),
+            Some(model) if arms => Source::Arm(model),
+            arm => {
+                let what = match arm {
+                    Some(_) => format!("is a reward model, which {decoder} cannot score with yet"),
+                    None => "is not a loaded reward".to_string(),
+                };
+                return Err(invalid(
+                    "rewards",
+                    format!(
+                        "`{name}` {what}; {decoder} scores with: {}",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        };
+        let weight = w as f32;
+        if !weight.is_finite() {
+            return Err(invalid(
+                &format!("rewards.{name}"),
+                format!("the weight of `{name}` must be a finite number, got {w}"),
+            ));
+        }
+        objectives.push(Objective {
+            source,
+            name,
+            weight,
+        });
+    }
+    if let Some(keywords) = constraints.keywords {
+        if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid(
+                "constraints.keywords",
+                "`constraints.keywords` must list at least one keyword, none blank".into(),
+            ));
+        }
+        objectives.push(Objective {
+            name: "keywords".into(),
+            weight: 1.0,
+            source: Source::Keywords(keywords),
+        });
+    }
+    if let Some(words) = constraints.max_words {
+        if words == 0 {
+            return Err(invalid(
+                "constraints.max_words",
+                "`constraints.max_words` must be at least 1".into(),
+            ));
+        }
+        objectives.push(Objective {
+            name: "max_words".into(),
+            weight: 1.0,
+            source: Source::MaxWords(words),
+        });
+    }
+    if objectives.is_empty() {
+        return Err(invalid(
+            "rewards",
+            format!("{decoder} needs something to {purpose}: `rewards` or `constraints`"),
+        ));
+    }
+    Ok(objectives)
+}
+
+/// The objectives with their scorers built: raw scores per objective, and their weighted sum.
+pub struct Scoring {
+    objectives: Vec<Objective>,
+    /// `None` for a reward model, which the decoder scores itself.
+    scorers: Vec<Option<Box<dyn Scorer>>>,
+}
+
+impl Scoring {
+    pub fn new(objectives: &[Objective]) -> Self {
+        Self {
+            objectives: objectives.to_vec(),
+            scorers: objectives.iter().map(|o| o.source.scorer()).collect(),
+        }
+    }
+
+    pub fn objectives(&self) -> &[Objective] {
+        &self.objectives
+    }
+
+    /// Each objective's raw score of `text`, in objective order (0 for a reward model).
+    pub fn scores(&self, text: &str) -> Vec<f32> {
+        let score = |s: &Option<Box<dyn Scorer>>| s.as_ref().map_or(0.0, |s| s.score(text));
+        self.scorers.iter().map(score).collect()
+    }
+
+    /// Σ weight × score, of per-objective `scores` (raw or calibrated).
+    pub fn combine(&self, scores: &[f32]) -> f64 {
+        scores
+            .iter()
+            .zip(&self.objectives)
+            .map(|(&s, o)| f64::from(s) * f64::from(o.weight))
+            .sum()
+    }
+
+    /// The weighted reward of `text`.
+    pub fn reward(&self, text: &str) -> f64 {
+        self.combine(&self.scores(text))
+    }
+
+    /// Objective name → weight, for reports.
+    pub fn weights(&self) -> BTreeMap<&str, f32> {
+        self.objectives
+            .iter()
+            .map(|o| (o.name.as_str(), o.weight))
+            .collect()
+    }
+}
+
+/// The answer text that `tokens` (generated tokens, possibly a partial answer) would stream: the
+/// scorers of a search decoder read what the client would read. End-of-generation tokens add no
+/// text (unless `ignore_eos`), and the text ends before the first stop string.
+pub fn answer_text<'t>(
+    vocab: &Vocab,
+    generation: &Generation,
+    tokens: impl IntoIterator<Item = &'t u32>,
+) -> String {
+    let mut bytes = Vec::new();
+    for &t in tokens {
+        if !generation.ignore_eos && vocab.end_of_generation.contains(&t) {
+            break;
+        }
+        bytes.extend_from_slice(vocab.bytes(t));
+    }
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if let Some(at) = stop_at(&text, &generation.stop) {
+        text.truncate(at);
+    }
+    text
+}
+
+/// Where the first of `stops` begins in `text`, if any does.
+pub fn stop_at(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stops_cut_at_the_earliest() {
+        let stops = vec!["c".to_string(), "ab".to_string(), String::new()];
+        assert_eq!(stop_at("xxabc", &stops), Some(2));
+        assert_eq!(stop_at("xyz", &stops), None);
+    }
+
+    #[test]
+    fn scoring_weights_each_objective() {
+        let objectives = [
+            Objective {
+                name: "keywords".into(),
+                weight: 2.0,
+                source: Source::Keywords(vec!["sun".into(), "sea".into()]),
+            },
+            Objective {
+                name: "max_words".into(),
+                weight: 1.0,
+                source: Source::MaxWords(2),
+            },
+        ];
+        let s = Scoring::new(&objectives);
+        // Half the keywords (1.0 × 2) and one word over a budget of two (−0.5).
+        assert_eq!(s.scores("the sun shines"), vec![0.5, -0.5]);
+        assert!((s.reward("the sun shines") - 0.5).abs() < 1e-9);
+    }
+}
