@@ -1,10 +1,14 @@
 //! Decode-step cost for batch 1 vs batch 4 (cache length ~200), and the sampler per row, in one
-//! process, interleaved so machine noise hits both alike; prints medians.
+//! process, interleaved so machine noise hits both alike; prints medians. `--e2e` instead times
+//! whole requests through the engine: one 128-token sample against best-of-4 × 128.
 //!
-//!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH]]
+//!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e]]
 
 use std::time::Instant;
 
+use serde_json::json;
+use tilt::decode::{DecoderSpec, Generation};
+use tilt::engine::{Engine, EngineOptions, Event};
 use tilt::model::{fetch, ForwardItem, KvCache, Logits, Model, Role};
 use tilt::sampling::{Sampler, SamplingParams};
 
@@ -21,6 +25,9 @@ fn main() {
         .then(|| args[2].parse().expect("BATCH"));
     let path = fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL).expect("default model");
     let m = Model::load(&path, "smollm2", Role::Base).expect("model loads");
+    if args.get(1).map(String::as_str) == Some("--e2e") {
+        return end_to_end(m, rounds);
+    }
     let prompt: Vec<u32> = (0..200u32).map(|i| 1000 + i * 37).collect();
     let mut primed = KvCache::new();
     m.llama
@@ -93,4 +100,56 @@ fn main() {
         }
         println!("sampler {name}: {:.3} ms/row", median(times));
     }
+}
+
+/// Wall time of one request of 128 tokens (ignoring end of generation), in ms.
+fn request(engine: &Engine, spec: &DecoderSpec, seed: u64) -> f64 {
+    let g = Generation {
+        prompt: engine
+            .base()
+            .vocab
+            .encode("Write a short story about a lighthouse keeper.", false)
+            .unwrap(),
+        max_tokens: 128,
+        stop: Vec::new(),
+        ignore_eos: true,
+        n: 1,
+        sampling: SamplingParams {
+            seed: Some(seed),
+            ..Default::default()
+        },
+        model_prompts: Default::default(),
+    };
+    let t = Instant::now();
+    let mut rx = engine.submit(spec.build(g)).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Done { .. } => return t.elapsed().as_secs_f64() * 1e3,
+            Event::Failed(msg) => panic!("request failed: {msg}"),
+            _ => {}
+        }
+    }
+    panic!("the engine stopped");
+}
+
+fn end_to_end(m: Model, rounds: usize) {
+    let engine = Engine::start(vec![m], EngineOptions::default());
+    let sample = DecoderSpec::parse("sample", Default::default(), engine.models()).unwrap();
+    let params = json!({"n": 4, "rewards": {"sentiment": 1.0}});
+    let best = DecoderSpec::parse(
+        "best_of_n",
+        params.as_object().cloned().unwrap(),
+        engine.models(),
+    )
+    .unwrap();
+    let (mut one, mut four) = (Vec::new(), Vec::new());
+    for r in 0..rounds as u64 {
+        one.push(request(&engine, &sample, r));
+        four.push(request(&engine, &best, r));
+    }
+    let (one, four) = (median(one), median(four));
+    println!(
+        "128 tokens: sample {one:.0} ms, best-of-4 {four:.0} ms, ratio {:.2}",
+        four / one
+    );
 }
