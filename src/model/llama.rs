@@ -83,26 +83,24 @@ impl Linear {
         let same = weights
             .iter()
             .all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
-        fn ours<M: GgmlMatrix>(weights: &[QTensor], cols: usize) -> Result<M> {
-            let parts = weights
-                .iter()
-                .map(|w| {
-                    M::from_ggml(&w.data()?, w.shape().dims()[0], cols)
-                        .context("malformed quantized tensor")
-                })
-                .collect::<Result<Vec<_>>>()?;
-            M::concat(parts).context("no weights")
+        // Same type and width: the parts' bytes, concatenated, are the fused matrix.
+        fn ours<M: GgmlMatrix>(weights: &[QTensor], rows: usize, cols: usize) -> Result<M> {
+            let mut bytes = Vec::new();
+            for w in weights {
+                bytes.extend_from_slice(&w.data()?);
+            }
+            M::from_ggml(&bytes, rows, cols).context("malformed quantized tensor")
         }
         match dtype {
             GgmlDType::Q4_1 if same => {
                 return Ok(Self {
-                    kernel: Kernel::Q4_1(ours(&weights, cols)?),
+                    kernel: Kernel::Q4_1(ours(&weights, out, cols)?),
                     out,
                 })
             }
             GgmlDType::Q8_0 if same => {
                 return Ok(Self {
-                    kernel: Kernel::Q8_0(ours(&weights, cols)?),
+                    kernel: Kernel::Q8_0(ours(&weights, out, cols)?),
                     out,
                 })
             }
