@@ -233,17 +233,29 @@ fn quantize(x: &[f32], m: usize, cols: usize) -> Q8Rows {
         qs: vec![0; m * cols],
         nb,
     };
+    // Eight-lane loops that vectorise (this runs per activation row, so batches pay it per row);
+    // ties round to even like llama.cpp's SIMD quantizer.
     for (block, q) in x.chunks_exact(BLOCK).zip(acts.qs.chunks_exact_mut(BLOCK)) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
+        let mut amax = [0f32; 8];
+        for c in block.chunks_exact(8) {
+            for (a, v) in amax.iter_mut().zip(c) {
+                *a = a.max(v.abs());
+            }
+        }
+        let d = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in q.iter_mut().zip(block) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
+        let mut sum = [0i32; 8];
+        for (qc, c) in q.chunks_exact_mut(8).zip(block.chunks_exact(8)) {
+            for ((q, v), s) in qc.iter_mut().zip(c).zip(sum.iter_mut()) {
+                // `max`/`min` also map NaN (from non-finite activations) into range.
+                let r = (v * id).round_ties_even().max(-127.0).min(127.0);
+                // SAFETY: r is finite and within i8; the unchecked cast is what vectorises.
+                *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+                *s += *q as i32;
+            }
         }
         acts.d.push(d);
-        acts.s.push(d * sum as f32);
+        acts.s.push(d * sum.iter().sum::<i32>() as f32);
     }
     acts
 }
