@@ -19,7 +19,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     // `cargo bench` passes `--bench`; the rest is `[ROUNDS] [--only BATCH]`.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let rounds: usize = args.first().map_or(30, |a| a.parse().expect("ROUNDS"));
     let only: Option<usize> = (args.get(1).map(String::as_str) == Some("--only"))
         .then(|| args[2].parse().expect("BATCH"));

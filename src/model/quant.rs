@@ -62,12 +62,7 @@ pub trait GgmlMatrix: Sized {
     fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self>;
 }
 
-fn blocks_of(
-    bytes: &[u8],
-    rows: usize,
-    cols: usize,
-    block_bytes: usize,
-) -> Option<Vec<&[u8]>> {
+fn blocks_of(bytes: &[u8], rows: usize, cols: usize, block_bytes: usize) -> Option<Vec<&[u8]>> {
     (cols.is_multiple_of(BLOCK) && bytes.len() == rows * cols / BLOCK * block_bytes)
         .then(|| bytes.chunks_exact(block_bytes).collect())
 }
@@ -85,7 +80,8 @@ fn interleave<const B: usize>(
         for b in 0..nb {
             let q = quants(j, b);
             for c in 0..chunks {
-                out[(p * nb + b) * chunks + c][4 * r..4 * r + 4].copy_from_slice(&q[4 * c..4 * c + 4]);
+                out[(p * nb + b) * chunks + c][4 * r..4 * r + 4]
+                    .copy_from_slice(&q[4 * c..4 * c + 4]);
             }
         }
     }
@@ -247,7 +243,8 @@ fn quantize(x: &[f32], m: usize, cols: usize) -> Q8Rows {
         let mut sum = [0i32; 8];
         for (qc, c) in q.chunks_exact_mut(8).zip(block.chunks_exact(8)) {
             for ((q, v), s) in qc.iter_mut().zip(c).zip(sum.iter_mut()) {
-                // `max`/`min` also map NaN (from non-finite activations) into range.
+                // `max`/`min` also map NaN (from non-finite activations) into range; clamp keeps NaN.
+                #[allow(clippy::manual_clamp)]
                 let r = (v * id).round_ties_even().max(-127.0).min(127.0);
                 // SAFETY: r is finite and within i8; the unchecked cast is what vectorises.
                 *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
@@ -275,8 +272,19 @@ impl PanelDot for Q4_1Matrix {
         #[cfg(target_feature = "avx2")]
         // SAFETY: compiled only where AVX2 is enabled for the whole crate (target-cpu=native).
         unsafe {
-            let (qs, scales) = (p * nb * 4..(p + 1) * nb * 4, p * nb * PANEL..(p + 1) * nb * PANEL);
-            simd::panel_q4_1(&self.qs[qs], &self.d[scales.clone()], &self.m[scales], acts, r0, count, sums)
+            let (qs, scales) = (
+                p * nb * 4..(p + 1) * nb * 4,
+                p * nb * PANEL..(p + 1) * nb * PANEL,
+            );
+            simd::panel_q4_1(
+                &self.qs[qs],
+                &self.d[scales.clone()],
+                &self.m[scales],
+                acts,
+                r0,
+                count,
+                sums,
+            )
         }
         #[cfg(not(target_feature = "avx2"))]
         for (i, s) in sums[..count].iter_mut().enumerate() {
@@ -290,7 +298,9 @@ impl PanelDot for Q4_1Matrix {
                         let a = (r0 + i) * nb + b;
                         let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
                         let (_, d, m) = self.value(j, b, 0);
-                        let isum: i32 = (0..BLOCK).map(|k| self.value(j, b, k).0 * x[k] as i32).sum();
+                        let isum: i32 = (0..BLOCK)
+                            .map(|k| self.value(j, b, k).0 * x[k] as i32)
+                            .sum();
                         d * acts.d[a] * isum as f32 + m * acts.s[a]
                     })
                     .sum();
@@ -314,7 +324,10 @@ impl PanelDot for Q8_0Matrix {
         #[cfg(target_feature = "avx2")]
         // SAFETY: compiled only where AVX2 is enabled for the whole crate (target-cpu=native).
         unsafe {
-            let (qs, scales) = (p * nb * 8..(p + 1) * nb * 8, p * nb * PANEL..(p + 1) * nb * PANEL);
+            let (qs, scales) = (
+                p * nb * 8..(p + 1) * nb * 8,
+                p * nb * PANEL..(p + 1) * nb * PANEL,
+            );
             simd::panel_q8_0(&self.qs[qs], &self.d[scales], acts, r0, count, sums)
         }
         #[cfg(not(target_feature = "avx2"))]
@@ -328,7 +341,9 @@ impl PanelDot for Q8_0Matrix {
                     .map(|b| {
                         let a = (r0 + i) * nb + b;
                         let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
-                        let isum: i32 = (0..BLOCK).map(|k| self.value(j, b, k).0 * x[k] as i32).sum();
+                        let isum: i32 = (0..BLOCK)
+                            .map(|k| self.value(j, b, k).0 * x[k] as i32)
+                            .sum();
                         self.value(j, b, 0).1 * acts.d[a] * isum as f32
                     })
                     .sum();
@@ -380,7 +395,6 @@ mod simd {
     /// weights, the vectors whose signs the activations take.
     #[inline(always)]
     unsafe fn panel(
-        nb: usize,
         d: &[f16],
         m: Option<&[f16]>,
         acts: &Q8Rows,
@@ -391,7 +405,7 @@ mod simd {
     ) {
         let mut acc = [_mm256_setzero_ps(); super::TILE];
         let mut acc_m = [_mm256_setzero_ps(); super::TILE];
-        for b in 0..nb {
+        for b in 0..acts.nb {
             let w = unpack(b);
             let dw = load_f16x8(&d[b * PANEL..]);
             let mw = m.map(|m| load_f16x8(&m[b * PANEL..]));
@@ -408,7 +422,8 @@ mod simd {
                 let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(isum[0], isum[1]));
                 acc[i] = _mm256_fmadd_ps(scale, isum, acc[i]);
                 if let Some(mw) = mw {
-                    acc_m[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
+                    acc_m[i] =
+                        _mm256_fmadd_ps(mw, _mm256_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
                 }
             }
         }
@@ -427,7 +442,7 @@ mod simd {
         sums: &mut Sums,
     ) {
         let low = _mm256_set1_epi8(0x0F);
-        panel(acts.nb, d, Some(m), acts, r0, count, sums, |b| {
+        panel(d, Some(m), acts, r0, count, sums, |b| {
             // Chunk c's low nibbles are values 4c..4c+4, its high nibbles 16+4c..20+4c.
             let raw: [__m256i; 4] = std::array::from_fn(|c| {
                 _mm256_loadu_si256(qs[b * 4 + c].as_ptr() as *const __m256i)
@@ -449,7 +464,7 @@ mod simd {
         sums: &mut Sums,
     ) {
         // u8·i8 products: |w| against the activations carrying w's sign.
-        panel(acts.nb, d, None, acts, r0, count, sums, |b| {
+        panel(d, None, acts, r0, count, sums, |b| {
             std::array::from_fn(|c| {
                 let q = _mm256_loadu_si256(qs[b * 8 + c].as_ptr() as *const __m256i);
                 (_mm256_sign_epi8(q, q), Some(q))
