@@ -84,26 +84,24 @@ impl Linear {
         let same = weights
             .iter()
             .all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
-        fn ours<M: GgmlMatrix>(weights: &[QTensor], cols: usize) -> Result<M> {
-            let parts = weights
-                .iter()
-                .map(|w| {
-                    M::from_ggml(&w.data()?, w.shape().dims()[0], cols)
-                        .context("malformed quantized tensor")
-                })
-                .collect::<Result<Vec<_>>>()?;
-            M::concat(parts).context("no weights")
+        // Same type and width: the parts' bytes, concatenated, are the fused matrix.
+        fn ours<M: GgmlMatrix>(weights: &[QTensor], rows: usize, cols: usize) -> Result<M> {
+            let mut bytes = Vec::new();
+            for w in weights {
+                bytes.extend_from_slice(&w.data()?);
+            }
+            M::from_ggml(&bytes, rows, cols).context("malformed quantized tensor")
         }
         match dtype {
             GgmlDType::Q4_1 if same => {
                 return Ok(Self {
-                    kernel: Kernel::Q4_1(ours(&weights, cols)?),
+                    kernel: Kernel::Q4_1(ours(&weights, out, cols)?),
                     out,
                 })
             }
             GgmlDType::Q8_0 if same => {
                 return Ok(Self {
-                    kernel: Kernel::Q8_0(ours(&weights, cols)?),
+                    kernel: Kernel::Q8_0(ours(&weights, out, cols)?),
                     out,
                 })
             }
@@ -407,6 +405,7 @@ impl Llama {
         }
         let mut xn = vec![0f32; n * hidden];
         let mut attn = vec![0f32; n * qw];
+        let (mut k_new, mut v_new) = (Vec::new(), Vec::new());
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32, &mut xn);
             let mut qkv = layer.qkv.forward(&xn, n)?;
@@ -416,33 +415,30 @@ impl Llama {
                 self.rope(q, positions[r]);
                 self.rope(k, positions[r]);
             }
+            // Append every item's new keys/values, then attend all rows of all items in one pass
+            // over the pool: a pool call per item made batched decode pay a barrier per sequence.
+            let mut spans = Vec::with_capacity(items.len());
             let mut row = 0;
             for it in items.iter_mut() {
                 let t = it.tokens.len();
-                let rows = &qkv[row * width..(row + t) * width];
-                let k: Vec<f32> = rows
-                    .chunks_exact(width)
-                    .flat_map(|r| &r[qw..qw + kvw])
-                    .copied()
-                    .collect();
-                let v: Vec<f32> = rows
-                    .chunks_exact(width)
-                    .flat_map(|r| &r[qw + kvw..])
-                    .copied()
-                    .collect();
+                let rows = qkv[row * width..(row + t) * width].chunks_exact(width);
+                k_new.clear();
+                v_new.clear();
+                for r in rows {
+                    k_new.extend_from_slice(&r[qw..qw + kvw]);
+                    v_new.extend_from_slice(&r[qw + kvw..]);
+                }
                 let start = it.cache.len();
-                let (keys, values) = it.cache.append(cfg.n_layers, li, kvw, &k, &v);
-                attention(
-                    cfg,
-                    rows,
-                    width,
+                let (keys, values) = it.cache.append(cfg.n_layers, li, kvw, &k_new, &v_new);
+                spans.push(Span {
+                    rows: row..row + t,
                     start,
                     keys,
                     values,
-                    &mut attn[row * qw..(row + t) * qw],
-                );
+                });
                 row += t;
             }
+            attention(cfg, &qkv, width, &spans, &mut attn);
             add(&mut x, &layer.wo.forward(&attn, n)?);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32, &mut xn);
             let gu = layer.gate_up.forward(&xn, n)?;
@@ -515,31 +511,39 @@ impl Llama {
     }
 }
 
-/// Causal attention of `t` query rows (inside `rows`, each `width` wide, queries first) at
-/// positions `start..start + t`, against `keys`/`values` (`[position][kv_head][head_dim]`, through
-/// `start + t`). Writes `t` rows of `n_heads × head_dim` into `out`. Heads run on candle's pool.
-fn attention(
-    cfg: &LlamaConfig,
-    rows: &[f32],
-    width: usize,
+/// One item's part of a layer's attention: its query rows in the batch, the position of the first,
+/// and its keys/values (`[position][kv_head][head_dim]`, through its last row).
+struct Span<'c> {
+    rows: Range<usize>,
     start: usize,
-    keys: &[f32],
-    values: &[f32],
-    out: &mut [f32],
-) {
+    keys: &'c [f32],
+    values: &'c [f32],
+}
+
+/// Causal attention of every row of `qkv` (each `width` wide, queries first) against its item's
+/// cache. Writes rows of `n_heads × head_dim` into `out`. (row, head) tasks of all items run on
+/// candle's pool together.
+fn attention(cfg: &LlamaConfig, qkv: &[f32], width: usize, spans: &[Span], out: &mut [f32]) {
     let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
     let kvw = cfg.n_kv_heads * hd;
-    let t = rows.len() / width;
+    let n = qkv.len() / width;
+    let span_of: Vec<&Span> = spans
+        .iter()
+        .flat_map(|s| s.rows.clone().map(move |_| s))
+        .collect();
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let task = |i: usize| {
+    let task = |i: usize, scores: &mut Vec<f32>| {
         let (r, head) = (i / h, i % h);
-        let q = &rows[r * width + head * hd..r * width + (head + 1) * hd];
+        let s = span_of[r];
+        let q = &qkv[r * width + head * hd..r * width + (head + 1) * hd];
         let kv_off = (head / group) * hd;
-        let visible = start + r + 1;
-        let mut scores: Vec<f32> = (0..visible)
-            .map(|p| dot(q, &keys[p * kvw + kv_off..p * kvw + kv_off + hd]) * scale)
-            .collect();
+        let visible = s.start + (r - s.rows.start) + 1;
+        let (keys, values) = (s.keys, s.values);
+        scores.clear();
+        scores.extend(
+            (0..visible).map(|p| dot(q, &keys[p * kvw + kv_off..p * kvw + kv_off + hd]) * scale),
+        );
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for s in scores.iter_mut() {
@@ -557,8 +561,10 @@ fn attention(
             }
         }
     };
-    let n_tasks = t * h;
-    candle_core::utils::barrier_pool().execute_chunked(n_tasks, |range| range.for_each(task));
+    candle_core::utils::barrier_pool().execute_chunked(n * h, |range| {
+        let mut scores = Vec::new();
+        range.for_each(|i| task(i, &mut scores))
+    });
 }
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it.

@@ -1,35 +1,38 @@
 //! Quantized weights × int8 activations, our own kernels for the GGUF types the default model uses
 //! (Q4_1 layers, Q8_0 embeddings/output). candle 0.11 has no SIMD dot product for Q4_1 (its scalar
 //! fallback took 77% of decode time) and re-reads the weights for every activation row. Here:
-//! - one pass over a weight row serves up to four activation rows (prefill, batched decode);
-//! - blocks of 32 are dotted with AVX-512 VNNI `vpdpbusd` (AVX2 `maddubs` without it), and eight
-//!   blocks' integer sums are reduced together so their scales apply in one vector multiply;
-//! - weights are stored split (quants, scales, mins) so eight scales load as one f16 vector;
-//! - output rows are spread over candle's thread pool.
-
+//! - weight rows are interleaved in panels of eight, so that a vector lane is one weight row: a
+//!   block's 32 products for eight rows take eight `vpdpbusd` (AVX-512 VNNI; AVX2 `maddubs`
+//!   without it) against broadcast activations, with no horizontal sums, and each added
+//!   activation row costs only those eight (batched decode is nearly free next to the weights);
+//! - one pass over a panel serves up to four activation rows (prefill, batched decode);
+//! - output panels are spread over candle's thread pool.
 use half::f16;
 
 const BLOCK: usize = 32;
 /// Activation rows that share one pass over the weights.
 const TILE: usize = 4;
-/// Blocks whose scales are applied together.
-const GROUP: usize = 8;
+/// Weight rows interleaved together: one per lane of a 256-bit vector of i32.
+const PANEL: usize = 8;
 
 /// ggml's `block_q4_1` (value j = d·q_j + m, q_j in 0..16; byte j holds q_j low and q_{j+16}
-/// high), stored split.
+/// high), interleaved by panels: chunk c of (panel, block) holds bytes 4c..4c+4 of each of the
+/// panel's rows (lane r = row r), so its low nibbles are values 4c..4c+4 and its high ones
+/// 16+4c..20+4c. Scales are `[panel][block][row]`. Rows past `rows` are zero.
 pub struct Q4_1Matrix {
     rows: usize,
     cols: usize,
-    qs: Vec<[u8; 16]>,
+    qs: Vec<[u8; 32]>,
     d: Vec<f16>,
     m: Vec<f16>,
 }
 
-/// ggml's `block_q8_0` (value j = d·q_j), stored split.
+/// ggml's `block_q8_0` (value j = d·q_j), interleaved like `Q4_1Matrix`: chunk c of (panel,
+/// block) holds values 4c..4c+4 of each row.
 pub struct Q8_0Matrix {
     rows: usize,
     cols: usize,
-    qs: Vec<[i8; 32]>,
+    qs: Vec<[u8; 32]>,
     d: Vec<f16>,
 }
 
@@ -43,156 +46,174 @@ pub struct Q8Rows {
 }
 
 /// What the shared matmul driver needs of a weight matrix.
-pub trait RowDot: Sync {
+pub trait PanelDot: Sync {
     fn rows(&self) -> usize;
     fn cols(&self) -> usize;
-    /// Dot products of weight row `j` with activation rows `r0..r0 + count` into `sums`.
-    fn dot_tile(&self, j: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut [f32; TILE]);
+    /// Dot products of the rows of panel `p` with activation rows `r0..r0 + count`:
+    /// `sums[i][r]` is weight row `p·PANEL + r` against activation row `r0 + i`.
+    fn dot_panel(&self, p: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut Sums);
 }
 
-/// A matrix read from a GGUF tensor's raw bytes.
+type Sums = [[f32; PANEL]; TILE];
+
+/// A matrix read from a GGUF tensor's raw bytes (several tensors of the same type and width
+/// concatenated are one matrix with their rows stacked: fused projections).
 pub trait GgmlMatrix: Sized {
     fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self>;
-    /// Stack matrices with the same number of columns (fused projections).
-    fn concat(parts: Vec<Self>) -> Option<Self>;
 }
 
-fn blocks_of(
-    bytes: &[u8],
-    rows: usize,
-    cols: usize,
-    block_bytes: usize,
-) -> Option<std::slice::ChunksExact<'_, u8>> {
+fn blocks_of(bytes: &[u8], rows: usize, cols: usize, block_bytes: usize) -> Option<Vec<&[u8]>> {
     (cols.is_multiple_of(BLOCK) && bytes.len() == rows * cols / BLOCK * block_bytes)
-        .then(|| bytes.chunks_exact(block_bytes))
+        .then(|| bytes.chunks_exact(block_bytes).collect())
 }
 
-fn same_cols(cols: impl Iterator<Item = usize>) -> Option<usize> {
-    let mut cols = cols.peekable();
-    let first = *cols.peek()?;
-    cols.all(|c| c == first).then_some(first)
+/// Interleave `B`-byte quant blocks (`quants(row, block)`) into panel chunks (see `Q4_1Matrix`).
+fn interleave<const B: usize>(
+    rows: usize,
+    nb: usize,
+    quants: impl Fn(usize, usize) -> [u8; B],
+) -> Vec<[u8; 32]> {
+    let chunks = B / 4;
+    let mut out = vec![[0u8; 32]; rows.div_ceil(PANEL) * nb * chunks];
+    for j in 0..rows {
+        let (p, r) = (j / PANEL, j % PANEL);
+        for b in 0..nb {
+            let q = quants(j, b);
+            for c in 0..chunks {
+                out[(p * nb + b) * chunks + c][4 * r..4 * r + 4]
+                    .copy_from_slice(&q[4 * c..4 * c + 4]);
+            }
+        }
+    }
+    out
+}
+
+/// Per-block scales (`scale(row, block)`) as `[panel][block][row]`.
+fn interleave_scales(rows: usize, nb: usize, scale: impl Fn(usize, usize) -> f16) -> Vec<f16> {
+    let mut out = vec![f16::ZERO; rows.div_ceil(PANEL) * nb * PANEL];
+    for j in 0..rows {
+        for b in 0..nb {
+            out[((j / PANEL) * nb + b) * PANEL + j % PANEL] = scale(j, b);
+        }
+    }
+    out
 }
 
 impl GgmlMatrix for Q4_1Matrix {
     /// From ggml's raw bytes (20 a block).
     fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        let mut out = Self {
+        let blocks = blocks_of(bytes, rows, cols, 20)?;
+        let nb = cols / BLOCK;
+        let at = |j: usize, b: usize| blocks[j * nb + b];
+        let half = |j, b, o: usize| f16::from_le_bytes([at(j, b)[o], at(j, b)[o + 1]]);
+        Some(Self {
             rows,
             cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: Vec::new(),
-        };
-        for b in blocks_of(bytes, rows, cols, 20)? {
-            out.d.push(f16::from_le_bytes([b[0], b[1]]));
-            out.m.push(f16::from_le_bytes([b[2], b[3]]));
-            out.qs.push(b[4..20].try_into().unwrap());
-        }
-        Some(out)
-    }
-
-    fn concat(parts: Vec<Self>) -> Option<Self> {
-        let cols = same_cols(parts.iter().map(|p| p.cols))?;
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let mut out = Self {
-            rows,
-            cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: Vec::new(),
-        };
-        for p in parts {
-            out.qs.extend(p.qs);
-            out.d.extend(p.d);
-            out.m.extend(p.m);
-        }
-        Some(out)
-    }
-}
-
-impl Q4_1Matrix {
-    #[cfg(test)]
-    fn dequantize(&self) -> Vec<f32> {
-        (0..self.qs.len())
-            .flat_map(|b| {
-                let (d, m, q) = (self.d[b].to_f32(), self.m[b].to_f32(), self.qs[b]);
-                (0..BLOCK).map(move |j| {
-                    if j < 16 {
-                        (q[j] & 0x0F) as f32 * d + m
-                    } else {
-                        (q[j - 16] >> 4) as f32 * d + m
-                    }
-                })
-            })
-            .collect()
+            qs: interleave::<16>(rows, nb, |j, b| at(j, b)[4..20].try_into().unwrap()),
+            d: interleave_scales(rows, nb, |j, b| half(j, b, 0)),
+            m: interleave_scales(rows, nb, |j, b| half(j, b, 2)),
+        })
     }
 }
 
 impl GgmlMatrix for Q8_0Matrix {
     /// From ggml's raw bytes (34 a block).
     fn from_ggml(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        let mut out = Self {
+        let blocks = blocks_of(bytes, rows, cols, 34)?;
+        let nb = cols / BLOCK;
+        let at = |j: usize, b: usize| blocks[j * nb + b];
+        Some(Self {
             rows,
             cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-        };
-        for b in blocks_of(bytes, rows, cols, 34)? {
-            out.d.push(f16::from_le_bytes([b[0], b[1]]));
-            out.qs.push(std::array::from_fn(|j| b[2 + j] as i8));
-        }
-        Some(out)
+            qs: interleave::<32>(rows, nb, |j, b| at(j, b)[2..34].try_into().unwrap()),
+            d: interleave_scales(rows, nb, |j, b| {
+                f16::from_le_bytes([at(j, b)[0], at(j, b)[1]])
+            }),
+        })
+    }
+}
+
+/// Byte k (0..B) of row `j`'s block `b` in an interleaved matrix of `chunks` chunks per block.
+#[cfg(any(test, not(target_feature = "avx2")))]
+fn quant_byte(qs: &[[u8; 32]], nb: usize, chunks: usize, j: usize, b: usize, k: usize) -> u8 {
+    let (p, r) = (j / PANEL, j % PANEL);
+    qs[(p * nb + b) * chunks + k / 4][4 * r + k % 4]
+}
+
+impl Q4_1Matrix {
+    /// Value `k` (0..32) of row `j`'s block `b` as (quant, d, m).
+    #[cfg(any(test, not(target_feature = "avx2")))]
+    fn value(&self, j: usize, b: usize, k: usize) -> (i32, f32, f32) {
+        let nb = self.cols / BLOCK;
+        let byte = quant_byte(&self.qs, nb, 4, j, b, k % 16);
+        let q = if k < 16 { byte & 0x0F } else { byte >> 4 };
+        let s = ((j / PANEL) * nb + b) * PANEL + j % PANEL;
+        (q as i32, self.d[s].to_f32(), self.m[s].to_f32())
     }
 
-    fn concat(parts: Vec<Self>) -> Option<Self> {
-        let cols = same_cols(parts.iter().map(|p| p.cols))?;
-        let rows = parts.iter().map(|p| p.rows).sum();
-        let mut out = Self {
-            rows,
-            cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-        };
-        for p in parts {
-            out.qs.extend(p.qs);
-            out.d.extend(p.d);
-        }
-        Some(out)
+    #[cfg(test)]
+    fn dequantize(&self) -> Vec<f32> {
+        let nb = self.cols / BLOCK;
+        (0..self.rows * nb * BLOCK)
+            .map(|i| {
+                let (q, d, m) = self.value(i / self.cols, i % self.cols / BLOCK, i % BLOCK);
+                q as f32 * d + m
+            })
+            .collect()
     }
 }
 
 impl Q8_0Matrix {
+    /// Value `k` (0..32) of row `j`'s block `b` as (quant, d).
+    #[cfg(any(test, not(target_feature = "avx2")))]
+    fn value(&self, j: usize, b: usize, k: usize) -> (i32, f32) {
+        let nb = self.cols / BLOCK;
+        let q = quant_byte(&self.qs, nb, 8, j, b, k) as i8;
+        let s = ((j / PANEL) * nb + b) * PANEL + j % PANEL;
+        (q as i32, self.d[s].to_f32())
+    }
+
     #[cfg(test)]
     fn dequantize(&self) -> Vec<f32> {
-        (0..self.qs.len())
-            .flat_map(|b| self.qs[b].map(|q| q as f32 * self.d[b].to_f32()))
+        let nb = self.cols / BLOCK;
+        (0..self.rows * nb * BLOCK)
+            .map(|i| {
+                let (q, d) = self.value(i / self.cols, i % self.cols / BLOCK, i % BLOCK);
+                q as f32 * d
+            })
             .collect()
     }
 }
 
 /// `x` is `m` rows of `w.cols()`; returns `m` rows of `w.rows()` values.
-pub fn matmul<W: RowDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
+pub fn matmul<W: PanelDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * w.cols(), "matmul input shape");
     let acts = quantize(x, m, w.cols());
     let n = w.rows();
     let mut out = vec![0f32; m * n];
     let dst = SharedOut(out.as_mut_ptr());
     let tiles = m.div_ceil(TILE);
-    // Work items: (chunk of weight rows, activation tile); a chunk's weights stay in cache while
-    // a worker goes through the tiles.
-    const CHUNK: usize = 16;
-    let chunks = n.div_ceil(CHUNK);
+    // Work items: (chunk of panels, activation tile); a chunk's weights stay in cache while a
+    // worker goes through the tiles.
+    const CHUNK: usize = 2;
+    let panels = n.div_ceil(PANEL);
+    let chunks = panels.div_ceil(CHUNK);
     candle_core::utils::barrier_pool().execute_chunked(chunks * tiles, |range| {
         for item in range {
             let (chunk, tile) = (item / tiles, item % tiles);
             let r0 = tile * TILE;
             let count = TILE.min(m - r0);
-            for j in chunk * CHUNK..((chunk + 1) * CHUNK).min(n) {
-                let mut sums = [0f32; TILE];
-                w.dot_tile(j, &acts, r0, count, &mut sums);
+            for p in chunk * CHUNK..((chunk + 1) * CHUNK).min(panels) {
+                let mut sums = [[0f32; PANEL]; TILE];
+                w.dot_panel(p, &acts, r0, count, &mut sums);
+                let j0 = p * PANEL;
+                let width = PANEL.min(n - j0);
                 for (i, s) in sums[..count].iter().enumerate() {
-                    // SAFETY: item (chunk, tile) alone writes rows r0..r0+count × its chunk's columns.
-                    unsafe { *dst.get().add((r0 + i) * n + j) = *s };
+                    // SAFETY: item (chunk, tile) alone writes rows r0..r0+count × its panels' columns.
+                    unsafe {
+                        let row = dst.get().add((r0 + i) * n + j0);
+                        std::ptr::copy_nonoverlapping(s.as_ptr(), row, width);
+                    }
                 }
             }
         }
@@ -208,22 +229,35 @@ fn quantize(x: &[f32], m: usize, cols: usize) -> Q8Rows {
         qs: vec![0; m * cols],
         nb,
     };
+    // Eight-lane loops that vectorise (this runs per activation row, so batches pay it per row);
+    // ties round to even like llama.cpp's SIMD quantizer.
     for (block, q) in x.chunks_exact(BLOCK).zip(acts.qs.chunks_exact_mut(BLOCK)) {
-        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
+        let mut amax = [0f32; 8];
+        for c in block.chunks_exact(8) {
+            for (a, v) in amax.iter_mut().zip(c) {
+                *a = a.max(v.abs());
+            }
+        }
+        let d = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in q.iter_mut().zip(block) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
+        let mut sum = [0i32; 8];
+        for (qc, c) in q.chunks_exact_mut(8).zip(block.chunks_exact(8)) {
+            for ((q, v), s) in qc.iter_mut().zip(c).zip(sum.iter_mut()) {
+                // `max`/`min` also map NaN (from non-finite activations) into range; clamp keeps NaN.
+                #[allow(clippy::manual_clamp)]
+                let r = (v * id).round_ties_even().max(-127.0).min(127.0);
+                // SAFETY: r is finite and within i8; the unchecked cast is what vectorises.
+                *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+                *s += *q as i32;
+            }
         }
         acts.d.push(d);
-        acts.s.push(d * sum as f32);
+        acts.s.push(d * sum.iter().sum::<i32>() as f32);
     }
     acts
 }
 
-impl RowDot for Q4_1Matrix {
+impl PanelDot for Q4_1Matrix {
     fn rows(&self) -> usize {
         self.rows
     }
@@ -233,38 +267,49 @@ impl RowDot for Q4_1Matrix {
     }
 
     #[inline]
-    fn dot_tile(&self, j: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut [f32; TILE]) {
+    fn dot_panel(&self, p: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut Sums) {
         let nb = acts.nb;
-        let (qs, d, m) = (
-            &self.qs[j * nb..(j + 1) * nb],
-            &self.d[j * nb..(j + 1) * nb],
-            &self.m[j * nb..(j + 1) * nb],
-        );
         #[cfg(target_feature = "avx2")]
         // SAFETY: compiled only where AVX2 is enabled for the whole crate (target-cpu=native).
         unsafe {
-            simd::dot_tile_q4_1(qs, d, m, acts, r0, count, sums)
+            let (qs, scales) = (
+                p * nb * 4..(p + 1) * nb * 4,
+                p * nb * PANEL..(p + 1) * nb * PANEL,
+            );
+            simd::panel_q4_1(
+                &self.qs[qs],
+                &self.d[scales.clone()],
+                &self.m[scales],
+                acts,
+                r0,
+                count,
+                sums,
+            )
         }
         #[cfg(not(target_feature = "avx2"))]
-        for (i, sum) in sums[..count].iter_mut().enumerate() {
-            *sum = (0..nb)
-                .map(|b| {
-                    let a = (r0 + i) * nb + b;
-                    let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
-                    let isum: i32 = (0..16)
-                        .map(|k| {
-                            (qs[b][k] & 0x0F) as i32 * x[k] as i32
-                                + (qs[b][k] >> 4) as i32 * x[k + 16] as i32
-                        })
-                        .sum();
-                    d[b].to_f32() * acts.d[a] * isum as f32 + m[b].to_f32() * acts.s[a]
-                })
-                .sum();
+        for (i, s) in sums[..count].iter_mut().enumerate() {
+            for (r, sum) in s.iter_mut().enumerate() {
+                let j = p * PANEL + r;
+                if j >= self.rows {
+                    break;
+                }
+                *sum = (0..nb)
+                    .map(|b| {
+                        let a = (r0 + i) * nb + b;
+                        let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
+                        let (_, d, m) = self.value(j, b, 0);
+                        let isum: i32 = (0..BLOCK)
+                            .map(|k| self.value(j, b, k).0 * x[k] as i32)
+                            .sum();
+                        d * acts.d[a] * isum as f32 + m * acts.s[a]
+                    })
+                    .sum();
+            }
         }
     }
 }
 
-impl RowDot for Q8_0Matrix {
+impl PanelDot for Q8_0Matrix {
     fn rows(&self) -> usize {
         self.rows
     }
@@ -274,31 +319,35 @@ impl RowDot for Q8_0Matrix {
     }
 
     #[inline]
-    fn dot_tile(&self, j: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut [f32; TILE]) {
+    fn dot_panel(&self, p: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut Sums) {
         let nb = acts.nb;
-        let (qs, d) = (
-            &self.qs[j * nb..(j + 1) * nb],
-            &self.d[j * nb..(j + 1) * nb],
-        );
         #[cfg(target_feature = "avx2")]
         // SAFETY: compiled only where AVX2 is enabled for the whole crate (target-cpu=native).
         unsafe {
-            simd::dot_tile_q8_0(qs, d, acts, r0, count, sums)
+            let (qs, scales) = (
+                p * nb * 8..(p + 1) * nb * 8,
+                p * nb * PANEL..(p + 1) * nb * PANEL,
+            );
+            simd::panel_q8_0(&self.qs[qs], &self.d[scales], acts, r0, count, sums)
         }
         #[cfg(not(target_feature = "avx2"))]
-        for (i, sum) in sums[..count].iter_mut().enumerate() {
-            *sum = (0..nb)
-                .map(|b| {
-                    let a = (r0 + i) * nb + b;
-                    let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
-                    let isum: i32 = qs[b]
-                        .iter()
-                        .zip(x)
-                        .map(|(&w, &x)| w as i32 * x as i32)
-                        .sum();
-                    d[b].to_f32() * acts.d[a] * isum as f32
-                })
-                .sum();
+        for (i, s) in sums[..count].iter_mut().enumerate() {
+            for (r, sum) in s.iter_mut().enumerate() {
+                let j = p * PANEL + r;
+                if j >= self.rows {
+                    break;
+                }
+                *sum = (0..nb)
+                    .map(|b| {
+                        let a = (r0 + i) * nb + b;
+                        let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
+                        let isum: i32 = (0..BLOCK)
+                            .map(|k| self.value(j, b, k).0 * x[k] as i32)
+                            .sum();
+                        self.value(j, b, 0).1 * acts.d[a] * isum as f32
+                    })
+                    .sum();
+            }
         }
     }
 }
@@ -309,47 +358,23 @@ mod simd {
 
     use half::f16;
 
-    use super::{Q8Rows, BLOCK, GROUP, TILE};
+    use super::{Q8Rows, Sums, BLOCK, PANEL};
 
-    #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// Lane k of the result is the sum of the eight lanes of `v[k]`.
-    #[inline]
-    unsafe fn hsum8(v: &[__m256i; GROUP]) -> __m256i {
-        let t0 = _mm256_hadd_epi32(v[0], v[1]);
-        let t1 = _mm256_hadd_epi32(v[2], v[3]);
-        let t2 = _mm256_hadd_epi32(v[4], v[5]);
-        let t3 = _mm256_hadd_epi32(v[6], v[7]);
-        let u0 = _mm256_hadd_epi32(t0, t1);
-        let u1 = _mm256_hadd_epi32(t2, t3);
-        _mm256_add_epi32(
-            _mm256_permute2x128_si256(u0, u1, 0x20),
-            _mm256_permute2x128_si256(u0, u1, 0x31),
-        )
-    }
-
-    /// Sums of four adjacent u8·i8 products, as eight i32.
+    /// `acc` plus the sums of four adjacent u8·i8 products, as eight i32.
     #[inline]
     #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-    unsafe fn dot_u8_i8(u: __m256i, i: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, i)
+    unsafe fn dot_u8_i8(acc: __m256i, u: __m256i, i: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, i)
     }
 
+    /// (Operands stay small enough that `maddubs`' i16 pairs never saturate: u ≤ 128.)
     #[inline]
     #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-    unsafe fn dot_u8_i8(u: __m256i, i: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, i), _mm256_set1_epi16(1))
-    }
-
-    #[inline]
-    unsafe fn load_acts(acts: &Q8Rows, a: usize) -> __m256i {
-        _mm256_loadu_si256(acts.qs.as_ptr().add(a * BLOCK) as *const __m256i)
+    unsafe fn dot_u8_i8(acc: __m256i, u: __m256i, i: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, i), _mm256_set1_epi16(1)),
+        )
     }
 
     #[inline]
@@ -357,100 +382,107 @@ mod simd {
         _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i))
     }
 
-    /// The blocks of one weight row as u8 vectors in the activations' value order (Q4_1: low
-    /// nibbles are values 0..16, high nibbles 16..32).
+    /// Activation values 4c..4c+4 of block `a`, in every lane.
     #[inline]
-    unsafe fn nibbles(q: &[u8; 16]) -> __m256i {
-        let q = _mm_loadu_si128(q.as_ptr() as *const __m128i);
-        _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
-            _mm256_set1_epi8(0x0F),
-        )
+    unsafe fn broadcast4(acts: &Q8Rows, a: usize, c: usize) -> __m256i {
+        let p = acts.qs.as_ptr().add(a * BLOCK + 4 * c) as *const i32;
+        _mm256_set1_epi32(p.read_unaligned())
     }
 
-    /// Σ_b d_b·da_b·(w_b · x_b) for activation rows `r0..r0 + count`. `unpack(b)` gives block b's
-    /// weights as a u8 vector and, for signed weights, the vector whose signs the activations take.
-    /// Eight blocks at a time, their integer sums get their scales in one vector multiply.
+    /// For each activation row i of `r0..r0 + count`, lane r of `sums[i]` gets
+    /// Σ_b d_b[r]·da_b·(w_b[r] · x_b) (+ Σ_b m_b[r]·s_b when `m` is given). `unpack(b)` gives block
+    /// b's eight chunks (chunk c: values 4c..4c+4 of each row) as u8 vectors and, for signed
+    /// weights, the vectors whose signs the activations take.
     #[inline(always)]
-    unsafe fn scaled_dots(
-        nb: usize,
+    unsafe fn panel(
         d: &[f16],
+        m: Option<&[f16]>,
         acts: &Q8Rows,
         r0: usize,
         count: usize,
-        sums: &mut [f32; TILE],
-        unpack: impl Fn(usize) -> (__m256i, Option<__m256i>),
+        sums: &mut Sums,
+        unpack: impl Fn(usize) -> [(__m256i, Option<__m256i>); 8],
     ) {
-        let dot = |(u, sign): (__m256i, Option<__m256i>), a: usize| {
-            let x = load_acts(acts, a);
-            dot_u8_i8(u, sign.map_or(x, |s| _mm256_sign_epi8(x, s)))
-        };
-        let mut acc = [_mm256_setzero_ps(); TILE];
-        let groups = nb / GROUP;
-        for b0 in (0..groups).map(|g| g * GROUP) {
-            let w: [(__m256i, Option<__m256i>); GROUP] = std::array::from_fn(|k| unpack(b0 + k));
-            let dw = load_f16x8(&d[b0..]);
-            for (i, acc) in acc[..count].iter_mut().enumerate() {
-                let a0 = (r0 + i) * acts.nb + b0;
-                let dots: [__m256i; GROUP] = std::array::from_fn(|k| dot(w[k], a0 + k));
-                let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(acts.d.as_ptr().add(a0)));
-                *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(hsum8(&dots)), *acc);
-            }
-        }
-        for (i, sum) in sums[..count].iter_mut().enumerate() {
-            *sum = hsum(acc[i]);
-        }
-        for b in groups * GROUP..nb {
+        let mut acc = [_mm256_setzero_ps(); super::TILE];
+        let mut acc_m = [_mm256_setzero_ps(); super::TILE];
+        for b in 0..acts.nb {
             let w = unpack(b);
-            for (i, sum) in sums[..count].iter_mut().enumerate() {
+            let dw = load_f16x8(&d[b * PANEL..]);
+            let mw = m.map(|m| load_f16x8(&m[b * PANEL..]));
+            for i in 0..count {
                 let a = (r0 + i) * acts.nb + b;
-                *sum += d[b].to_f32() * acts.d[a] * hsum(_mm256_cvtepi32_ps(dot(w, a)));
+                // Two chains, so consecutive products do not wait on each other.
+                let mut isum = [_mm256_setzero_si256(); 2];
+                for (c, &(u, sign)) in w.iter().enumerate() {
+                    let x = broadcast4(acts, a, c);
+                    let x = sign.map_or(x, |s| _mm256_sign_epi8(x, s));
+                    isum[c % 2] = dot_u8_i8(isum[c % 2], u, x);
+                }
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*acts.d.get_unchecked(a)));
+                let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(isum[0], isum[1]));
+                acc[i] = _mm256_fmadd_ps(scale, isum, acc[i]);
+                if let Some(mw) = mw {
+                    acc_m[i] =
+                        _mm256_fmadd_ps(mw, _mm256_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
+                }
             }
+        }
+        for i in 0..count {
+            _mm256_storeu_ps(sums[i].as_mut_ptr(), _mm256_add_ps(acc[i], acc_m[i]));
         }
     }
 
-    pub(super) unsafe fn dot_tile_q4_1(
-        qs: &[[u8; 16]],
+    /// Ask for the weights `AHEAD` blocks past the block at `at` (`chunks` chunks a block, here or
+    /// in the next panels, which follow in memory): the stream is read once and never cached, and
+    /// a batch's extra compute per block otherwise leaves fewer loads in flight.
+    #[inline(always)]
+    unsafe fn prefetch(at: &[[u8; 32]], chunks: usize) {
+        const AHEAD: usize = 16;
+        let p = at.as_ptr().wrapping_add(AHEAD * chunks) as *const i8;
+        for line in 0..chunks / 2 {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
+        }
+    }
+
+    pub(super) unsafe fn panel_q4_1(
+        qs: &[[u8; 32]],
         d: &[f16],
         m: &[f16],
         acts: &Q8Rows,
         r0: usize,
         count: usize,
-        sums: &mut [f32; TILE],
+        sums: &mut Sums,
     ) {
-        let nb = qs.len();
-        scaled_dots(nb, d, acts, r0, count, sums, |b| (nibbles(&qs[b]), None));
-        // Q4_1's offset term: Σ_b m_b·s_b.
-        let groups = nb / GROUP;
-        for (i, sum) in sums[..count].iter_mut().enumerate() {
-            let a0 = (r0 + i) * acts.nb;
-            let mut acc = _mm256_setzero_ps();
-            for b0 in (0..groups).map(|g| g * GROUP) {
-                acc = _mm256_fmadd_ps(
-                    load_f16x8(&m[b0..]),
-                    _mm256_loadu_ps(acts.s.as_ptr().add(a0 + b0)),
-                    acc,
-                );
-            }
-            *sum += hsum(acc)
-                + (groups * GROUP..nb)
-                    .map(|b| m[b].to_f32() * acts.s[a0 + b])
-                    .sum::<f32>();
-        }
+        let low = _mm256_set1_epi8(0x0F);
+        panel(d, Some(m), acts, r0, count, sums, |b| {
+            // Chunk c's low nibbles are values 4c..4c+4, its high nibbles 16+4c..20+4c.
+            prefetch(&qs[b * 4..], 4);
+            let raw: [__m256i; 4] = std::array::from_fn(|c| {
+                _mm256_loadu_si256(qs[b * 4 + c].as_ptr() as *const __m256i)
+            });
+            std::array::from_fn(|k| {
+                let q = raw[k % 4];
+                let q = if k < 4 { q } else { _mm256_srli_epi16(q, 4) };
+                (_mm256_and_si256(q, low), None)
+            })
+        });
     }
 
-    pub(super) unsafe fn dot_tile_q8_0(
-        qs: &[[i8; 32]],
+    pub(super) unsafe fn panel_q8_0(
+        qs: &[[u8; 32]],
         d: &[f16],
         acts: &Q8Rows,
         r0: usize,
         count: usize,
-        sums: &mut [f32; TILE],
+        sums: &mut Sums,
     ) {
         // u8·i8 products: |w| against the activations carrying w's sign.
-        scaled_dots(qs.len(), d, acts, r0, count, sums, |b| {
-            let q = _mm256_loadu_si256(qs[b].as_ptr() as *const __m256i);
-            (_mm256_sign_epi8(q, q), Some(q))
+        panel(d, None, acts, r0, count, sums, |b| {
+            prefetch(&qs[b * 8..], 8);
+            std::array::from_fn(|c| {
+                let q = _mm256_loadu_si256(qs[b * 8 + c].as_ptr() as *const __m256i);
+                (_mm256_sign_epi8(q, q), Some(q))
+            })
         });
     }
 }
@@ -509,7 +541,7 @@ mod tests {
         Q8_0Matrix::from_ggml(&raw, rows, cols).unwrap()
     }
 
-    fn check(w: &impl RowDot, dense: &[f32], m: usize) {
+    fn check(w: &impl PanelDot, dense: &[f32], m: usize) {
         let (rows, cols) = (w.rows(), w.cols());
         let x: Vec<f32> = (0..m * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
@@ -548,14 +580,5 @@ mod tests {
             let w = q8_0(rows, cols);
             check(&w, &w.dequantize(), m);
         }
-    }
-
-    #[test]
-    fn concat_stacks_rows() {
-        let (a, b) = (q4_1(3, 64), q4_1(2, 64));
-        let (da, db) = (a.dequantize(), b.dequantize());
-        let both = Q4_1Matrix::concat(vec![a, b]).unwrap();
-        assert_eq!(both.rows(), 5);
-        assert_eq!(both.dequantize(), [da, db].concat());
     }
 }

@@ -1,0 +1,158 @@
+//! Decode-step cost for batch 1 vs batch 4 (cache length ~200), and the sampler per row, in one
+//! process, interleaved so machine noise hits both alike; prints medians. `--e2e` instead times
+//! whole requests through the engine: one 128-token sample against best-of-4 × 128.
+//!
+//!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e]]
+
+use std::time::Instant;
+
+use serde_json::json;
+use tilt::decode::{DecoderSpec, Generation};
+use tilt::engine::{Engine, EngineOptions, Event};
+use tilt::model::{fetch, ForwardItem, KvCache, Logits, Model, Role};
+use tilt::sampling::{Sampler, SamplingParams};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; the rest is `[ROUNDS] [--only BATCH]`.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let rounds: usize = args.first().map_or(30, |a| a.parse().expect("ROUNDS"));
+    let only: Option<usize> = (args.get(1).map(String::as_str) == Some("--only"))
+        .then(|| args[2].parse().expect("BATCH"));
+    let path = fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL).expect("default model");
+    let m = Model::load(&path, "smollm2", Role::Base).expect("model loads");
+    if args.get(1).map(String::as_str) == Some("--e2e") {
+        return end_to_end(m, rounds);
+    }
+    let prompt: Vec<u32> = (0..200u32).map(|i| 1000 + i * 37).collect();
+    let mut primed = KvCache::new();
+    m.llama
+        .forward(&mut [ForwardItem {
+            cache: &mut primed,
+            tokens: &prompt,
+            logits: Logits::None,
+        }])
+        .unwrap();
+    let len = primed.len();
+    let mut caches: Vec<KvCache> = (0..4).map(|_| primed.fork()).collect();
+    let step = |caches: &mut [KvCache]| -> (f64, Vec<f32>) {
+        let t = Instant::now();
+        let mut items: Vec<ForwardItem> = caches
+            .iter_mut()
+            .map(|cache| ForwardItem {
+                cache,
+                tokens: &[42],
+                logits: Logits::Last,
+            })
+            .collect();
+        let out = m.llama.forward(&mut items).unwrap();
+        let dt = t.elapsed().as_secs_f64() * 1e3;
+        for c in caches.iter_mut() {
+            c.truncate(len);
+        }
+        (dt, out.data)
+    };
+    // Warm up (grows the forked caches once).
+    for _ in 0..3 {
+        step(&mut caches[..1]);
+        step(&mut caches);
+    }
+    // `--only B`: just batch-B steps, to profile one shape.
+    if let Some(b) = only {
+        let times: Vec<f64> = (0..rounds).map(|_| step(&mut caches[..b]).0).collect();
+        println!("batch {b}: {:.2} ms", median(times));
+        return;
+    }
+    let (mut one, mut four) = (Vec::new(), Vec::new());
+    let mut logits = Vec::new();
+    for _ in 0..rounds {
+        one.push(step(&mut caches[..1]).0);
+        let (dt, l) = step(&mut caches);
+        four.push(dt);
+        logits = l;
+    }
+    let (one, four) = (median(one), median(four));
+    println!(
+        "decode step at {len}: batch 1 {one:.2} ms, batch 4 {four:.2} ms, ratio {:.2}",
+        four / one
+    );
+    let row = &logits[..m.llama.cfg.vocab_size];
+    for (name, params) in [
+        ("default", SamplingParams::default()),
+        (
+            "top_p_0.9",
+            SamplingParams {
+                top_p: 0.9,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut s = Sampler::new(params, 0, &prompt);
+        let mut times = Vec::new();
+        for _ in 0..rounds * 4 {
+            let t = Instant::now();
+            std::hint::black_box(s.sample(row));
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("sampler {name}: {:.3} ms/row", median(times));
+    }
+}
+
+/// Wall time of one request of 128 tokens (ignoring end of generation), in ms.
+fn request(engine: &Engine, spec: &DecoderSpec, seed: u64) -> f64 {
+    let g = Generation {
+        prompt: engine
+            .base()
+            .vocab
+            .encode("Write a short story about a lighthouse keeper.", false)
+            .unwrap(),
+        max_tokens: 128,
+        stop: Vec::new(),
+        ignore_eos: true,
+        n: 1,
+        sampling: SamplingParams {
+            seed: Some(seed),
+            ..Default::default()
+        },
+        model_prompts: Default::default(),
+    };
+    let t = Instant::now();
+    let mut rx = engine.submit(spec.build(g)).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Done { .. } => return t.elapsed().as_secs_f64() * 1e3,
+            Event::Failed(msg) => panic!("request failed: {msg}"),
+            _ => {}
+        }
+    }
+    panic!("the engine stopped");
+}
+
+fn end_to_end(m: Model, rounds: usize) {
+    let engine = Engine::start(vec![m], EngineOptions::default());
+    let sample = DecoderSpec::parse("sample", Default::default(), engine.models()).unwrap();
+    let params = json!({"n": 4, "rewards": {"sentiment": 1.0}});
+    let best = DecoderSpec::parse(
+        "best_of_n",
+        params.as_object().cloned().unwrap(),
+        engine.models(),
+    )
+    .unwrap();
+    let (mut one, mut four) = (Vec::new(), Vec::new());
+    for r in 0..rounds as u64 {
+        one.push(request(&engine, &sample, r));
+        four.push(request(&engine, &best, r));
+    }
+    let (one, four) = (median(one), median(four));
+    println!(
+        "128 tokens: sample {one:.0} ms, best-of-4 {four:.0} ms, ratio {:.2}",
+        four / one
+    );
+}
