@@ -48,6 +48,7 @@ fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
     let stdout = tilt(&[
         "eval",
         "steer",
+        "--no-default-rewards",
         "--model",
         model.to_str().unwrap(),
         "--reward",
@@ -159,6 +160,7 @@ fn keywords_reports_each_method_and_best_of_n_covers_at_least_as_much() {
     tilt(&[
         "eval",
         "keywords",
+        "--no-default-rewards",
         "--model",
         model.to_str().unwrap(),
         "--concepts",

@@ -173,6 +173,9 @@ pub struct KeywordsArgs {
     /// A reward model as NAME=PATH (repeatable), for methods that steer with one.
     #[arg(long = "reward", value_name = "NAME=PATH", value_parser = crate::reward::parse_flag)]
     pub rewards: Vec<(String, PathBuf)>,
+    /// Skip the reward models of models/models.toml (only `--reward` ones load).
+    #[arg(long)]
+    pub no_default_rewards: bool,
     /// A method as NAME=JSON decoder config, e.g. `bon4={"decoder":"best_of_n","n":4,
     /// "constraints":{"keywords":"$concepts"}}` ("$concepts" becomes the set's words).
     /// Repeatable; replaces the defaults: sample, best_of_4, best_of_8, args, deal.
@@ -266,7 +269,12 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
     let base = super::load_base(args.model.as_deref())?;
     // A second copy of the base for teacher-forced scoring; the engine owns the first.
     let scorer = super::load_base(args.model.as_deref())?;
-    let models = crate::reward::with_rewards(base, &args.rewards, true, Precision::Q8_0)?;
+    let models = crate::reward::with_rewards(
+        base,
+        &args.rewards,
+        !args.no_default_rewards,
+        Precision::Q8_0,
+    )?;
     let engine = Engine::start(
         models,
         EngineOptions {

@@ -138,6 +138,9 @@ pub struct SteerArgs {
     /// loaded reward model is swept.
     #[arg(long = "reward", value_name = "NAME=PATH", value_parser = crate::reward::parse_flag)]
     pub rewards: Vec<(String, PathBuf)>,
+    /// Skip the reward models of models/models.toml (only `--reward` ones load).
+    #[arg(long)]
+    pub no_default_rewards: bool,
     /// What an ARM steers towards, measured by a programmatic scorer, as ARM=SCORER (repeatable;
     /// SCORER: sentiment, concise (minus the word count), count:WORD, regex:PATTERN,
     /// keywords:A,B). ARMs named `positive`/`sentiment` and `concise` get theirs by default.
@@ -273,7 +276,12 @@ pub fn run(args: SteerArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)?;
 
     let base = super::load_base(args.model.as_deref())?;
-    let models = crate::reward::with_rewards(base, &args.rewards, true, Precision::Q8_0)?;
+    let models = crate::reward::with_rewards(
+        base,
+        &args.rewards,
+        !args.no_default_rewards,
+        Precision::Q8_0,
+    )?;
     let arms: Vec<String> = models[1..].iter().map(|m| m.name.clone()).collect();
     if arms.is_empty() {
         bail!(

@@ -22,6 +22,11 @@ pub fn builtin() -> Vec<Builtin> {
     }]
 }
 
+/// How many words `text` has, as the scorers count them.
+pub fn word_count(text: &str) -> usize {
+    words(text).count()
+}
+
 /// Lowercase words (letters, digits and inner apostrophes).
 fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !(c.is_alphanumeric() || c == '\''))

@@ -14,7 +14,7 @@ use super::prompts::{self, Split};
 use crate::decode::{self, Generation};
 use crate::engine::{Engine, EngineOptions, Event};
 use crate::model::{fetch, Model, Role};
-use crate::reward::scorers::{Length, Scorer, Sentiment};
+use crate::reward::scorers::{word_count, Length, Scorer, Sentiment};
 use crate::sampling::SamplingParams;
 
 /// What the chosen response has more of.
@@ -43,6 +43,42 @@ pub struct ScoredPair {
     pub chosen: String,
     pub rejected: String,
     pub scores: Vec<f32>,
+}
+
+/// The pair of `responses` with the widest score gap among those whose word counts differ by at
+/// most `tolerance` × the longer one's (any, without a tolerance), or `None` when no pair differs.
+///
+/// Why a tolerance: the GenARM loss compares *sums* of log-probs, and a tiny ARM's per-token
+/// log-probs are far from 0, so a few tokens of length difference outweigh the objective's
+/// signal (sentiment words). Pairs of about the same length leave the ARM only the objective
+/// to learn. A length objective (concise) must not use it.
+pub fn widest_pair(
+    prompt: &str,
+    responses: &[String],
+    scores: &[f32],
+    tolerance: Option<f32>,
+) -> Option<ScoredPair> {
+    let Some(tolerance) = tolerance else {
+        return best_vs_worst(prompt, responses, scores);
+    };
+    let lens: Vec<usize> = responses.iter().map(|r| word_count(r)).collect();
+    let mut best: Option<(usize, usize)> = None;
+    for i in 0..responses.len() {
+        for j in 0..responses.len() {
+            let longer = lens[i].max(lens[j]) as f32;
+            let close = (lens[i] as f32 - lens[j] as f32).abs() <= tolerance * longer;
+            let gap = scores[i] - scores[j];
+            if close && gap > 0.0 && best.is_none_or(|(a, b)| gap > scores[a] - scores[b]) {
+                best = Some((i, j));
+            }
+        }
+    }
+    best.map(|(i, j)| ScoredPair {
+        prompt: prompt.to_string(),
+        chosen: responses[i].clone(),
+        rejected: responses[j].clone(),
+        scores: scores.to_vec(),
+    })
 }
 
 /// Best vs worst of `responses` under `scores`, or `None` when they all score the same.
@@ -104,6 +140,10 @@ pub struct PrefsArgs {
     /// run serves every objective.
     #[arg(long, conflicts_with_all = ["responses", "prompts", "limit", "shard", "model"])]
     pub from_responses: Option<PathBuf>,
+    /// Pair only responses whose word counts differ by at most this share of the longer's,
+    /// taking the widest score gap among them (see `widest_pair`); default: best vs worst.
+    #[arg(long)]
+    pub length_tolerance: Option<f32>,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -142,6 +182,12 @@ impl PrefsArgs {
         }
         if self.max_running == 0 {
             bail!("--max-running must be at least 1");
+        }
+        if self
+            .length_tolerance
+            .is_some_and(|t| !(t.is_finite() && t >= 0.0))
+        {
+            bail!("--length-tolerance must be a share of at least 0");
         }
         Ok(())
     }
@@ -290,7 +336,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
         .zip(&responses)
         .filter_map(|(prompt, texts)| {
             let scores: Vec<f32> = texts.iter().map(|t| scorer.score(t)).collect();
-            best_vs_worst(prompt, texts, &scores)
+            widest_pair(prompt, texts, &scores, args.length_tolerance)
         })
         .collect();
     for pair in &pairs {
@@ -309,11 +355,15 @@ pub fn run(args: PrefsArgs) -> Result<()> {
         // A fold from +0: an empty `sum` of floats is −0.
         pairs.iter().map(gap).fold(0.0, |a, b| a + b) / pairs.len().max(1) as f32,
     );
-    println!(
-        "{generated} tokens generated at {:.1} tok/s; {wall:.1} s in all; written to {}",
-        generated as f64 / sampling.max(1e-9),
-        args.out.display()
-    );
+    if args.from_responses.is_none() {
+        println!(
+            "{generated} tokens generated at {:.1} tok/s; {wall:.1} s in all; written to {}",
+            generated as f64 / sampling.max(1e-9),
+            args.out.display()
+        );
+    } else {
+        println!("written to {}", args.out.display());
+    }
     Ok(())
 }
 
@@ -328,6 +378,25 @@ mod tests {
         assert_eq!((pair.chosen.as_str(), pair.rejected.as_str()), ("b", "c"));
         assert_eq!(pair.scores, [0.5, 2.0, -1.0]);
         assert!(best_vs_worst("p", &texts, &[1.0, 1.0, 1.0]).is_none());
+    }
+
+    #[test]
+    fn a_length_tolerance_pairs_responses_of_about_the_same_length() {
+        let texts: Vec<String> = ["good day", "a b c d e f g h", "bad day", "ok"]
+            .map(String::from)
+            .to_vec();
+        let scores = [1.0, 3.0, -1.0, -2.0];
+        let pair = widest_pair("p", &texts, &scores, Some(0.0)).unwrap();
+        assert_eq!(
+            (pair.chosen.as_str(), pair.rejected.as_str()),
+            ("good day", "bad day")
+        );
+        let pair = widest_pair("p", &texts, &scores, None).unwrap();
+        assert_eq!(
+            (pair.chosen.as_str(), pair.rejected.as_str()),
+            ("a b c d e f g h", "ok")
+        );
+        assert!(widest_pair("p", &texts[1..2], &scores[1..2], Some(0.5)).is_none());
     }
 
     #[test]

@@ -17,12 +17,14 @@ pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
            genarm_without_reward_models_says_none_are_loaded]
 }
 
-/// A server with the toy ARM `toy`, which favours " Paris"; the tempdir holds its files.
+/// A server whose only reward model is the toy ARM `toy`, which favours " Paris"; the tempdir
+/// holds its files.
 async fn server_with_toy() -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
     let flag = format!("toy={}", dir.path().display());
-    (Server::ready(&["--reward", &flag]).await, dir)
+    let args = ["--no-default-rewards", "--reward", &flag];
+    (Server::ready(&args).await, dir)
 }
 
 fn genarm(rewards: Value) -> Value {
