@@ -16,7 +16,6 @@ use super::{Decoding, Job, Output};
 use crate::bench::report::{xy_panels, Panel, XySeries};
 use crate::decode::{DecoderSpec, DECODERS};
 use crate::engine::{Engine, EngineOptions};
-use crate::model::Precision;
 
 /// The built-in concept sets.
 pub const CONCEPTS: &str = include_str!("concepts.txt");
@@ -167,15 +166,9 @@ pub struct KeywordsArgs {
     /// Write keywords.md, keywords.svg and keywords.json here.
     #[arg(long)]
     pub out: PathBuf,
-    /// The base model (default: the manifest's default model); it also scores fluency.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// A reward model as NAME=PATH (repeatable), for methods that steer with one.
-    #[arg(long = "reward", value_name = "NAME=PATH", value_parser = crate::reward::parse_flag)]
-    pub rewards: Vec<(String, PathBuf)>,
-    /// Skip the reward models of models/models.toml (only `--reward` ones load).
-    #[arg(long)]
-    pub no_default_rewards: bool,
+    /// The base (which also scores fluency) and the reward models.
+    #[command(flatten)]
+    pub models: super::EvalModels,
     /// A method as NAME=JSON decoder config, e.g. `bon4={"decoder":"best_of_n","n":4,
     /// "constraints":{"keywords":"$concepts"}}` ("$concepts" becomes the set's words).
     /// Repeatable; replaces the defaults: sample, best_of_4, best_of_8, args, deal.
@@ -266,15 +259,9 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&args.out)?;
 
-    let base = super::load_base(args.model.as_deref())?;
+    let models = args.models.load()?;
     // A second copy of the base for teacher-forced scoring; the engine owns the first.
-    let scorer = super::load_base(args.model.as_deref())?;
-    let models = crate::reward::with_rewards(
-        base,
-        &args.rewards,
-        !args.no_default_rewards,
-        Precision::Q8_0,
-    )?;
+    let scorer = super::load_base(args.models.model.as_deref())?;
     let engine = Engine::start(
         models,
         EngineOptions {

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::decode::{DecoderSpec, Generation};
 use crate::engine::{Engine, Event};
-use crate::model::{fetch, Logits, Model, Role};
+use crate::model::{fetch, Logits, Model, Precision, Role};
 use crate::sampling::{log_sum_exp, SamplingParams};
 use crate::train::prompts;
 
@@ -36,6 +36,29 @@ pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Steer(args) => steer::run(*args),
         EvalCommand::Keywords(args) => keywords::run(*args),
+    }
+}
+
+/// Which models an evaluation runs: the base, and the reward models as `tilt serve` loads them.
+#[derive(clap::Args, Debug)]
+pub struct EvalModels {
+    /// The base model (default: the manifest's default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A reward model as NAME=PATH (repeatable), added to the manifest's reward models.
+    #[arg(long = "reward", value_name = "NAME=PATH", value_parser = crate::reward::parse_flag)]
+    pub rewards: Vec<(String, PathBuf)>,
+    /// Skip the reward models of models/models.toml (only `--reward` ones load).
+    #[arg(long)]
+    pub no_default_rewards: bool,
+}
+
+impl EvalModels {
+    /// The base, then its reward models (in Q8_0, as the server runs them).
+    pub fn load(&self) -> Result<Vec<Model>> {
+        let base = load_base(self.model.as_deref())?;
+        let manifest = !self.no_default_rewards;
+        crate::reward::with_rewards(base, &self.rewards, manifest, Precision::Q8_0)
     }
 }
 

@@ -15,7 +15,6 @@ use super::{Decoding, Job, Output};
 use crate::bench::report::{xy_panels, Panel, XySeries};
 use crate::decode::DecoderSpec;
 use crate::engine::{Engine, EngineOptions};
-use crate::model::Precision;
 use crate::reward::scorers::{Keywords, RegexMatch, Scorer, Sentiment};
 use crate::train::prompts::{self, Split};
 
@@ -131,16 +130,9 @@ pub struct SteerArgs {
     /// Write steer.md, steer.svg and steer.json here.
     #[arg(long)]
     pub out: PathBuf,
-    /// The base model (default: the manifest's default model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// A reward model as NAME=PATH (repeatable), added to the manifest's reward models. Every
-    /// loaded reward model is swept.
-    #[arg(long = "reward", value_name = "NAME=PATH", value_parser = crate::reward::parse_flag)]
-    pub rewards: Vec<(String, PathBuf)>,
-    /// Skip the reward models of models/models.toml (only `--reward` ones load).
-    #[arg(long)]
-    pub no_default_rewards: bool,
+    /// The base and the reward models; every loaded reward model is swept.
+    #[command(flatten)]
+    pub models: super::EvalModels,
     /// What an ARM steers towards, measured by a programmatic scorer, as ARM=SCORER (repeatable;
     /// SCORER: sentiment, concise (minus the word count), count:WORD, regex:PATTERN,
     /// keywords:A,B). ARMs named `positive`/`sentiment` and `concise` get theirs by default.
@@ -275,13 +267,7 @@ pub fn run(args: SteerArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)?;
 
-    let base = super::load_base(args.model.as_deref())?;
-    let models = crate::reward::with_rewards(
-        base,
-        &args.rewards,
-        !args.no_default_rewards,
-        Precision::Q8_0,
-    )?;
+    let models = args.models.load()?;
     let arms: Vec<String> = models[1..].iter().map(|m| m.name.clone()).collect();
     if arms.is_empty() {
         bail!(
