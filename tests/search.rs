@@ -1,14 +1,15 @@
 //! The search decoders `args` and `deal` with the real base model: each reduces to greedy decoding
 //! when the search is trivial, a seed fixes ARGS' sampling, a keyword constraint puts a keyword
 //! into the answer that greedy decoding leaves out, and DeAL's forward-token count is the
-//! documented formula.
+//! documented formula. ARGS with a toy reward model steers towards (or away from) the token it
+//! favours.
 
 mod common;
 
 use serde_json::{json, Value};
 use tilt::decode::{DecoderSpec, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
-use tilt::model::{Message, Model, Role};
+use tilt::model::{Message, Model, Precision, Role};
 use tilt::sampling::SamplingParams;
 
 fn engine() -> Engine {
@@ -270,4 +271,60 @@ fn deal_streams_each_token_once_the_beams_agree() {
         }
     }
     panic!("the engine stopped");
+}
+
+/// An engine over the base and a toy ARM named `toy` that favours " Paris"; the tempdir holds the
+/// ARM's files.
+fn engine_with_arm() -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
+    let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
+    let arm = tilt::reward::load_arm(&base, "toy", dir.path(), Precision::Q8_0).unwrap();
+    (
+        Engine::start(vec![base, arm], EngineOptions::default()),
+        dir,
+    )
+}
+
+/// `prompt` as raw text, decoded greedily.
+fn raw(engine: &Engine, prompt: &str, max_tokens: usize) -> Generation {
+    let mut g = generation(engine, "", max_tokens);
+    g.prompt = engine.base().vocab.encode(prompt, false).unwrap();
+    g
+}
+
+#[test]
+fn args_steers_with_a_reward_models_next_token_log_prob() {
+    let (e, _dir) = engine_with_arm();
+    let paris = common::single_token(" Paris");
+    let args = |g: Generation, w: f64| {
+        let s = spec(&e, "args", json!({"rewards": {"toy": w}}));
+        // The API renders the prompt in the template of each model args runs.
+        assert_eq!(s.models().len(), usize::from(w != 0.0));
+        run(&e, &s, g)
+    };
+    // Where greedy decoding does not say Paris, the ARM brings it in…
+    let sea = raw(&e, "Last summer we travelled to", 12);
+    let greedy = run(&e, &DecoderSpec::Sample, sea.clone());
+    // "… the moon."
+    assert!(!greedy.tokens.contains(&paris), "{}", greedy.text);
+    let towards = args(sea.clone(), 5.0);
+    assert!(towards.tokens.contains(&paris), "{}", towards.text);
+    // One ARM forward per base forward; the reported reward is the ARM's sequence log-prob,
+    // weighted, which favours the answer with Paris.
+    let r = &towards.report;
+    assert_eq!(r["arm_forward_tokens"], r["forward_tokens"]);
+    assert_eq!(r["forward_tokens"], towards.tokens.len() - 1);
+    assert_eq!(r["weights"], json!({"toy": 5.0}));
+    assert!(r["rewards"][0].as_f64().unwrap() < 0.0, "{r}");
+    // …weight 0 is greedy decoding, without ARM forwards…
+    let unweighted = args(sea, 0.0);
+    assert_eq!(unweighted.tokens, greedy.tokens);
+    assert_eq!(unweighted.report["arm_forward_tokens"], 0);
+    // …and where greedy says Paris, a negative weight takes it out.
+    let france = raw(&e, "The capital of France is", 4);
+    let greedy = run(&e, &DecoderSpec::Sample, france.clone());
+    assert!(greedy.tokens.contains(&paris), "{}", greedy.text);
+    let away = args(france, -5.0);
+    assert!(!away.tokens.contains(&paris), "{}", away.text);
 }

@@ -227,7 +227,13 @@ impl DecoderSpec {
     /// Models other than the base that the decoder runs (they need the prompt in their tokens).
     pub fn models(&self) -> Vec<ModelId> {
         match self {
-            Self::Sample | Self::Args(_) | Self::Deal(_) => Vec::new(),
+            Self::Sample | Self::Deal(_) => Vec::new(),
+            Self::Args(spec) => {
+                let mut models: Vec<ModelId> = spec.arms().map(|(_, m)| m).collect();
+                models.sort_unstable();
+                models.dedup();
+                models
+            }
             Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
             Self::BestOfN(spec) => {
                 let mut models: Vec<ModelId> = spec.guide.active().map(|a| a.model).collect();
@@ -393,7 +399,7 @@ fn args_spec(p: ArgsParams, models: &[ModelInfo]) -> Result<ArgsSpec, ParamError
         top_k: within("top_k", p.top_k, 1, args::MAX_TOP_K)?,
         mode: p.mode,
         weight: finite("weight", p.weight)?,
-        objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models, false)?,
+        objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models, true)?,
     })
 }
 

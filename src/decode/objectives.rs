@@ -1,5 +1,5 @@
 //! What the reward-guided decoders (best_of_n, args, deal) score with: programmatic scorers by
-//! name, per-request constraints and (for best_of_n) reward models at sequence level, each an
+//! name, per-request constraints and (for best_of_n and args) reward models, each an
 //! `Objective` with a weight. One parse for all three, so a reward name means the same thing (and
 //! is refused the same way) in each.
 
@@ -21,7 +21,8 @@ pub enum Source {
     /// `constraints.max_words`: 0 within the budget, falling off past it.
     MaxWords(usize),
     /// A reward model at sequence level: Σ_t log π_r(y_t | x, y_<t) over the response, computed
-    /// by the decoder with forwards (not from the text).
+    /// by the decoder with forwards (not from the text). ARGS ranks a step's candidates by its
+    /// last term, the only one that differs between them.
     Arm(ModelId),
 }
 
@@ -61,7 +62,7 @@ pub struct Constraints {
 
 /// The objectives of `rewards` (name → weight) and `constraints`, checked for `decoder`, which
 /// needs at least one of them to `purpose` (e.g. "select by"); `arms`: whether it scores with
-/// reward models at sequence level.
+/// reward models.
 pub fn parse(
     decoder: &str,
     purpose: &str,
