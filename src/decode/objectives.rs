@@ -1,5 +1,5 @@
 //! What the reward-guided decoders (best_of_n, args, deal) score with: programmatic scorers by
-//! name, per-request constraints and (for best_of_n and args) reward models, each an
+//! name, per-request constraints and reward models, each an
 //! `Objective` with a weight. One parse for all three, so a reward name means the same thing (and
 //! is refused the same way) in each.
 
@@ -61,15 +61,13 @@ pub struct Constraints {
 }
 
 /// The objectives of `rewards` (name → weight) and `constraints`, checked for `decoder`, which
-/// needs at least one of them to `purpose` (e.g. "select by"); `arms`: whether it scores with
-/// reward models.
+/// needs at least one of them to `purpose` (e.g. "select by").
 pub fn parse(
     decoder: &str,
     purpose: &str,
     rewards: BTreeMap<String, f64>,
     constraints: Constraints,
     models: &[ModelInfo],
-    arms: bool,
 ) -> Result<Vec<Objective>, ParamError> {
     let invalid = |param: &str, message: String| ParamError {
         param: Some(param.into()),
@@ -78,22 +76,16 @@ pub fn parse(
     let builtin = scorers::builtin();
     let mut objectives = Vec::new();
     let mut names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
-    if arms {
-        names.extend(reward::arm_names(models));
-    }
+    names.extend(reward::arm_names(models));
     for (name, w) in rewards {
         let source = match reward::arm(models, &name) {
             _ if builtin.iter().any(|b| b.name == name) => Source::Builtin(name.clone()),
-            Some(model) if arms => Source::Arm(model),
-            arm => {
-                let what = match arm {
-                    Some(_) => format!("is a reward model, which {decoder} cannot score with yet"),
-                    None => "is not a loaded reward".to_string(),
-                };
+            Some(model) => Source::Arm(model),
+            None => {
                 return Err(invalid(
                     "rewards",
                     format!(
-                        "`{name}` {what}; {decoder} scores with: {}",
+                        "`{name}` is not a loaded reward; {decoder} scores with: {}",
                         names.join(", ")
                     ),
                 ));

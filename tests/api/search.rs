@@ -1,7 +1,6 @@
 //! The search decoders `args` and `deal` over HTTP: reachable through `alignment` with their
 //! reports (plain and streamed), and their parameters checked with a 400 naming each. The
-//! reward-model case (args scores with one, deal refuses it) starts its own server with a toy
-//! ARM; the shared server has none.
+//! reward-model case starts its own server with a toy ARM; the shared server has none.
 
 use serde_json::{json, Value};
 
@@ -18,7 +17,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
 }
 
 pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
-    cases![own: args_scores_with_reward_models_and_deal_does_not_yet]
+    cases![own: search_decoders_score_with_reward_models]
 }
 
 fn decoder(name: &str, params: Value) -> Value {
@@ -191,14 +190,14 @@ async fn search_parameters_are_checked(c: Client) {
     assert_eq!(r.body["error"]["param"], "n");
 }
 
-async fn args_scores_with_reward_models_and_deal_does_not_yet() {
+async fn search_decoders_score_with_reward_models() {
     let dir = tempfile::tempdir().unwrap();
     common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
     let flag = format!("toy={}", dir.path().display());
     let server = Server::ready(&["--reward", &flag]).await;
     let c = server.client();
-    // args ranks each step's candidates by the ARM's next-token log-prob: one ARM forward per
-    // base forward.
+    // args ranks each step's candidates by the ARM's next-token log-prob (each ARM reads the
+    // chat in its own template): one ARM forward per base forward.
     let body = json!({"messages": [{"role": "user", "content": "Where do fish live?"}],
                       "max_tokens": 6, "temperature": 0,
                       "alignment": decoder("args", json!({"rewards": {"toy": 1}}))});
@@ -210,13 +209,14 @@ async fn args_scores_with_reward_models_and_deal_does_not_yet() {
     assert_eq!(report["forward_tokens"], tokens - 1);
     assert_eq!(report["arm_forward_tokens"], tokens - 1);
     assert_eq!(report["rewards"].as_array().unwrap().len(), 1);
-    refused(
-        &c,
-        &[(
-            decoder("deal", json!({"rewards": {"toy": 1}})),
-            "alignment.rewards",
-            "cannot score with yet",
-        )],
-    )
-    .await;
+    // deal rolls the ARM out alongside the base: one ARM forward per base forward.
+    let body = json!({"prompt": "The weather today is", "max_tokens": 4, "ignore_eos": true,
+                      "alignment": decoder("deal", json!({"top_k": 2, "lookahead": 2,
+                                                          "rewards": {"toy": 1}}))});
+    let r = c.ok("/v1/completions", &body).await;
+    let report = &r["alignment"];
+    assert_eq!(report["decoder"], "deal");
+    assert_eq!(report["weights"], json!({"toy": 1.0}));
+    assert_eq!(report["arm_forward_tokens"], report["forward_tokens"]);
+    assert!(report["reward"].as_f64().unwrap() < 0.0, "{report}");
 }
