@@ -1,14 +1,15 @@
 //! The search decoders `args` and `deal` with the real base model: each reduces to greedy decoding
 //! when the search is trivial, a seed fixes ARGS' sampling, a keyword constraint puts a keyword
 //! into the answer that greedy decoding leaves out, and DeAL's forward-token count is the
-//! documented formula.
+//! documented formula. ARGS with a toy reward model steers towards (or away from) the token it
+//! favours.
 
 mod common;
 
 use serde_json::{json, Value};
 use tilt::decode::{DecoderSpec, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
-use tilt::model::{Message, Model, Role};
+use tilt::model::{Message, Model, Precision, Role};
 use tilt::sampling::SamplingParams;
 
 fn engine() -> Engine {
@@ -270,4 +271,116 @@ fn deal_streams_each_token_once_the_beams_agree() {
         }
     }
     panic!("the engine stopped");
+}
+
+/// An engine over the base and a toy ARM named `toy` that favours " Paris"; the tempdir holds the
+/// ARM's files.
+fn engine_with_arm() -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
+    let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
+    let arm = tilt::reward::load_arm(&base, "toy", dir.path(), Precision::Q8_0).unwrap();
+    (
+        Engine::start(vec![base, arm], EngineOptions::default()),
+        dir,
+    )
+}
+
+/// `prompt` as raw text, decoded greedily.
+fn raw(engine: &Engine, prompt: &str, max_tokens: usize) -> Generation {
+    let mut g = generation(engine, "", max_tokens);
+    g.prompt = engine.base().vocab.encode(prompt, false).unwrap();
+    g
+}
+
+#[test]
+fn args_steers_with_a_reward_models_next_token_log_prob() {
+    let (e, _dir) = engine_with_arm();
+    let paris = common::single_token(" Paris");
+    let args = |g: Generation, w: f64| {
+        let s = spec(&e, "args", json!({"rewards": {"toy": w}}));
+        // The API renders the prompt in the template of each model args runs.
+        assert_eq!(s.models().len(), usize::from(w != 0.0));
+        run(&e, &s, g)
+    };
+    // Where greedy decoding does not say Paris, the ARM brings it in…
+    let sea = raw(&e, "Last summer we travelled to", 12);
+    let greedy = run(&e, &DecoderSpec::Sample, sea.clone());
+    // "… the moon."
+    assert!(!greedy.tokens.contains(&paris), "{}", greedy.text);
+    let towards = args(sea.clone(), 5.0);
+    assert!(towards.tokens.contains(&paris), "{}", towards.text);
+    // One ARM forward per base forward; the reported reward is the ARM's sequence log-prob,
+    // weighted, which favours the answer with Paris.
+    let r = &towards.report;
+    assert_eq!(r["arm_forward_tokens"], r["forward_tokens"]);
+    assert_eq!(r["forward_tokens"], towards.tokens.len() - 1);
+    assert_eq!(r["weights"], json!({"toy": 5.0}));
+    let t = towards.tokens.len();
+    close(&r["rewards"][0], 5.0 * toy_log_prob(&e, &towards.tokens), t);
+    // …weight 0 is greedy decoding, without ARM forwards…
+    let unweighted = args(sea, 0.0);
+    assert_eq!(unweighted.tokens, greedy.tokens);
+    assert_eq!(unweighted.report["arm_forward_tokens"], 0);
+    // …and where greedy says Paris, a negative weight takes it out.
+    let france = raw(&e, "The capital of France is", 4);
+    let greedy = run(&e, &DecoderSpec::Sample, france.clone());
+    assert!(greedy.tokens.contains(&paris), "{}", greedy.text);
+    let away = args(france, -5.0);
+    assert!(!away.tokens.contains(&paris), "{}", away.text);
+}
+
+#[test]
+fn deal_steers_with_a_reward_models_sequence_log_prob() {
+    let (e, _dir) = engine_with_arm();
+    let paris = common::single_token(" Paris");
+    let deal = |g: Generation, w: f64| {
+        let s = spec(
+            &e,
+            "deal",
+            json!({"top_k": 10, "beam_width": 2, "lookahead": 2, "rewards": {"toy": w}}),
+        );
+        assert_eq!(s.models().len(), usize::from(w != 0.0));
+        run(&e, &s, g)
+    };
+    // Where greedy decoding does not say Paris, the ARM brings it in…
+    let summer = raw(&e, "Last summer we travelled to", 8);
+    let greedy = run(&e, &DecoderSpec::Sample, summer.clone());
+    assert!(!greedy.tokens.contains(&paris), "{}", greedy.text);
+    let towards = deal(summer.clone(), 5.0);
+    assert!(towards.tokens.contains(&paris), "{}", towards.text);
+    // The ARM rolls out alongside the base: one ARM forward per base forward.
+    let r = &towards.report;
+    assert_eq!(r["arm_forward_tokens"], r["forward_tokens"]);
+    // The answer's reward counts its own tokens, not the last lookahead.
+    let t = towards.tokens.len();
+    close(&r["reward"], 5.0 * toy_log_prob(&e, &towards.tokens), t);
+    // …weight 0 runs no ARM and scores nothing: the search follows log π alone…
+    let unweighted = deal(summer, 0.0);
+    assert_eq!(unweighted.report["arm_forward_tokens"], 0);
+    assert_eq!(unweighted.report["reward"], 0.0);
+    // …and where greedy says Paris, a negative weight takes it out.
+    let france = raw(&e, "The capital of France is", 4);
+    let greedy = run(&e, &DecoderSpec::Sample, france.clone());
+    assert!(greedy.tokens.contains(&paris), "{}", greedy.text);
+    let away = deal(france, -5.0);
+    assert!(!away.tokens.contains(&paris), "{}", away.text);
+}
+
+/// The toy ARM ignores context: log π_r(y) = 10·[y is " Paris"] − ln(e^10 + V − 1) at every
+/// position, so `tokens` score Σ_t log π_r = 10k − T·ln(e^10 + V − 1) with k of them Paris.
+fn toy_log_prob(engine: &Engine, tokens: &[u32]) -> f64 {
+    let paris = common::single_token(" Paris");
+    let v = engine.models()[1].config.vocab_size as f64;
+    let k = tokens.iter().filter(|&&t| t == paris).count() as f64;
+    10.0 * k - tokens.len() as f64 * (10f64.exp() + v - 1.0).ln()
+}
+
+/// `reported` is `expected` up to the ARM's Q8_0 rounding (far below 0.01 a token).
+fn close(reported: &Value, expected: f64, tokens: usize) {
+    let r = reported.as_f64().unwrap();
+    assert!(
+        (r - expected).abs() < 0.05 * tokens as f64,
+        "{r} vs {expected}"
+    );
 }

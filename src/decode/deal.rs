@@ -1,8 +1,15 @@
 //! DeAL (Huang et al., ACL 2025; reference/algorithms.md §6): decoding as heuristic search. Each
 //! iteration expands every live beam by its `top_k` most likely next tokens, rolls each expansion
 //! out `lookahead` tokens greedily on a fork of the beam's cache, scores it by
-//! f = log π(answer) + λ·R(answer ⊕ lookahead) with the programmatic objectives, and keeps the
-//! `beam_width` best (finished beams compete with their final score and are not expanded).
+//! f = log π(answer) + λ·R(answer ⊕ lookahead), and keeps the `beam_width` best (finished beams
+//! compete with their final score and are not expanded).
+//!
+//! R weighs the objectives: a programmatic one scores the text of answer ⊕ lookahead, a reward
+//! model (ARM) its sequence log-prob Σ_t log π_r(y_t | x, y_<t) over the answer's tokens and the
+//! scored lookahead. Each ARM prefills the prompt in its own chat template; its cache follows the
+//! base's — forked per rollout, fed the same token in the same step (so the engine batches it),
+//! truncated with a kept beam, freed with a dropped one — and each beam carries its Σ log π_r and
+//! the ARM's next-token log-probs, which price its expansions' first token.
 //!
 //! Caches: the prompt is prefilled once; the first beam is a fork of it. An expansion's rollout
 //! runs on a fork of its beam (the beam's own cache goes to its last expansion), so all rollouts
@@ -24,17 +31,18 @@
 //!
 //! forward_tokens = Σ_{t=1}^{T−1} k · min(b, k^(t−1)) · max(1, min(l, T − t))
 //!
-//! about b·k·l per output token once the beams are full.
+//! about b·k·l per output token once the beams are full. Each ARM of nonzero weight is fed the
+//! same tokens, counted apart as `arm_forward_tokens`.
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{answer_text, stop_at, Objective, Scoring};
+use super::objectives::{answer_text, stop_at, Objective, Scoring, Source};
 use super::prompt::SharedPrompt;
 use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, FinishReason, Outputs, SeqId, Usage, BASE};
+use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
 use crate::model::Logits;
-use crate::sampling::{argmax, log_sum_exp, top_sorted, Sampled};
+use crate::sampling::{argmax, log_softmax, log_sum_exp, top_sorted, Sampled};
 
 /// Most tokens expanded per beam.
 pub const MAX_TOP_K: usize = 16;
@@ -54,6 +62,57 @@ pub struct DealSpec {
     pub objectives: Vec<Objective>,
 }
 
+impl DealSpec {
+    /// The reward models that change the scores, with their objective's index: one of weight 0
+    /// (or every one, at `lambda` 0) costs no forward.
+    pub fn arms(&self) -> impl Iterator<Item = (usize, ModelId)> + '_ {
+        let active = self.lambda != 0.0;
+        self.objectives
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, o)| match o.source {
+                Source::Arm(m) if active && o.weight != 0.0 => Some((i, m)),
+                _ => None,
+            })
+    }
+}
+
+/// One reward model's part of the request.
+struct Arm {
+    /// Its objective's index in the spec.
+    objective: usize,
+    prompt: SharedPrompt,
+    /// Its prompt's length, in its tokens.
+    prompt_len: usize,
+}
+
+/// A reward model's state along a beam or a rollout.
+#[derive(Clone, Default)]
+struct ArmTrack {
+    /// Cache of the ARM's prompt + the answer's tokens (+ the rollout's).
+    seq: Option<SeqId>,
+    /// Σ log π_r of the answer's tokens (a beam's), or of the scored lookahead (a rollout's).
+    logp: f64,
+    /// log_softmax of the ARM's row after the last token (a beam's next-token log-probs).
+    next: Vec<f32>,
+    ticket: Option<usize>,
+}
+
+/// log_softmax of an ARM's row over the shared vocabulary (models may pad their rows).
+fn arm_logprobs(row: &[f32], vocab: usize) -> Vec<f32> {
+    let mut lp = row[..row.len().min(vocab)].to_vec();
+    log_softmax(&mut lp);
+    lp
+}
+
+/// `token`'s log-prob in `logprobs`; a token past the row (padding) gets the row's least.
+fn arm_logprob(logprobs: &[f32], token: u32) -> f32 {
+    logprobs
+        .get(token as usize)
+        .copied()
+        .unwrap_or_else(|| logprobs.iter().copied().fold(f32::INFINITY, f32::min))
+}
+
 /// A kept partial (or finished) answer.
 struct Beam {
     /// Cache of prompt + every token (None once finished).
@@ -65,6 +124,8 @@ struct Beam {
     /// The most likely next tokens with their log-probs.
     next: Vec<(u32, f32)>,
     finished: Option<FinishReason>,
+    /// Per reward model (in `Deal::arms` order).
+    arms: Vec<ArmTrack>,
 }
 
 /// Beam `parent` plus `token`, being rolled out.
@@ -82,6 +143,9 @@ struct Expansion {
     next: Vec<(u32, f32)>,
     finished: Option<FinishReason>,
     ticket: Option<usize>,
+    /// Per reward model: `logp` over the parent's tokens + `token` (`base`), and the rollout's.
+    arm_base: Vec<f64>,
+    arms: Vec<ArmTrack>,
 }
 
 pub struct Deal {
@@ -89,11 +153,18 @@ pub struct Deal {
     scoring: Scoring,
     generation: Generation,
     prompt: SharedPrompt,
+    /// The base prompt's sequence and logits, kept until every ARM has prefilled.
+    first: Option<(SeqId, Vec<f32>)>,
+    arms: Vec<Arm>,
+    /// Each ARM's prompt sequence and logits, once prefilled.
+    arm_firsts: Vec<Option<(SeqId, Vec<f32>)>>,
     /// The answer: streams agreed tokens; holds the prompt's cache (beams are forks of it).
     choice: Option<Choice>,
     beams: Vec<Beam>,
     expansions: Vec<Expansion>,
     forward_tokens: usize,
+    /// Tokens fed to the reward models after their prompts.
+    arm_forward_tokens: usize,
 }
 
 /// The `k` most likely tokens of `logits` with their log-probs, most likely first.
@@ -107,16 +178,37 @@ fn ranked(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 impl Deal {
     pub fn new(spec: DealSpec, generation: Generation) -> Self {
+        let arms: Vec<Arm> = spec
+            .arms()
+            .map(|(objective, model)| Arm {
+                objective,
+                prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
+                prompt_len: generation.prompt_for(model).len(),
+            })
+            .collect();
         Self {
             scoring: Scoring::new(&spec.objectives),
             prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
+            first: None,
+            arm_firsts: vec![None; arms.len()],
+            arms,
             spec,
             generation,
             choice: None,
             beams: Vec::new(),
             expansions: Vec::new(),
             forward_tokens: 0,
+            arm_forward_tokens: 0,
         }
+    }
+
+    /// The weighted reward of `text`, with each ARM's term from `arm_logps`.
+    fn reward(&self, text: &str, arm_logps: impl Iterator<Item = f64>) -> f64 {
+        let mut terms = self.scoring.scores(text);
+        for (arm, logp) in self.arms.iter().zip(arm_logps) {
+            terms[arm.objective] = logp as f32;
+        }
+        self.scoring.combine(&terms)
     }
 
     /// Expand every live beam by its top-k tokens, forking caches for the rollouts.
@@ -129,7 +221,13 @@ impl Deal {
                 continue;
             }
             let seq = beam.seq.context("a live beam without its cache")?;
-            let room = cx.room(seq);
+            // An ARM with a shorter context ends the answer as the base's would.
+            let room = beam
+                .arms
+                .iter()
+                .filter_map(|a| a.seq)
+                .map(|s| cx.room(s))
+                .fold(cx.room(seq), usize::min);
             let t = beam.tokens.len() + 1;
             let prefix: Vec<u8> = beam
                 .tokens
@@ -166,6 +264,12 @@ impl Deal {
                     next: Vec::new(),
                     finished,
                     ticket: None,
+                    arm_base: beam
+                        .arms
+                        .iter()
+                        .map(|a| a.logp + f64::from(arm_logprob(&a.next, token)))
+                        .collect(),
+                    arms: vec![ArmTrack::default(); beam.arms.len()],
                 });
             }
         }
@@ -175,13 +279,25 @@ impl Deal {
             let rolling: Vec<usize> = (0..expansions.len())
                 .filter(|&e| expansions[e].parent == p && expansions[e].todo > 0)
                 .collect();
+            let arm_seqs: Vec<SeqId> = beam.arms.iter_mut().filter_map(|a| a.seq.take()).collect();
             match rolling.split_last() {
-                None => cx.free(seq),
+                None => {
+                    cx.free(seq);
+                    for s in arm_seqs {
+                        cx.free(s);
+                    }
+                }
                 Some((&last, rest)) => {
                     for &e in rest {
                         expansions[e].seq = Some(cx.fork(seq)?);
+                        for (i, &s) in arm_seqs.iter().enumerate() {
+                            expansions[e].arms[i].seq = Some(cx.fork(s)?);
+                        }
                     }
                     expansions[last].seq = Some(seq);
+                    for (i, &s) in arm_seqs.iter().enumerate() {
+                        expansions[last].arms[i].seq = Some(s);
+                    }
                 }
             }
         }
@@ -218,25 +334,55 @@ impl Deal {
                 }
                 (Some(_), None) => None,
             };
+            let rollout = e.arm_base.iter().zip(&e.arms).map(|(b, a)| b + a.logp);
+            let score = logp + lambda * self.reward(&text, rollout);
+            let arms = e
+                .arms
+                .into_iter()
+                .zip(&e.arm_base)
+                .map(|(a, &logp)| {
+                    let seq = match (e.finished, a.seq) {
+                        (None, seq) => seq,
+                        (Some(_), Some(seq)) => {
+                            cx.free(seq);
+                            None
+                        }
+                        (Some(_), None) => None,
+                    };
+                    ArmTrack {
+                        seq,
+                        logp,
+                        next: a.next,
+                        ticket: None,
+                    }
+                })
+                .collect();
             pool.push(Beam {
                 seq,
                 tokens,
                 logps,
-                score: logp + lambda * self.scoring.reward(&text),
+                score,
                 next: e.next,
                 finished: e.finished,
+                arms,
             });
         }
         pool.extend(old.into_iter().filter(|b| b.finished.is_some()));
         pool.sort_by(|a, b| b.score.total_cmp(&a.score));
         for dropped in pool.drain(self.spec.beam_width.min(pool.len())..) {
-            if let Some(seq) = dropped.seq {
+            let arm_seqs = dropped.arms.iter().filter_map(|a| a.seq);
+            for seq in dropped.seq.into_iter().chain(arm_seqs) {
                 cx.free(seq);
             }
         }
         for beam in &mut pool {
             if let Some(seq) = beam.seq {
                 cx.truncate(seq, prompt + beam.tokens.len());
+            }
+            for (arm, track) in self.arms.iter().zip(&beam.arms) {
+                if let Some(seq) = track.seq {
+                    cx.truncate(seq, arm.prompt_len + beam.tokens.len());
+                }
             }
         }
         self.beams = pool;
@@ -292,16 +438,18 @@ impl Deal {
         let winner = &self.beams[0];
         let text = answer_text(&cx.model(BASE).vocab, &self.generation, &winner.tokens);
         let output = winner.tokens.len();
+        let reward = self.reward(&text, winner.arms.iter().map(|a| a.logp));
         let report = json!({
             "top_k": self.spec.top_k,
             "beam_width": self.spec.beam_width,
             "lookahead": self.spec.lookahead,
             "lambda": self.spec.lambda,
             "weights": self.scoring.weights(),
-            "reward": self.scoring.reward(&text),
+            "reward": reward,
             "score": winner.score,
             "forward_tokens": self.forward_tokens,
             "forward_tokens_per_output_token": self.forward_tokens as f64 / output.max(1) as f64,
+            "arm_forward_tokens": self.arm_forward_tokens,
         });
         cx.emit(Event::Done {
             usage: Usage {
@@ -317,7 +465,11 @@ impl Deal {
 impl Decoder for Deal {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         if self.choice.is_none() {
-            return self.prompt.plan(cx);
+            self.prompt.plan(cx)?;
+            for arm in &mut self.arms {
+                arm.prompt.plan(cx)?;
+            }
+            return Ok(());
         }
         for e in &mut self.expansions {
             e.ticket = None;
@@ -327,26 +479,57 @@ impl Decoder for Deal {
             let feed = *e.lookahead.last().unwrap_or(&e.token);
             e.ticket = Some(cx.forward(seq, vec![feed], Logits::Last)?);
             self.forward_tokens += 1;
+            // Each ARM is fed the same token, in the same step.
+            for a in &mut e.arms {
+                let seq = a.seq.context("a rollout without its ARM cache")?;
+                a.ticket = Some(cx.forward(seq, vec![feed], Logits::Last)?);
+                self.arm_forward_tokens += 1;
+            }
         }
         Ok(())
     }
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         if self.choice.is_none() {
-            let Some((seq, logits)) = self.prompt.absorb(out)? else {
+            if let Some((seq, logits)) = self.prompt.absorb(out)? {
+                self.first = Some((seq, logits.to_vec()));
+            }
+            for (arm, first) in self.arms.iter_mut().zip(&mut self.arm_firsts) {
+                if let Some((seq, logits)) = arm.prompt.absorb(out)? {
+                    *first = Some((seq, logits.to_vec()));
+                }
+            }
+            if self.first.is_none() || self.arm_firsts.iter().any(Option::is_none) {
                 return Ok(Flow::Continue);
-            };
+            }
+            let (seq, logits) = self.first.take().context("no base prompt")?;
+            let size = cx.model(BASE).vocab.size();
+            let arms = std::mem::take(&mut self.arm_firsts)
+                .into_iter()
+                .map(|f| {
+                    // The first beam takes the ARM's prompt cache itself.
+                    let (seq, row) = f.context("an ARM without its prompt")?;
+                    Ok(ArmTrack {
+                        seq: Some(seq),
+                        logp: 0.0,
+                        next: arm_logprobs(&row, size),
+                        ticket: None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             self.beams.push(Beam {
                 seq: Some(cx.fork(seq)?),
                 tokens: Vec::new(),
                 logps: Vec::new(),
                 score: 0.0,
-                next: ranked(logits, self.spec.top_k),
+                next: ranked(&logits, self.spec.top_k),
                 finished: None,
+                arms,
             });
             self.choice = Some(Choice::new(0, seq, &self.generation));
         } else {
             let eog = &cx.model(BASE).vocab.end_of_generation;
+            let size = cx.model(BASE).vocab.size();
             for e in &mut self.expansions {
                 let Some(t) = e.ticket.take() else { continue };
                 let row = out.last(t)?;
@@ -354,6 +537,18 @@ impl Decoder for Deal {
                     e.next = ranked(row, self.spec.top_k);
                 }
                 let token = argmax(row);
+                // Each ARM's row predicted the same token: its log-prob counts while scored.
+                let scored = e.lookahead.len() < e.scored;
+                for a in &mut e.arms {
+                    let t = a.ticket.take().context("an ARM forward not planned")?;
+                    let lp = arm_logprobs(out.last(t)?, size);
+                    if scored {
+                        a.logp += f64::from(arm_logprob(&lp, token));
+                    }
+                    if e.lookahead.is_empty() {
+                        a.next = lp;
+                    }
+                }
                 e.lookahead.push(token);
                 e.todo -= 1;
                 // A rollout that ends its answer has nothing more to say.

@@ -227,7 +227,19 @@ impl DecoderSpec {
     /// Models other than the base that the decoder runs (they need the prompt in their tokens).
     pub fn models(&self) -> Vec<ModelId> {
         match self {
-            Self::Sample | Self::Args(_) | Self::Deal(_) => Vec::new(),
+            Self::Sample => Vec::new(),
+            Self::Deal(spec) => {
+                let mut models: Vec<ModelId> = spec.arms().map(|(_, m)| m).collect();
+                models.sort_unstable();
+                models.dedup();
+                models
+            }
+            Self::Args(spec) => {
+                let mut models: Vec<ModelId> = spec.arms().map(|(_, m)| m).collect();
+                models.sort_unstable();
+                models.dedup();
+                models
+            }
             Self::GenArm(spec) => spec.active().map(|a| a.model).collect(),
             Self::BestOfN(spec) => {
                 let mut models: Vec<ModelId> = spec.guide.active().map(|a| a.model).collect();
@@ -352,14 +364,7 @@ fn best_of_n_spec(p: BestOfNParams, models: &[ModelInfo]) -> Result<BestOfNSpec,
             Selection::Soft { beta }
         }
     };
-    let objectives = objectives::parse(
-        "best_of_n",
-        "select by",
-        p.rewards,
-        p.constraints,
-        models,
-        true,
-    )?;
+    let objectives = objectives::parse("best_of_n", "select by", p.rewards, p.constraints, models)?;
     let guide = match p.guide {
         Some(g) => genarm_spec_at("guide.", g, models)?,
         None => GenArmSpec {
@@ -393,7 +398,7 @@ fn args_spec(p: ArgsParams, models: &[ModelInfo]) -> Result<ArgsSpec, ParamError
         top_k: within("top_k", p.top_k, 1, args::MAX_TOP_K)?,
         mode: p.mode,
         weight: finite("weight", p.weight)?,
-        objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models, false)?,
+        objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, models)?,
     })
 }
 
@@ -416,7 +421,7 @@ fn deal_spec(p: DealParams, models: &[ModelInfo]) -> Result<DealSpec, ParamError
         beam_width: within("beam_width", p.beam_width, 1, deal::MAX_BEAM_WIDTH)?,
         lookahead: within("lookahead", p.lookahead, 0, deal::MAX_LOOKAHEAD)?,
         lambda,
-        objectives: objectives::parse("deal", "steer by", p.rewards, p.constraints, models, false)?,
+        objectives: objectives::parse("deal", "steer by", p.rewards, p.constraints, models)?,
     })
 }
 

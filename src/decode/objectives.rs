@@ -1,5 +1,5 @@
 //! What the reward-guided decoders (best_of_n, args, deal) score with: programmatic scorers by
-//! name, per-request constraints and (for best_of_n) reward models at sequence level, each an
+//! name, per-request constraints and reward models, each an
 //! `Objective` with a weight. One parse for all three, so a reward name means the same thing (and
 //! is refused the same way) in each.
 
@@ -21,7 +21,8 @@ pub enum Source {
     /// `constraints.max_words`: 0 within the budget, falling off past it.
     MaxWords(usize),
     /// A reward model at sequence level: Σ_t log π_r(y_t | x, y_<t) over the response, computed
-    /// by the decoder with forwards (not from the text).
+    /// by the decoder with forwards (not from the text). ARGS ranks a step's candidates by its
+    /// last term, the only one that differs between them.
     Arm(ModelId),
 }
 
@@ -60,15 +61,13 @@ pub struct Constraints {
 }
 
 /// The objectives of `rewards` (name → weight) and `constraints`, checked for `decoder`, which
-/// needs at least one of them to `purpose` (e.g. "select by"); `arms`: whether it scores with
-/// reward models at sequence level.
+/// needs at least one of them to `purpose` (e.g. "select by").
 pub fn parse(
     decoder: &str,
     purpose: &str,
     rewards: BTreeMap<String, f64>,
     constraints: Constraints,
     models: &[ModelInfo],
-    arms: bool,
 ) -> Result<Vec<Objective>, ParamError> {
     let invalid = |param: &str, message: String| ParamError {
         param: Some(param.into()),
@@ -77,22 +76,16 @@ pub fn parse(
     let builtin = scorers::builtin();
     let mut objectives = Vec::new();
     let mut names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
-    if arms {
-        names.extend(reward::arm_names(models));
-    }
+    names.extend(reward::arm_names(models));
     for (name, w) in rewards {
         let source = match reward::arm(models, &name) {
             _ if builtin.iter().any(|b| b.name == name) => Source::Builtin(name.clone()),
-            Some(model) if arms => Source::Arm(model),
-            arm => {
-                let what = match arm {
-                    Some(_) => format!("is a reward model, which {decoder} cannot score with yet"),
-                    None => "is not a loaded reward".to_string(),
-                };
+            Some(model) => Source::Arm(model),
+            None => {
                 return Err(invalid(
                     "rewards",
                     format!(
-                        "`{name}` {what}; {decoder} scores with: {}",
+                        "`{name}` is not a loaded reward; {decoder} scores with: {}",
                         names.join(", ")
                     ),
                 ));

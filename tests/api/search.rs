@@ -17,7 +17,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
 }
 
 pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
-    cases![own: search_decoders_refuse_reward_models_for_now]
+    cases![own: search_decoders_score_with_reward_models]
 }
 
 fn decoder(name: &str, params: Value) -> Value {
@@ -190,20 +190,33 @@ async fn search_parameters_are_checked(c: Client) {
     assert_eq!(r.body["error"]["param"], "n");
 }
 
-async fn search_decoders_refuse_reward_models_for_now() {
+async fn search_decoders_score_with_reward_models() {
     let dir = tempfile::tempdir().unwrap();
     common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
     let flag = format!("toy={}", dir.path().display());
     let server = Server::ready(&["--reward", &flag]).await;
-    let cases: Vec<(Value, &str, &str)> = ["args", "deal"]
-        .into_iter()
-        .map(|name| {
-            (
-                decoder(name, json!({"rewards": {"toy": 1}})),
-                "alignment.rewards",
-                "cannot score with yet",
-            )
-        })
-        .collect();
-    refused(&server.client(), &cases).await;
+    let c = server.client();
+    // args ranks each step's candidates by the ARM's next-token log-prob (each ARM reads the
+    // chat in its own template): one ARM forward per base forward.
+    let body = json!({"messages": [{"role": "user", "content": "Where do fish live?"}],
+                      "max_tokens": 6, "temperature": 0,
+                      "alignment": decoder("args", json!({"rewards": {"toy": 1}}))});
+    let r = c.ok("/v1/chat/completions", &body).await;
+    let report = &r["alignment"];
+    assert_eq!(report["decoder"], "args");
+    assert_eq!(report["weights"], json!({"toy": 1.0}));
+    let tokens = r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(report["forward_tokens"], tokens - 1);
+    assert_eq!(report["arm_forward_tokens"], tokens - 1);
+    assert_eq!(report["rewards"].as_array().unwrap().len(), 1);
+    // deal rolls the ARM out alongside the base: one ARM forward per base forward.
+    let body = json!({"prompt": "The weather today is", "max_tokens": 4, "ignore_eos": true,
+                      "alignment": decoder("deal", json!({"top_k": 2, "lookahead": 2,
+                                                          "rewards": {"toy": 1}}))});
+    let r = c.ok("/v1/completions", &body).await;
+    let report = &r["alignment"];
+    assert_eq!(report["decoder"], "deal");
+    assert_eq!(report["weights"], json!({"toy": 1.0}));
+    assert_eq!(report["arm_forward_tokens"], report["forward_tokens"]);
+    assert!(report["reward"].as_f64().unwrap() < 0.0, "{report}");
 }
