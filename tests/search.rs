@@ -222,7 +222,7 @@ fn deal_forward_tokens_follow_the_formula() {
 #[test]
 fn deal_stops_at_a_stop_string() {
     let e = engine();
-    let mut g = generation(&e, OCEAN, 16);
+    let mut g = generation(&e, OCEAN, 32);
     let greedy = run(&e, &DecoderSpec::Sample, g.clone());
     let cut = greedy
         .text
