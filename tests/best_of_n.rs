@@ -4,9 +4,11 @@
 
 mod common;
 
+use common::{run, Run};
+
 use serde_json::{json, Value};
 use tilt::decode::{DecoderSpec, Generation};
-use tilt::engine::{Engine, EngineOptions, Event};
+use tilt::engine::{Engine, EngineOptions};
 use tilt::model::{Model, Role};
 use tilt::sampling::SamplingParams;
 
@@ -34,40 +36,6 @@ fn generation(engine: &Engine, prompt: &str, max_tokens: usize, seed: u64) -> Ge
 fn best_of_n(engine: &Engine, params: Value) -> DecoderSpec {
     let params = params.as_object().cloned().unwrap();
     DecoderSpec::parse("best_of_n", params, engine.models()).unwrap()
-}
-
-/// What a run streamed: choice 0's tokens and text, the completion tokens, and the report.
-struct Run {
-    tokens: Vec<u32>,
-    text: String,
-    completion_tokens: usize,
-    report: Value,
-}
-
-fn run(engine: &Engine, spec: &DecoderSpec, g: Generation) -> Run {
-    let (mut tokens, mut text) = (Vec::new(), String::new());
-    let mut rx = engine.submit(spec.build(g)).unwrap();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Token(t) => {
-                assert_eq!(t.choice, 0);
-                tokens.push(t.token);
-                text.push_str(&t.text);
-            }
-            Event::Finished { text: rest, .. } => text.push_str(&rest),
-            Event::Done { usage, report } => {
-                return Run {
-                    tokens,
-                    text,
-                    completion_tokens: usage.completion_tokens,
-                    report: report.unwrap_or_default(),
-                }
-            }
-            Event::Failed(msg) => panic!("request failed: {msg}"),
-            _ => {}
-        }
-    }
-    panic!("the engine stopped");
 }
 
 /// Words as the scorers count them: letters, digits and inner apostrophes.

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::run;
+
 use serde_json::{json, Value};
 use tilt::decode::{DecoderSpec, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
@@ -41,40 +43,6 @@ fn generation(engine: &Engine, question: &str, max_tokens: usize) -> Generation 
 fn spec(engine: &Engine, decoder: &str, params: Value) -> DecoderSpec {
     let params = params.as_object().cloned().unwrap();
     DecoderSpec::parse(decoder, params, engine.models()).unwrap()
-}
-
-/// What a run streamed: choice 0's tokens and text, the completion tokens, and the report.
-struct Run {
-    tokens: Vec<u32>,
-    text: String,
-    completion_tokens: usize,
-    report: Value,
-}
-
-fn run(engine: &Engine, spec: &DecoderSpec, g: Generation) -> Run {
-    let (mut tokens, mut text) = (Vec::new(), String::new());
-    let mut rx = engine.submit(spec.build(g)).unwrap();
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Token(t) => {
-                assert_eq!(t.choice, 0);
-                tokens.push(t.token);
-                text.push_str(&t.text);
-            }
-            Event::Finished { text: rest, .. } => text.push_str(&rest),
-            Event::Done { usage, report } => {
-                return Run {
-                    tokens,
-                    text,
-                    completion_tokens: usage.completion_tokens,
-                    report: report.unwrap_or_default(),
-                }
-            }
-            Event::Failed(msg) => panic!("request failed: {msg}"),
-            _ => {}
-        }
-    }
-    panic!("the engine stopped");
 }
 
 fn has_word(text: &str, word: &str) -> bool {

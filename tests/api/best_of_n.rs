@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::cases;
 use crate::common;
-use crate::server::{Client, Server};
+use crate::server::{decoder, refused, Client, Server};
 
 pub fn cases() -> Vec<(&'static str, crate::Case)> {
     cases![
@@ -20,28 +20,7 @@ pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
 }
 
 fn best_of_n(params: Value) -> Value {
-    let mut alignment = json!({"decoder": "best_of_n"});
-    alignment
-        .as_object_mut()
-        .unwrap()
-        .extend(params.as_object().unwrap().clone());
-    alignment
-}
-
-/// Checks each `(alignment, param, message fragment)` gets a 400 naming `param`.
-async fn refused(c: &Client, cases: &[(Value, &str, &str)]) {
-    for (alignment, param, says) in cases {
-        let body = json!({"prompt": "Hi", "max_tokens": 2, "alignment": alignment});
-        let r = c.post("/v1/completions", &body).await;
-        assert_eq!(r.status, 400, "{alignment}: {:?}", r.body);
-        assert_eq!(
-            r.body["error"]["param"], *param,
-            "{alignment}: {:?}",
-            r.body
-        );
-        let message = r.body["error"]["message"].as_str().unwrap();
-        assert!(message.contains(says), "{alignment}: {message}");
-    }
+    decoder("best_of_n", params)
 }
 
 async fn best_of_n_answers_with_its_report(c: Client) {

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::cases;
 use crate::common;
-use crate::server::{Client, Server};
+use crate::server::{decoder, refused, Client, Server};
 
 pub fn cases() -> Vec<(&'static str, crate::Case)> {
     cases![
@@ -18,31 +18,6 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
 
 pub fn own_cases() -> Vec<(&'static str, crate::OwnCase)> {
     cases![own: search_decoders_score_with_reward_models]
-}
-
-fn decoder(name: &str, params: Value) -> Value {
-    let mut alignment = json!({ "decoder": name });
-    alignment
-        .as_object_mut()
-        .unwrap()
-        .extend(params.as_object().unwrap().clone());
-    alignment
-}
-
-/// Checks each `(alignment, param, message fragment)` gets a 400 naming `param`.
-async fn refused(c: &Client, cases: &[(Value, &str, &str)]) {
-    for (alignment, param, says) in cases {
-        let body = json!({"prompt": "Hi", "max_tokens": 2, "alignment": alignment});
-        let r = c.post("/v1/completions", &body).await;
-        assert_eq!(r.status, 400, "{alignment}: {:?}", r.body);
-        assert_eq!(
-            r.body["error"]["param"], *param,
-            "{alignment}: {:?}",
-            r.body
-        );
-        let message = r.body["error"]["message"].as_str().unwrap();
-        assert!(message.contains(says), "{alignment}: {message}");
-    }
 }
 
 async fn args_answers_with_its_report(c: Client) {

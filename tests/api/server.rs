@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub struct Server {
     child: Child,
@@ -233,5 +233,31 @@ impl Events {
                 None => self.done = true,
             }
         }
+    }
+}
+
+/// An `alignment` object: the decoder `name` with `params` beside it.
+pub fn decoder(name: &str, params: Value) -> Value {
+    let mut alignment = json!({ "decoder": name });
+    alignment
+        .as_object_mut()
+        .unwrap()
+        .extend(params.as_object().unwrap().clone());
+    alignment
+}
+
+/// Checks each `(alignment, param, message fragment)` gets a 400 naming `param`.
+pub async fn refused(c: &Client, cases: &[(Value, &str, &str)]) {
+    for (alignment, param, says) in cases {
+        let body = json!({"prompt": "Hi", "max_tokens": 2, "alignment": alignment});
+        let r = c.post("/v1/completions", &body).await;
+        assert_eq!(r.status, 400, "{alignment}: {:?}", r.body);
+        assert_eq!(
+            r.body["error"]["param"], *param,
+            "{alignment}: {:?}",
+            r.body
+        );
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{alignment}: {message}");
     }
 }

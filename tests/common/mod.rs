@@ -134,3 +134,42 @@ pub fn single_token(text: &str) -> u32 {
         ref ts => panic!("{text:?} is {} tokens", ts.len()),
     }
 }
+
+/// What a run streamed: choice 0's tokens and text, the completion tokens, and the report.
+pub struct Run {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub completion_tokens: usize,
+    pub report: serde_json::Value,
+}
+
+/// Run one request through `engine` and collect what it streamed.
+pub fn run(
+    engine: &tilt::engine::Engine,
+    spec: &tilt::decode::DecoderSpec,
+    g: tilt::decode::Generation,
+) -> Run {
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    let mut rx = engine.submit(spec.build(g)).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            tilt::engine::Event::Token(t) => {
+                assert_eq!(t.choice, 0);
+                tokens.push(t.token);
+                text.push_str(&t.text);
+            }
+            tilt::engine::Event::Finished { text: rest, .. } => text.push_str(&rest),
+            tilt::engine::Event::Done { usage, report } => {
+                return Run {
+                    tokens,
+                    text,
+                    completion_tokens: usage.completion_tokens,
+                    report: report.unwrap_or_default(),
+                }
+            }
+            tilt::engine::Event::Failed(msg) => panic!("request failed: {msg}"),
+            _ => {}
+        }
+    }
+    panic!("the engine stopped");
+}
