@@ -20,7 +20,7 @@
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{answer_text, Objective, Scoring, Source};
+use super::objectives::{active_arms, answer_text, Objective, Scoring};
 use super::prompt::{fork, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
@@ -62,14 +62,7 @@ impl ArgsSpec {
     /// The reward models that change the scores, with their objective's index: one of weight 0
     /// (or every one, at `weight` 0) costs no forward.
     pub fn arms(&self) -> impl Iterator<Item = (usize, ModelId)> + '_ {
-        let active = self.weight != 0.0;
-        self.objectives
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, o)| match o.source {
-                Source::Arm(m) if active && o.weight != 0.0 => Some((i, m)),
-                _ => None,
-            })
+        active_arms(&self.objectives, self.weight)
     }
 }
 

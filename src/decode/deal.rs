@@ -37,7 +37,7 @@
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{answer_text, stop_at, Objective, Scoring, Source};
+use super::objectives::{active_arms, answer_text, stop_at, Objective, Scoring};
 use super::prompt::SharedPrompt;
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
@@ -66,14 +66,7 @@ impl DealSpec {
     /// The reward models that change the scores, with their objective's index: one of weight 0
     /// (or every one, at `lambda` 0) costs no forward.
     pub fn arms(&self) -> impl Iterator<Item = (usize, ModelId)> + '_ {
-        let active = self.lambda != 0.0;
-        self.objectives
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, o)| match o.source {
-                Source::Arm(m) if active && o.weight != 0.0 => Some((i, m)),
-                _ => None,
-            })
+        active_arms(&self.objectives, self.lambda)
     }
 }
 

@@ -139,6 +139,21 @@ pub fn parse(
     Ok(objectives)
 }
 
+/// The reward-model objectives that change a search's scores, with their index: none when the
+/// search weighs rewards by `scale` 0, and none of weight 0 (they would cost forwards for nothing).
+pub fn active_arms(
+    objectives: &[Objective],
+    scale: f32,
+) -> impl Iterator<Item = (usize, ModelId)> + '_ {
+    objectives
+        .iter()
+        .enumerate()
+        .filter_map(move |(i, o)| match o.source {
+            Source::Arm(m) if scale != 0.0 && o.weight != 0.0 => Some((i, m)),
+            _ => None,
+        })
+}
+
 /// The objectives with their scorers built: raw scores per objective, and their weighted sum.
 pub struct Scoring {
     objectives: Vec<Objective>,

@@ -252,8 +252,17 @@ fn sample(
     Ok((responses, generated))
 }
 
-/// The prompts, their K sampled responses, the tokens generated and the seconds it took.
-fn sample_all(args: &PrefsArgs) -> Result<(Vec<String>, Vec<Vec<String>>, usize, f64)> {
+/// The prompts and their K responses each, with what sampling them cost.
+struct Sampled {
+    prompts: Vec<String>,
+    responses: Vec<Vec<String>>,
+    /// Tokens generated, and the seconds it took (0 for responses read back).
+    generated: usize,
+    seconds: f64,
+}
+
+/// Sample K responses to every prompt the arguments select.
+fn sample_all(args: &PrefsArgs) -> Result<Sampled> {
     let mut prompts = match &args.prompts {
         Some(path) => prompts::read(path, args.split)?,
         None => prompts::builtin(args.split),
@@ -303,14 +312,24 @@ fn sample_all(args: &PrefsArgs) -> Result<(Vec<String>, Vec<Vec<String>>, usize,
         file.flush()
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok((prompts, responses, generated, seconds))
+    Ok(Sampled {
+        prompts,
+        responses,
+        generated,
+        seconds,
+    })
 }
 
 /// The `tilt prefs` command.
 pub fn run(args: PrefsArgs) -> Result<()> {
     let start = Instant::now();
     args.check()?;
-    let (prompts, responses, generated, sampling) = match &args.from_responses {
+    let Sampled {
+        prompts,
+        responses,
+        generated,
+        seconds: sampling,
+    } = match &args.from_responses {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -321,7 +340,12 @@ pub fn run(args: PrefsArgs) -> Result<()> {
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("reading {}", path.display()))?;
             let (prompts, responses) = lines.into_iter().map(|r| (r.prompt, r.responses)).unzip();
-            (prompts, responses, 0, 0.0)
+            Sampled {
+                prompts,
+                responses,
+                generated: 0,
+                seconds: 0.0,
+            }
         }
         None => sample_all(&args)?,
     };
