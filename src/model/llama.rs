@@ -561,11 +561,28 @@ fn attention(cfg: &LlamaConfig, qkv: &[f32], width: usize, spans: &[Span], out: 
             }
         }
     };
-    candle_core::utils::barrier_pool().execute_chunked(n * h, |range| {
+    // Multiply-adds of the whole call; a fork-join costs more than a small one (a tiny ARM, a
+    // short context), which runs on the calling thread.
+    let macs = (0..n)
+        .map(|r| span_of[r].start + (r - span_of[r].rows.start) + 1)
+        .sum::<usize>()
+        * h
+        * hd
+        * 2;
+    let run = |range: std::ops::Range<usize>| {
         let mut scores = Vec::new();
         range.for_each(|i| task(i, &mut scores))
-    });
+    };
+    if macs < SMALL_ATTENTION {
+        run(0..n * h);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n * h, run);
+    }
 }
+
+/// Multiply-adds below which attention runs on the calling thread (measured: the base model's
+/// attention at a few hundred positions still gains from the pool; a tiny ARM's does not).
+const SMALL_ATTENTION: usize = 1 << 16;
 
 /// Dot product with eight independent accumulators, so the compiler vectorises it.
 #[inline]

@@ -198,7 +198,7 @@ pub fn matmul<W: PanelDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
     const CHUNK: usize = 2;
     let panels = n.div_ceil(PANEL);
     let chunks = panels.div_ceil(CHUNK);
-    candle_core::utils::barrier_pool().execute_chunked(chunks * tiles, |range| {
+    let work = |range: std::ops::Range<usize>| {
         for item in range {
             let (chunk, tile) = (item / tiles, item % tiles);
             let r0 = tile * TILE;
@@ -217,9 +217,19 @@ pub fn matmul<W: PanelDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
                 }
             }
         }
-    });
+    };
+    // A fork-join costs more than a small matmul (a tiny ARM's 128-wide layers): those run on
+    // the calling thread.
+    if n * w.cols() * m < SMALL_MATMUL {
+        work(0..chunks * tiles);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(chunks * tiles, work);
+    }
     out
 }
+
+/// Multiply-adds below which a matmul skips the thread pool.
+const SMALL_MATMUL: usize = 1 << 18;
 
 fn quantize(x: &[f32], m: usize, cols: usize) -> Q8Rows {
     let nb = cols / BLOCK;
