@@ -288,6 +288,13 @@ fn charts(report: &Report) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// Chart geometry shared by every SVG here: width, plot height and margins.
+const W: f64 = 720.0;
+const PLOT_H: f64 = 300.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 40.0;
+
 const COLORS: &[&str] = &[
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
 ];
@@ -301,11 +308,6 @@ fn chart(
     ticks: &[String],
     lines: &[(String, Vec<Option<f64>>)],
 ) -> String {
-    const W: f64 = 720.0;
-    const PLOT_H: f64 = 300.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
-    const TOP: f64 = 40.0;
     let plot_w = W - LEFT - RIGHT;
     let legend_top = TOP + PLOT_H + 55.0;
     let height = legend_top + 20.0 * lines.len() as f64 + 10.0;
@@ -373,34 +375,8 @@ fn chart(
             .enumerate()
             .filter_map(|(i, v)| v.map(|v| (x(i), y(v))))
             .collect();
-        let path: Vec<String> = points
-            .iter()
-            .map(|(px, py)| format!("{px:.1},{py:.1}"))
-            .collect();
-        writeln!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-            path.join(" ")
-        )
-        .unwrap();
-        for (px, py) in &points {
-            writeln!(
-                svg,
-                "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3.5\" fill=\"{color}\"/>"
-            )
-            .unwrap();
-        }
         let ly = legend_top + 20.0 * n as f64;
-        writeln!(
-            svg,
-            "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>\
-             <text x=\"{}\" y=\"{}\">{}</text>",
-            LEFT + 24.0,
-            LEFT + 32.0,
-            ly + 4.0,
-            escape(label)
-        )
-        .unwrap();
+        series_marks(&mut svg, color, &points, true, label, ly);
     }
     svg.push_str("</svg>\n");
     svg
@@ -444,11 +420,6 @@ fn snap(v: f64, step: f64) -> f64 {
 /// Charts with numeric x and y axes, stacked in one SVG: a series is points, joined by a line
 /// when it asks; each panel has its legend below it.
 pub(crate) fn xy_panels(panels: &[Panel]) -> String {
-    const W: f64 = 720.0;
-    const PLOT_H: f64 = 300.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
-    const TOP: f64 = 40.0;
     let plot_w = W - LEFT - RIGHT;
     let panel_h = |p: &Panel| TOP + PLOT_H + 55.0 + 20.0 * p.series.len() as f64 + 10.0;
     let height: f64 = panels.iter().map(panel_h).sum();
@@ -540,33 +511,8 @@ pub(crate) fn xy_panels(panels: &[Panel]) -> String {
                 .filter(|(a, b)| a.is_finite() && b.is_finite())
                 .map(|&(a, b)| (x(a), y(b)))
                 .collect();
-            if s.line {
-                let path: Vec<String> = pts.iter().map(|(a, b)| format!("{a:.1},{b:.1}")).collect();
-                writeln!(
-                    svg,
-                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-                    path.join(" ")
-                )
-                .unwrap();
-            }
-            for (px, py) in &pts {
-                writeln!(
-                    svg,
-                    "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3.5\" fill=\"{color}\"/>"
-                )
-                .unwrap();
-            }
             let ly = legend_top + 20.0 * n as f64;
-            writeln!(
-                svg,
-                "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>\
-                 <text x=\"{}\" y=\"{}\">{}</text>",
-                LEFT + 24.0,
-                LEFT + 32.0,
-                ly + 4.0,
-                escape(&s.label)
-            )
-            .unwrap();
+            series_marks(&mut svg, color, &pts, s.line, &s.label, ly);
         }
         offset += panel_h(panel);
     }
@@ -592,6 +538,47 @@ fn escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// One series in plot coordinates: its line (if `line`), a dot per point, and its legend entry
+/// at height `legend_y`.
+fn series_marks(
+    svg: &mut String,
+    color: &str,
+    points: &[(f64, f64)],
+    line: bool,
+    label: &str,
+    legend_y: f64,
+) {
+    if line {
+        let path: Vec<String> = points
+            .iter()
+            .map(|(px, py)| format!("{px:.1},{py:.1}"))
+            .collect();
+        writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        )
+        .unwrap();
+    }
+    for (px, py) in points {
+        writeln!(
+            svg,
+            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3.5\" fill=\"{color}\"/>"
+        )
+        .unwrap();
+    }
+    writeln!(
+        svg,
+        "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"3\"/>\
+         <text x=\"{}\" y=\"{}\">{}</text>",
+        LEFT + 24.0,
+        LEFT + 32.0,
+        legend_y + 4.0,
+        escape(label)
+    )
+    .unwrap();
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::prompt::SharedPrompt;
 use super::{Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, ModelId, Outputs, SeqId, Usage};
 use crate::model::Logits;
-use crate::sampling::log_softmax;
+use crate::sampling::{log_softmax, log_sum_exp};
 
 /// Most candidates one request may ask for.
 pub const MAX_N: usize = 16;
@@ -356,11 +356,10 @@ impl ArmScorer {
     }
 }
 
-/// log softmax(row)[token].
+/// log softmax(row)[token], without materialising the whole log-softmax row.
 fn log_prob(row: &[f32], token: u32) -> f32 {
-    let mut lp = row.to_vec();
-    log_softmax(&mut lp);
-    lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY)
+    row.get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&x| x - log_sum_exp(row))
 }
 
 impl Decoder for BestOfN {
