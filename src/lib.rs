@@ -7,6 +7,7 @@ pub mod bench;
 pub mod decode;
 pub mod engine;
 pub mod eval;
+pub mod math;
 pub mod model;
 pub mod reward;
 pub mod sampling;

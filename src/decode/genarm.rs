@@ -16,8 +16,8 @@ use serde_json::json;
 use super::prompt::{fork, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
+use crate::math::{self, log_sum_exp};
 use crate::model::Logits;
-use crate::sampling::{log_softmax, log_sum_exp};
 
 /// One reward model and its weight in a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,12 +42,11 @@ impl GenArmSpec {
     }
 }
 
-/// The tilted scores and the buffers that compute them, reused every step.
+/// The tilted scores and a buffer for their weights, reused every step.
 #[derive(Default)]
 pub struct Tilt {
-    base: Vec<f32>,
-    arm: Vec<f32>,
     scores: Vec<f32>,
+    weights: Vec<f32>,
 }
 
 impl Tilt {
@@ -56,39 +55,39 @@ impl Tilt {
         &self.scores
     }
 
-    /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) over the first `vocab` ids (models
-    /// may pad their output rows past the shared tokenizer). Returns KL(softmax(scores) ‖ base),
-    /// the divergence of the tilted distribution from the base at temperature 1.
+    /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) + K over the first `vocab` ids
+    /// (models may pad their output rows past the shared tokenizer), for a constant K: sampling
+    /// and log-probs normalise anyway, and the ARMs' own normalisers are constants, never
+    /// computed. Returns KL(softmax(scores) ‖ base), the divergence of the tilted distribution
+    /// from the base at temperature 1, which no constant changes.
     pub fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
         let v = arms
             .iter()
             .map(|(_, row)| row.len())
             .fold(base.len().min(vocab), usize::min);
-        self.base.clear();
-        self.base.extend_from_slice(&base[..v]);
-        log_softmax(&mut self.base);
+        let base = &base[..v];
+        let lse_base = log_sum_exp(base);
         self.scores.clear();
-        self.scores.extend_from_slice(&self.base);
+        self.scores.extend(base.iter().map(|b| b - lse_base));
         for &(c, row) in arms {
-            self.arm.clear();
-            self.arm.extend_from_slice(&row[..v]);
-            log_softmax(&mut self.arm);
-            for (s, a) in self.scores.iter_mut().zip(&self.arm) {
+            for (s, a) in self.scores.iter_mut().zip(&row[..v]) {
                 *s += c * a;
             }
         }
-        let z = log_sum_exp(&self.scores);
-        let kl: f32 = self
-            .scores
-            .iter()
-            .zip(&self.base)
-            .map(|(&s, &b)| {
-                let lp = s - z;
-                lp.exp() * (lp - b)
-            })
-            .filter(|x| x.is_finite())
-            .sum();
-        kl.max(0.0)
+        // With u = e^(s − m) and S = Σu: p = u/S, and
+        // KL = Σ p·(s − log S − m − log base) = Σ u·(s − log base) / S − log S − m.
+        // Tokens the tilt excludes (s = −∞) carry no weight and are skipped.
+        let m = math::max(&self.scores);
+        if !m.is_finite() {
+            return 0.0;
+        }
+        self.weights.clear();
+        self.weights.extend_from_slice(&self.scores);
+        let total = math::exp_in_place(&mut self.weights, m, 1.0);
+        let weighted = math::weighted_sum(&self.weights, &self.scores)
+            - math::weighted_sum(&self.weights, base)
+            + lse_base * total;
+        (weighted / total - total.ln() - m).max(0.0)
     }
 }
 
@@ -342,6 +341,7 @@ impl Decoder for GenArm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::log_softmax;
 
     #[test]
     fn no_arm_weight_leaves_the_base_distribution() {

@@ -12,10 +12,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::attention::{attention, Span};
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::quant::{self, GgmlMatrix, Q4_1Matrix, Q8_0Matrix, SharedOut};
+use super::quant::{self, GgmlMatrix, Q4_1Matrix, Q8_0Matrix};
 use super::Precision;
+use crate::math;
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,13 +444,16 @@ impl Llama {
             add(&mut x, &layer.wo.forward(&attn, n)?);
             rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32, &mut xn);
             let gu = layer.gate_up.forward(&xn, n)?;
-            let act: Vec<f32> = gu
+            let mut act = vec![0f32; n * cfg.ffn];
+            for (r, a) in gu
                 .chunks_exact(2 * cfg.ffn)
-                .flat_map(|r| {
-                    let (g, u) = r.split_at(cfg.ffn);
-                    g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-                })
-                .collect();
+                .zip(act.chunks_exact_mut(cfg.ffn))
+            {
+                let (g, u) = r.split_at(cfg.ffn);
+                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + math::exp(-g)) * u;
+                }
+            }
             add(&mut x, &layer.down.forward(&act, n)?);
         }
         let mut wanted = Vec::new();
@@ -511,82 +516,9 @@ impl Llama {
     }
 }
 
-/// One item's part of a layer's attention: its query rows in the batch, the position of the first,
-/// and its keys/values (`[position][kv_head][head_dim]`, through its last row).
-struct Span<'c> {
-    rows: Range<usize>,
-    start: usize,
-    keys: &'c [f32],
-    values: &'c [f32],
-}
-
-/// Causal attention of every row of `qkv` (each `width` wide, queries first) against its item's
-/// cache. Writes rows of `n_heads × head_dim` into `out`. (row, head) tasks of all items run on
-/// candle's pool together.
-fn attention(cfg: &LlamaConfig, qkv: &[f32], width: usize, spans: &[Span], out: &mut [f32]) {
-    let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
-    let kvw = cfg.n_kv_heads * hd;
-    let n = qkv.len() / width;
-    let span_of: Vec<&Span> = spans
-        .iter()
-        .flat_map(|s| s.rows.clone().map(move |_| s))
-        .collect();
-    let scale = 1.0 / (hd as f32).sqrt();
-    let out_ptr = SharedOut(out.as_mut_ptr());
-    let task = |i: usize, scores: &mut Vec<f32>| {
-        let (r, head) = (i / h, i % h);
-        let s = span_of[r];
-        let q = &qkv[r * width + head * hd..r * width + (head + 1) * hd];
-        let kv_off = (head / group) * hd;
-        let visible = s.start + (r - s.rows.start) + 1;
-        let (keys, values) = (s.keys, s.values);
-        scores.clear();
-        scores.extend(
-            (0..visible).map(|p| dot(q, &keys[p * kvw + kv_off..p * kvw + kv_off + hd]) * scale),
-        );
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        // SAFETY: task `i` alone writes the `hd` values at offset `i * hd` (row r, head `head`).
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * hd), hd) };
-        o.fill(0.0);
-        for (p, w) in scores.iter().enumerate() {
-            let v = &values[p * kvw + kv_off..p * kvw + kv_off + hd];
-            let w = w / sum;
-            for (o, v) in o.iter_mut().zip(v) {
-                *o += w * v;
-            }
-        }
-    };
-    // Multiply-adds of the whole call; a fork-join costs more than a small one (a tiny ARM, a
-    // short context), which runs on the calling thread.
-    let macs = (0..n)
-        .map(|r| span_of[r].start + (r - span_of[r].rows.start) + 1)
-        .sum::<usize>()
-        * h
-        * hd
-        * 2;
-    let run = |range: std::ops::Range<usize>| {
-        let mut scores = Vec::new();
-        range.for_each(|i| task(i, &mut scores))
-    };
-    if macs < SMALL_ATTENTION {
-        run(0..n * h);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(n * h, run);
-    }
-}
-
-/// Multiply-adds below which attention runs on the calling thread (measured: the base model's
-/// attention at a few hundred positions still gains from the pool; a tiny ARM's does not).
-const SMALL_ATTENTION: usize = 1 << 16;
-
 /// Dot product with eight independent accumulators, so the compiler vectorises it.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

@@ -1,6 +1,7 @@
 //! The model layer: llama-family forward on candle, tokenizer, chat template, KV cache, and the
 //! model files (manifest, provisioning).
 
+mod attention;
 pub mod chat;
 pub mod config;
 pub mod fetch;

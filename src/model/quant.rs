@@ -12,8 +12,35 @@ use half::f16;
 const BLOCK: usize = 32;
 /// Activation rows that share one pass over the weights.
 const TILE: usize = 4;
-/// Weight rows interleaved together: one per lane of a 256-bit vector of i32.
-const PANEL: usize = 8;
+// The kernel for this CPU, fixed at compile time (target-cpu=native): it sets `PANEL`, the weight
+// rows interleaved together (one per i32 lane of its vectors), and `Q8_OFFSET`, whether Q8_0
+// quants are stored as unsigned q + 128.
+#[cfg(all(
+    target_feature = "avx512f",
+    target_feature = "avx512bw",
+    target_feature = "avx512vnni"
+))]
+#[path = "quant/zmm.rs"]
+mod kernel;
+#[cfg(all(
+    target_feature = "avx2",
+    not(all(
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vnni"
+    ))
+))]
+#[path = "quant/ymm.rs"]
+mod kernel;
+#[cfg(not(target_feature = "avx2"))]
+mod kernel {
+    pub const PANEL: usize = 8;
+    pub const Q8_OFFSET: bool = false;
+}
+use kernel::{PANEL, Q8_OFFSET};
+
+/// Four bytes of each of a panel's rows.
+type Chunk = [u8; 4 * PANEL];
 
 /// ggml's `block_q4_1` (value j = d·q_j + m, q_j in 0..16; byte j holds q_j low and q_{j+16}
 /// high), interleaved by panels: chunk c of (panel, block) holds bytes 4c..4c+4 of each of the
@@ -22,7 +49,7 @@ const PANEL: usize = 8;
 pub struct Q4_1Matrix {
     rows: usize,
     cols: usize,
-    qs: Vec<[u8; 32]>,
+    qs: Vec<Chunk>,
     d: Vec<f16>,
     m: Vec<f16>,
 }
@@ -32,7 +59,7 @@ pub struct Q4_1Matrix {
 pub struct Q8_0Matrix {
     rows: usize,
     cols: usize,
-    qs: Vec<[u8; 32]>,
+    qs: Vec<Chunk>,
     d: Vec<f16>,
 }
 
@@ -72,9 +99,9 @@ fn interleave<const B: usize>(
     rows: usize,
     nb: usize,
     quants: impl Fn(usize, usize) -> [u8; B],
-) -> Vec<[u8; 32]> {
+) -> Vec<Chunk> {
     let chunks = B / 4;
-    let mut out = vec![[0u8; 32]; rows.div_ceil(PANEL) * nb * chunks];
+    let mut out = vec![[0u8; 4 * PANEL]; rows.div_ceil(PANEL) * nb * chunks];
     for j in 0..rows {
         let (p, r) = (j / PANEL, j % PANEL);
         for b in 0..nb {
@@ -125,7 +152,10 @@ impl GgmlMatrix for Q8_0Matrix {
         Some(Self {
             rows,
             cols,
-            qs: interleave::<32>(rows, nb, |j, b| at(j, b)[2..34].try_into().unwrap()),
+            qs: interleave::<32>(rows, nb, |j, b| {
+                let q: [u8; 32] = at(j, b)[2..34].try_into().unwrap();
+                q.map(|q| if Q8_OFFSET { q ^ 0x80 } else { q })
+            }),
             d: interleave_scales(rows, nb, |j, b| {
                 f16::from_le_bytes([at(j, b)[0], at(j, b)[1]])
             }),
@@ -135,7 +165,7 @@ impl GgmlMatrix for Q8_0Matrix {
 
 /// Byte k (0..B) of row `j`'s block `b` in an interleaved matrix of `chunks` chunks per block.
 #[cfg(any(test, not(target_feature = "avx2")))]
-fn quant_byte(qs: &[[u8; 32]], nb: usize, chunks: usize, j: usize, b: usize, k: usize) -> u8 {
+fn quant_byte(qs: &[Chunk], nb: usize, chunks: usize, j: usize, b: usize, k: usize) -> u8 {
     let (p, r) = (j / PANEL, j % PANEL);
     qs[(p * nb + b) * chunks + k / 4][4 * r + k % 4]
 }
@@ -168,7 +198,8 @@ impl Q8_0Matrix {
     #[cfg(any(test, not(target_feature = "avx2")))]
     fn value(&self, j: usize, b: usize, k: usize) -> (i32, f32) {
         let nb = self.cols / BLOCK;
-        let q = quant_byte(&self.qs, nb, 8, j, b, k) as i8;
+        let byte = quant_byte(&self.qs, nb, 8, j, b, k);
+        let q = if Q8_OFFSET { byte ^ 0x80 } else { byte } as i8;
         let s = ((j / PANEL) * nb + b) * PANEL + j % PANEL;
         (q as i32, self.d[s].to_f32())
     }
@@ -286,7 +317,7 @@ impl PanelDot for Q4_1Matrix {
                 p * nb * 4..(p + 1) * nb * 4,
                 p * nb * PANEL..(p + 1) * nb * PANEL,
             );
-            simd::panel_q4_1(
+            kernel::panel_q4_1(
                 &self.qs[qs],
                 &self.d[scales.clone()],
                 &self.m[scales],
@@ -338,7 +369,7 @@ impl PanelDot for Q8_0Matrix {
                 p * nb * 8..(p + 1) * nb * 8,
                 p * nb * PANEL..(p + 1) * nb * PANEL,
             );
-            simd::panel_q8_0(&self.qs[qs], &self.d[scales], acts, r0, count, sums)
+            kernel::panel_q8_0(&self.qs[qs], &self.d[scales], acts, r0, count, sums)
         }
         #[cfg(not(target_feature = "avx2"))]
         for (i, s) in sums[..count].iter_mut().enumerate() {
@@ -359,141 +390,6 @@ impl PanelDot for Q8_0Matrix {
                     .sum();
             }
         }
-    }
-}
-
-#[cfg(target_feature = "avx2")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    use half::f16;
-
-    use super::{Q8Rows, Sums, BLOCK, PANEL};
-
-    /// `acc` plus the sums of four adjacent u8·i8 products, as eight i32.
-    #[inline]
-    #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-    unsafe fn dot_u8_i8(acc: __m256i, u: __m256i, i: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(acc, u, i)
-    }
-
-    /// (Operands stay small enough that `maddubs`' i16 pairs never saturate: u ≤ 128.)
-    #[inline]
-    #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-    unsafe fn dot_u8_i8(acc: __m256i, u: __m256i, i: __m256i) -> __m256i {
-        _mm256_add_epi32(
-            acc,
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, i), _mm256_set1_epi16(1)),
-        )
-    }
-
-    #[inline]
-    unsafe fn load_f16x8(v: &[f16]) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr() as *const __m128i))
-    }
-
-    /// Activation values 4c..4c+4 of block `a`, in every lane.
-    #[inline]
-    unsafe fn broadcast4(acts: &Q8Rows, a: usize, c: usize) -> __m256i {
-        let p = acts.qs.as_ptr().add(a * BLOCK + 4 * c) as *const i32;
-        _mm256_set1_epi32(p.read_unaligned())
-    }
-
-    /// For each activation row i of `r0..r0 + count`, lane r of `sums[i]` gets
-    /// Σ_b d_b[r]·da_b·(w_b[r] · x_b) (+ Σ_b m_b[r]·s_b when `m` is given). `unpack(b)` gives block
-    /// b's eight chunks (chunk c: values 4c..4c+4 of each row) as u8 vectors and, for signed
-    /// weights, the vectors whose signs the activations take.
-    #[inline(always)]
-    unsafe fn panel(
-        d: &[f16],
-        m: Option<&[f16]>,
-        acts: &Q8Rows,
-        r0: usize,
-        count: usize,
-        sums: &mut Sums,
-        unpack: impl Fn(usize) -> [(__m256i, Option<__m256i>); 8],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); super::TILE];
-        let mut acc_m = [_mm256_setzero_ps(); super::TILE];
-        for b in 0..acts.nb {
-            let w = unpack(b);
-            let dw = load_f16x8(&d[b * PANEL..]);
-            let mw = m.map(|m| load_f16x8(&m[b * PANEL..]));
-            for i in 0..count {
-                let a = (r0 + i) * acts.nb + b;
-                // Two chains, so consecutive products do not wait on each other.
-                let mut isum = [_mm256_setzero_si256(); 2];
-                for (c, &(u, sign)) in w.iter().enumerate() {
-                    let x = broadcast4(acts, a, c);
-                    let x = sign.map_or(x, |s| _mm256_sign_epi8(x, s));
-                    isum[c % 2] = dot_u8_i8(isum[c % 2], u, x);
-                }
-                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*acts.d.get_unchecked(a)));
-                let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(isum[0], isum[1]));
-                acc[i] = _mm256_fmadd_ps(scale, isum, acc[i]);
-                if let Some(mw) = mw {
-                    acc_m[i] =
-                        _mm256_fmadd_ps(mw, _mm256_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
-                }
-            }
-        }
-        for i in 0..count {
-            _mm256_storeu_ps(sums[i].as_mut_ptr(), _mm256_add_ps(acc[i], acc_m[i]));
-        }
-    }
-
-    /// Ask for the weights `AHEAD` blocks past the block at `at` (`chunks` chunks a block, here or
-    /// in the next panels, which follow in memory): the stream is read once and never cached, and
-    /// a batch's extra compute per block otherwise leaves fewer loads in flight.
-    #[inline(always)]
-    unsafe fn prefetch(at: &[[u8; 32]], chunks: usize) {
-        const AHEAD: usize = 16;
-        let p = at.as_ptr().wrapping_add(AHEAD * chunks) as *const i8;
-        for line in 0..chunks / 2 {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
-        }
-    }
-
-    pub(super) unsafe fn panel_q4_1(
-        qs: &[[u8; 32]],
-        d: &[f16],
-        m: &[f16],
-        acts: &Q8Rows,
-        r0: usize,
-        count: usize,
-        sums: &mut Sums,
-    ) {
-        let low = _mm256_set1_epi8(0x0F);
-        panel(d, Some(m), acts, r0, count, sums, |b| {
-            // Chunk c's low nibbles are values 4c..4c+4, its high nibbles 16+4c..20+4c.
-            prefetch(&qs[b * 4..], 4);
-            let raw: [__m256i; 4] = std::array::from_fn(|c| {
-                _mm256_loadu_si256(qs[b * 4 + c].as_ptr() as *const __m256i)
-            });
-            std::array::from_fn(|k| {
-                let q = raw[k % 4];
-                let q = if k < 4 { q } else { _mm256_srli_epi16(q, 4) };
-                (_mm256_and_si256(q, low), None)
-            })
-        });
-    }
-
-    pub(super) unsafe fn panel_q8_0(
-        qs: &[[u8; 32]],
-        d: &[f16],
-        acts: &Q8Rows,
-        r0: usize,
-        count: usize,
-        sums: &mut Sums,
-    ) {
-        // u8·i8 products: |w| against the activations carrying w's sign.
-        panel(d, None, acts, r0, count, sums, |b| {
-            prefetch(&qs[b * 8..], 8);
-            std::array::from_fn(|c| {
-                let q = _mm256_loadu_si256(qs[b * 8 + c].as_ptr() as *const __m256i);
-                (_mm256_sign_epi8(q, q), Some(q))
-            })
-        });
     }
 }
 

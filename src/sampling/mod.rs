@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::math;
+
+pub use crate::math::{log_softmax, log_sum_exp};
 pub use text::TextStream;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -217,27 +220,19 @@ impl Sampler {
     fn draw(&mut self, x: &mut [f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = math::max(x);
         if !max.is_finite() {
             return argmax(x);
         }
-        for v in x.iter_mut() {
-            *v = ((*v - max) * inv_t).exp();
-        }
+        let total = math::exp_in_place(x, max, inv_t);
         let truncating = p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0;
         if !truncating {
-            let total: f32 = x.iter().sum();
-            return pick(
-                x.iter().copied().enumerate().map(|(i, w)| (i as u32, w)),
-                total,
-                self.rng.random::<f32>(),
-            );
+            return pick_dense(x, total, self.rng.random::<f32>());
         }
         // Candidates in descending probability: the top-k; for top-p the tokens within a factor
         // 1e-4 of the best, exact whenever they already hold the nucleus' mass (every other token
         // is less likely than each of them), else the whole vocabulary; for min-p alone, its cut.
         // (After the exp above the best token weighs 1.)
-        let total: f32 = x.iter().sum();
         let mut cand: Vec<u32> = if p.top_k > 0 {
             top_n(x, p.top_k)
         } else if p.top_p < 1.0 {
@@ -286,6 +281,28 @@ impl Sampler {
     }
 }
 
+/// `pick` over every index of `weights`, a block at a time: blocks are summed with vector
+/// lanes and only the block holding the target is walked one weight at a time.
+fn pick_dense(weights: &[f32], total: f32, u: f32) -> u32 {
+    const BLOCK: usize = 512;
+    let target = u * total;
+    let mut acc = 0.0;
+    for (b, block) in weights.chunks(BLOCK).enumerate() {
+        let s = math::sum(block);
+        if acc + s > target {
+            let offset = (b * BLOCK) as u32;
+            let weights = block
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| (offset + i as u32, w));
+            return pick(weights, target - acc, 1.0);
+        }
+        acc += s;
+    }
+    // Rounding left the target past the last block: the last token that has any weight.
+    weights.iter().rposition(|&w| w > 0.0).unwrap_or(0) as u32
+}
+
 fn pick(weights: impl Iterator<Item = (u32, f32)>, total: f32, u: f32) -> u32 {
     let target = u * total;
     let mut acc = 0.0;
@@ -313,22 +330,6 @@ pub fn argmax(x: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-pub fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return max;
-    }
-    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
-}
-
-/// In-place log-softmax.
-pub fn log_softmax(x: &mut [f32]) {
-    let lse = log_sum_exp(x);
-    for v in x.iter_mut() {
-        *v -= lse;
-    }
 }
 
 /// Indices of the `n` largest values, in no particular order.

@@ -1,0 +1,253 @@
+//! Vector-friendly float helpers for the hot loops over a vocabulary row or an attention span:
+//! an inlined, branch-free `exp` that the compiler vectorises (libm's `expf` is a scalar call
+//! per value), and reductions with independent lanes (a plain `iter().sum()` is one serial chain
+//! of adds, since float addition is not reassociated for us).
+
+/// Lanes of the reductions: two AVX-512 or four AVX2 vectors of partial results.
+const LANES: usize = 32;
+
+/// e^x within 2 ulp (Cephes' `expf` polynomial on x − n·ln2, then 2^n in the exponent bits);
+/// exactly 0 below −87.33 (so e^−∞ = 0) and for NaN, +∞ above 88.72.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to an integer (ties to even) held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    // `max`/`min` clamp NaN into range too (`clamp` keeps it).
+    #[allow(clippy::manual_clamp)]
+    let c = x.max(-87.5).min(88.72);
+    let t = c * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = c - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // n in [−127, 128] from t's bits; 2^n as two factors so both ends stay representable.
+    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let half = n >> 1;
+    let pow = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let v = e * pow(half) * pow(n - half);
+    let v = if x.is_nan() || x < -87.33 { 0.0 } else { v };
+    if x > 88.72 {
+        f32::INFINITY
+    } else {
+        v
+    }
+}
+
+/// Folds `x` with `f` over `LANES` independent accumulators starting at `init`, then folds the
+/// lanes and the tail with `g`.
+#[inline(always)]
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32, g: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(init, |a, &v| f(a, v));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    acc.iter().fold(tail, |a, &v| g(a, v))
+}
+
+/// Largest value (−∞ for an empty slice; NaN are skipped).
+pub fn max(x: &[f32]) -> f32 {
+    lanes(x, f32::NEG_INFINITY, f32::max, f32::max)
+}
+
+pub fn sum(x: &[f32]) -> f32 {
+    lanes(x, 0.0, |a, v| a + v, |a, v| a + v)
+}
+
+/// Σ e^((x − shift)·scale).
+pub fn sum_exp(x: &[f32], shift: f32, scale: f32) -> f32 {
+    #[cfg(target_feature = "avx512f")]
+    // SAFETY: AVX-512F is enabled for the whole crate.
+    unsafe {
+        wide::sum_exp(x, shift, scale)
+    }
+    #[cfg(not(target_feature = "avx512f"))]
+    lanes(x, 0.0, |a, v| a + exp((v - shift) * scale), |a, v| a + v)
+}
+
+/// x ← e^((x − shift)·scale) in place; returns the sum of the new values.
+pub fn exp_in_place(x: &mut [f32], shift: f32, scale: f32) -> f32 {
+    #[cfg(target_feature = "avx512f")]
+    // SAFETY: AVX-512F is enabled for the whole crate.
+    unsafe {
+        wide::exp_in_place(x, shift, scale);
+    }
+    #[cfg(not(target_feature = "avx512f"))]
+    for v in x.iter_mut() {
+        *v = exp((*v - shift) * scale);
+    }
+    sum(x)
+}
+
+/// Σ a·b over the pairs where a > 0 (a holds weights e^…, b log-probabilities that may be −∞
+/// exactly where a weight is 0).
+pub fn weighted_sum(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let term = |a: f32, b: f32| if a > 0.0 { a * b } else { 0.0 };
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&a, &b)| term(a, b))
+        .sum();
+    for (a, b) in ca.zip(cb) {
+        for i in 0..L {
+            acc[i] += term(a[i], b[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Sixteen exps per instruction sequence (the compiler's own vectors stop at 256 bits here).
+#[cfg(target_feature = "avx512f")]
+mod wide {
+    use std::arch::x86_64::*;
+
+    /// `super::exp` on sixteen lanes; `vscalefps` applies 2^n, saturating to +∞, so the clamp
+    /// only keeps the polynomial's argument small.
+    #[inline(always)]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let set = _mm512_set1_ps;
+        // `max` returns its second operand for NaN, so NaN maps to e^−104, then to 0.
+        let c = _mm512_min_ps(_mm512_max_ps(x, set(-104.0)), set(89.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(c, set(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, set(0.693_359_4), c);
+        let r = _mm512_fnmadd_ps(n, set(-2.121_944_4e-4), r);
+        let mut p = set(1.987_569_1e-4);
+        for k in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, set(k));
+        }
+        let e = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, set(1.0)));
+        // Zero below −87.33 like the scalar `exp` (rather than subnormals).
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(-87.33));
+        _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(e, n))
+    }
+
+    #[inline(always)]
+    unsafe fn arg(p: *const f32, shift: __m512, scale: __m512) -> __m512 {
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p), shift), scale)
+    }
+
+    pub unsafe fn sum_exp(x: &[f32], shift: f32, scale: f32) -> f32 {
+        let (sh, sc) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
+        let chunks = x.chunks_exact(32);
+        let tail: f32 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| super::exp((v - shift) * scale))
+            .sum();
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for c in chunks {
+            acc[0] = _mm512_add_ps(acc[0], exp16(arg(c.as_ptr(), sh, sc)));
+            acc[1] = _mm512_add_ps(acc[1], exp16(arg(c.as_ptr().add(16), sh, sc)));
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail
+    }
+
+    pub unsafe fn exp_in_place(x: &mut [f32], shift: f32, scale: f32) {
+        let (sh, sc) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
+        let mut chunks = x.chunks_exact_mut(16);
+        for c in chunks.by_ref() {
+            _mm512_storeu_ps(c.as_mut_ptr(), exp16(arg(c.as_ptr(), sh, sc)));
+        }
+        for v in chunks.into_remainder() {
+            *v = super::exp((*v - shift) * scale);
+        }
+    }
+}
+
+/// log Σ e^x, computed stably (−∞ when every value is, or for an empty slice).
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    let m = max(x);
+    if !m.is_finite() {
+        return m;
+    }
+    m + sum_exp(x, m, 1.0).ln()
+}
+
+/// In-place log-softmax.
+pub fn log_softmax(x: &mut [f32]) {
+    let lse = log_sum_exp(x);
+    for v in x.iter_mut() {
+        *v -= lse;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm_within_a_few_ulp() {
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let (want, got) = (x.exp(), exp(x));
+            if x < -87.33 {
+                assert_eq!(got, 0.0, "{x}");
+            } else if x > 88.72 {
+                assert_eq!(got, f32::INFINITY, "{x}");
+            } else if want > f32::MIN_POSITIVE {
+                assert!(((got - want) / want).abs() < 4e-7, "{x}: {got} vs {want}");
+            }
+            x += 0.0037;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+    }
+
+    #[test]
+    fn reductions_agree_with_serial_ones() {
+        let x: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919) % 1013) as f32 / 100.0 - 5.0)
+            .collect();
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(max(&x), m);
+        let s: f64 = x.iter().map(|&v| v as f64).sum();
+        assert!((sum(&x) as f64 - s).abs() < 1e-3);
+        let lse = m as f64
+            + x.iter()
+                .map(|&v| (v as f64 - m as f64).exp())
+                .sum::<f64>()
+                .ln();
+        assert!((log_sum_exp(&x) as f64 - lse).abs() < 1e-5);
+        assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
+        assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
+        assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
+        // The vector path (whole chunks) agrees with the scalar `exp` (tails), ±∞ and NaN included.
+        let mut y: Vec<f32> = (0..100).map(|i| i as f32 * 2.0 - 110.0).collect();
+        y.extend([f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0]);
+        let mut z = y.clone();
+        exp_in_place(&mut z, 0.0, 1.0);
+        for (&v, &e) in y.iter().zip(&z) {
+            let want = if v.is_nan() { 0.0 } else { exp(v) };
+            assert!(
+                e == want || ((e - want) / want).abs() < 4e-7,
+                "{v}: {e} vs {want}"
+            );
+        }
+        let total: f64 = y[..96].iter().map(|&v| f64::from(v).exp()).sum();
+        assert!((f64::from(sum_exp(&y[..96], 0.0, 1.0)) / total - 1.0).abs() < 1e-6);
+    }
+}
