@@ -244,9 +244,10 @@ fn best_of_n_scores_candidates_by_the_reward_models_sequence_log_prob() {
         );
         favoured.push(score);
     }
-    let best = (0..4)
-        .max_by(|&a, &b| favoured[a].total_cmp(&favoured[b]))
-        .unwrap();
+    // Hard selection takes the first of equal best scores (candidates of one length with the
+    // same count of favoured tokens tie exactly).
+    let top = favoured.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let best = favoured.iter().position(|&s| s == top).unwrap();
     assert_eq!(report["chosen"], best);
 }
 

@@ -154,7 +154,10 @@ fn greedy_continuation_matches_llama_cpp() {
 
 #[test]
 fn forked_continuation_equals_fresh_prefill() {
-    for (m, tolerance) in [(exact_model(), 2e-3), (model(), QUANT_NOISE)] {
+    // f32 weights: what differs is only rounding. Keys and values are cached as f16, and the
+    // one-row and many-row matmuls that compute them round differently, so a cached value can
+    // land one f16 step (~1e-3 relative) apart on the two paths.
+    for (m, tolerance) in [(exact_model(), 1e-2), (model(), QUANT_NOISE)] {
         fork_matches(&m, tolerance);
     }
 }

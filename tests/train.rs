@@ -166,8 +166,11 @@ fn saved_arm_serves_with_the_training_log_probs() {
     let spread = trained[3].iter().copied().fold(f32::NEG_INFINITY, f32::max)
         - trained[3].iter().copied().fold(f32::INFINITY, f32::min);
     assert!(spread > 5.0, "log-probs too flat to compare: {spread}");
+    // The server caches keys and values as f16 (llama.cpp's default); with weights this large
+    // that rounding moves log-probs by ~0.02 nats of a range over 5. A wrong layout moves them
+    // by whole nats.
     let diff = max_diff(&served_log_probs(&served, &tokens), &trained);
-    assert!(diff < 1e-3, "served and trained log-probs differ by {diff}");
+    assert!(diff < 0.05, "served and trained log-probs differ by {diff}");
 
     // Served as the server does by default, in Q8_0: int8 rounding of weights and activations
     // moves these large log-probs by a few per cent of their range; a wrong layout would move

@@ -8,6 +8,8 @@
 
 use std::ops::Range;
 
+use half::f16;
+
 use super::config::LlamaConfig;
 use super::quant::SharedOut;
 use crate::math;
@@ -17,8 +19,8 @@ use crate::math;
 pub(super) struct Span<'c> {
     pub rows: Range<usize>,
     pub start: usize,
-    pub keys: &'c [f32],
-    pub values: &'c [f32],
+    pub keys: &'c [f16],
+    pub values: &'c [f16],
 }
 
 /// Multiply-adds below which attention runs on the calling thread (measured: the base model's
@@ -69,14 +71,14 @@ pub(super) fn attention(
     if macs < SMALL_ATTENTION {
         run(0..n * h);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(n * h, run);
+        super::pool::split(n * h, run);
     }
 }
 
 /// One KV head's cache as a query sees it: position p's key is `keys[p·stride..][..head_dim]`.
 struct Head<'c> {
-    keys: &'c [f32],
-    values: &'c [f32],
+    keys: &'c [f16],
+    values: &'c [f16],
     stride: usize,
     visible: usize,
 }
@@ -100,7 +102,7 @@ impl Head<'_> {
         }
         for (p, s) in scores.iter_mut().enumerate() {
             let k = &self.keys[p * self.stride..p * self.stride + hd];
-            *s = super::llama::dot(q, k) * scale;
+            *s = q.iter().zip(k).map(|(q, k)| q * k.to_f32()).sum::<f32>() * scale;
         }
         let max = math::max(scores);
         let inv = 1.0 / math::exp_in_place(scores, max, 1.0);
@@ -108,7 +110,7 @@ impl Head<'_> {
         for (p, &w) in scores.iter().enumerate() {
             let v = &self.values[p * self.stride..p * self.stride + hd];
             for (o, v) in o.iter_mut().zip(v) {
-                *o += w * inv * v;
+                *o += w * inv * v.to_f32();
             }
         }
     }
@@ -124,8 +126,9 @@ impl Head<'_> {
         o: &mut [f32],
     ) {
         use std::arch::x86_64::*;
-        let load = |p: *const f32, c: usize| _mm256_loadu_ps(p.add(8 * c));
-        let qv: [__m256; CH] = std::array::from_fn(|c| load(q.as_ptr(), c));
+        // Eight cached f16 values as f32.
+        let load = |p: *const f16, c: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(8 * c).cast()));
+        let qv: [__m256; CH] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(8 * c)));
         // One accumulator per position, its lanes partial sums over the dimensions.
         let dot = |p: usize| {
             let k = self.keys.as_ptr().add(p * self.stride);
@@ -135,7 +138,18 @@ impl Head<'_> {
         };
         let scale_v = _mm256_set1_ps(scale);
         let mut p = 0;
+        // The cache was evicted by the weights streamed since the last layer: ask for the keys
+        // (and below, the values) a block of positions ahead.
+        let ahead = |base: *const f16, p: usize| {
+            let at = base.wrapping_add(p * self.stride) as *const i8;
+            for line in 0..(CH * 16).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
+            }
+        };
         while p + 8 <= self.visible {
+            for j in 0..8 {
+                ahead(self.keys.as_ptr(), p + 16 + j);
+            }
             let acc: [__m256; 8] = std::array::from_fn(|j| dot(p + j));
             // Lane j of the result: the sum of acc[j]'s lanes.
             let pair = |a, b| _mm256_hadd_ps(a, b);
@@ -157,6 +171,7 @@ impl Head<'_> {
         let inv = 1.0 / math::exp_in_place(scores, max, 1.0);
         let mut acc = [_mm256_setzero_ps(); CH];
         for (p, &w) in scores.iter().enumerate() {
+            ahead(self.values.as_ptr(), p + 16);
             let (w, v) = (_mm256_set1_ps(w), self.values.as_ptr().add(p * self.stride));
             for (c, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(w, load(v, c), *a);
@@ -180,8 +195,12 @@ mod tests {
     fn matches_a_plain_reference() {
         for (hd, visible, stride) in [(64, 1, 192), (64, 13, 192), (128, 21, 256), (96, 9, 96)] {
             let val = |i: usize| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0;
-            let keys: Vec<f32> = (0..visible * stride).map(val).collect();
-            let values: Vec<f32> = (0..visible * stride).map(|i| val(i + 5)).collect();
+            let keys: Vec<f16> = (0..visible * stride)
+                .map(|i| f16::from_f32(val(i)))
+                .collect();
+            let values: Vec<f16> = (0..visible * stride)
+                .map(|i| f16::from_f32(val(i + 5)))
+                .collect();
             let q: Vec<f32> = (0..hd).map(|i| val(i + 11) * 3.0).collect();
             let head = Head {
                 keys: &keys,
@@ -194,7 +213,7 @@ mod tests {
             let s: Vec<f64> = (0..visible)
                 .map(|p| {
                     (0..hd)
-                        .map(|d| (q[d] * keys[p * stride + d]) as f64)
+                        .map(|d| (q[d] * keys[p * stride + d].to_f32()) as f64)
                         .sum::<f64>()
                         * 0.125
                 })
@@ -204,7 +223,7 @@ mod tests {
             let z: f64 = w.iter().sum();
             for d in 0..hd {
                 let want: f64 = (0..visible)
-                    .map(|p| w[p] / z * values[p * stride + d] as f64)
+                    .map(|p| w[p] / z * values[p * stride + d].to_f32() as f64)
                     .sum();
                 assert!(
                     (o[d] as f64 - want).abs() < 1e-5,

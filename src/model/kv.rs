@@ -1,11 +1,15 @@
 //! Per-sequence key/value cache: plain vectors, `[position][kv_head][head_dim]` per layer, so a
 //! decode step appends one row (amortised O(1), no copy of the cache) and a fork copies only the
-//! used rows.
+//! used rows. Keys and values are stored as f16, as llama.cpp does by default: attention reads
+//! the whole cache of every sequence each step, and half the bytes is half that traffic.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     /// Per layer: keys and values.
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Vec<f16>, Vec<f16>)>,
     len: usize,
     /// Floats per position per layer (kv_heads × head_dim), known from the first append.
     width: usize,
@@ -29,7 +33,7 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|(k, v)| (k.capacity() + v.capacity()) * 4)
+            .map(|(k, v)| (k.capacity() + v.capacity()) * 2)
             .sum()
     }
 
@@ -65,16 +69,17 @@ impl KvCache {
         width: usize,
         k: &[f32],
         v: &[f32],
-    ) -> (&[f32], &[f32]) {
+    ) -> (&[f16], &[f16]) {
         if self.layers.len() < n_layers {
             self.layers.resize_with(n_layers, Default::default);
         }
         self.width = width;
         let (ck, cv) = &mut self.layers[layer];
-        ck.truncate(self.len * width);
-        cv.truncate(self.len * width);
-        ck.extend_from_slice(k);
-        cv.extend_from_slice(v);
+        for (cache, new) in [(&mut *ck, k), (&mut *cv, v)] {
+            let at = self.len * width;
+            cache.resize(at + new.len(), f16::ZERO);
+            cache[at..].convert_from_f32_slice(new);
+        }
         (ck, cv)
     }
 

@@ -450,9 +450,7 @@ impl Llama {
                 .zip(act.chunks_exact_mut(cfg.ffn))
             {
                 let (g, u) = r.split_at(cfg.ffn);
-                for ((a, &g), &u) in a.iter_mut().zip(g).zip(u) {
-                    *a = g / (1.0 + math::exp(-g)) * u;
-                }
+                math::silu_mul(g, u, a);
             }
             add(&mut x, &layer.down.forward(&act, n)?);
         }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod fetch;
 pub mod kv;
 pub mod llama;
+mod pool;
 mod quant;
 pub mod vocab;
 

@@ -34,6 +34,7 @@ mod kernel;
 mod kernel;
 #[cfg(not(target_feature = "avx2"))]
 mod kernel {
+    pub(super) use super::quantize_block;
     pub const PANEL: usize = 8;
     pub const Q8_OFFSET: bool = false;
 }
@@ -254,7 +255,7 @@ pub fn matmul<W: PanelDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
     if n * w.cols() * m < SMALL_MATMUL {
         work(0..chunks * tiles);
     } else {
-        candle_core::utils::barrier_pool().execute_chunked(chunks * tiles, work);
+        super::pool::split(chunks * tiles, work);
     }
     out
 }
@@ -265,37 +266,42 @@ const SMALL_MATMUL: usize = 1 << 18;
 fn quantize(x: &[f32], m: usize, cols: usize) -> Q8Rows {
     let nb = cols / BLOCK;
     let mut acts = Q8Rows {
-        d: Vec::with_capacity(m * nb),
-        s: Vec::with_capacity(m * nb),
+        d: vec![0.0; m * nb],
+        s: vec![0.0; m * nb],
         qs: vec![0; m * cols],
         nb,
     };
-    // Eight-lane loops that vectorise (this runs per activation row, so batches pay it per row);
-    // ties round to even like llama.cpp's SIMD quantizer.
-    for (block, q) in x.chunks_exact(BLOCK).zip(acts.qs.chunks_exact_mut(BLOCK)) {
-        let mut amax = [0f32; 8];
-        for c in block.chunks_exact(8) {
-            for (a, v) in amax.iter_mut().zip(c) {
-                *a = a.max(v.abs());
-            }
-        }
-        let d = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = [0i32; 8];
-        for (qc, c) in q.chunks_exact_mut(8).zip(block.chunks_exact(8)) {
-            for ((q, v), s) in qc.iter_mut().zip(c).zip(sum.iter_mut()) {
-                // `max`/`min` also map NaN (from non-finite activations) into range; clamp keeps NaN.
-                #[allow(clippy::manual_clamp)]
-                let r = (v * id).round_ties_even().max(-127.0).min(127.0);
-                // SAFETY: r is finite and within i8; the unchecked cast is what vectorises.
-                *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
-                *s += *q as i32;
-            }
-        }
-        acts.d.push(d);
-        acts.s.push(d * sum.iter().sum::<i32>() as f32);
+    let blocks = x.chunks_exact(BLOCK).zip(acts.qs.chunks_exact_mut(BLOCK));
+    for ((block, q), (d, s)) in blocks.zip(acts.d.iter_mut().zip(&mut acts.s)) {
+        (*d, *s) = kernel::quantize_block(block, q);
     }
     acts
+}
+
+/// One block of 32 activations as `q ≈ x / d` (ties to even, like llama.cpp's SIMD quantizer);
+/// returns (d, d·Σq). Eight-lane loops that vectorise: batches pay this per row.
+#[cfg_attr(target_feature = "avx512bw", allow(dead_code))]
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    let mut amax = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (a, v) in amax.iter_mut().zip(c) {
+            *a = a.max(v.abs());
+        }
+    }
+    let d = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = [0i32; 8];
+    for (qc, c) in q.chunks_exact_mut(8).zip(x.chunks_exact(8)) {
+        for ((q, v), s) in qc.iter_mut().zip(c).zip(sum.iter_mut()) {
+            // `max`/`min` also map NaN (from non-finite activations) into range; clamp keeps NaN.
+            #[allow(clippy::manual_clamp)]
+            let r = (v * id).round_ties_even().max(-127.0).min(127.0);
+            // SAFETY: r is finite and within i8; the unchecked cast is what vectorises.
+            *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
+            *s += *q as i32;
+        }
+    }
+    (d, d * sum.iter().sum::<i32>() as f32)
 }
 
 impl PanelDot for Q4_1Matrix {
@@ -467,6 +473,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn kernel_quantizer_matches_the_portable_one() {
+        // Halves of 127ths (ties), zeros, a zero block, and one NaN block.
+        let mut blocks: Vec<Vec<f32>> = (0..40)
+            .map(|b| {
+                (0..32)
+                    .map(|i| ((i * 7 + b * 13) % 29) as f32 * 0.5 - 7.0)
+                    .collect()
+            })
+            .collect();
+        blocks.push(vec![0.0; 32]);
+        for x in &blocks {
+            let (mut a, mut b) = ([0i8; 32], [0i8; 32]);
+            assert_eq!(kernel::quantize_block(x, &mut a), quantize_block(x, &mut b));
+            assert_eq!(a, b);
+        }
+        let mut q = [0i8; 32];
+        kernel::quantize_block(&[f32::NAN; 32], &mut q);
     }
 
     // Column counts cover whole groups of eight blocks, a tail, and a tail alone.

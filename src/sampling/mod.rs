@@ -229,47 +229,33 @@ impl Sampler {
         if !truncating {
             return pick_dense(x, total, self.rng.random::<f32>());
         }
-        // Candidates in descending probability: the top-k; for top-p the tokens within a factor
-        // 1e-4 of the best, exact whenever they already hold the nucleus' mass (every other token
-        // is less likely than each of them), else the whole vocabulary; for min-p alone, its cut.
         // (After the exp above the best token weighs 1.)
         let mut cand: Vec<u32> = if p.top_k > 0 {
-            top_n(x, p.top_k)
-        } else if p.top_p < 1.0 {
-            let c: Vec<u32> = (0..x.len() as u32)
-                .filter(|&i| x[i as usize] >= 1e-4)
-                .collect();
-            let mass: f32 = c.iter().map(|&i| x[i as usize]).sum();
-            if mass >= p.top_p * total {
-                c
-            } else {
-                (0..x.len() as u32).collect()
+            let mut cand = top_n(x, p.top_k);
+            if p.top_p < 1.0 {
+                // The nucleus of the renormalised top-k distribution, in descending order.
+                cand.sort_unstable_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
+                let base: f32 = cand.iter().map(|&i| x[i as usize]).sum();
+                let mut acc = 0.0;
+                let keep = cand
+                    .iter()
+                    .position(|&i| {
+                        acc += x[i as usize];
+                        acc >= p.top_p * base
+                    })
+                    .map_or(cand.len(), |j| j + 1);
+                cand.truncate(keep.max(1));
             }
+            cand
+        } else if p.top_p < 1.0 {
+            nucleus(x, p.top_p * total)
         } else {
             (0..x.len() as u32)
                 .filter(|&i| x[i as usize] >= p.min_p)
                 .collect()
         };
-        cand.sort_unstable_by(|a, b| x[*b as usize].total_cmp(&x[*a as usize]));
-        if p.top_p < 1.0 {
-            // After top-k the nucleus is taken of the renormalised top-k distribution.
-            let base = if p.top_k > 0 {
-                cand.iter().map(|&i| x[i as usize]).sum()
-            } else {
-                total
-            };
-            let mut acc = 0.0;
-            let keep = cand
-                .iter()
-                .position(|&i| {
-                    acc += x[i as usize];
-                    acc >= p.top_p * base
-                })
-                .map_or(cand.len(), |j| j + 1);
-            cand.truncate(keep.max(1));
-        }
         if p.min_p > 0.0 {
-            let best = x[cand[0] as usize];
+            let best = cand.iter().map(|&i| x[i as usize]).fold(0.0, f32::max);
             cand.retain(|&i| x[i as usize] >= p.min_p * best);
         }
         let mass: f32 = cand.iter().map(|&i| x[i as usize]).sum();
@@ -279,6 +265,48 @@ impl Sampler {
             self.rng.random::<f32>(),
         )
     }
+}
+
+/// The top-p nucleus of `weights` (the best weighing 1): every token of weight ≥ t, for the
+/// largest t whose tokens hold `target` of the weight. That is the prefix a cumulative sum over
+/// the weights sorted in descending order keeps (ties at its edge all kept), found by bisecting
+/// t over the bit patterns of positive floats (ordered as the floats are) instead of sorting
+/// thousands of candidates. The search runs over the tokens within a factor 1e-4 of the best
+/// when they hold the target (every other token weighs less than each of them), else over all.
+fn nucleus(weights: &[f32], target: f32) -> Vec<u32> {
+    let mut cand: Vec<u32> = (0..weights.len() as u32)
+        .filter(|&i| weights[i as usize] >= 1e-4)
+        .collect();
+    let mut w: Vec<f32> = cand.iter().map(|&i| weights[i as usize]).collect();
+    if math::sum(&w) < target {
+        cand = (0..weights.len() as u32).collect();
+        w = weights.to_vec();
+    }
+    let mass_from = |t: f32| {
+        const L: usize = 16;
+        let mut acc = [0f32; L];
+        let chunks = w.chunks_exact(L);
+        let tail: f32 = chunks.remainder().iter().filter(|&&v| v >= t).sum();
+        for c in chunks {
+            for i in 0..L {
+                acc[i] += if c[i] >= t { c[i] } else { 0.0 };
+            }
+        }
+        tail + acc.iter().sum::<f32>()
+    };
+    // Invariant: the tokens from `lo` hold the target, those from `hi` (above the best) do not.
+    let (mut lo, mut hi) = (0u32, 1f32.to_bits() + 1);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if mass_from(f32::from_bits(mid)) >= target {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let t = f32::from_bits(lo);
+    cand.retain(|&i| weights[i as usize] >= t);
+    cand
 }
 
 /// `pick` over every index of `weights`, a block at a time: blocks are summed with vector

@@ -8,6 +8,7 @@ use half::f16;
 
 use super::{Chunk, Q8Rows, Sums, BLOCK};
 
+pub(super) use super::quantize_block;
 pub const PANEL: usize = 8;
 pub const Q8_OFFSET: bool = false;
 

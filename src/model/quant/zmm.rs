@@ -14,6 +14,36 @@ use super::{Chunk, Q8Rows, Sums, BLOCK, TILE};
 pub const PANEL: usize = 16;
 pub const Q8_OFFSET: bool = true;
 
+/// `super::quantize_block` on two vectors: |x| max, scale, round to nearest even, clamp to
+/// ±127 (NaN, converted to i32::MIN, becomes −127), narrow to i8.
+#[inline(always)]
+pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+    assert!(x.len() == BLOCK && q.len() == BLOCK);
+    // SAFETY: this module is compiled only with AVX-512F/BW; the lengths are checked above.
+    unsafe {
+        let halves = [
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        ];
+        let amax = _mm512_max_ps(_mm512_abs_ps(halves[0]), _mm512_abs_ps(halves[1]));
+        let d = _mm512_reduce_max_ps(amax) / 127.0;
+        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let mut sum = _mm512_setzero_si512();
+        for (h, v) in halves.into_iter().enumerate() {
+            let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(v, id),
+            );
+            let r = _mm512_max_epi32(
+                _mm512_min_epi32(r, _mm512_set1_epi32(127)),
+                _mm512_set1_epi32(-127),
+            );
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * h).cast(), _mm512_cvtepi32_epi8(r));
+            sum = _mm512_add_epi32(sum, r);
+        }
+        (d, d * _mm512_reduce_add_epi32(sum) as f32)
+    }
+}
+
 #[inline(always)]
 unsafe fn load_f16x16(v: &[f16]) -> __m512 {
     assert!(v.len() >= PANEL);
