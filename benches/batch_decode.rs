@@ -1,6 +1,7 @@
 //! Decode-step cost for batch 1 vs batch 4 (cache length ~200), and the sampler per row, in one
 //! process, interleaved so machine noise hits both alike; prints medians. `--e2e` instead times
-//! whole requests through the engine: one 128-token sample against best-of-4 × 128.
+//! whole requests through the engine: one 128-token sample against best-of-4 × 128 and against
+//! GenARM with the shipped `positive` ARM, then with both shipped ARMs.
 //!
 //!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e]]
 
@@ -136,23 +137,47 @@ fn request(engine: &Engine, spec: &DecoderSpec, seed: u64) -> f64 {
 }
 
 fn end_to_end(m: Model, rounds: usize) {
-    let engine = Engine::start(vec![m], EngineOptions::default());
-    let sample = DecoderSpec::parse("sample", Default::default(), engine.models()).unwrap();
-    let params = json!({"n": 4, "rewards": {"sentiment": 1.0}});
-    let best = DecoderSpec::parse(
-        "best_of_n",
-        params.as_object().cloned().unwrap(),
-        engine.models(),
-    )
-    .unwrap();
-    let (mut one, mut four) = (Vec::new(), Vec::new());
+    let models = tilt::reward::with_rewards(m, &[], true, tilt::model::Precision::Q8_0)
+        .expect("the shipped reward models load");
+    let engine = Engine::start(models, EngineOptions::default());
+    let spec = |decoder: &str, params: serde_json::Value| {
+        DecoderSpec::parse(
+            decoder,
+            params.as_object().cloned().unwrap(),
+            engine.models(),
+        )
+        .unwrap()
+    };
+    let sample = spec("sample", json!({}));
+    let others = [
+        (
+            "best-of-4",
+            spec("best_of_n", json!({"n": 4, "rewards": {"sentiment": 1.0}})),
+        ),
+        (
+            "genarm +1 ARM",
+            spec("genarm", json!({"rewards": {"positive": 1.0}})),
+        ),
+        (
+            "genarm +2 ARMs",
+            spec(
+                "genarm",
+                json!({"rewards": {"positive": 1.0, "concise": 1.0}}),
+            ),
+        ),
+    ];
+    let mut one = Vec::new();
+    let mut times = vec![Vec::new(); others.len()];
     for r in 0..rounds as u64 {
         one.push(request(&engine, &sample, r));
-        four.push(request(&engine, &best, r));
+        for ((_, s), t) in others.iter().zip(&mut times) {
+            t.push(request(&engine, s, r));
+        }
     }
-    let (one, four) = (median(one), median(four));
-    println!(
-        "128 tokens: sample {one:.0} ms, best-of-4 {four:.0} ms, ratio {:.2}",
-        four / one
-    );
+    let one = median(one);
+    println!("128 tokens: sample {one:.0} ms");
+    for ((name, _), t) in others.iter().zip(times) {
+        let t = median(t);
+        println!("  {name} {t:.0} ms, ratio {:.2}", t / one);
+    }
 }
