@@ -1,12 +1,12 @@
 //! Quantized weights × int8 activations, our own kernels for the GGUF types the default model uses
 //! (Q4_1 layers, Q8_0 embeddings/output). candle 0.11 has no SIMD dot product for Q4_1 (its scalar
 //! fallback took 77% of decode time) and re-reads the weights for every activation row. Here:
-//! - weight rows are interleaved in panels of eight, so that a vector lane is one weight row: a
-//!   block's 32 products for eight rows take eight `vpdpbusd` (AVX-512 VNNI; AVX2 `maddubs`
-//!   without it) against broadcast activations, with no horizontal sums, and each added
-//!   activation row costs only those eight (batched decode is nearly free next to the weights);
+//! - weight rows are interleaved in panels, so that a vector lane is one weight row: a block's 32
+//!   products for a panel take eight `vpdpbusd` against broadcast activations, with no horizontal
+//!   sums, and each added activation row costs only those eight. Panels are sixteen rows with
+//!   AVX-512 (`quant/zmm.rs`), eight with AVX2 (`quant/ymm.rs`, VNNI or `maddubs`);
 //! - one pass over a panel serves up to four activation rows (prefill, batched decode);
-//! - output panels are spread over candle's thread pool.
+//! - output panels are spread over candle's thread pool (`pool::split`).
 use half::f16;
 
 const BLOCK: usize = 32;
