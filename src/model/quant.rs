@@ -399,6 +399,20 @@ impl PanelDot for Q8_0Matrix {
     }
 }
 
+/// Ask for the weights `AHEAD` blocks past the block at `at` (`chunks` chunks a block, here or
+/// in the next panels, which follow in memory): the stream is read once and never cached, and
+/// a batch's extra compute per block otherwise leaves fewer loads in flight.
+#[cfg(target_feature = "avx2")]
+#[inline(always)]
+unsafe fn prefetch(at: &[Chunk], chunks: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    const AHEAD: usize = 16;
+    let p = at.as_ptr().wrapping_add(AHEAD * chunks) as *const i8;
+    for line in 0..chunks * std::mem::size_of::<Chunk>() / 64 {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
+    }
+}
+
 /// An output buffer shared by pool workers that each write their own disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedOut(pub(crate) *mut f32);

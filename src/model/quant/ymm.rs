@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Chunk, Q8Rows, Sums, BLOCK};
+use super::{prefetch, Chunk, Q8Rows, Sums, BLOCK};
 
 pub(super) use super::quantize_block;
 pub const PANEL: usize = 8;
@@ -80,18 +80,6 @@ unsafe fn panel(
     }
     for i in 0..count {
         _mm256_storeu_ps(sums[i].as_mut_ptr(), _mm256_add_ps(acc[i], acc_m[i]));
-    }
-}
-
-/// Ask for the weights `AHEAD` blocks past the block at `at` (`chunks` chunks a block, here or
-/// in the next panels, which follow in memory): the stream is read once and never cached, and
-/// a batch's extra compute per block otherwise leaves fewer loads in flight.
-#[inline(always)]
-unsafe fn prefetch(at: &[Chunk], chunks: usize) {
-    const AHEAD: usize = 16;
-    let p = at.as_ptr().wrapping_add(AHEAD * chunks) as *const i8;
-    for line in 0..chunks / 2 {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
     }
 }
 

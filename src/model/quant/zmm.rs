@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{Chunk, Q8Rows, Sums, BLOCK, TILE};
+use super::{prefetch, Chunk, Q8Rows, Sums, BLOCK, TILE};
 
 pub const PANEL: usize = 16;
 pub const Q8_OFFSET: bool = true;
@@ -101,18 +101,6 @@ unsafe fn panel(
     }
     for i in 0..count {
         _mm512_storeu_ps(sums[i].as_mut_ptr(), _mm512_add_ps(acc[i], acc_m[i]));
-    }
-}
-
-/// Ask for the weights `AHEAD` blocks past the block at `at` (`chunks` chunks, one cache line
-/// each, here or in the next panels, which follow in memory): the stream is read once and never
-/// cached, and a batch's extra compute per block otherwise leaves fewer loads in flight.
-#[inline(always)]
-unsafe fn prefetch(at: &[Chunk], chunks: usize) {
-    const AHEAD: usize = 16;
-    let p = at.as_ptr().wrapping_add(AHEAD * chunks) as *const i8;
-    for line in 0..chunks {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
     }
 }
 
