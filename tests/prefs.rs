@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use tilt::train::prefs::{Objective, ScoredPair};
+use tilt::train::prefs::{Objective, ScoredPair, CUT_OFF};
 
 fn tilt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tilt"))
@@ -44,43 +44,68 @@ fn parse(bytes: &[u8]) -> Vec<ScoredPair> {
         .collect()
 }
 
-/// Every pair's chosen response scores above its rejected one, and they are the best and worst
-/// of the K scores recorded.
+/// Every pair's chosen and rejected responses are the best and worst of the K scores recorded,
+/// which differ. A recorded score is the scorer's, less `CUT_OFF` for a `concise` response cut
+/// off at `--max-tokens`.
 fn assert_ranked(pairs: &[ScoredPair], objective: Objective, k: usize) {
     let scorer = objective.scorer();
+    let recorded_as = |recorded: f32, text: &str| {
+        let s = scorer.score(text);
+        recorded == s || (objective == Objective::Concise && recorded == s - CUT_OFF)
+    };
     for p in pairs {
-        let (chosen, rejected) = (scorer.score(&p.chosen), scorer.score(&p.rejected));
-        assert!(chosen > rejected, "{p:?}");
         assert_eq!(p.scores.len(), k, "{p:?}");
         let max = p.scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let min = p.scores.iter().copied().fold(f32::INFINITY, f32::min);
-        assert_eq!((chosen, rejected), (max, min), "{p:?}");
+        assert!(max > min, "{p:?}");
+        assert!(
+            recorded_as(max, &p.chosen) && recorded_as(min, &p.rejected),
+            "{p:?}"
+        );
     }
 }
 
-const SMALL: &[&str] = &["--limit", "3", "--k", "3", "--max-tokens", "12"];
+const SMALL: &[&str] = &["--split", "all", "--k", "3", "--max-tokens", "12"];
+
+/// Prompts this model answers in a few tokens, so that some of 12-token responses end on their
+/// own: `concise` pairs only prompts with a response that ended.
+const SHORT: [&str; 3] = [
+    "Answer with one word: what color is the sky on a clear day?",
+    "Reply with only yes or no: is water wet?",
+    "Say hello in one word.",
+];
+
+fn short_prompts(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("short.jsonl");
+    let lines: Vec<String> = SHORT
+        .iter()
+        .map(|p| serde_json::json!({ "prompt": p }).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    file
+}
 
 #[test]
 fn concise_pairs_rank_repeat_by_seed_and_train_an_arm() {
     let dir = tempfile::tempdir().unwrap();
-    let first = prefs(
-        &dir.path().join("a.jsonl"),
-        &[&["--objective", "concise"], SMALL].concat(),
-    );
+    let short = short_prompts(dir.path());
+    let concise = [
+        "--objective",
+        "concise",
+        "--prompts",
+        short.to_str().unwrap(),
+    ];
+    let first = prefs(&dir.path().join("a.jsonl"), &[&concise[..], SMALL].concat());
     let pairs = parse(&first);
-    assert!(!pairs.is_empty(), "every prompt was a tie");
+    assert!(!pairs.is_empty(), "no prompt had a response that ended");
     assert_ranked(&pairs, Objective::Concise, 3);
-    let builtin = tilt::train::prompts::builtin(tilt::train::prompts::Split::Train);
-    assert!(pairs.iter().all(|p| builtin[..3].contains(&p.prompt)));
+    assert!(pairs.iter().all(|p| SHORT.contains(&p.prompt.as_str())));
 
-    let again = prefs(
-        &dir.path().join("b.jsonl"),
-        &[&["--objective", "concise"], SMALL].concat(),
-    );
+    let again = prefs(&dir.path().join("b.jsonl"), &[&concise[..], SMALL].concat());
     assert_eq!(first, again, "the same seed writes the same file");
     let other = prefs(
         &dir.path().join("c.jsonl"),
-        &[&["--objective", "concise", "--seed", "1"], SMALL].concat(),
+        &[&concise[..], &["--seed", "1"], SMALL].concat(),
     );
     assert_ne!(first, other, "another seed samples other responses");
 
@@ -138,6 +163,10 @@ fn sentiment_pairs_rank_by_the_lexicon_and_their_responses_serve_another_objecti
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 3);
+    // Whether each response ended on its own, which `concise` ranks by.
+    assert!(lines
+        .iter()
+        .all(|l| l["ended"].as_array().unwrap().len() == 4));
     let concise = dir.path().join("concise.jsonl");
     let run = tilt(&[
         "prefs",
@@ -153,8 +182,9 @@ fn sentiment_pairs_rank_by_the_lexicon_and_their_responses_serve_another_objecti
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
+    // 24-token responses rarely end, and `concise` pairs only prompts with one that did (its
+    // rule is checked exactly in `concise_chooses_a_response_that_ended`).
     let pairs = parse(&std::fs::read(&concise).unwrap());
-    assert!(!pairs.is_empty(), "every prompt was a tie");
     assert_ranked(&pairs, Objective::Concise, 4);
     for p in &pairs {
         let line = lines
@@ -214,7 +244,7 @@ fn a_prompt_file_replaces_the_builtin_set() {
     let file = dir.path().join("prompts.jsonl");
     std::fs::write(
         &file,
-        "{\"prompt\": \"Say hello.\"}\n\n{\"prompt\": \"Name a colour.\"}\n",
+        "{\"prompt\": \"Say hello in one word.\"}\n\n{\"prompt\": \"Reply with only yes or no: is water wet?\"}\n",
     )
     .unwrap();
     let out = dir.path().join("pairs.jsonl");
@@ -234,7 +264,7 @@ fn a_prompt_file_replaces_the_builtin_set() {
     assert!(!pairs.is_empty(), "every prompt was a tie");
     assert!(pairs
         .iter()
-        .all(|p| ["Say hello.", "Name a colour."].contains(&p.prompt.as_str())));
+        .all(|p| SHORT[1..].contains(&p.prompt.as_str())));
 }
 
 #[test]
@@ -312,4 +342,46 @@ fn bad_arguments_fail_with_clear_errors() {
         stderr.contains("creating") && stderr.contains("no/such/dir"),
         "{stderr}"
     );
+}
+
+#[test]
+fn concise_chooses_a_response_that_ended() {
+    // The cut-off response has the fewest words (symbols say little per token); the shortest
+    // response that ended is chosen over it, and a prompt whose responses were all cut gives
+    // no pair.
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("responses.jsonl");
+    let lines = [
+        serde_json::json!({
+            "prompt": "p1",
+            "responses": ["It is blue, mostly.", "\"1\" \"2\" \"3\"", "Blue."],
+            "ended": [true, false, true],
+        }),
+        serde_json::json!({
+            "prompt": "p2",
+            "responses": ["a b c", "a"],
+            "ended": [false, false],
+        }),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&saved, text.join("\n")).unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let run = tilt(&[
+        "prefs",
+        "--objective",
+        "concise",
+        "--from-responses",
+        saved.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let pairs = parse(&std::fs::read(&out).unwrap());
+    assert_eq!(pairs.len(), 1, "{pairs:?}");
+    assert_eq!(pairs[0].chosen, "Blue.");
+    assert_eq!(pairs[0].rejected, "\"1\" \"2\" \"3\"");
 }

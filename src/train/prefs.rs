@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::prompts::{self, Split};
 use crate::decode::{self, Generation};
-use crate::engine::{Engine, EngineOptions, Event};
+use crate::engine::{Engine, EngineOptions, Event, FinishReason};
 use crate::model::{fetch, Model, Role};
 use crate::reward::scorers::{word_count, Length, Scorer, Sentiment};
 use crate::sampling::SamplingParams;
@@ -26,7 +26,22 @@ pub enum Objective {
     Concise,
 }
 
+/// What a `concise` response cut off at `--max-tokens` loses, on top of its words: more than
+/// any ended response can, so it ranks below all of them.
+pub const CUT_OFF: f32 = 1e6;
+
 impl Objective {
+    /// A response's score. For `concise`, a response that did not end (cut off at
+    /// `--max-tokens`) ranks below every one that did: counting its words would reward text
+    /// that says little per token (quotes, digits) instead of answers that stop.
+    pub fn score(self, scorer: &dyn Scorer, text: &str, ended: bool) -> f32 {
+        let s = scorer.score(text);
+        match self {
+            Self::Concise if !ended => s - CUT_OFF,
+            _ => s,
+        }
+    }
+
     pub fn scorer(self) -> Box<dyn Scorer> {
         match self {
             Self::Sentiment => Box::new(Sentiment),
@@ -161,6 +176,10 @@ fn parse_shard(s: &str) -> Result<(usize, usize), String> {
 struct Responses {
     prompt: String,
     responses: Vec<String>,
+    /// Whether each response ended on its own (end of text), not at `--max-tokens`. Files
+    /// written before this field count every response as ended.
+    #[serde(default)]
+    ended: Vec<bool>,
 }
 
 impl PrefsArgs {
@@ -193,13 +212,13 @@ impl PrefsArgs {
     }
 }
 
-/// K responses to each prompt, in prompt order, and the number of tokens generated.
+/// K responses to each prompt, in prompt order (the time is left to the caller).
 fn sample(
     engine: &Engine,
-    prompts: &[String],
+    prompts: Vec<String>,
     args: &PrefsArgs,
     bar: &ProgressBar,
-) -> Result<(Vec<Vec<String>>, usize)> {
+) -> Result<Sampled> {
     let base = engine.base();
     let mut streams = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
@@ -229,14 +248,22 @@ fn sample(
         let decoder = decode::build("sample", generation).map_err(anyhow::Error::msg)?;
         streams.push(engine.submit(decoder)?);
     }
-    let mut responses = Vec::with_capacity(prompts.len());
+    let (mut responses, mut ended) = (Vec::with_capacity(prompts.len()), Vec::new());
     let mut generated = 0;
     for mut events in streams {
         let mut texts = vec![String::new(); args.k];
+        let mut stopped = vec![false; args.k];
         loop {
             match events.blocking_recv() {
                 Some(Event::Token(t)) => texts[t.choice].push_str(&t.text),
-                Some(Event::Finished { choice, text, .. }) => texts[choice].push_str(&text),
+                Some(Event::Finished {
+                    choice,
+                    text,
+                    reason,
+                }) => {
+                    texts[choice].push_str(&text);
+                    stopped[choice] = reason == FinishReason::Stop;
+                }
                 Some(Event::Done { usage, .. }) => {
                     generated += usage.completion_tokens;
                     break;
@@ -247,15 +274,24 @@ fn sample(
             }
         }
         responses.push(texts);
+        ended.push(stopped);
         bar.inc(1);
     }
-    Ok((responses, generated))
+    Ok(Sampled {
+        prompts,
+        responses,
+        ended,
+        generated,
+        seconds: 0.0,
+    })
 }
 
 /// The prompts and their K responses each, with what sampling them cost.
 struct Sampled {
     prompts: Vec<String>,
     responses: Vec<Vec<String>>,
+    /// Per response, whether it ended on its own.
+    ended: Vec<Vec<bool>>,
     /// Tokens generated, and the seconds it took (0 for responses read back).
     generated: usize,
     seconds: f64,
@@ -298,26 +334,23 @@ fn sample_all(args: &PrefsArgs) -> Result<Sampled> {
             .progress_chars("=> "),
     );
     let start = Instant::now();
-    let (responses, generated) = sample(&engine, &prompts, args, &bar)?;
-    let seconds = start.elapsed().as_secs_f64();
+    let mut sampled = sample(&engine, prompts, args, &bar)?;
+    sampled.seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     if let (Some(file), Some(path)) = (&mut saved, &args.responses) {
-        for (prompt, responses) in prompts.iter().zip(&responses) {
+        let lines = sampled.prompts.iter().zip(&sampled.responses);
+        for ((prompt, responses), ended) in lines.zip(&sampled.ended) {
             let line = Responses {
                 prompt: prompt.clone(),
                 responses: responses.clone(),
+                ended: ended.clone(),
             };
             writeln!(file, "{}", serde_json::to_string(&line)?)?;
         }
         file.flush()
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(Sampled {
-        prompts,
-        responses,
-        generated,
-        seconds,
-    })
+    Ok(sampled)
 }
 
 /// The `tilt prefs` command.
@@ -327,6 +360,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     let Sampled {
         prompts,
         responses,
+        ended,
         generated,
         seconds: sampling,
     } = match &args.from_responses {
@@ -339,10 +373,19 @@ pub fn run(args: PrefsArgs) -> Result<()> {
                 .map(serde_json::from_str::<Responses>)
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("reading {}", path.display()))?;
-            let (prompts, responses) = lines.into_iter().map(|r| (r.prompt, r.responses)).unzip();
+            let mut prompts = Vec::with_capacity(lines.len());
+            let (mut responses, mut ended) = (Vec::new(), Vec::new());
+            for r in lines {
+                let mut e = r.ended;
+                e.resize(r.responses.len(), true);
+                prompts.push(r.prompt);
+                responses.push(r.responses);
+                ended.push(e);
+            }
             Sampled {
                 prompts,
                 responses,
+                ended,
                 generated: 0,
                 seconds: 0.0,
             }
@@ -358,8 +401,18 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     let pairs: Vec<ScoredPair> = prompts
         .iter()
         .zip(&responses)
-        .filter_map(|(prompt, texts)| {
-            let scores: Vec<f32> = texts.iter().map(|t| scorer.score(t)).collect();
+        .zip(&ended)
+        .filter_map(|((prompt, texts), ended)| {
+            // `concise` learns from a response that ended against a longer one; a prompt whose
+            // responses were all cut off has none to choose.
+            if args.objective == Objective::Concise && !ended.iter().any(|&e| e) {
+                return None;
+            }
+            let scores: Vec<f32> = texts
+                .iter()
+                .zip(ended)
+                .map(|(t, &e)| args.objective.score(&*scorer, t, e))
+                .collect();
             widest_pair(prompt, texts, &scores, args.length_tolerance)
         })
         .collect();
@@ -369,10 +422,12 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     file.flush()
         .with_context(|| format!("writing {}", args.out.display()))?;
 
+    // The scorer's own gap (for `concise`, in words, without the cut-off penalty).
     let gap = |p: &ScoredPair| scorer.score(&p.chosen) - scorer.score(&p.rejected);
     let wall = start.elapsed().as_secs_f64();
     println!(
-        "{} pairs from {} prompts ({} skipped as ties), mean score gap {:.3}",
+        "{} pairs from {} prompts ({} skipped: ties, or for concise no response that ended), \
+         mean score gap {:.3}",
         pairs.len(),
         prompts.len(),
         prompts.len() - pairs.len(),
@@ -424,8 +479,15 @@ mod tests {
     }
 
     #[test]
-    fn concise_prefers_fewer_words() {
+    fn concise_prefers_fewer_words_and_answers_that_end() {
         let s = Objective::Concise.scorer();
         assert!(s.score("Yes.") > s.score("Yes, I think so."));
+        let score = |text, ended| Objective::Concise.score(&*s, text, ended);
+        assert!(score("Yes, I think so, and here is why.", true) > score("\"1\" \"2\"", false));
+        let sentiment = Objective::Sentiment.scorer();
+        assert_eq!(
+            Objective::Sentiment.score(&*sentiment, "good", false),
+            sentiment.score("good")
+        );
     }
 }
