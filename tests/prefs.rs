@@ -44,6 +44,25 @@ fn parse(bytes: &[u8]) -> Vec<ScoredPair> {
         .collect()
 }
 
+/// The pairs `tilt prefs --objective concise` ranks from the responses saved in `saved`.
+fn concise_from(saved: &Path, out: &Path) -> Vec<ScoredPair> {
+    let run = tilt(&[
+        "prefs",
+        "--objective",
+        "concise",
+        "--from-responses",
+        saved.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    parse(&std::fs::read(out).unwrap())
+}
+
 /// Every pair's chosen and rejected responses are the best and worst of the K scores recorded,
 /// which differ. A recorded score is the scorer's, less `CUT_OFF` for a `concise` response cut
 /// off at `--max-tokens`.
@@ -167,24 +186,9 @@ fn sentiment_pairs_rank_by_the_lexicon_and_their_responses_serve_another_objecti
     assert!(lines
         .iter()
         .all(|l| l["ended"].as_array().unwrap().len() == 4));
-    let concise = dir.path().join("concise.jsonl");
-    let run = tilt(&[
-        "prefs",
-        "--objective",
-        "concise",
-        "--from-responses",
-        saved.to_str().unwrap(),
-        "--out",
-        concise.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     // 24-token responses rarely end, and `concise` pairs only prompts with one that did (its
     // rule is checked exactly in `concise_chooses_a_response_that_ended`).
-    let pairs = parse(&std::fs::read(&concise).unwrap());
+    let pairs = concise_from(&saved, &dir.path().join("concise.jsonl"));
     assert_ranked(&pairs, Objective::Concise, 4);
     for p in &pairs {
         let line = lines
@@ -365,22 +369,7 @@ fn concise_chooses_a_response_that_ended() {
     ];
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     std::fs::write(&saved, text.join("\n")).unwrap();
-    let out = dir.path().join("pairs.jsonl");
-    let run = tilt(&[
-        "prefs",
-        "--objective",
-        "concise",
-        "--from-responses",
-        saved.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let pairs = parse(&std::fs::read(&out).unwrap());
+    let pairs = concise_from(&saved, &dir.path().join("pairs.jsonl"));
     assert_eq!(pairs.len(), 1, "{pairs:?}");
     assert_eq!(pairs[0].chosen, "Blue.");
     assert_eq!(pairs[0].rejected, "\"1\" \"2\" \"3\"");
