@@ -304,6 +304,38 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     (d, d * sum.iter().sum::<i32>() as f32)
 }
 
+/// `dot_panel` without AVX2, one product at a time. `value(j, b, k)` is value k of row j's block
+/// b as (quant, d, m), for Σ_b d·da·(q · x) + m·s.
+#[cfg(not(target_feature = "avx2"))]
+fn portable_panel(
+    rows: usize,
+    p: usize,
+    acts: &Q8Rows,
+    r0: usize,
+    count: usize,
+    sums: &mut Sums,
+    value: impl Fn(usize, usize, usize) -> (i32, f32, f32),
+) {
+    let nb = acts.nb;
+    for (i, s) in sums[..count].iter_mut().enumerate() {
+        for (r, sum) in s.iter_mut().enumerate() {
+            let j = p * PANEL + r;
+            if j >= rows {
+                break;
+            }
+            *sum = (0..nb)
+                .map(|b| {
+                    let a = (r0 + i) * nb + b;
+                    let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
+                    let (_, d, m) = value(j, b, 0);
+                    let isum: i32 = (0..BLOCK).map(|k| value(j, b, k).0 * x[k] as i32).sum();
+                    d * acts.d[a] * isum as f32 + m * acts.s[a]
+                })
+                .sum();
+        }
+    }
+}
+
 impl PanelDot for Q4_1Matrix {
     fn rows(&self) -> usize {
         self.rows
@@ -315,10 +347,10 @@ impl PanelDot for Q4_1Matrix {
 
     #[inline]
     fn dot_panel(&self, p: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut Sums) {
-        let nb = acts.nb;
         #[cfg(target_feature = "avx2")]
         // SAFETY: compiled only where AVX2 is enabled for the whole crate (target-cpu=native).
         unsafe {
+            let nb = acts.nb;
             let (qs, scales) = (
                 p * nb * 4..(p + 1) * nb * 4,
                 p * nb * PANEL..(p + 1) * nb * PANEL,
@@ -334,25 +366,9 @@ impl PanelDot for Q4_1Matrix {
             )
         }
         #[cfg(not(target_feature = "avx2"))]
-        for (i, s) in sums[..count].iter_mut().enumerate() {
-            for (r, sum) in s.iter_mut().enumerate() {
-                let j = p * PANEL + r;
-                if j >= self.rows {
-                    break;
-                }
-                *sum = (0..nb)
-                    .map(|b| {
-                        let a = (r0 + i) * nb + b;
-                        let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
-                        let (_, d, m) = self.value(j, b, 0);
-                        let isum: i32 = (0..BLOCK)
-                            .map(|k| self.value(j, b, k).0 * x[k] as i32)
-                            .sum();
-                        d * acts.d[a] * isum as f32 + m * acts.s[a]
-                    })
-                    .sum();
-            }
-        }
+        portable_panel(self.rows, p, acts, r0, count, sums, |j, b, k| {
+            self.value(j, b, k)
+        });
     }
 }
 
@@ -367,10 +383,10 @@ impl PanelDot for Q8_0Matrix {
 
     #[inline]
     fn dot_panel(&self, p: usize, acts: &Q8Rows, r0: usize, count: usize, sums: &mut Sums) {
-        let nb = acts.nb;
         #[cfg(target_feature = "avx2")]
         // SAFETY: compiled only where AVX2 is enabled for the whole crate (target-cpu=native).
         unsafe {
+            let nb = acts.nb;
             let (qs, scales) = (
                 p * nb * 8..(p + 1) * nb * 8,
                 p * nb * PANEL..(p + 1) * nb * PANEL,
@@ -378,24 +394,10 @@ impl PanelDot for Q8_0Matrix {
             kernel::panel_q8_0(&self.qs[qs], &self.d[scales], acts, r0, count, sums)
         }
         #[cfg(not(target_feature = "avx2"))]
-        for (i, s) in sums[..count].iter_mut().enumerate() {
-            for (r, sum) in s.iter_mut().enumerate() {
-                let j = p * PANEL + r;
-                if j >= self.rows {
-                    break;
-                }
-                *sum = (0..nb)
-                    .map(|b| {
-                        let a = (r0 + i) * nb + b;
-                        let x = &acts.qs[a * BLOCK..(a + 1) * BLOCK];
-                        let isum: i32 = (0..BLOCK)
-                            .map(|k| self.value(j, b, k).0 * x[k] as i32)
-                            .sum();
-                        self.value(j, b, 0).1 * acts.d[a] * isum as f32
-                    })
-                    .sum();
-            }
-        }
+        portable_panel(self.rows, p, acts, r0, count, sums, |j, b, k| {
+            let (q, d) = self.value(j, b, k);
+            (q, d, 0.0)
+        });
     }
 }
 

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use crate::cases;
 use crate::common;
-use crate::server::{decoder, refused, Client, Server};
+use crate::server::{decoder, refused, streams_like, Client, Server};
 
 pub fn cases() -> Vec<(&'static str, crate::Case)> {
     cases![
@@ -45,20 +45,9 @@ async fn best_of_n_answers_with_its_report(c: Client) {
     assert_eq!(r["usage"]["completion_tokens"], report["generated_tokens"]);
 
     // Streamed, the chosen candidate arrives as choice 0 with the report on its last chunk.
-    let mut streamed = body.clone();
-    streamed["stream"] = json!(true);
-    let events = c.stream("/v1/completions", &streamed).await;
-    let text: String = events
-        .iter()
-        .flat_map(|e| e["choices"].as_array().into_iter().flatten())
-        .map(|ch| {
-            assert_eq!(ch["index"], 0);
-            ch["text"].as_str().unwrap_or("").to_string()
-        })
-        .collect();
-    assert_eq!(text, r["choices"][0]["text"].as_str().unwrap());
-    let last = events.iter().rev().find(|e| e.get("alignment").is_some());
-    assert_eq!(last.expect("a chunk with the report")["alignment"], *report);
+    for ch in streams_like(&c, &body, &r).await {
+        assert_eq!(ch["index"], 0);
+    }
 }
 
 async fn best_of_n_parameters_are_checked(c: Client) {

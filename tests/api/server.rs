@@ -236,6 +236,30 @@ impl Events {
     }
 }
 
+/// Streams the completion `body` and checks that its chunks spell the text of `r`, the same
+/// request answered whole, and that a chunk carries `r`'s `alignment` report. Returns the
+/// chunks' choices.
+pub async fn streams_like(c: &Client, body: &Value, r: &Value) -> Vec<Value> {
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = c.stream("/v1/completions", &streamed).await;
+    let choices: Vec<Value> = events
+        .iter()
+        .flat_map(|e| e["choices"].as_array().into_iter().flatten().cloned())
+        .collect();
+    let text: String = choices
+        .iter()
+        .map(|ch| ch["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(text, r["choices"][0]["text"].as_str().unwrap());
+    let last = events.iter().rev().find(|e| e.get("alignment").is_some());
+    assert_eq!(
+        last.expect("a chunk with the report")["alignment"],
+        r["alignment"]
+    );
+    choices
+}
+
 /// An `alignment` object: the decoder `name` with `params` beside it.
 pub fn decoder(name: &str, params: Value) -> Value {
     let mut alignment = json!({ "decoder": name });
