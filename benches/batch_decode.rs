@@ -1,4 +1,4 @@
-//! Decode-step cost for batch 1 vs batch 4 (cache length ~200), and the sampler per row, in one
+//! Decode-step cost for batch 1 vs batch 4 (cache length ~200, or `CTX`), and the sampler per row, in one
 //! process, interleaved so machine noise hits both alike; prints medians. `--e2e` instead times
 //! whole requests through the engine: one 128-token sample against best-of-4 × 128 and against
 //! GenARM with the shipped `positive` ARM, then with both shipped ARMs.
@@ -32,7 +32,8 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("--e2e") {
         return end_to_end(m, rounds);
     }
-    let prompt: Vec<u32> = (0..200u32).map(|i| 1000 + i * 37).collect();
+    let ctx: u32 = std::env::var("CTX").map_or(200, |v| v.parse().expect("CTX"));
+    let prompt: Vec<u32> = (0..ctx).map(|i| 1000 + i * 37).collect();
     let mut primed = KvCache::new();
     m.llama
         .forward(&mut [ForwardItem {

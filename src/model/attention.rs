@@ -1,10 +1,11 @@
-//! Causal attention of a ragged batch's new rows against their sequences' caches. Every
-//! (row, head) pair is one task, and a layer's tasks of all items run in one pass over candle's
-//! pool. A task sweeps its visible positions three times: scores q·k, an in-place softmax, and
-//! the weighted sum of values. With AVX2 the two dot-product sweeps use explicit vectors: scores
-//! eight positions at a time with one transposing reduction, values with one accumulator per
-//! eight dimensions. The plain loops they replace were latency-bound, each score a serial chain
-//! of adds and a serial horizontal sum; attention took a quarter of a batched decode step.
+//! Causal attention of a ragged batch's new rows against their sequences' caches. A task is one
+//! row and one KV head with the (up to four) query heads that share it, so a cached key or value
+//! is loaded and converted from f16 once for all of them; a layer's tasks of all items run in one
+//! pass over candle's pool. A task sweeps its visible positions three times: scores q·k, an
+//! in-place softmax, and the weighted sum of values. With AVX2 the two dot-product sweeps use
+//! explicit vectors: scores eight positions at a time with one transposing reduction per query,
+//! values four 8-wide accumulators per query. The plain loops they replace were latency-bound,
+//! each score a serial chain of adds and a serial horizontal sum.
 
 use std::ops::Range;
 
@@ -28,6 +29,10 @@ pub(super) struct Span<'c> {
 /// attention at a few hundred positions still gains from the pool; a tiny ARM's does not).
 const SMALL_ATTENTION: usize = 1 << 16;
 
+/// Query heads one task takes together: they share a KV head (grouped-query attention), so its
+/// keys and values are read and converted once for all of them.
+const QUERIES: usize = 4;
+
 /// Causal attention of every row of `qkv` (each `width` wide, queries first) against its item's
 /// cache. Writes rows of `n_heads × head_dim` into `out`.
 pub(super) fn attention(
@@ -47,19 +52,26 @@ pub(super) fn attention(
     let visible = |r: usize| span_of[r].start + (r - span_of[r].rows.start) + 1;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SharedOut(out.as_mut_ptr());
+    // Tasks: (row, KV head, part of that head's queries).
+    let parts = group.div_ceil(QUERIES);
+    let tasks_per_row = cfg.n_kv_heads * parts;
     let task = |i: usize, scores: &mut Vec<f32>| {
-        let (r, head) = (i / h, i % h);
+        let (r, kv_head, part) = (i / tasks_per_row, i % tasks_per_row / parts, i % parts);
         let s = span_of[r];
-        let q = &qkv[r * width + head * hd..r * width + (head + 1) * hd];
-        let kv_off = (head / group) * hd;
+        let first = kv_head * group + part * QUERIES;
+        let heads = first..(first + QUERIES).min((kv_head + 1) * group);
+        let q = &qkv[r * width + heads.start * hd..r * width + heads.end * hd];
         let head_kv = Head {
-            keys: &s.keys[kv_off..],
-            values: &s.values[kv_off..],
+            keys: &s.keys[kv_head * hd..],
+            values: &s.values[kv_head * hd..],
             stride: kvw,
+            head_dim: hd,
             visible: visible(r),
         };
-        // SAFETY: task `i` alone writes the `hd` values at offset `i * hd` (row r, head `head`).
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(i * hd), hd) };
+        // SAFETY: task `i` alone writes row r's outputs for `heads`.
+        let o = unsafe {
+            std::slice::from_raw_parts_mut(out_ptr.get().add((r * h + heads.start) * hd), q.len())
+        };
         head_kv.attend(q, scale, scores, o);
     };
     // A fork-join costs more than a small call (a tiny ARM, a short context): those run on the
@@ -70,59 +82,82 @@ pub(super) fn attention(
         range.for_each(|i| task(i, &mut scores))
     };
     if macs < SMALL_ATTENTION {
-        run(0..n * h);
+        run(0..n * tasks_per_row);
     } else {
-        super::pool::split(n * h, run);
+        super::pool::split(n * tasks_per_row, run);
     }
 }
 
-/// One KV head's cache as a query sees it: position p's key is `keys[p·stride..][..head_dim]`.
+/// One KV head's cache as its queries see it: position p's key is `keys[p·stride..][..head_dim]`.
 struct Head<'c> {
     keys: &'c [f16],
     values: &'c [f16],
     stride: usize,
+    head_dim: usize,
     visible: usize,
 }
 
 impl Head<'_> {
-    /// o = softmax(scale · q·Kᵀ) · V over the visible positions.
+    /// For each of the query heads in `q` (1..=`QUERIES` of them, `head_dim` wide each, output
+    /// likewise in `o`): softmax(scale · q·Kᵀ) · V over the visible positions.
     fn attend(&self, q: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
-        let hd = q.len();
-        let last = (self.visible - 1) * self.stride + hd;
-        assert!(self.keys.len() >= last && self.values.len() >= last && o.len() == hd);
+        let (hd, n) = (self.head_dim, self.visible);
+        let nq = q.len() / hd;
+        let last = (n - 1) * self.stride + hd;
+        assert!(
+            (1..=QUERIES).contains(&nq)
+                && q.len() == nq * hd
+                && o.len() == q.len()
+                && self.keys.len() >= last
+                && self.values.len() >= last
+        );
         scores.clear();
-        scores.resize(self.visible, 0.0);
+        scores.resize(nq * n, 0.0);
         #[cfg(all(target_feature = "avx2", target_feature = "fma"))]
         // SAFETY: AVX2/FMA are enabled for the whole crate; the assert above bounds every read.
         unsafe {
+            macro_rules! by_queries {
+                ($ch:literal) => {
+                    match nq {
+                        1 => return self.attend_simd::<$ch, 1>(q, scale, scores, o),
+                        2 => return self.attend_simd::<$ch, 2>(q, scale, scores, o),
+                        3 => return self.attend_simd::<$ch, 3>(q, scale, scores, o),
+                        _ => return self.attend_simd::<$ch, 4>(q, scale, scores, o),
+                    }
+                };
+            }
             match hd {
-                32 => return self.attend_simd::<4>(q, scale, scores, o),
-                64 => return self.attend_simd::<8>(q, scale, scores, o),
-                96 => return self.attend_simd::<12>(q, scale, scores, o),
-                128 => return self.attend_simd::<16>(q, scale, scores, o),
+                32 => by_queries!(4),
+                64 => by_queries!(8),
+                96 => by_queries!(12),
+                128 => by_queries!(16),
                 _ => {}
             }
         }
         let mut k = vec![0f32; hd];
-        for (p, s) in scores.iter_mut().enumerate() {
+        for p in 0..n {
             self.keys[p * self.stride..p * self.stride + hd].convert_to_f32_slice(&mut k);
-            *s = super::llama::dot(q, &k) * scale;
+            for g in 0..nq {
+                scores[g * n + p] = super::llama::dot(&q[g * hd..(g + 1) * hd], &k) * scale;
+            }
         }
-        let max = math::max(scores);
-        let inv = 1.0 / math::exp_in_place(scores, max, 1.0);
         o.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            let v = &self.values[p * self.stride..p * self.stride + hd];
-            for (o, v) in o.iter_mut().zip(v) {
-                *o += w * inv * v.to_f32();
+        for (s, o) in scores.chunks_exact_mut(n).zip(o.chunks_exact_mut(hd)) {
+            let max = math::max(s);
+            let inv = 1.0 / math::exp_in_place(s, max, 1.0);
+            for (p, &w) in s.iter().enumerate() {
+                let v = &self.values[p * self.stride..p * self.stride + hd];
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += w * inv * v.to_f32();
+                }
             }
         }
     }
 
-    /// `attend` for a head of `8·CH` dimensions.
+    /// `attend` for `NQ` query heads of `8·CH` dimensions.
     #[cfg(all(target_feature = "avx2", target_feature = "fma"))]
     #[inline(always)]
-    unsafe fn attend_simd<const CH: usize>(
+    unsafe fn attend_simd<const CH: usize, const NQ: usize>(
         &self,
         q: &[f32],
         scale: f32,
@@ -130,18 +165,12 @@ impl Head<'_> {
         o: &mut [f32],
     ) {
         use std::arch::x86_64::*;
+        let n = self.visible;
         // Eight cached f16 values as f32.
         let load = |p: *const f16, c: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(8 * c).cast()));
-        let qv: [__m256; CH] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(8 * c)));
-        // One accumulator per position, its lanes partial sums over the dimensions.
-        let dot = |p: usize| {
-            let k = self.keys.as_ptr().add(p * self.stride);
-            (1..CH).fold(_mm256_mul_ps(qv[0], load(k, 0)), |a, c| {
-                _mm256_fmadd_ps(qv[c], load(k, c), a)
-            })
-        };
-        let scale_v = _mm256_set1_ps(scale);
-        let mut p = 0;
+        let qv: [[__m256; CH]; NQ] = std::array::from_fn(|g| {
+            std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(g * 8 * CH + 8 * c)))
+        });
         // The cache was evicted by the weights streamed since the last layer: ask for the keys
         // (and below, the values) a block of positions ahead.
         let ahead = |base: *const f16, p: usize| {
@@ -150,42 +179,82 @@ impl Head<'_> {
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
             }
         };
-        while p + 8 <= self.visible {
+        // Per query, one accumulator per position, its lanes partial sums over the dimensions;
+        // each key is converted once for all the queries.
+        let dots = |p: usize| -> [__m256; NQ] {
+            let kp = self.keys.as_ptr().add(p * self.stride);
+            let k: [__m256; CH] = std::array::from_fn(|c| load(kp, c));
+            std::array::from_fn(|g| {
+                (1..CH).fold(_mm256_mul_ps(qv[g][0], k[0]), |a, c| {
+                    _mm256_fmadd_ps(qv[g][c], k[c], a)
+                })
+            })
+        };
+        // The first positions of both sweeps, whose prefetches the loops below do not issue.
+        for p in 0..n.min(16) {
+            ahead(self.keys.as_ptr(), p);
+            ahead(self.values.as_ptr(), p);
+        }
+        let scale_v = _mm256_set1_ps(scale);
+        let mut p = 0;
+        while p + 8 <= n {
             for j in 0..8 {
                 ahead(self.keys.as_ptr(), p + 16 + j);
             }
-            let acc: [__m256; 8] = std::array::from_fn(|j| dot(p + j));
-            // Lane j of the result: the sum of acc[j]'s lanes.
-            let pair = |a, b| _mm256_hadd_ps(a, b);
-            let u0 = pair(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
-            let u1 = pair(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
-            let s = _mm256_add_ps(
-                _mm256_permute2f128_ps(u0, u1, 0x20),
-                _mm256_permute2f128_ps(u0, u1, 0x31),
-            );
-            _mm256_storeu_ps(scores.as_mut_ptr().add(p), _mm256_mul_ps(s, scale_v));
+            // acc[g][j]: query g against position p + j.
+            let by_position: [[__m256; NQ]; 8] = std::array::from_fn(|j| dots(p + j));
+            let acc: [[__m256; 8]; NQ] = std::array::from_fn(|g| by_position.map(|d| d[g]));
+            for (g, acc) in acc.iter().enumerate() {
+                // Lane j of the result: the sum of acc[j]'s lanes.
+                let pair = |a, b| _mm256_hadd_ps(a, b);
+                let u0 = pair(pair(acc[0], acc[1]), pair(acc[2], acc[3]));
+                let u1 = pair(pair(acc[4], acc[5]), pair(acc[6], acc[7]));
+                let s = _mm256_add_ps(
+                    _mm256_permute2f128_ps(u0, u1, 0x20),
+                    _mm256_permute2f128_ps(u0, u1, 0x31),
+                );
+                _mm256_storeu_ps(
+                    scores.as_mut_ptr().add(g * n + p),
+                    _mm256_mul_ps(s, scale_v),
+                );
+            }
             p += 8;
         }
-        for (p, s) in scores.iter_mut().enumerate().skip(p) {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), dot(p));
-            *s = lanes.iter().sum::<f32>() * scale;
-        }
-        let max = math::max(scores);
-        let inv = 1.0 / math::exp_in_place(scores, max, 1.0);
-        let mut acc = [_mm256_setzero_ps(); CH];
-        for (p, &w) in scores.iter().enumerate() {
-            ahead(self.values.as_ptr(), p + 16);
-            let (w, v) = (_mm256_set1_ps(w), self.values.as_ptr().add(p * self.stride));
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, load(v, c), *a);
+        for p in p..n {
+            for (g, d) in dots(p).into_iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), d);
+                scores[g * n + p] = lanes.iter().sum::<f32>() * scale;
             }
         }
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(
-                o.as_mut_ptr().add(8 * c),
-                _mm256_mul_ps(*a, _mm256_set1_ps(inv)),
-            );
+        let inv: [f32; NQ] = std::array::from_fn(|g| {
+            let s = &mut scores[g * n..(g + 1) * n];
+            1.0 / math::exp_in_place(s, math::max(s), 1.0)
+        });
+        // Values four chunks at a time, so the accumulators of all queries stay in registers.
+        for c0 in (0..CH).step_by(4) {
+            let mut acc = [[_mm256_setzero_ps(); 4]; NQ];
+            for p in 0..n {
+                let vp = self.values.as_ptr().add(p * self.stride + 8 * c0);
+                if c0 == 0 {
+                    ahead(self.values.as_ptr(), p + 16);
+                }
+                let v: [__m256; 4] = std::array::from_fn(|c| load(vp, c));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm256_set1_ps(*scores.get_unchecked(g * n + p));
+                    for (a, v) in acc.iter_mut().zip(v) {
+                        *a = _mm256_fmadd_ps(w, v, *a);
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                for (c, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(
+                        o.as_mut_ptr().add(g * 8 * CH + 8 * (c0 + c)),
+                        _mm256_mul_ps(*a, _mm256_set1_ps(inv[g])),
+                    );
+                }
+            }
         }
     }
 }
@@ -194,15 +263,18 @@ impl Head<'_> {
 mod tests {
     use super::*;
 
-    /// The vector path (head sizes 32, 64, 128) and the plain one (80) against an f64 reference.
+    /// The vector paths (head sizes 32, 64, 96, 128; one to four queries sharing the head) and
+    /// the plain one (80) against an f64 reference.
     #[test]
     fn matches_a_plain_reference() {
-        for (hd, visible, stride) in [
-            (64, 1, 192),
-            (64, 13, 192),
-            (128, 21, 256),
-            (32, 9, 64),
-            (80, 9, 80),
+        for (hd, visible, stride, nq) in [
+            (64, 1, 192, 1),
+            (64, 13, 192, 3),
+            (64, 21, 192, 2),
+            (96, 17, 96, 1),
+            (128, 21, 256, 4),
+            (32, 9, 64, 3),
+            (80, 9, 80, 2),
         ] {
             let val = |i: usize| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0;
             let keys: Vec<f16> = (0..visible * stride)
@@ -211,34 +283,37 @@ mod tests {
             let values: Vec<f16> = (0..visible * stride)
                 .map(|i| f16::from_f32(val(i + 5)))
                 .collect();
-            let q: Vec<f32> = (0..hd).map(|i| val(i + 11) * 3.0).collect();
+            let q: Vec<f32> = (0..nq * hd).map(|i| val(i + 11) * 3.0).collect();
             let head = Head {
                 keys: &keys,
                 values: &values,
                 stride,
+                head_dim: hd,
                 visible,
             };
-            let mut o = vec![0f32; hd];
+            let mut o = vec![0f32; nq * hd];
             head.attend(&q, 0.125, &mut Vec::new(), &mut o);
-            let s: Vec<f64> = (0..visible)
-                .map(|p| {
-                    (0..hd)
-                        .map(|d| (q[d] * keys[p * stride + d].to_f32()) as f64)
-                        .sum::<f64>()
-                        * 0.125
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            for d in 0..hd {
-                let want: f64 = (0..visible)
-                    .map(|p| w[p] / z * values[p * stride + d].to_f32() as f64)
-                    .sum();
-                assert!(
-                    (o[d] as f64 - want).abs() < 1e-5,
-                    "hd {hd} visible {visible} dim {d}"
-                );
+            for (g, (q, o)) in q.chunks_exact(hd).zip(o.chunks_exact(hd)).enumerate() {
+                let s: Vec<f64> = (0..visible)
+                    .map(|p| {
+                        (0..hd)
+                            .map(|d| (q[d] * keys[p * stride + d].to_f32()) as f64)
+                            .sum::<f64>()
+                            * 0.125
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = (0..visible)
+                        .map(|p| w[p] / z * values[p * stride + d].to_f32() as f64)
+                        .sum();
+                    assert!(
+                        (o[d] as f64 - want).abs() < 1e-5,
+                        "hd {hd} visible {visible} query {g} dim {d}"
+                    );
+                }
             }
         }
     }
