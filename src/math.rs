@@ -104,25 +104,32 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
-/// Σ a·b over the pairs where a > 0 (a holds weights e^…, b log-probabilities that may be −∞
-/// exactly where a weight is 0).
-pub fn weighted_sum(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let term = |a: f32, b: f32| if a > 0.0 { a * b } else { 0.0 };
-    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(&a, &b)| term(a, b))
-        .sum();
-    for (a, b) in ca.zip(cb) {
-        for i in 0..L {
-            acc[i] += term(a[i], b[i]);
-        }
+/// (Σu, Σu·(t − b)) for u = e^(t − m): the normaliser of scores `t` and their weighted
+/// difference to `b`, in one pass (GenARM's KL). Pairs with u = 0 are skipped: there t − b may
+/// be −∞ or NaN (a token the tilt excludes).
+pub fn tilt_sums(t: &[f32], b: &[f32], m: f32) -> (f32, f32) {
+    assert_eq!(t.len(), b.len());
+    #[cfg(target_feature = "avx512f")]
+    // SAFETY: AVX-512F is enabled for the whole crate; the lengths are checked above.
+    unsafe {
+        wide::tilt_sums(t, b, m)
     }
-    acc.iter().sum::<f32>() + tail
+    #[cfg(not(target_feature = "avx512f"))]
+    {
+        const L: usize = 16;
+        let (mut total, mut weighted) = ([0f32; L], [0f32; L]);
+        let mut add = |i: usize, t: f32, b: f32| {
+            let u = exp(t - m);
+            if u > 0.0 {
+                total[i % L] += u;
+                weighted[i % L] += u * (t - b);
+            }
+        };
+        for (i, (&t, &b)) in t.iter().zip(b).enumerate() {
+            add(i, t, b);
+        }
+        (total.iter().sum(), weighted.iter().sum())
+    }
 }
 
 /// Sixteen exps per instruction sequence (the compiler's own vectors stop at 256 bits here).
@@ -196,6 +203,30 @@ mod wide {
         for i in whole..g.len() {
             out[i] = g[i] / (1.0 + super::exp(-g[i])) * u[i];
         }
+    }
+
+    pub unsafe fn tilt_sums(t: &[f32], b: &[f32], m: f32) -> (f32, f32) {
+        let mv = _mm512_set1_ps(m);
+        let (mut total, mut weighted) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let whole = t.len() / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            let tv = _mm512_loadu_ps(t.as_ptr().add(i));
+            let u = exp16(_mm512_sub_ps(tv, mv));
+            let d = _mm512_sub_ps(tv, _mm512_loadu_ps(b.as_ptr().add(i)));
+            let live = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(u, _mm512_setzero_ps());
+            total = _mm512_add_ps(total, u);
+            weighted = _mm512_mask3_fmadd_ps(u, d, weighted, live);
+        }
+        let (mut total, mut weighted) =
+            (_mm512_reduce_add_ps(total), _mm512_reduce_add_ps(weighted));
+        for i in whole..t.len() {
+            let u = super::exp(t[i] - m);
+            if u > 0.0 {
+                total += u;
+                weighted += u * (t[i] - b[i]);
+            }
+        }
+        (total, weighted)
     }
 
     pub unsafe fn exp_in_place(x: &mut [f32], shift: f32, scale: f32) {

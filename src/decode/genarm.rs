@@ -42,11 +42,10 @@ impl GenArmSpec {
     }
 }
 
-/// The tilted scores and a buffer for their weights, reused every step.
+/// The tilted scores, reused every step.
 #[derive(Default)]
 pub struct Tilt {
     scores: Vec<f32>,
-    weights: Vec<f32>,
 }
 
 impl Tilt {
@@ -66,28 +65,22 @@ impl Tilt {
             .map(|(_, row)| row.len())
             .fold(base.len().min(vocab), usize::min);
         let base = &base[..v];
-        let lse_base = log_sum_exp(base);
+        // The base's logits stand for its log-probs here: they differ by a constant.
         self.scores.clear();
-        self.scores.extend(base.iter().map(|b| b - lse_base));
+        self.scores.extend_from_slice(base);
         for &(c, row) in arms {
             for (s, a) in self.scores.iter_mut().zip(&row[..v]) {
                 *s += c * a;
             }
         }
-        // With u = e^(s − m) and S = Σu: p = u/S, and
-        // KL = Σ p·(s − log S − m − log base) = Σ u·(s − log base) / S − log S − m.
-        // Tokens the tilt excludes (s = −∞) carry no weight and are skipped.
+        // With u = e^(s − m) and S = Σu: p = u/S, log p = s − m − log S, and the base's
+        // log-prob is base − lse(base), so KL = Σ u·(s − base)/S − m − log S + lse(base).
         let m = math::max(&self.scores);
         if !m.is_finite() {
             return 0.0;
         }
-        self.weights.clear();
-        self.weights.extend_from_slice(&self.scores);
-        let total = math::exp_in_place(&mut self.weights, m, 1.0);
-        let weighted = math::weighted_sum(&self.weights, &self.scores)
-            - math::weighted_sum(&self.weights, base)
-            + lse_base * total;
-        (weighted / total - total.ln() - m).max(0.0)
+        let (total, weighted) = math::tilt_sums(&self.scores, base, m);
+        (weighted / total - m - total.ln() + log_sum_exp(base)).max(0.0)
     }
 }
 
@@ -341,7 +334,6 @@ impl Decoder for GenArm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::log_softmax;
 
     #[test]
     fn no_arm_weight_leaves_the_base_distribution() {
@@ -349,10 +341,20 @@ mod tests {
         let arm = [5.0, -3.0, 0.0];
         let mut t = Tilt::default();
         let kl = t.combine(&base, &[(0.0, &arm)], 3);
-        let mut lp = base.to_vec();
-        log_softmax(&mut lp);
-        assert_eq!(t.scores, lp);
+        // The very row plain decoding samples from.
+        assert_eq!(t.scores, base);
         assert!(kl.abs() < 1e-6, "{kl}");
+        // Excluded tokens (−∞ from the tilt) carry no weight in the KL.
+        let kl = t.combine(&base, &[(1.0, &[0.0, f32::NEG_INFINITY, 0.0])], 3);
+        let kept = [1.0f32.exp(), 0.5f32.exp()];
+        let z_base: f32 = base.iter().map(|b| b.exp()).sum();
+        let expected: f32 = kept
+            .iter()
+            .map(|&k| k / kept.iter().sum::<f32>())
+            .zip(&kept)
+            .map(|(p, &k)| p * (p / (k / z_base)).ln())
+            .sum();
+        assert!((kl - expected).abs() < 1e-6, "{kl} vs {expected}");
     }
 
     #[test]

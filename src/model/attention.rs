@@ -13,7 +13,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::config::LlamaConfig;
-use super::quant::SharedOut;
+use super::quant::Shared;
 use crate::math;
 
 /// One item's part of a layer's attention: its query rows in the batch, the position of the first,
@@ -51,7 +51,7 @@ pub(super) fn attention(
         .collect();
     let visible = |r: usize| span_of[r].start + (r - span_of[r].rows.start) + 1;
     let scale = 1.0 / (hd as f32).sqrt();
-    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_ptr = Shared(out.as_mut_ptr());
     // Tasks: (row, KV head, part of that head's queries).
     let parts = group.div_ceil(QUERIES);
     let tasks_per_row = cfg.n_kv_heads * parts;
@@ -113,7 +113,32 @@ impl Head<'_> {
         );
         scores.clear();
         scores.resize(nq * n, 0.0);
-        #[cfg(all(target_feature = "avx2", target_feature = "fma"))]
+        #[cfg(target_feature = "avx512f")]
+        // SAFETY: AVX-512F is enabled for the whole crate; the assert above bounds every read.
+        unsafe {
+            macro_rules! by_queries {
+                ($ch:literal) => {
+                    match nq {
+                        1 => return self.attend_zmm::<$ch, 1>(q, scale, scores, o),
+                        2 => return self.attend_zmm::<$ch, 2>(q, scale, scores, o),
+                        3 => return self.attend_zmm::<$ch, 3>(q, scale, scores, o),
+                        _ => return self.attend_zmm::<$ch, 4>(q, scale, scores, o),
+                    }
+                };
+            }
+            match hd {
+                32 => by_queries!(2),
+                64 => by_queries!(4),
+                96 => by_queries!(6),
+                128 => by_queries!(8),
+                _ => {}
+            }
+        }
+        #[cfg(all(
+            target_feature = "avx2",
+            target_feature = "fma",
+            not(target_feature = "avx512f")
+        ))]
         // SAFETY: AVX2/FMA are enabled for the whole crate; the assert above bounds every read.
         unsafe {
             macro_rules! by_queries {
@@ -155,7 +180,11 @@ impl Head<'_> {
     }
 
     /// `attend` for `NQ` query heads of `8·CH` dimensions.
-    #[cfg(all(target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        not(target_feature = "avx512f")
+    ))]
     #[inline(always)]
     unsafe fn attend_simd<const CH: usize, const NQ: usize>(
         &self,
@@ -257,6 +286,138 @@ impl Head<'_> {
             }
         }
     }
+
+    /// `attend` for `NQ` query heads of `16·CH` dimensions, in 512-bit vectors. Scores go eight
+    /// positions at a time: a position's key, converted once, meets every query (read from
+    /// memory, so that the 8·NQ accumulators fit in registers), and one transposing reduction
+    /// per query turns its eight accumulators into eight scores. Values: NQ·CH accumulators,
+    /// each position's value converted once.
+    #[cfg(target_feature = "avx512f")]
+    #[inline(always)]
+    unsafe fn attend_zmm<const CH: usize, const NQ: usize>(
+        &self,
+        q: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+        o: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let n = self.visible;
+        let load =
+            |p: *const f16, c: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * c).cast()));
+        let qp = q.as_ptr();
+        // The cache was evicted by the weights streamed since the last layer: ask for the keys
+        // (and below, the values) a block of positions ahead.
+        let ahead = |base: *const f16, p: usize| {
+            let at = base.wrapping_add(p * self.stride) as *const i8;
+            for line in 0..(CH * 32).div_ceil(64) {
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
+            }
+        };
+        for p in 0..n.min(16) {
+            ahead(self.keys.as_ptr(), p);
+            ahead(self.values.as_ptr(), p);
+        }
+        // Query g against the key at position p: sixteen partial sums.
+        let dot = |k: &[__m512; CH], g: usize| {
+            let mut a = _mm512_mul_ps(_mm512_loadu_ps(qp.add(g * 16 * CH)), k[0]);
+            for (c, &k) in k.iter().enumerate().skip(1) {
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(g * 16 * CH + 16 * c)), k, a);
+            }
+            a
+        };
+        let scale_v = _mm256_set1_ps(scale);
+        let mut p = 0;
+        while p + 8 <= n {
+            let mut acc = [[_mm512_setzero_ps(); 8]; NQ];
+            for j in 0..8 {
+                ahead(self.keys.as_ptr(), p + 16 + j);
+                let kp = self.keys.as_ptr().add((p + j) * self.stride);
+                let k: [__m512; CH] = std::array::from_fn(|c| load(kp, c));
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    acc[j] = dot(&k, g);
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(
+                    scores.as_mut_ptr().add(g * n + p),
+                    _mm256_mul_ps(sum8(acc), scale_v),
+                );
+            }
+            p += 8;
+        }
+        for p in p..n {
+            let kp = self.keys.as_ptr().add(p * self.stride);
+            let k: [__m512; CH] = std::array::from_fn(|c| load(kp, c));
+            for g in 0..NQ {
+                scores[g * n + p] = _mm512_reduce_add_ps(dot(&k, g)) * scale;
+            }
+        }
+        let inv: [f32; NQ] = std::array::from_fn(|g| {
+            let s = &mut scores[g * n..(g + 1) * n];
+            1.0 / math::exp_in_place(s, math::max(s), 1.0)
+        });
+        let mut acc = [[_mm512_setzero_ps(); CH]; NQ];
+        for p in 0..n {
+            ahead(self.values.as_ptr(), p + 16);
+            let vp = self.values.as_ptr().add(p * self.stride);
+            let v: [__m512; CH] = std::array::from_fn(|c| load(vp, c));
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*scores.get_unchecked(g * n + p));
+                for (a, &v) in acc.iter_mut().zip(&v) {
+                    *a = _mm512_fmadd_ps(w, v, *a);
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            for (c, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(
+                    o.as_mut_ptr().add(g * 16 * CH + 16 * c),
+                    _mm512_mul_ps(*a, _mm512_set1_ps(inv[g])),
+                );
+            }
+        }
+    }
+}
+
+/// Lane j of the result: the sum of `v[j]`'s sixteen lanes.
+#[cfg(target_feature = "avx512f")]
+#[inline(always)]
+unsafe fn sum8(v: &[std::arch::x86_64::__m512; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // Fold each vector's 256-bit halves, two vectors per result: (v[2i], v[2i+1]) → one vector
+    // with v[2i]'s eight partial sums in its low half and v[2i+1]'s in its high half.
+    let fold = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        )
+    };
+    let h: [__m512; 4] = std::array::from_fn(|i| fold(v[2 * i], v[2 * i + 1]));
+    // 128-bit quarters: (h0, h1) → quarters [v0, v1, v2, v3] each holding four partial sums.
+    let quarters = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        )
+    };
+    let (x, y) = (quarters(h[0], h[1]), quarters(h[2], h[3]));
+    // Within quarters: x holds positions 0..4 (one per quarter), y 4..8. Two rounds of
+    // interleave-and-add leave each quarter's sum in every lane of its pair.
+    let r1 = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    let r2 = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(
+            _mm512_castps_pd(r1),
+            _mm512_castps_pd(r1),
+        )),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(
+            _mm512_castps_pd(r1),
+            _mm512_castps_pd(r1),
+        )),
+    );
+    // r2's quarter i is [s_i, s_4+i, s_i, s_4+i]: gather s_0..s_8 into the low half.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_castps512_ps256(_mm512_permutexvar_ps(order, r2))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::attention::{attention, Span};
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::quant::{self, GgmlMatrix, Q4_1Matrix, Q8_0Matrix};
+use super::quant::{self, GgmlMatrix, Input, Q4_1Matrix, Q8_0Matrix, Sink};
 use super::Precision;
 use crate::math;
 
@@ -68,6 +68,8 @@ impl ForwardOutput {
 struct Linear {
     kernel: Kernel,
     out: usize,
+    /// Our kernel's gate and up panels alternate (`quant::gate_up_order`), for a SwiGLU sink.
+    paired: bool,
 }
 
 enum Kernel {
@@ -79,33 +81,44 @@ enum Kernel {
 }
 
 impl Linear {
-    fn fuse(weights: Vec<QTensor>) -> Result<Self> {
+    /// `gate_up`: the weights are [gate, up], to be paired panel by panel for a SwiGLU sink.
+    fn fuse(weights: Vec<QTensor>, gate_up: bool) -> Result<Self> {
         let out = weights.iter().map(|w| w.shape().dims()[0]).sum();
         let cols = weights[0].shape().dims()[1];
         let dtype = weights[0].dtype();
         let same = weights
             .iter()
             .all(|w| w.dtype() == dtype && w.shape().dims()[1] == cols);
-        // Same type and width: the parts' bytes, concatenated, are the fused matrix.
-        fn ours<M: GgmlMatrix>(weights: &[QTensor], rows: usize, cols: usize) -> Result<M> {
+        // Same type and width: the parts' bytes, concatenated, are the fused matrix (its rows
+        // reordered to pair gate and up panels when that is asked and possible).
+        let order = gate_up.then(|| quant::gate_up_order(out / 2)).flatten();
+        let paired = order.is_some();
+        let ours = |make: fn(&[u8], usize, usize) -> Option<Kernel>| -> Result<Self> {
             let mut bytes = Vec::new();
-            for w in weights {
+            for w in &weights {
                 bytes.extend_from_slice(&w.data()?);
             }
-            M::from_ggml(&bytes, rows, cols).context("malformed quantized tensor")
-        }
+            if let Some(order) = &order {
+                let row = bytes.len() / out;
+                bytes = order
+                    .iter()
+                    .flat_map(|&j| &bytes[j * row..(j + 1) * row])
+                    .copied()
+                    .collect();
+            }
+            let kernel = make(&bytes, out, cols).context("malformed quantized tensor")?;
+            Ok(Self {
+                kernel,
+                out,
+                paired,
+            })
+        };
         match dtype {
             GgmlDType::Q4_1 if same => {
-                return Ok(Self {
-                    kernel: Kernel::Q4_1(ours(&weights, out, cols)?),
-                    out,
-                })
+                return ours(|b, r, c| Q4_1Matrix::from_ggml(b, r, c).map(Kernel::Q4_1))
             }
             GgmlDType::Q8_0 if same => {
-                return Ok(Self {
-                    kernel: Kernel::Q8_0(ours(&weights, out, cols)?),
-                    out,
-                })
+                return ours(|b, r, c| Q8_0Matrix::from_ggml(b, r, c).map(Kernel::Q8_0))
             }
             _ => {}
         }
@@ -119,6 +132,7 @@ impl Linear {
             return Ok(Self {
                 kernel: Kernel::Candle(vec![QMatMul::from_qtensor(fused)?]),
                 out,
+                paired: false,
             });
         }
         let parts = weights
@@ -128,19 +142,20 @@ impl Linear {
         Ok(Self {
             kernel: Kernel::Candle(parts),
             out,
+            paired: false,
         })
     }
 
     /// Dense weights, kept in f32 or quantized to Q8_0 as `precision` asks (Q8_0 needs whole
     /// 32-value blocks per row; other shapes stay f32).
-    fn dense(weights: Vec<Tensor>, precision: Precision) -> Result<Self> {
+    fn dense(weights: Vec<Tensor>, precision: Precision, gate_up: bool) -> Result<Self> {
         let blocks = weights.iter().all(|w| w.dim(1).is_ok_and(|c| c % 32 == 0));
         if precision == Precision::Q8_0 && blocks {
             let quantized = weights
                 .iter()
                 .map(|w| QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0))
                 .collect::<candle_core::Result<_>>()?;
-            return Self::fuse(quantized);
+            return Self::fuse(quantized, gate_up);
         }
         let out = weights
             .iter()
@@ -158,14 +173,63 @@ impl Linear {
         Ok(Self {
             kernel: Kernel::Candle(vec![QMatMul::Tensor(w)]),
             out,
+            paired: false,
         })
     }
 
-    /// `x` is `n` rows; returns `n` rows of `self.out` values.
-    fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    /// `input` (`n` rows) through this layer, into `sink`. Our kernels normalise and apply the
+    /// sink inside their pool call; the others run the same steps around candle's matmul.
+    fn forward(&self, input: Input, n: usize, sink: Sink) -> Result<()> {
+        // Our kernels pair gate and up panels only where the matrix was laid out for it.
+        let fits = self.paired || !matches!(sink, Sink::SwiGlu(_));
+        match &self.kernel {
+            Kernel::Q4_1(w) if fits => {
+                quant::matmul_into(w, input, n, sink);
+                return Ok(());
+            }
+            Kernel::Q8_0(w) if fits => {
+                quant::matmul_into(w, input, n, sink);
+                return Ok(());
+            }
+            _ => {}
+        }
+        let mut normed = Vec::new();
+        let x = match input.norm {
+            Some((weight, eps)) => {
+                normed.resize(input.x.len(), 0.0);
+                rms_norm(input.x, weight, eps, &mut normed);
+                &normed
+            }
+            None => input.x,
+        };
+        let y = self.products(x, n)?;
+        match sink {
+            Sink::Store(out) => out.copy_from_slice(&y),
+            Sink::Add(out) => add(out, &y),
+            Sink::SwiGlu(out) => {
+                let half = self.out / 2;
+                for (r, a) in y.chunks_exact(self.out).zip(out.chunks_exact_mut(half)) {
+                    let (g, u) = r.split_at(half);
+                    math::silu_mul(g, u, a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `x` is `n` rows; returns `n` rows of `self.out` values (rows in the matrix's order).
+    fn products(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let plain = Input::plain(x);
+        let mut y = vec![0f32; n * self.out];
         let parts = match &self.kernel {
-            Kernel::Q4_1(w) => return Ok(quant::matmul(w, x, n)),
-            Kernel::Q8_0(w) => return Ok(quant::matmul(w, x, n)),
+            Kernel::Q4_1(w) => {
+                quant::matmul_into(w, plain, n, Sink::Store(&mut y));
+                return Ok(y);
+            }
+            Kernel::Q8_0(w) => {
+                quant::matmul_into(w, plain, n, Sink::Store(&mut y));
+                return Ok(y);
+            }
             Kernel::Candle(parts) => parts,
         };
         let input = Tensor::from_slice(x, (n, x.len() / n), &Device::Cpu)?;
@@ -220,7 +284,7 @@ impl Llama {
                 .tensor(file, name, &dev)
                 .with_context(|| format!("GGUF tensor `{name}` is missing or unreadable"))
         };
-        let linear = |ws: Vec<QTensor>| -> Result<Linear> {
+        let linear = |ws: Vec<QTensor>, gate_up: bool| -> Result<Linear> {
             let dense = ws
                 .iter()
                 .all(|w| matches!(w.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16));
@@ -229,24 +293,24 @@ impl Llama {
                     .iter()
                     .map(|w| w.dequantize(&Device::Cpu))
                     .collect::<candle_core::Result<_>>()?;
-                Linear::dense(ws, precision)
+                Linear::dense(ws, precision, gate_up)
             } else {
-                Linear::fuse(ws)
+                Linear::fuse(ws, gate_up)
             }
         };
         let embed_q = get("token_embd.weight")?;
         let embed = vec_of(&embed_q.dequantize(&dev)?)?;
         let output = match get("output.weight") {
-            Ok(t) => linear(vec![t])?,
-            Err(_) => linear(vec![embed_q])?,
+            Ok(t) => linear(vec![t], false)?,
+            Err(_) => linear(vec![embed_q], false)?,
         };
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let mut w = |n: &str| get(&format!("blk.{i}.{n}.weight"));
-            let qkv = linear(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?])?;
-            let wo = linear(vec![w("attn_output")?])?;
-            let gate_up = linear(vec![w("ffn_gate")?, w("ffn_up")?])?;
-            let down = linear(vec![w("ffn_down")?])?;
+            let qkv = linear(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?], false)?;
+            let wo = linear(vec![w("attn_output")?], false)?;
+            let gate_up = linear(vec![w("ffn_gate")?, w("ffn_up")?], true)?;
+            let down = linear(vec![w("ffn_down")?], false)?;
             let attn_norm = vec_of(&w("attn_norm")?.dequantize(&dev)?)?;
             let ffn_norm = vec_of(&w("ffn_norm")?.dequantize(&dev)?)?;
             layers.push(Layer {
@@ -299,10 +363,15 @@ impl Llama {
                     w("self_attn.v_proj")?,
                 ],
                 precision,
+                false,
             )?;
-            let wo = Linear::dense(vec![w("self_attn.o_proj")?], precision)?;
-            let gate_up = Linear::dense(vec![w("mlp.gate_proj")?, w("mlp.up_proj")?], precision)?;
-            let down = Linear::dense(vec![w("mlp.down_proj")?], precision)?;
+            let wo = Linear::dense(vec![w("self_attn.o_proj")?], precision, false)?;
+            let gate_up = Linear::dense(
+                vec![w("mlp.gate_proj")?, w("mlp.up_proj")?],
+                precision,
+                true,
+            )?;
+            let down = Linear::dense(vec![w("mlp.down_proj")?], precision, false)?;
             let attn_norm = vec_of(&w("input_layernorm")?)?;
             let ffn_norm = vec_of(&w("post_attention_layernorm")?)?;
             layers.push(Layer {
@@ -318,6 +387,7 @@ impl Llama {
         let output = Linear::dense(
             vec![take("lm_head.weight").unwrap_or_else(|_| embed_t.clone())],
             precision,
+            false,
         )?;
         let embed = vec_of(&embed_t)?;
         Self::assemble(cfg, embed, layers, norm, output)
@@ -405,13 +475,18 @@ impl Llama {
                 x.extend_from_slice(&self.embed[t as usize * hidden..(t as usize + 1) * hidden]);
             }
         }
-        let mut xn = vec![0f32; n * hidden];
+        let eps = cfg.rms_eps as f32;
+        let width = qw + 2 * kvw;
+        let mut qkv = vec![0f32; n * width];
         let mut attn = vec![0f32; n * qw];
+        let mut act = vec![0f32; n * cfg.ffn];
         let (mut k_new, mut v_new) = (Vec::new(), Vec::new());
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32, &mut xn);
-            let mut qkv = layer.qkv.forward(&xn, n)?;
-            let width = qw + 2 * kvw;
+            layer.qkv.forward(
+                Input::normed(&x, &layer.attn_norm, eps),
+                n,
+                Sink::Store(&mut qkv),
+            )?;
             for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
                 let (q, k) = row[..qw + kvw].split_at_mut(qw);
                 self.rope(q, positions[r]);
@@ -441,18 +516,17 @@ impl Llama {
                 row += t;
             }
             attention(cfg, &qkv, width, &spans, &mut attn);
-            add(&mut x, &layer.wo.forward(&attn, n)?);
-            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps as f32, &mut xn);
-            let gu = layer.gate_up.forward(&xn, n)?;
-            let mut act = vec![0f32; n * cfg.ffn];
-            for (r, a) in gu
-                .chunks_exact(2 * cfg.ffn)
-                .zip(act.chunks_exact_mut(cfg.ffn))
-            {
-                let (g, u) = r.split_at(cfg.ffn);
-                math::silu_mul(g, u, a);
-            }
-            add(&mut x, &layer.down.forward(&act, n)?);
+            layer
+                .wo
+                .forward(Input::plain(&attn), n, Sink::Add(&mut x))?;
+            layer.gate_up.forward(
+                Input::normed(&x, &layer.ffn_norm, eps),
+                n,
+                Sink::SwiGlu(&mut act),
+            )?;
+            layer
+                .down
+                .forward(Input::plain(&act), n, Sink::Add(&mut x))?;
         }
         let mut wanted = Vec::new();
         let mut rows = Vec::with_capacity(items.len());
@@ -482,9 +556,10 @@ impl Llama {
             .flat_map(|&r| &x[r * hidden..(r + 1) * hidden])
             .copied()
             .collect();
-        let mut normed = vec![0f32; sel.len()];
-        rms_norm(&sel, &self.norm, cfg.rms_eps as f32, &mut normed);
-        let data = self.output.forward(&normed, wanted.len())?;
+        let mut data = vec![0f32; wanted.len() * vocab];
+        let input = Input::normed(&sel, &self.norm, eps);
+        self.output
+            .forward(input, wanted.len(), Sink::Store(&mut data))?;
         Ok(ForwardOutput { data, vocab, rows })
     }
 

@@ -5,6 +5,7 @@ mod attention;
 pub mod chat;
 pub mod config;
 pub mod fetch;
+mod huge;
 pub mod kv;
 pub mod llama;
 mod pool;

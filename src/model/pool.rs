@@ -5,7 +5,11 @@
 //! and that cache line bouncing between the cores cost ~10% of a decode step (151 pool calls a
 //! step); a plain static split would leave a thread the OS delays holding up the step.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Threads past a prologue, on a cache line of its own.
+#[repr(align(64))]
+struct Arrivals(AtomicUsize);
 
 /// A share `start..end` packed in one word, so owner and thief agree with one CAS.
 #[repr(align(64))]
@@ -44,27 +48,71 @@ impl Share {
 
 /// Runs `f` over every item of `0..n` exactly once, on all of the pool's threads.
 pub(super) fn split(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    if n == 0 {
-        return;
+    if n > 0 {
+        split_after(0, |_| {}, n, f);
     }
+}
+
+/// `split`, after `prologue` has run over `0..units` (preparation every item needs, such as
+/// quantizing a matmul's activations) on all threads, shared out the same way, and every
+/// thread has seen it finish: one pool call instead of a serial pass while the others idle.
+/// A thread that starts late finds its share of the prologue taken, and waits at most for
+/// one unit another thread is still running.
+pub(super) fn split_after(
+    units: usize,
+    prologue: impl Fn(usize) + Sync,
+    n: usize,
+    f: impl Fn(std::ops::Range<usize>) + Sync,
+) {
     let pool = candle_core::utils::barrier_pool();
     let threads = pool.n_workers() + 1;
-    assert!(n < u32::MAX as usize, "too many work items");
-    let shares: Vec<Share> = (0..threads)
-        .map(|t| Share::new(t * n / threads, (t + 1) * n / threads))
-        .collect();
-    // About eight takes per share: few CAS, and little left over for a thief to wait on.
-    let grain = n.div_ceil(threads * 8).max(1);
+    assert!(n.max(units) < u32::MAX as usize, "too many work items");
+    let (before, items) = (Shares::new(units, threads), Shares::new(n, threads));
+    let done = Arrivals(AtomicUsize::new(0));
     pool.execute(|tid| {
-        while let Some(r) = shares[tid].take(grain, true) {
-            f(r);
-        }
-        for other in (1..threads).map(|k| (tid + k) % threads) {
-            while let Some(r) = shares[other].take(grain, false) {
-                f(r);
+        if units > 0 {
+            let ran = before.drain(tid, 1, |r| r.for_each(&prologue));
+            done.0.fetch_add(ran, Ordering::AcqRel);
+            while done.0.load(Ordering::Acquire) < units {
+                std::hint::spin_loop();
             }
         }
+        // About eight takes per share: few CAS, and little left over for a thief to wait on.
+        items.drain(tid, n.div_ceil(threads * 8).max(1), &f);
     });
+}
+
+/// `0..n` cut into one contiguous share per thread.
+struct Shares(Vec<Share>);
+
+impl Shares {
+    fn new(n: usize, threads: usize) -> Self {
+        Self(
+            (0..threads)
+                .map(|t| Share::new(t * n / threads, (t + 1) * n / threads))
+                .collect(),
+        )
+    }
+
+    /// Thread `tid` runs its own share from the front, then steals from the back of the
+    /// others'; returns how many items it ran.
+    fn drain(&self, tid: usize, grain: usize, f: impl Fn(std::ops::Range<usize>)) -> usize {
+        let threads = self.0.len();
+        let mut ran = 0;
+        let mut run = |r: std::ops::Range<usize>| {
+            ran += r.len();
+            f(r)
+        };
+        while let Some(r) = self.0[tid].take(grain, true) {
+            run(r);
+        }
+        for other in (1..threads).map(|k| (tid + k) % threads) {
+            while let Some(r) = self.0[other].take(grain, false) {
+                run(r);
+            }
+        }
+        ran
+    }
 }
 
 #[cfg(test)]
@@ -85,6 +133,22 @@ mod tests {
                 seen.iter().all(|s| s.load(Ordering::Relaxed) == 1),
                 "n = {n}"
             );
+        }
+    }
+
+    #[test]
+    fn the_whole_prologue_runs_once_before_any_item() {
+        for units in [1, 2, 7, 40] {
+            let done: Vec<AtomicUsize> = (0..units).map(|_| AtomicUsize::new(0)).collect();
+            let items = AtomicUsize::new(0);
+            let prologue = |u: usize| {
+                done[u].fetch_add(1, Ordering::Relaxed);
+            };
+            split_after(units, prologue, 100, |r| {
+                assert!(done.iter().all(|d| d.load(Ordering::Relaxed) == 1));
+                items.fetch_add(r.len(), Ordering::Relaxed);
+            });
+            assert_eq!(items.load(Ordering::Relaxed), 100, "units = {units}");
         }
     }
 }

@@ -9,6 +9,8 @@
 //! - output panels are spread over candle's thread pool (`pool::split`).
 use half::f16;
 
+use super::huge::HugeSlice;
+
 const BLOCK: usize = 32;
 /// Activation rows that share one pass over the weights.
 const TILE: usize = 4;
@@ -50,9 +52,9 @@ type Chunk = [u8; 4 * PANEL];
 pub struct Q4_1Matrix {
     rows: usize,
     cols: usize,
-    qs: Vec<Chunk>,
-    d: Vec<f16>,
-    m: Vec<f16>,
+    qs: HugeSlice<Chunk>,
+    d: HugeSlice<f16>,
+    m: HugeSlice<f16>,
 }
 
 /// ggml's `block_q8_0` (value j = d·q_j), interleaved like `Q4_1Matrix`: chunk c of (panel,
@@ -60,14 +62,17 @@ pub struct Q4_1Matrix {
 pub struct Q8_0Matrix {
     rows: usize,
     cols: usize,
-    qs: Vec<Chunk>,
-    d: Vec<f16>,
+    qs: HugeSlice<Chunk>,
+    d: HugeSlice<f16>,
 }
 
 /// Activations quantized per 32 values: `q ≈ x / d`, and `s = d · Σq` for Q4_1's offset term.
 pub struct Q8Rows {
     d: Vec<f32>,
     s: Vec<f32>,
+    /// −128·Σq: what a block's integer dot product with Q8_0 weights stored as q + 128 has in
+    /// excess (`Q8_OFFSET`).
+    minus128: Vec<i32>,
     qs: Vec<i8>,
     /// Blocks per row.
     nb: usize,
@@ -100,7 +105,7 @@ fn interleave<const B: usize>(
     rows: usize,
     nb: usize,
     quants: impl Fn(usize, usize) -> [u8; B],
-) -> Vec<Chunk> {
+) -> HugeSlice<Chunk> {
     let chunks = B / 4;
     let mut out = vec![[0u8; 4 * PANEL]; rows.div_ceil(PANEL) * nb * chunks];
     for j in 0..rows {
@@ -113,18 +118,22 @@ fn interleave<const B: usize>(
             }
         }
     }
-    out
+    HugeSlice::copy_of(&out)
 }
 
 /// Per-block scales (`scale(row, block)`) as `[panel][block][row]`.
-fn interleave_scales(rows: usize, nb: usize, scale: impl Fn(usize, usize) -> f16) -> Vec<f16> {
+fn interleave_scales(
+    rows: usize,
+    nb: usize,
+    scale: impl Fn(usize, usize) -> f16,
+) -> HugeSlice<f16> {
     let mut out = vec![f16::ZERO; rows.div_ceil(PANEL) * nb * PANEL];
     for j in 0..rows {
         for b in 0..nb {
             out[((j / PANEL) * nb + b) * PANEL + j % PANEL] = scale(j, b);
         }
     }
-    out
+    HugeSlice::copy_of(&out)
 }
 
 impl GgmlMatrix for Q4_1Matrix {
@@ -217,71 +226,199 @@ impl Q8_0Matrix {
     }
 }
 
+/// A matmul's input: `m` rows of activations, RMS-normalised on the way in when `norm` gives
+/// the norm's (weight, eps): the norm runs inside the pool call, not serially before it.
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub x: &'a [f32],
+    pub norm: Option<(&'a [f32], f32)>,
+}
+
+impl<'a> Input<'a> {
+    pub fn plain(x: &'a [f32]) -> Self {
+        Self { x, norm: None }
+    }
+
+    pub fn normed(x: &'a [f32], weight: &'a [f32], eps: f32) -> Self {
+        Self {
+            x,
+            norm: Some((weight, eps)),
+        }
+    }
+}
+
+/// Where a matmul's products go (row-major, `m` rows).
+pub enum Sink<'a> {
+    /// Stored: `m × rows` values.
+    Store(&'a mut [f32]),
+    /// Added to what is there (a residual connection): `m × rows` values.
+    Add(&'a mut [f32]),
+    /// silu(gate)·up, `m × rows/2` values, for a matrix whose gate and up panels alternate
+    /// (`gate_up_order`).
+    SwiGlu(&'a mut [f32]),
+}
+
 /// `x` is `m` rows of `w.cols()`; returns `m` rows of `w.rows()` values.
+#[cfg(test)]
 pub fn matmul<W: PanelDot>(w: &W, x: &[f32], m: usize) -> Vec<f32> {
-    assert_eq!(x.len(), m * w.cols(), "matmul input shape");
-    let acts = quantize(x, m, w.cols());
-    let n = w.rows();
-    let mut out = vec![0f32; m * n];
-    let dst = SharedOut(out.as_mut_ptr());
-    let tiles = m.div_ceil(TILE);
-    // Work items: (chunk of panels, activation tile); a chunk's weights stay in cache while a
-    // worker goes through the tiles.
-    const CHUNK: usize = 2;
-    let panels = n.div_ceil(PANEL);
-    let chunks = panels.div_ceil(CHUNK);
-    let work = |range: std::ops::Range<usize>| {
-        for item in range {
-            let (chunk, tile) = (item / tiles, item % tiles);
-            let r0 = tile * TILE;
-            let count = TILE.min(m - r0);
-            for p in chunk * CHUNK..((chunk + 1) * CHUNK).min(panels) {
-                let mut sums = [[0f32; PANEL]; TILE];
-                w.dot_panel(p, &acts, r0, count, &mut sums);
-                let j0 = p * PANEL;
-                let width = PANEL.min(n - j0);
-                for (i, s) in sums[..count].iter().enumerate() {
-                    // SAFETY: item (chunk, tile) alone writes rows r0..r0+count × its panels' columns.
-                    unsafe {
-                        let row = dst.get().add((r0 + i) * n + j0);
-                        std::ptr::copy_nonoverlapping(s.as_ptr(), row, width);
+    let mut out = vec![0f32; m * w.rows()];
+    matmul_into(w, Input::plain(x), m, Sink::Store(&mut out));
+    out
+}
+
+/// The row order that makes a stacked [gate; up] matrix (`half` rows each) alternate one panel
+/// of gate rows with the same panel of up rows, as `Sink::SwiGlu` needs; `None` when `half` is
+/// not a whole number of panels.
+pub fn gate_up_order(half: usize) -> Option<Vec<usize>> {
+    half.is_multiple_of(PANEL).then(|| {
+        (0..half / PANEL)
+            .flat_map(|p| {
+                (0..2).flat_map(move |h| (0..PANEL).map(move |r| h * half + p * PANEL + r))
+            })
+            .collect()
+    })
+}
+
+thread_local! {
+    /// Quantized activations, reused across a thread's matmuls.
+    static ACTS: std::cell::RefCell<Q8Rows> = const { std::cell::RefCell::new(Q8Rows {
+        d: Vec::new(),
+        s: Vec::new(),
+        minus128: Vec::new(),
+        qs: Vec::new(),
+        nb: 0,
+    }) };
+}
+
+/// `input` (`m` rows of `w.cols()`) times `w`'s rows, into `sink`. Every thread of the pool call
+/// first quantizes its share of the activations (normalising them if asked); then items of (two
+/// panels, up to four activation rows) are spread over the pool, each writing its products as
+/// `sink` asks.
+pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
+    let (cols, n) = (w.cols(), w.rows());
+    assert_eq!(input.x.len(), m * cols, "matmul input shape");
+    let (out, swiglu, add) = match sink {
+        Sink::Store(o) => (o, false, false),
+        Sink::Add(o) => (o, false, true),
+        Sink::SwiGlu(o) => (o, true, false),
+    };
+    let width = if swiglu { n / 2 } else { n };
+    assert!(
+        out.len() == m * width && (!swiglu || width.is_multiple_of(PANEL)),
+        "matmul output shape"
+    );
+    let dst = Shared(out.as_mut_ptr());
+    ACTS.with_borrow_mut(|acts| {
+        let nb = cols / BLOCK;
+        acts.nb = nb;
+        acts.d.resize(m * nb, 0.0);
+        acts.s.resize(m * nb, 0.0);
+        acts.minus128.resize(m * nb, 0);
+        acts.qs.resize(m * cols, 0);
+        let (d, s, minus128, qs) = (
+            Shared(acts.d.as_mut_ptr()),
+            Shared(acts.s.as_mut_ptr()),
+            Shared(acts.minus128.as_mut_ptr()),
+            Shared(acts.qs.as_mut_ptr()),
+        );
+        // Prologue units: `GROUP` blocks of one row, each normalised and quantized.
+        const GROUP: usize = 4;
+        let groups = nb.div_ceil(GROUP);
+        let prologue = |unit: usize| {
+            let (r, g) = (unit / groups, unit % groups);
+            let row = &input.x[r * cols..(r + 1) * cols];
+            let scale = input.norm.map(|(weight, eps)| {
+                let ms = super::llama::dot(row, row) / cols as f32;
+                (weight, 1.0 / (ms + eps).sqrt())
+            });
+            for b in g * GROUP..(g * GROUP + GROUP).min(nb) {
+                let mut normed = [0f32; BLOCK];
+                let mut block = &row[b * BLOCK..(b + 1) * BLOCK];
+                if let Some((weight, scale)) = scale {
+                    let weight = &weight[b * BLOCK..(b + 1) * BLOCK];
+                    for ((o, &v), &w) in normed.iter_mut().zip(block).zip(weight) {
+                        *o = v * scale * w;
+                    }
+                    block = &normed;
+                }
+                let a = r * nb + b;
+                // SAFETY: block `a` of each buffer is written by this unit alone, and read only
+                // after the whole prologue.
+                unsafe {
+                    let q = std::slice::from_raw_parts_mut(qs.get().add(a * BLOCK), BLOCK);
+                    let (da, sum) = kernel::quantize_block(block, q);
+                    *d.get().add(a) = da;
+                    *s.get().add(a) = da * sum as f32;
+                    *minus128.get().add(a) = -128 * sum;
+                }
+            }
+        };
+        let acts = &*acts;
+        let tiles = m.div_ceil(TILE);
+        // Work items: (chunk of panels, activation tile); a chunk's weights stay in cache while
+        // a worker goes through the tiles. For SwiGLU a chunk is one gate and one up panel.
+        const CHUNK: usize = 2;
+        let panels = n.div_ceil(PANEL);
+        let chunks = panels.div_ceil(CHUNK);
+        let work = |range: std::ops::Range<usize>| {
+            for item in range {
+                let (chunk, tile) = (item / tiles, item % tiles);
+                let r0 = tile * TILE;
+                let count = TILE.min(m - r0);
+                let first = chunk * CHUNK;
+                let mut sums = [[[0f32; PANEL]; TILE]; CHUNK];
+                for (p, sums) in (first..(first + CHUNK).min(panels)).zip(&mut sums) {
+                    w.dot_panel(p, acts, r0, count, sums);
+                }
+                for i in 0..count {
+                    // SAFETY: item (chunk, tile) alone writes rows r0..r0+count × its columns.
+                    let row = unsafe { dst.get().add((r0 + i) * width) };
+                    if swiglu {
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(row.add(chunk * PANEL), PANEL)
+                        };
+                        crate::math::silu_mul(&sums[0][i], &sums[1][i], out);
+                        continue;
+                    }
+                    for (k, sums) in sums.iter().enumerate() {
+                        let j0 = (first + k) * PANEL;
+                        if j0 >= n {
+                            break;
+                        }
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(row.add(j0), PANEL.min(n - j0))
+                        };
+                        if add {
+                            for (o, v) in out.iter_mut().zip(&sums[i]) {
+                                *o += v;
+                            }
+                        } else if let Ok(out) = <&mut [f32; PANEL]>::try_from(&mut *out) {
+                            *out = sums[i]; // a fixed-size copy, not a call to memmove
+                        } else {
+                            out.copy_from_slice(&sums[i][..out.len()]);
+                        }
                     }
                 }
             }
+        };
+        // A fork-join costs more than a small matmul (a tiny ARM's 128-wide layers): those run
+        // on the calling thread.
+        if n * cols * m < SMALL_MATMUL {
+            (0..m * groups).for_each(prologue);
+            work(0..chunks * tiles);
+        } else {
+            super::pool::split_after(m * groups, prologue, chunks * tiles, work);
         }
-    };
-    // A fork-join costs more than a small matmul (a tiny ARM's 128-wide layers): those run on
-    // the calling thread.
-    if n * w.cols() * m < SMALL_MATMUL {
-        work(0..chunks * tiles);
-    } else {
-        super::pool::split(chunks * tiles, work);
-    }
-    out
+    });
 }
 
 /// Multiply-adds below which a matmul skips the thread pool.
 const SMALL_MATMUL: usize = 1 << 18;
 
-fn quantize(x: &[f32], m: usize, cols: usize) -> Q8Rows {
-    let nb = cols / BLOCK;
-    let mut acts = Q8Rows {
-        d: vec![0.0; m * nb],
-        s: vec![0.0; m * nb],
-        qs: vec![0; m * cols],
-        nb,
-    };
-    let blocks = x.chunks_exact(BLOCK).zip(acts.qs.chunks_exact_mut(BLOCK));
-    for ((block, q), (d, s)) in blocks.zip(acts.d.iter_mut().zip(&mut acts.s)) {
-        (*d, *s) = kernel::quantize_block(block, q);
-    }
-    acts
-}
-
 /// One block of 32 activations as `q ≈ x / d` (ties to even, like llama.cpp's SIMD quantizer);
-/// returns (d, d·Σq). Eight-lane loops that vectorise: batches pay this per row.
+/// returns (d, Σq). Eight-lane loops that vectorise: batches pay this per row.
 #[cfg_attr(target_feature = "avx512bw", allow(dead_code))]
-fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let mut amax = [0f32; 8];
     for c in x.chunks_exact(8) {
         for (a, v) in amax.iter_mut().zip(c) {
@@ -301,7 +438,7 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
             *s += *q as i32;
         }
     }
-    (d, d * sum.iter().sum::<i32>() as f32)
+    (d, sum.iter().sum())
 }
 
 /// `dot_panel` without AVX2, one product at a time. `value(j, b, k)` is value k of row j's block
@@ -415,15 +552,15 @@ unsafe fn prefetch(at: &[Chunk], chunks: usize) {
     }
 }
 
-/// An output buffer shared by pool workers that each write their own disjoint elements.
+/// A buffer shared by pool workers that each write their own disjoint elements.
 #[derive(Clone, Copy)]
-pub(crate) struct SharedOut(pub(crate) *mut f32);
-// SAFETY: users guarantee disjoint writes (see `matmul`, `llama::attention`), and the pool joins
-// every worker before the buffer is read.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-impl SharedOut {
-    pub(crate) fn get(self) -> *mut f32 {
+pub(crate) struct Shared<T>(pub(crate) *mut T);
+// SAFETY: users guarantee disjoint writes (see `matmul_into`, `llama::attention`), and the pool
+// joins every worker (or passes a barrier) before the buffer is read.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+impl<T> Shared<T> {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

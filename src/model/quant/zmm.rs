@@ -17,7 +17,7 @@ pub const Q8_OFFSET: bool = true;
 /// `super::quantize_block` on two vectors: |x| max, scale, round to nearest even, clamp to
 /// ±127 (NaN, converted to i32::MIN, becomes −127), narrow to i8.
 #[inline(always)]
-pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
+pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     assert!(x.len() == BLOCK && q.len() == BLOCK);
     // SAFETY: this module is compiled only with AVX-512F/BW; the lengths are checked above.
     unsafe {
@@ -40,7 +40,7 @@ pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, f32) {
             _mm_storeu_si128(q.as_mut_ptr().add(16 * h).cast(), _mm512_cvtepi32_epi8(r));
             sum = _mm512_add_epi32(sum, r);
         }
-        (d, d * _mm512_reduce_add_epi32(sum) as f32)
+        (d, _mm512_reduce_add_epi32(sum))
     }
 }
 
@@ -57,11 +57,12 @@ unsafe fn broadcast4(acts: &Q8Rows, a: usize, c: usize) -> __m512i {
     _mm512_set1_epi32(p.read_unaligned())
 }
 
-/// What a format's unsigned quants are offset by, per block and row: Q4_1 stores its `m`; Q8_0's
-/// is −128·d.
+/// What a format's unsigned quants are offset by, per block and row: Q4_1 stores its `m`, taken
+/// in through the activations' block sums; Q8_0's is 128, whose excess each block's integer sum
+/// starts without (`Q8Rows::minus128`).
 enum Offset<'a> {
     Stored(&'a [f16]),
-    Minus128,
+    Plus128,
 }
 
 /// For each activation row i of `r0..r0 + count`, lane r of `sums[i]` gets
@@ -83,25 +84,46 @@ unsafe fn panel(
         let w = unpack(b);
         let dw = load_f16x16(&d[b * PANEL..]);
         let mw = match offset {
-            Offset::Stored(m) => load_f16x16(&m[b * PANEL..]),
-            Offset::Minus128 => _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
+            Offset::Stored(m) => Some(load_f16x16(&m[b * PANEL..])),
+            Offset::Plus128 => None,
         };
         for i in 0..count {
             let a = (r0 + i) * acts.nb + b;
             // Two chains, so consecutive products do not wait on each other.
-            let mut isum = [_mm512_setzero_si512(); 2];
+            let mut isum = [
+                match offset {
+                    Offset::Stored(_) => _mm512_setzero_si512(),
+                    Offset::Plus128 => _mm512_set1_epi32(*acts.minus128.get_unchecked(a)),
+                },
+                _mm512_setzero_si512(),
+            ];
             for (c, &u) in w.iter().enumerate() {
                 isum[c % 2] = _mm512_dpbusd_epi32(isum[c % 2], u, broadcast4(acts, a, c));
             }
+            let isum = _mm512_add_epi32(isum[0], isum[1]);
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(a)));
-            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(isum[0], isum[1]));
-            acc[i] = _mm512_fmadd_ps(scale, isum, acc[i]);
-            acc_m[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
+            acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc[i]);
+            if let Some(mw) = mw {
+                acc_m[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
+            }
         }
     }
     for i in 0..count {
         _mm512_storeu_ps(sums[i].as_mut_ptr(), _mm512_add_ps(acc[i], acc_m[i]));
     }
+}
+
+/// Each byte's high nibble, as a byte. With GFNI a GF(2) affine map does the shift and the mask
+/// in one instruction: row i of its bit matrix (byte 7 − i) picks input bit i + 4.
+#[inline(always)]
+unsafe fn high_nibbles(q: __m512i, low: __m512i) -> __m512i {
+    #[cfg(target_feature = "gfni")]
+    {
+        let _ = low;
+        _mm512_gf2p8affine_epi64_epi8::<0>(q, _mm512_set1_epi64(0x1020_4080_0000_0000))
+    }
+    #[cfg(not(target_feature = "gfni"))]
+    _mm512_and_si512(_mm512_srli_epi16(q, 4), low)
 }
 
 #[inline(always)]
@@ -125,8 +147,11 @@ pub unsafe fn panel_q4_1(
         let raw: [__m512i; 4] = std::array::from_fn(|c| load(&qs[b * 4 + c]));
         std::array::from_fn(|k| {
             let q = raw[k % 4];
-            let q = if k < 4 { q } else { _mm512_srli_epi16(q, 4) };
-            _mm512_and_si512(q, low)
+            if k < 4 {
+                _mm512_and_si512(q, low)
+            } else {
+                high_nibbles(q, low)
+            }
         })
     });
 }
@@ -139,7 +164,7 @@ pub unsafe fn panel_q8_0(
     count: usize,
     sums: &mut Sums,
 ) {
-    panel(d, Offset::Minus128, acts, r0, count, sums, |b| {
+    panel(d, Offset::Plus128, acts, r0, count, sums, |b| {
         prefetch(&qs[b * 8..], 8);
         std::array::from_fn(|c| load(&qs[b * 8 + c]))
     });
