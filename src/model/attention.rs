@@ -113,26 +113,25 @@ impl Head<'_> {
         );
         scores.clear();
         scores.resize(nq * n, 0.0);
+        // The vector paths, monomorphised per head size (`$hd`, in `$ch` vectors) and query count.
+        #[allow(unused_macros)]
+        macro_rules! vector_path {
+            ($method:ident, $($hd:literal => $ch:literal),*) => {
+                match (hd, nq) {
+                    $(
+                        ($hd, 1) => return self.$method::<$ch, 1>(q, scale, scores, o),
+                        ($hd, 2) => return self.$method::<$ch, 2>(q, scale, scores, o),
+                        ($hd, 3) => return self.$method::<$ch, 3>(q, scale, scores, o),
+                        ($hd, _) => return self.$method::<$ch, 4>(q, scale, scores, o),
+                    )*
+                    _ => {}
+                }
+            };
+        }
         #[cfg(target_feature = "avx512f")]
         // SAFETY: AVX-512F is enabled for the whole crate; the assert above bounds every read.
         unsafe {
-            macro_rules! by_queries {
-                ($ch:literal) => {
-                    match nq {
-                        1 => return self.attend_zmm::<$ch, 1>(q, scale, scores, o),
-                        2 => return self.attend_zmm::<$ch, 2>(q, scale, scores, o),
-                        3 => return self.attend_zmm::<$ch, 3>(q, scale, scores, o),
-                        _ => return self.attend_zmm::<$ch, 4>(q, scale, scores, o),
-                    }
-                };
-            }
-            match hd {
-                32 => by_queries!(2),
-                64 => by_queries!(4),
-                96 => by_queries!(6),
-                128 => by_queries!(8),
-                _ => {}
-            }
+            vector_path!(attend_zmm, 32 => 2, 64 => 4, 96 => 6, 128 => 8);
         }
         #[cfg(all(
             target_feature = "avx2",
@@ -141,23 +140,7 @@ impl Head<'_> {
         ))]
         // SAFETY: AVX2/FMA are enabled for the whole crate; the assert above bounds every read.
         unsafe {
-            macro_rules! by_queries {
-                ($ch:literal) => {
-                    match nq {
-                        1 => return self.attend_simd::<$ch, 1>(q, scale, scores, o),
-                        2 => return self.attend_simd::<$ch, 2>(q, scale, scores, o),
-                        3 => return self.attend_simd::<$ch, 3>(q, scale, scores, o),
-                        _ => return self.attend_simd::<$ch, 4>(q, scale, scores, o),
-                    }
-                };
-            }
-            match hd {
-                32 => by_queries!(4),
-                64 => by_queries!(8),
-                96 => by_queries!(12),
-                128 => by_queries!(16),
-                _ => {}
-            }
+            vector_path!(attend_simd, 32 => 4, 64 => 8, 96 => 12, 128 => 16);
         }
         let mut k = vec![0f32; hd];
         for p in 0..n {
