@@ -252,6 +252,65 @@ fn ragged_batch_equals_one_by_one() {
 }
 
 #[test]
+fn forks_in_one_batch_match_running_alone() {
+    let m = model();
+    let v = &m.vocab;
+    let prompt = v.encode("Once upon a time there was a", false).unwrap();
+    let (root, _) = prefill(&prompt, Logits::None);
+    let grow = |cache: &mut KvCache, text: &str| {
+        let tokens = v.encode(text, false).unwrap();
+        m.llama
+            .forward(&mut [ForwardItem {
+                cache,
+                tokens: &tokens,
+                logits: Logits::None,
+            }])
+            .unwrap();
+    };
+    // Forks of one prompt that go different ways; one rolls back into the prompt and rewrites.
+    let mut forks: Vec<KvCache> = (0..3).map(|_| root.fork()).collect();
+    grow(&mut forks[0], " king who");
+    grow(&mut forks[1], " dragon");
+    forks[2].truncate(prompt.len() - 2);
+    grow(&mut forks[2], " little girl named");
+    let mut caches = vec![root];
+    caches.extend(forks);
+    // The batch reads a shared prefix from the first cache for the others.
+    assert_eq!(caches[1].shared_with(&caches[0]), prompt.len());
+    assert_eq!(caches[2].shared_with(&caches[1]), prompt.len());
+    assert_eq!(caches[3].shared_with(&caches[0]), prompt.len() - 2);
+    let mut solo: Vec<KvCache> = caches.iter().map(KvCache::fork).collect();
+    let next: Vec<Vec<u32>> = [" the", " and", " a", " old"]
+        .iter()
+        .map(|t| v.encode(t, false).unwrap())
+        .collect();
+    let batched = {
+        let mut items: Vec<ForwardItem> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, t)| ForwardItem {
+                cache,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        m.llama.forward(&mut items).unwrap()
+    };
+    for (i, (cache, t)) in solo.iter_mut().zip(&next).enumerate() {
+        let one = m
+            .llama
+            .forward(&mut [ForwardItem {
+                cache,
+                tokens: t,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        let d = max_abs_diff(batched.last(i).unwrap(), one.last(0).unwrap());
+        assert!(d < 1e-3, "fork {i}: batched vs alone differ by {d}");
+    }
+}
+
+#[test]
 fn context_overflow_is_an_error_not_a_panic() {
     let m = model();
     let long = vec![100u32; m.context_length() + 1];

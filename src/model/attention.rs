@@ -23,6 +23,10 @@ pub(super) struct Span<'c> {
     pub start: usize,
     pub keys: &'c [f16],
     pub values: &'c [f16],
+    /// Another item's keys and values, the same as this one's in their first positions (a
+    /// cache forked from the same prompt): read from there, they are still in the CPU's cache
+    /// from that item's tasks.
+    pub prefix: Option<(&'c [f16], &'c [f16], usize)>,
 }
 
 /// Multiply-adds below which attention runs on the calling thread (measured: the base model's
@@ -52,18 +56,27 @@ pub(super) fn attention(
     let visible = |r: usize| span_of[r].start + (r - span_of[r].rows.start) + 1;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = Shared(out.as_mut_ptr());
-    // Tasks: (row, KV head, part of that head's queries).
+    // Tasks: (KV head, part of that head's queries, row), so that a thread's consecutive tasks
+    // read one head's keys and values, of one item or of a prefix items share.
     let parts = group.div_ceil(QUERIES);
     let tasks_per_row = cfg.n_kv_heads * parts;
     let task = |i: usize, scores: &mut Vec<f32>| {
-        let (r, kv_head, part) = (i / tasks_per_row, i % tasks_per_row / parts, i % parts);
+        let (r, kv_head, part) = (i % n, i / n / parts, i / n % parts);
         let s = span_of[r];
         let first = kv_head * group + part * QUERIES;
         let heads = first..(first + QUERIES).min((kv_head + 1) * group);
         let q = &qkv[r * width + heads.start * hd..r * width + heads.end * hd];
+        let (keys, values) = (&s.keys[kv_head * hd..], &s.values[kv_head * hd..]);
+        let (prefix_keys, prefix_values, shared) = match s.prefix {
+            Some((k, v, shared)) => (&k[kv_head * hd..], &v[kv_head * hd..], shared),
+            None => (keys, values, 0),
+        };
         let head_kv = Head {
-            keys: &s.keys[kv_head * hd..],
-            values: &s.values[kv_head * hd..],
+            keys,
+            values,
+            prefix_keys,
+            prefix_values,
+            shared,
             stride: kvw,
             head_dim: hd,
             visible: visible(r),
@@ -88,16 +101,32 @@ pub(super) fn attention(
     }
 }
 
-/// One KV head's cache as its queries see it: position p's key is `keys[p·stride..][..head_dim]`.
+/// One KV head's cache as its queries see it: position p's key is `keys[p·stride..][..head_dim]`,
+/// or `prefix_keys[..]` for p below `shared` (likewise for values).
 struct Head<'c> {
     keys: &'c [f16],
     values: &'c [f16],
+    prefix_keys: &'c [f16],
+    prefix_values: &'c [f16],
+    shared: usize,
     stride: usize,
     head_dim: usize,
     visible: usize,
 }
 
 impl Head<'_> {
+    /// Where position p's key and value start (p may run past `visible` for a prefetch).
+    #[inline(always)]
+    fn at(&self, p: usize) -> (*const f16, *const f16) {
+        let (k, v) = if p < self.shared {
+            (self.prefix_keys, self.prefix_values)
+        } else {
+            (self.keys, self.values)
+        };
+        let o = p * self.stride;
+        (k.as_ptr().wrapping_add(o), v.as_ptr().wrapping_add(o))
+    }
+
     /// For each of the query heads in `q` (1..=`QUERIES` of them, `head_dim` wide each, output
     /// likewise in `o`): softmax(scale · q·Kᵀ) · V over the visible positions.
     fn attend(&self, q: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
@@ -110,6 +139,10 @@ impl Head<'_> {
                 && o.len() == q.len()
                 && self.keys.len() >= last
                 && self.values.len() >= last
+                && self.shared < n
+                && (self.shared == 0
+                    || self.prefix_keys.len().min(self.prefix_values.len())
+                        >= (self.shared - 1) * self.stride + hd)
         );
         scores.clear();
         scores.resize(nq * n, 0.0);
@@ -144,7 +177,9 @@ impl Head<'_> {
         }
         let mut k = vec![0f32; hd];
         for p in 0..n {
-            self.keys[p * self.stride..p * self.stride + hd].convert_to_f32_slice(&mut k);
+            // SAFETY: `at(p)` is in bounds for p < n (the assert above).
+            let key = unsafe { std::slice::from_raw_parts(self.at(p).0, hd) };
+            key.convert_to_f32_slice(&mut k);
             for g in 0..nq {
                 scores[g * n + p] = super::llama::dot(&q[g * hd..(g + 1) * hd], &k) * scale;
             }
@@ -154,7 +189,8 @@ impl Head<'_> {
             let max = math::max(s);
             let inv = 1.0 / math::exp_in_place(s, max, 1.0);
             for (p, &w) in s.iter().enumerate() {
-                let v = &self.values[p * self.stride..p * self.stride + hd];
+                // SAFETY: as for the keys above.
+                let v = unsafe { std::slice::from_raw_parts(self.at(p).1, hd) };
                 for (o, v) in o.iter_mut().zip(v) {
                     *o += w * inv * v.to_f32();
                 }
@@ -185,8 +221,8 @@ impl Head<'_> {
         });
         // The cache was evicted by the weights streamed since the last layer: ask for the keys
         // (and below, the values) a block of positions ahead.
-        let ahead = |base: *const f16, p: usize| {
-            let at = base.wrapping_add(p * self.stride) as *const i8;
+        let ahead = |at: *const f16| {
+            let at = at as *const i8;
             for line in 0..(CH * 16).div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
             }
@@ -194,7 +230,7 @@ impl Head<'_> {
         // Per query, one accumulator per position, its lanes partial sums over the dimensions;
         // each key is converted once for all the queries.
         let dots = |p: usize| -> [__m256; NQ] {
-            let kp = self.keys.as_ptr().add(p * self.stride);
+            let kp = self.at(p).0;
             let k: [__m256; CH] = std::array::from_fn(|c| load(kp, c));
             std::array::from_fn(|g| {
                 (1..CH).fold(_mm256_mul_ps(qv[g][0], k[0]), |a, c| {
@@ -204,14 +240,14 @@ impl Head<'_> {
         };
         // The first positions of both sweeps, whose prefetches the loops below do not issue.
         for p in 0..n.min(16) {
-            ahead(self.keys.as_ptr(), p);
-            ahead(self.values.as_ptr(), p);
+            ahead(self.at(p).0);
+            ahead(self.at(p).1);
         }
         let scale_v = _mm256_set1_ps(scale);
         let mut p = 0;
         while p + 8 <= n {
             for j in 0..8 {
-                ahead(self.keys.as_ptr(), p + 16 + j);
+                ahead(self.at(p + 16 + j).0);
             }
             // acc[g][j]: query g against position p + j.
             let by_position: [[__m256; NQ]; 8] = std::array::from_fn(|j| dots(p + j));
@@ -247,9 +283,9 @@ impl Head<'_> {
         for c0 in (0..CH).step_by(4) {
             let mut acc = [[_mm256_setzero_ps(); 4]; NQ];
             for p in 0..n {
-                let vp = self.values.as_ptr().add(p * self.stride + 8 * c0);
+                let vp = self.at(p).1.add(8 * c0);
                 if c0 == 0 {
-                    ahead(self.values.as_ptr(), p + 16);
+                    ahead(self.at(p + 16).1);
                 }
                 let v: [__m256; 4] = std::array::from_fn(|c| load(vp, c));
                 for (g, acc) in acc.iter_mut().enumerate() {
@@ -291,15 +327,15 @@ impl Head<'_> {
         let qp = q.as_ptr();
         // The cache was evicted by the weights streamed since the last layer: ask for the keys
         // (and below, the values) a block of positions ahead.
-        let ahead = |base: *const f16, p: usize| {
-            let at = base.wrapping_add(p * self.stride) as *const i8;
+        let ahead = |at: *const f16| {
+            let at = at as *const i8;
             for line in 0..(CH * 32).div_ceil(64) {
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
             }
         };
         for p in 0..n.min(16) {
-            ahead(self.keys.as_ptr(), p);
-            ahead(self.values.as_ptr(), p);
+            ahead(self.at(p).0);
+            ahead(self.at(p).1);
         }
         // Query g against the key at position p: sixteen partial sums.
         let dot = |k: &[__m512; CH], g: usize| {
@@ -314,8 +350,8 @@ impl Head<'_> {
         while p + 8 <= n {
             let mut acc = [[_mm512_setzero_ps(); 8]; NQ];
             for j in 0..8 {
-                ahead(self.keys.as_ptr(), p + 16 + j);
-                let kp = self.keys.as_ptr().add((p + j) * self.stride);
+                ahead(self.at(p + 16 + j).0);
+                let kp = self.at(p + j).0;
                 let k: [__m512; CH] = std::array::from_fn(|c| load(kp, c));
                 for (g, acc) in acc.iter_mut().enumerate() {
                     acc[j] = dot(&k, g);
@@ -330,7 +366,7 @@ impl Head<'_> {
             p += 8;
         }
         for p in p..n {
-            let kp = self.keys.as_ptr().add(p * self.stride);
+            let kp = self.at(p).0;
             let k: [__m512; CH] = std::array::from_fn(|c| load(kp, c));
             for g in 0..NQ {
                 scores[g * n + p] = _mm512_reduce_add_ps(dot(&k, g)) * scale;
@@ -342,8 +378,8 @@ impl Head<'_> {
         });
         let mut acc = [[_mm512_setzero_ps(); CH]; NQ];
         for p in 0..n {
-            ahead(self.values.as_ptr(), p + 16);
-            let vp = self.values.as_ptr().add(p * self.stride);
+            ahead(self.at(p + 16).1);
+            let vp = self.at(p).1;
             let v: [__m512; CH] = std::array::from_fn(|c| load(vp, c));
             for (g, acc) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*scores.get_unchecked(g * n + p));
@@ -428,35 +464,51 @@ mod tests {
                 .map(|i| f16::from_f32(val(i + 5)))
                 .collect();
             let q: Vec<f32> = (0..nq * hd).map(|i| val(i + 11) * 3.0).collect();
-            let head = Head {
-                keys: &keys,
-                values: &values,
-                stride,
-                head_dim: hd,
-                visible,
-            };
-            let mut o = vec![0f32; nq * hd];
-            head.attend(&q, 0.125, &mut Vec::new(), &mut o);
-            for (g, (q, o)) in q.chunks_exact(hd).zip(o.chunks_exact(hd)).enumerate() {
-                let s: Vec<f64> = (0..visible)
-                    .map(|p| {
-                        (0..hd)
-                            .map(|d| (q[d] * keys[p * stride + d].to_f32()) as f64)
-                            .sum::<f64>()
-                            * 0.125
-                    })
-                    .collect();
-                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f64 = w.iter().sum();
-                for d in 0..hd {
-                    let want: f64 = (0..visible)
-                        .map(|p| w[p] / z * values[p * stride + d].to_f32() as f64)
-                        .sum();
-                    assert!(
-                        (o[d] as f64 - want).abs() < 1e-5,
-                        "hd {hd} visible {visible} query {g} dim {d}"
-                    );
+            // Also with the first positions read from another copy (a shared prefix): each side
+            // holds NaN where the other is to be read, so a read from the wrong one shows.
+            for shared in [0, visible / 2, visible - 1] {
+                let hide = |v: &[f16], prefix: bool| -> Vec<f16> {
+                    let cut = shared * stride;
+                    v.iter()
+                        .enumerate()
+                        .map(|(i, &x)| if (i < cut) != prefix { f16::NAN } else { x })
+                        .collect()
+                };
+                let (own_k, own_v) = (hide(&keys, false), hide(&values, false));
+                let (pre_k, pre_v) = (hide(&keys, true), hide(&values, true));
+                let head = Head {
+                    keys: &own_k,
+                    values: &own_v,
+                    prefix_keys: &pre_k,
+                    prefix_values: &pre_v,
+                    shared,
+                    stride,
+                    head_dim: hd,
+                    visible,
+                };
+                let mut o = vec![0f32; nq * hd];
+                head.attend(&q, 0.125, &mut Vec::new(), &mut o);
+                for (g, (q, o)) in q.chunks_exact(hd).zip(o.chunks_exact(hd)).enumerate() {
+                    let s: Vec<f64> = (0..visible)
+                        .map(|p| {
+                            (0..hd)
+                                .map(|d| (q[d] * keys[p * stride + d].to_f32()) as f64)
+                                .sum::<f64>()
+                                * 0.125
+                        })
+                        .collect();
+                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..visible)
+                            .map(|p| w[p] / z * values[p * stride + d].to_f32() as f64)
+                            .sum();
+                        assert!(
+                            (o[d] as f64 - want).abs() < 1e-5,
+                            "hd {hd} visible {visible} shared {shared} query {g} dim {d}"
+                        );
+                    }
                 }
             }
         }

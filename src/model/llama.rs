@@ -475,6 +475,15 @@ impl Llama {
                 x.extend_from_slice(&self.embed[t as usize * hidden..(t as usize + 1) * hidden]);
             }
         }
+        // Items forked from an earlier item of the batch read their shared prefix of keys and
+        // values from that item's copy: (its index, the positions they share).
+        let anchors: Vec<Option<(usize, usize)>> = (0..items.len())
+            .map(|i| {
+                let cache = &*items[i].cache;
+                let a = (0..i).find(|&a| items[a].cache.lineage() == cache.lineage())?;
+                Some((a, cache.shared_with(items[a].cache))).filter(|&(_, shared)| shared > 0)
+            })
+            .collect();
         let eps = cfg.rms_eps as f32;
         let width = qw + 2 * kvw;
         let mut qkv = vec![0f32; n * width];
@@ -512,8 +521,14 @@ impl Llama {
                     start,
                     keys,
                     values,
+                    prefix: None,
                 });
                 row += t;
+            }
+            for (i, &anchor) in anchors.iter().enumerate() {
+                if let Some((a, shared)) = anchor {
+                    spans[i].prefix = Some((spans[a].keys, spans[a].values, shared));
+                }
             }
             attention(cfg, &qkv, width, &spans, &mut attn);
             layer
