@@ -56,6 +56,30 @@ fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32, g: impl Fn(f32, f32)
     acc.iter().fold(tail, |a, &v| g(a, v))
 }
 
+/// Dot product with eight independent accumulators, so the compiler vectorises it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// 1/√(mean(x²) + eps): what RMS norm scales a row by (before its weights).
+pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt()
+}
+
 /// Largest value (−∞ for an empty slice; NaN are skipped).
 pub fn max(x: &[f32]) -> f32 {
     lanes(x, f32::NEG_INFINITY, f32::max, f32::max)

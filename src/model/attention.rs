@@ -101,6 +101,20 @@ pub(super) fn attention(
     }
 }
 
+/// Positions a sweep asks for before it reads them.
+#[cfg(target_feature = "avx2")]
+const AHEAD: usize = 16;
+
+/// Turns each of the `NQ` rows of `n` scores into e^(s − max) in place; returns 1/Σ per row.
+#[cfg(target_feature = "avx2")]
+#[inline(always)]
+fn softmax_rows<const NQ: usize>(scores: &mut [f32], n: usize) -> [f32; NQ] {
+    std::array::from_fn(|g| {
+        let s = &mut scores[g * n..(g + 1) * n];
+        1.0 / math::exp_in_place(s, math::max(s), 1.0)
+    })
+}
+
 /// One KV head's cache as its queries see it: position p's key is `keys[p·stride..][..head_dim]`,
 /// or `prefix_keys[..]` for p below `shared` (likewise for values).
 struct Head<'c> {
@@ -125,6 +139,30 @@ impl Head<'_> {
         };
         let o = p * self.stride;
         (k.as_ptr().wrapping_add(o), v.as_ptr().wrapping_add(o))
+    }
+
+    /// Asks for position p's key (or value) now: the cache was evicted by the weights streamed
+    /// since the last layer, and the sweeps issue this `AHEAD` positions before they read.
+    #[cfg(target_feature = "avx2")]
+    #[inline(always)]
+    fn prefetch(&self, p: usize, key: bool) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (k, v) = self.at(p);
+        let at = (if key { k } else { v }) as *const i8;
+        for line in 0..(2 * self.head_dim).div_ceil(64) {
+            // SAFETY: a prefetch does not fault, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line)) };
+        }
+    }
+
+    /// The first `AHEAD` positions' keys and values, which the sweeps' own prefetches miss.
+    #[cfg(target_feature = "avx2")]
+    #[inline(always)]
+    fn prefetch_start(&self) {
+        for p in 0..self.visible.min(AHEAD) {
+            self.prefetch(p, true);
+            self.prefetch(p, false);
+        }
     }
 
     /// For each of the query heads in `q` (1..=`QUERIES` of them, `head_dim` wide each, output
@@ -181,7 +219,7 @@ impl Head<'_> {
             let key = unsafe { std::slice::from_raw_parts(self.at(p).0, hd) };
             key.convert_to_f32_slice(&mut k);
             for g in 0..nq {
-                scores[g * n + p] = super::llama::dot(&q[g * hd..(g + 1) * hd], &k) * scale;
+                scores[g * n + p] = math::dot(&q[g * hd..(g + 1) * hd], &k) * scale;
             }
         }
         o.fill(0.0);
@@ -219,14 +257,6 @@ impl Head<'_> {
         let qv: [[__m256; CH]; NQ] = std::array::from_fn(|g| {
             std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(g * 8 * CH + 8 * c)))
         });
-        // The cache was evicted by the weights streamed since the last layer: ask for the keys
-        // (and below, the values) a block of positions ahead.
-        let ahead = |at: *const f16| {
-            let at = at as *const i8;
-            for line in 0..(CH * 16).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
-            }
-        };
         // Per query, one accumulator per position, its lanes partial sums over the dimensions;
         // each key is converted once for all the queries.
         let dots = |p: usize| -> [__m256; NQ] {
@@ -238,16 +268,12 @@ impl Head<'_> {
                 })
             })
         };
-        // The first positions of both sweeps, whose prefetches the loops below do not issue.
-        for p in 0..n.min(16) {
-            ahead(self.at(p).0);
-            ahead(self.at(p).1);
-        }
+        self.prefetch_start();
         let scale_v = _mm256_set1_ps(scale);
         let mut p = 0;
         while p + 8 <= n {
             for j in 0..8 {
-                ahead(self.at(p + 16 + j).0);
+                self.prefetch(p + AHEAD + j, true);
             }
             // acc[g][j]: query g against position p + j.
             let by_position: [[__m256; NQ]; 8] = std::array::from_fn(|j| dots(p + j));
@@ -275,17 +301,14 @@ impl Head<'_> {
                 scores[g * n + p] = lanes.iter().sum::<f32>() * scale;
             }
         }
-        let inv: [f32; NQ] = std::array::from_fn(|g| {
-            let s = &mut scores[g * n..(g + 1) * n];
-            1.0 / math::exp_in_place(s, math::max(s), 1.0)
-        });
+        let inv: [f32; NQ] = softmax_rows(scores, n);
         // Values four chunks at a time, so the accumulators of all queries stay in registers.
         for c0 in (0..CH).step_by(4) {
             let mut acc = [[_mm256_setzero_ps(); 4]; NQ];
             for p in 0..n {
                 let vp = self.at(p).1.add(8 * c0);
                 if c0 == 0 {
-                    ahead(self.at(p + 16).1);
+                    self.prefetch(p + AHEAD, false);
                 }
                 let v: [__m256; 4] = std::array::from_fn(|c| load(vp, c));
                 for (g, acc) in acc.iter_mut().enumerate() {
@@ -325,18 +348,7 @@ impl Head<'_> {
         let load =
             |p: *const f16, c: usize| _mm512_cvtph_ps(_mm256_loadu_si256(p.add(16 * c).cast()));
         let qp = q.as_ptr();
-        // The cache was evicted by the weights streamed since the last layer: ask for the keys
-        // (and below, the values) a block of positions ahead.
-        let ahead = |at: *const f16| {
-            let at = at as *const i8;
-            for line in 0..(CH * 32).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * line));
-            }
-        };
-        for p in 0..n.min(16) {
-            ahead(self.at(p).0);
-            ahead(self.at(p).1);
-        }
+        self.prefetch_start();
         // Query g against the key at position p: sixteen partial sums.
         let dot = |k: &[__m512; CH], g: usize| {
             let mut a = _mm512_mul_ps(_mm512_loadu_ps(qp.add(g * 16 * CH)), k[0]);
@@ -350,7 +362,7 @@ impl Head<'_> {
         while p + 8 <= n {
             let mut acc = [[_mm512_setzero_ps(); 8]; NQ];
             for j in 0..8 {
-                ahead(self.at(p + 16 + j).0);
+                self.prefetch(p + AHEAD + j, true);
                 let kp = self.at(p + j).0;
                 let k: [__m512; CH] = std::array::from_fn(|c| load(kp, c));
                 for (g, acc) in acc.iter_mut().enumerate() {
@@ -372,13 +384,10 @@ impl Head<'_> {
                 scores[g * n + p] = _mm512_reduce_add_ps(dot(&k, g)) * scale;
             }
         }
-        let inv: [f32; NQ] = std::array::from_fn(|g| {
-            let s = &mut scores[g * n..(g + 1) * n];
-            1.0 / math::exp_in_place(s, math::max(s), 1.0)
-        });
+        let inv: [f32; NQ] = softmax_rows(scores, n);
         let mut acc = [[_mm512_setzero_ps(); CH]; NQ];
         for p in 0..n {
-            ahead(self.at(p + 16).1);
+            self.prefetch(p + AHEAD, false);
             let vp = self.at(p).1;
             let v: [__m512; CH] = std::array::from_fn(|c| load(vp, c));
             for (g, acc) in acc.iter_mut().enumerate() {

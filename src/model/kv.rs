@@ -57,11 +57,6 @@ impl KvCache {
         }
     }
 
-    /// An identity of the lineage, to group caches by.
-    pub(crate) fn lineage(&self) -> *const () {
-        Arc::as_ptr(&self.lineage)
-    }
-
     /// Positions already cached: the next token is at this position.
     pub fn len(&self) -> usize {
         self.len

@@ -479,9 +479,9 @@ impl Llama {
         // values from that item's copy: (its index, the positions they share).
         let anchors: Vec<Option<(usize, usize)>> = (0..items.len())
             .map(|i| {
-                let cache = &*items[i].cache;
-                let a = (0..i).find(|&a| items[a].cache.lineage() == cache.lineage())?;
-                Some((a, cache.shared_with(items[a].cache))).filter(|&(_, shared)| shared > 0)
+                (0..i)
+                    .map(|a| (a, items[i].cache.shared_with(items[a].cache)))
+                    .find(|&(_, shared)| shared > 0)
             })
             .collect();
         let eps = cfg.rms_eps as f32;
@@ -604,30 +604,10 @@ impl Llama {
     }
 }
 
-/// Dot product with eight independent accumulators, so the compiler vectorises it.
-#[inline]
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let k = weight.len();
     for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        let ms = dot(row, row) / k as f32;
-        let s = 1.0 / (ms + eps).sqrt();
+        let s = math::inv_rms(row, eps);
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
             *o = v * s * w;
         }

@@ -279,15 +279,26 @@ pub fn gate_up_order(half: usize) -> Option<Vec<usize>> {
     })
 }
 
+/// A thread's buffers for its matmuls' activations.
+struct Scratch {
+    acts: Q8Rows,
+    /// Each row's RMS-norm scale, when the input is normalised.
+    inv_rms: Vec<f32>,
+}
+
 thread_local! {
-    /// Quantized activations, reused across a thread's matmuls.
-    static ACTS: std::cell::RefCell<Q8Rows> = const { std::cell::RefCell::new(Q8Rows {
-        d: Vec::new(),
-        s: Vec::new(),
-        minus128: Vec::new(),
-        qs: Vec::new(),
-        nb: 0,
-    }) };
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            acts: Q8Rows {
+                d: Vec::new(),
+                s: Vec::new(),
+                minus128: Vec::new(),
+                qs: Vec::new(),
+                nb: 0,
+            },
+            inv_rms: Vec::new(),
+        })
+    };
 }
 
 /// `input` (`m` rows of `w.cols()`) times `w`'s rows, into `sink`. Every thread of the pool call
@@ -308,7 +319,18 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
         "matmul output shape"
     );
     let dst = Shared(out.as_mut_ptr());
-    ACTS.with_borrow_mut(|acts| {
+    SCRATCH.with_borrow_mut(|Scratch { acts, inv_rms }| {
+        // One scale per row, on this thread: a few hundred multiply-adds a row.
+        inv_rms.clear();
+        if let Some((_, eps)) = input.norm {
+            inv_rms.extend(
+                input
+                    .x
+                    .chunks_exact(cols)
+                    .map(|row| crate::math::inv_rms(row, eps)),
+            );
+        }
+        let inv_rms = &*inv_rms;
         let nb = cols / BLOCK;
         acts.nb = nb;
         acts.d.resize(m * nb, 0.0);
@@ -327,10 +349,7 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
         let prologue = |unit: usize| {
             let (r, g) = (unit / groups, unit % groups);
             let row = &input.x[r * cols..(r + 1) * cols];
-            let scale = input.norm.map(|(weight, eps)| {
-                let ms = super::llama::dot(row, row) / cols as f32;
-                (weight, 1.0 / (ms + eps).sqrt())
-            });
+            let scale = input.norm.map(|(weight, _)| (weight, inv_rms[r]));
             for b in g * GROUP..(g * GROUP + GROUP).min(nb) {
                 let mut normed = [0f32; BLOCK];
                 let mut block = &row[b * BLOCK..(b + 1) * BLOCK];
