@@ -17,7 +17,8 @@ use super::prompt::{fork, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
 use crate::math::{self, log_sum_exp};
-use crate::model::Logits;
+use crate::model::{for_each_mut, Logits};
+use crate::sampling::Sampled;
 
 /// One reward model and its weight in a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +98,27 @@ struct Lane {
 struct Branch {
     choice: Choice,
     arms: Vec<SeqId>,
+    tilt: Tilt,
+}
+
+/// A sampled token and KL(tilted ‖ base) of the distribution it was drawn from.
+type Drawn = (Sampled, f32);
+
+impl Branch {
+    /// The next token from the models' rows (lane order; `coefs` are the ARMs' lanes').
+    fn draw(&mut self, coefs: &[f32], rows: &[&[f32]], vocab: usize) -> Drawn {
+        if rows.len() == 1 {
+            // No ARM: exactly plain decoding.
+            return (self.choice.sampler.sample(rows[0]), 0.0);
+        }
+        let arms: Vec<(f32, &[f32])> = coefs
+            .iter()
+            .copied()
+            .zip(rows[1..].iter().copied())
+            .collect();
+        let kl = self.tilt.combine(rows[0], &arms, vocab);
+        (self.choice.sampler.sample(&self.tilt.scores), kl)
+    }
 }
 
 /// What the sequences of a [`Guided`] are: the request's choices, streamed as they go, or
@@ -136,7 +158,6 @@ pub struct Guided {
     branches: Vec<Branch>,
     /// (branch, lane, ticket) planned this step; a branch's tickets are consecutive, lane order.
     tickets: Vec<(usize, usize, usize)>,
-    tilt: Tilt,
     kl_sum: f64,
     tokens: usize,
 }
@@ -155,7 +176,6 @@ impl Guided {
             sequences,
             branches: Vec::new(),
             tickets: Vec::new(),
-            tilt: Tilt::default(),
             kl_sum: 0.0,
             tokens: 0,
         }
@@ -182,22 +202,18 @@ impl Guided {
 
     /// Sample branch `b`'s next token from its models' rows (lane order) and record it.
     fn advance(&mut self, cx: &mut Cx, g: &Generation, b: usize, rows: &[&[f32]]) -> Result<()> {
+        let vocab = cx.model(BASE).vocab.size();
+        let coefs: Vec<f32> = self.lanes[1..].iter().map(|l| l.coef).collect();
+        let drawn = self.branches[b].draw(&coefs, rows, vocab);
+        self.record(cx, g, b, drawn)
+    }
+
+    /// Record branch `b`'s drawn token (and the KL of the distribution it came from).
+    fn record(&mut self, cx: &mut Cx, g: &Generation, b: usize, drawn: Drawn) -> Result<()> {
         let branch = &mut self.branches[b];
-        let sampled = if rows.len() == 1 {
-            // No ARM: exactly plain decoding.
-            branch.choice.sampler.sample(rows[0])
-        } else {
-            let arms: Vec<(f32, &[f32])> = self.lanes[1..]
-                .iter()
-                .zip(&rows[1..])
-                .map(|(lane, &row)| (lane.coef, row))
-                .collect();
-            let vocab = cx.model(BASE).vocab.size();
-            self.kl_sum += f64::from(self.tilt.combine(rows[0], &arms, vocab));
-            branch.choice.sampler.sample(&self.tilt.scores)
-        };
+        self.kl_sum += f64::from(drawn.1);
         self.tokens += 1;
-        branch.choice.accept(cx, g, sampled)?;
+        branch.choice.accept(cx, g, drawn.0)?;
         // An ARM with a shorter context ends the choice as the base's would.
         if !branch.choice.is_done() && branch.arms.iter().any(|&s| cx.room(s) == 0) {
             branch.choice.finish(cx, FinishReason::Length)?;
@@ -226,6 +242,7 @@ impl Guided {
             self.branches.push(Branch {
                 choice: self.sequences.choice(i, seqs[0][i], g),
                 arms: seqs[1..].iter().map(|s| s[i]).collect(),
+                tilt: Tilt::default(),
             });
             self.advance(cx, g, i, &rows)?;
         }
@@ -266,12 +283,31 @@ impl Guided {
                 self.branch_out(cx, g)?;
             }
         } else {
+            // Draw every branch's token on the pool's threads, then record them in order.
+            let vocab = cx.model(BASE).vocab.size();
+            let coefs: Vec<f32> = self.lanes[1..].iter().map(|l| l.coef).collect();
+            let mut draws = Vec::new();
+            let mut branches = self.branches.iter_mut().enumerate();
             for step in tickets.chunks(self.lanes.len()) {
+                let b = step[0].0;
+                let (_, branch) = branches
+                    .find(|(i, _)| *i == b)
+                    .context("a ticket out of order")?;
                 let rows = step
                     .iter()
                     .map(|&(_, _, t)| out.last(t))
                     .collect::<Result<Vec<_>>>()?;
-                self.advance(cx, g, step[0].0, &rows)?;
+                draws.push((b, branch, rows, None));
+            }
+            for_each_mut(&mut draws, |(_, branch, rows, drawn)| {
+                *drawn = Some(branch.draw(&coefs, rows, vocab))
+            });
+            let drawn: Vec<(usize, Drawn)> = draws
+                .into_iter()
+                .filter_map(|(b, _, _, d)| Some((b, d?)))
+                .collect();
+            for (b, d) in drawn {
+                self.record(cx, g, b, d)?;
             }
         }
         self.tickets = tickets;

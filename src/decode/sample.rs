@@ -1,11 +1,13 @@
 //! Plain sampling (greedy at temperature 0): prefill the prompt once, fork it for each of the `n`
 //! choices, then one decode step per choice per engine step.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::prompt::{fork, plan_choices, SharedPrompt};
 use super::{Choice, Decoder, Flow, Generation};
 use crate::engine::{Cx, Event, Outputs, Usage, BASE};
+use crate::model::for_each_mut;
+use crate::sampling::Sampled;
 
 pub struct Sample {
     generation: Generation,
@@ -50,10 +52,21 @@ impl Decoder for Sample {
                 self.choices.push(c);
             }
         } else {
+            // Draw every row on the pool's threads, then record the tokens in order.
+            let mut draws = Vec::with_capacity(self.tickets.len());
+            let mut choices = self.choices.iter_mut().enumerate();
             for &(i, t) in &self.tickets {
-                let c = &mut self.choices[i];
-                let sampled = c.sampler.sample(out.last(t)?);
-                c.accept(cx, g, sampled)?;
+                let c = choices
+                    .find(|(j, _)| *j == i)
+                    .context("a ticket out of order")?;
+                draws.push((&mut c.1.sampler, out.last(t)?, None));
+            }
+            for_each_mut(&mut draws, |(sampler, row, drawn)| {
+                *drawn = Some(sampler.sample(row))
+            });
+            let drawn: Vec<Sampled> = draws.into_iter().filter_map(|d| d.2).collect();
+            for (&(i, _), sampled) in self.tickets.iter().zip(drawn) {
+                self.choices[i].accept(cx, g, sampled)?;
             }
         }
         if self.choices.iter().all(Choice::is_done) {

@@ -13,20 +13,20 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::config::LlamaConfig;
+use super::kv::KvView;
 use super::quant::Shared;
 use crate::math;
 
 /// One item's part of a layer's attention: its query rows in the batch, the position of the first,
-/// and its keys/values (`[position][kv_head][head_dim]`, through its last row).
+/// and its keys/values (through its last row).
 pub(super) struct Span<'c> {
     pub rows: Range<usize>,
     pub start: usize,
-    pub keys: &'c [f16],
-    pub values: &'c [f16],
+    pub kv: KvView<'c>,
     /// Another item's keys and values, the same as this one's in their first positions (a
     /// cache forked from the same prompt): read from there, they are still in the CPU's cache
     /// from that item's tasks.
-    pub prefix: Option<(&'c [f16], &'c [f16], usize)>,
+    pub prefix: Option<(KvView<'c>, usize)>,
 }
 
 /// Multiply-adds below which attention runs on the calling thread (measured: the base model's
@@ -47,7 +47,6 @@ pub(super) fn attention(
     out: &mut [f32],
 ) {
     let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
-    let kvw = cfg.n_kv_heads * hd;
     let n = qkv.len() / width;
     let span_of: Vec<&Span> = spans
         .iter()
@@ -66,9 +65,12 @@ pub(super) fn attention(
         let first = kv_head * group + part * QUERIES;
         let heads = first..(first + QUERIES).min((kv_head + 1) * group);
         let q = &qkv[r * width + heads.start * hd..r * width + heads.end * hd];
-        let (keys, values) = (&s.keys[kv_head * hd..], &s.values[kv_head * hd..]);
+        let (keys, values) = s.kv.head(kv_head);
         let (prefix_keys, prefix_values, shared) = match s.prefix {
-            Some((k, v, shared)) => (&k[kv_head * hd..], &v[kv_head * hd..], shared),
+            Some((kv, shared)) => {
+                let (k, v) = kv.head(kv_head);
+                (k, v, shared)
+            }
             None => (keys, values, 0),
         };
         let head_kv = Head {
@@ -77,7 +79,7 @@ pub(super) fn attention(
             prefix_keys,
             prefix_values,
             shared,
-            stride: kvw,
+            stride: hd,
             head_dim: hd,
             visible: visible(r),
         };

@@ -1,20 +1,27 @@
-//! Per-sequence key/value cache: plain vectors, `[position][kv_head][head_dim]` per layer, so a
-//! decode step appends one row (amortised O(1), no copy of the cache) and a fork copies only the
-//! used rows. Keys and values are stored as f16, as llama.cpp does by default: attention reads
-//! the whole cache of every sequence each step, and half the bytes is half that traffic.
+//! Per-sequence key/value cache: per layer and KV head, keys and values as plain vectors of
+//! `[position][head_dim]`, so attention reads one head's cache as one sequential stream, a decode
+//! step appends one row per head (amortised O(1), never a copy of the cache) and a fork copies
+//! only the used rows. Keys and values are stored as f16, as llama.cpp does by default: attention
+//! reads the whole cache of every sequence each step, and half the bytes is half that traffic.
 
 use std::sync::Arc;
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+/// One layer's keys and values: a vector per KV head.
+#[derive(Debug, Default, Clone)]
+struct Layer {
+    keys: Vec<Vec<f16>>,
+    values: Vec<Vec<f16>>,
+}
+
 #[derive(Debug)]
 pub struct KvCache {
-    /// Per layer: keys and values.
-    layers: Vec<(Vec<f16>, Vec<f16>)>,
+    layers: Vec<Layer>,
     len: usize,
-    /// Floats per position per layer (kv_heads × head_dim), known from the first append.
-    width: usize,
+    /// Values per position per head, known from the first append.
+    head_dim: usize,
     /// Caches forked from one another (best-of-N candidates, search beams) share a lineage,
     /// and each holds the same keys and values as every other cache of its lineage in its first
     /// `common` positions (`usize::MAX`: no bound of its own). Attention reads such a shared
@@ -23,12 +30,25 @@ pub struct KvCache {
     common: usize,
 }
 
+/// One layer's keys and values as attention reads them.
+#[derive(Clone, Copy)]
+pub(crate) struct KvView<'c> {
+    layer: &'c Layer,
+}
+
+impl<'c> KvView<'c> {
+    /// KV head h's keys and values, `[position][head_dim]`.
+    pub fn head(&self, h: usize) -> (&'c [f16], &'c [f16]) {
+        (&self.layer.keys[h], &self.layer.values[h])
+    }
+}
+
 impl Default for KvCache {
     fn default() -> Self {
         Self {
             layers: Vec::new(),
             len: 0,
-            width: 0,
+            head_dim: 0,
             lineage: Arc::new(()),
             common: usize::MAX,
         }
@@ -68,27 +88,30 @@ impl KvCache {
 
     /// Bytes held by this cache.
     pub fn bytes(&self) -> usize {
+        let heads = |h: &[Vec<f16>]| h.iter().map(Vec::capacity).sum::<usize>();
         self.layers
             .iter()
-            .map(|(k, v)| (k.capacity() + v.capacity()) * 2)
+            .map(|l| (heads(&l.keys) + heads(&l.values)) * 2)
             .sum()
     }
 
     /// An independent copy of the cached positions (the prompt shared by best-of-N candidates or
     /// search branches): costs one copy of the used rows, never a new prefill.
     pub fn fork(&self) -> Self {
+        let used = self.len * self.head_dim;
+        let copy = |heads: &[Vec<f16>]| heads.iter().map(|h| h[..used].to_vec()).collect();
         let layers = self
             .layers
             .iter()
-            .map(|(k, v)| {
-                let used = self.len * self.width;
-                (k[..used].to_vec(), v[..used].to_vec())
+            .map(|l| Layer {
+                keys: copy(&l.keys),
+                values: copy(&l.values),
             })
             .collect();
         Self {
             layers,
             len: self.len,
-            width: self.width,
+            head_dim: self.head_dim,
             lineage: self.lineage.clone(),
             common: self.common.min(self.len),
         }
@@ -101,27 +124,41 @@ impl KvCache {
         self.common = self.common.min(self.len);
     }
 
-    /// Append rows (each `width` floats) of layer `layer` at position `len()`, and return all keys
-    /// and values through them. `advance` commits the positions once every layer is written.
+    /// Append rows (each `heads × head_dim` floats, head-major) of layer `layer` at position
+    /// `len()`, and return all its keys and values through them. `advance` commits the positions
+    /// once every layer is written.
     pub(crate) fn append(
         &mut self,
         n_layers: usize,
         layer: usize,
-        width: usize,
+        (heads, head_dim): (usize, usize),
         k: &[f32],
         v: &[f32],
-    ) -> (&[f16], &[f16]) {
-        if self.layers.len() < n_layers {
-            self.layers.resize_with(n_layers, Default::default);
+    ) -> KvView<'_> {
+        if self.layers.is_empty() {
+            self.head_dim = head_dim;
+            let layer = Layer {
+                keys: vec![Vec::new(); heads],
+                values: vec![Vec::new(); heads],
+            };
+            self.layers = vec![layer; n_layers];
         }
-        self.width = width;
-        let (ck, cv) = &mut self.layers[layer];
-        for (cache, new) in [(&mut *ck, k), (&mut *cv, v)] {
-            let at = self.len * width;
-            cache.resize(at + new.len(), f16::ZERO);
-            cache[at..].convert_from_f32_slice(new);
+        let l = &mut self.layers[layer];
+        assert!(self.head_dim == head_dim && l.keys.len() == heads);
+        assert!(k.len().is_multiple_of(heads * head_dim) && v.len() == k.len());
+        let at = self.len * head_dim;
+        for (cache, new) in [(&mut l.keys, k), (&mut l.values, v)] {
+            for (h, run) in cache.iter_mut().enumerate() {
+                run.truncate(at);
+                for row in new.chunks_exact(heads * head_dim) {
+                    let x = &row[h * head_dim..(h + 1) * head_dim];
+                    let from = run.len();
+                    run.resize(from + head_dim, f16::ZERO);
+                    run[from..].convert_from_f32_slice(x);
+                }
+            }
         }
-        (ck, cv)
+        KvView { layer: l }
     }
 
     pub(crate) fn advance(&mut self, t: usize) {
@@ -135,7 +172,7 @@ mod tests {
 
     /// A cache of `len` positions of one layer, one value each.
     fn grow(cache: &mut KvCache, values: &[f32]) {
-        cache.append(1, 0, 1, values, values);
+        cache.append(1, 0, (1, 1), values, values);
         cache.advance(values.len());
     }
 
@@ -167,7 +204,7 @@ mod tests {
         for x in caches {
             for y in caches {
                 let n = x.shared_with(y);
-                assert_eq!(x.layers[0].0[..n], y.layers[0].0[..n]);
+                assert_eq!(x.layers[0].keys[0][..n], y.layers[0].keys[0][..n]);
             }
         }
     }

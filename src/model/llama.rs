@@ -515,19 +515,20 @@ impl Llama {
                     v_new.extend_from_slice(&r[qw + kvw..]);
                 }
                 let start = it.cache.len();
-                let (keys, values) = it.cache.append(cfg.n_layers, li, kvw, &k_new, &v_new);
+                let kv = it
+                    .cache
+                    .append(cfg.n_layers, li, (cfg.n_kv_heads, hd), &k_new, &v_new);
                 spans.push(Span {
                     rows: row..row + t,
                     start,
-                    keys,
-                    values,
+                    kv,
                     prefix: None,
                 });
                 row += t;
             }
             for (i, &anchor) in anchors.iter().enumerate() {
                 if let Some((a, shared)) = anchor {
-                    spans[i].prefix = Some((spans[a].keys, spans[a].values, shared));
+                    spans[i].prefix = Some((spans[a].kv, shared));
                 }
             }
             attention(cfg, &qkv, width, &spans, &mut attn);
@@ -585,18 +586,20 @@ impl Llama {
         let sin = &self.sin[pos * half..(pos + 1) * half];
         for head in x.chunks_exact_mut(self.cfg.head_dim) {
             match self.cfg.rope_style {
+                // Zipped iterators, not indices: free of bounds checks, the loops vectorise.
                 RopeStyle::Interleaved => {
-                    for i in 0..half {
-                        let (a, b) = (head[2 * i], head[2 * i + 1]);
-                        head[2 * i] = a * cos[i] - b * sin[i];
-                        head[2 * i + 1] = a * sin[i] + b * cos[i];
+                    for ((p, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                        let (a, b) = (p[0], p[1]);
+                        p[0] = a * c - b * s;
+                        p[1] = a * s + b * c;
                     }
                 }
                 RopeStyle::Halves => {
-                    for i in 0..half {
-                        let (a, b) = (head[i], head[i + half]);
-                        head[i] = a * cos[i] - b * sin[i];
-                        head[i + half] = a * sin[i] + b * cos[i];
+                    let (lo, hi) = head.split_at_mut(half);
+                    for (((x, y), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                        let (a, b) = (*x, *y);
+                        *x = a * c - b * s;
+                        *y = a * s + b * c;
                     }
                 }
             }

@@ -22,6 +22,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::LlamaConfig;
 pub use kv::KvCache;
 pub use llama::{ForwardItem, ForwardOutput, Llama, Logits};
+pub(crate) use pool::for_each_mut;
 pub use vocab::Vocab;
 
 /// What a loaded model is for.

@@ -82,6 +82,23 @@ pub(super) fn split_after(
     });
 }
 
+/// `f` on every element of `items`, each once, on all of the pool's threads: per-sequence work
+/// of some tens of µs between forwards (sampling a token from a vocabulary row), which would
+/// otherwise leave the other threads idle. One element runs on the calling thread.
+pub(crate) fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) {
+    if items.len() <= 1 {
+        return items.iter_mut().for_each(f);
+    }
+    let base = super::quant::Shared(items.as_mut_ptr());
+    split(items.len(), |range| {
+        for i in range {
+            // SAFETY: `split` hands out every index once, so no element is reached twice, and
+            // `T: Send` lets another thread have it for the call.
+            f(unsafe { &mut *base.get().add(i) })
+        }
+    });
+}
+
 /// `0..n` cut into one contiguous share per thread.
 struct Shares(Vec<Share>);
 
@@ -133,6 +150,15 @@ mod tests {
                 seen.iter().all(|s| s.load(Ordering::Relaxed) == 1),
                 "n = {n}"
             );
+        }
+    }
+
+    #[test]
+    fn for_each_mut_reaches_every_element_once() {
+        for n in [0, 1, 2, 5, 64] {
+            let mut items: Vec<usize> = (0..n).collect();
+            for_each_mut(&mut items, |x| *x = *x * 10 + 1);
+            assert_eq!(items, (0..n).map(|x| x * 10 + 1).collect::<Vec<_>>());
         }
     }
 

@@ -557,27 +557,40 @@ impl PanelDot for Q8_0Matrix {
     }
 }
 
-/// Ask for the weights `AHEAD` blocks past the block at `at` (`chunks` chunks a block, here or
-/// in the next panels, which follow in memory): the stream is read once and never cached, and
-/// a batch's extra compute per block otherwise leaves fewer loads in flight.
+/// Ask for the weights ahead of the block at `at` (`chunks` chunks a block, here or in the next
+/// panels, which follow in memory): into L2 `FAR` blocks ahead, into L1 `NEAR` blocks ahead.
+/// The stream is read once and never cached. One L1 stream alone left a batch-1 step waiting on
+/// memory; the L2 requests go out early enough to cover memory's latency, the L1 ones only the
+/// L2's (one 128-token sample took ~5% less time with both than with L1 prefetches 16 blocks ahead).
 #[cfg(target_feature = "avx2")]
 #[inline(always)]
 unsafe fn prefetch(at: &[Chunk], chunks: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    const AHEAD: usize = 16;
-    let p = at.as_ptr().wrapping_add(AHEAD * chunks) as *const i8;
-    for line in 0..chunks * std::mem::size_of::<Chunk>() / 64 {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line));
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T2};
+    const NEAR: usize = 4;
+    const FAR: usize = 32;
+    let lines = chunks * std::mem::size_of::<Chunk>() / 64;
+    let near = at.as_ptr().wrapping_add(NEAR * chunks) as *const i8;
+    let far = at.as_ptr().wrapping_add(FAR * chunks) as *const i8;
+    for line in 0..lines {
+        _mm_prefetch::<_MM_HINT_T0>(near.wrapping_add(64 * line));
+        _mm_prefetch::<_MM_HINT_T2>(far.wrapping_add(64 * line));
     }
 }
 
 /// A buffer shared by pool workers that each write their own disjoint elements.
-#[derive(Clone, Copy)]
 pub(crate) struct Shared<T>(pub(crate) *mut T);
-// SAFETY: users guarantee disjoint writes (see `matmul_into`, `llama::attention`), and the pool
-// joins every worker (or passes a barrier) before the buffer is read.
+// SAFETY: users guarantee disjoint writes (see `matmul_into`, `llama::attention`,
+// `pool::for_each_mut`), and the pool joins every worker (or passes a barrier) before the buffer
+// is read.
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
+// Copyable whatever T is: it is only a pointer (a derive would ask for `T: Copy`).
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
 impl<T> Shared<T> {
     pub(crate) fn get(self) -> *mut T {
         self.0
