@@ -78,8 +78,30 @@ unsafe fn panel(
     sums: &mut Sums,
     unpack: impl Fn(usize) -> [__m512i; 8],
 ) {
-    let mut acc = [_mm512_setzero_ps(); TILE];
-    let mut acc_m = [_mm512_setzero_ps(); TILE];
+    match count {
+        1 => panel_rows::<1>(d, offset, acts, r0, sums, unpack),
+        2 => panel_rows::<2>(d, offset, acts, r0, sums, unpack),
+        3 => panel_rows::<3>(d, offset, acts, r0, sums, unpack),
+        _ => panel_rows::<4>(d, offset, acts, r0, sums, unpack),
+    }
+}
+
+/// `panel` for `N` rows, their products interleaved: with three or four rows, each row's block
+/// is one chain of eight `vpdpbusd`, the rows' chains hiding each other's latency; one or two
+/// rows split theirs in two chains, added at the end.
+#[inline(always)]
+unsafe fn panel_rows<const N: usize>(
+    d: &[f16],
+    offset: Offset,
+    acts: &Q8Rows,
+    r0: usize,
+    sums: &mut Sums,
+    unpack: impl Fn(usize) -> [__m512i; 8],
+) {
+    const { assert!(N >= 1 && N <= TILE) };
+    let chains = if N >= 3 { 1 } else { 2 };
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut acc_m = [_mm512_setzero_ps(); N];
     for b in 0..acts.nb {
         let w = unpack(b);
         let dw = load_f16x16(&d[b * PANEL..]);
@@ -87,28 +109,34 @@ unsafe fn panel(
             Offset::Stored(m) => Some(load_f16x16(&m[b * PANEL..])),
             Offset::Plus128 => None,
         };
-        for i in 0..count {
-            let a = (r0 + i) * acts.nb + b;
-            // Two chains, so consecutive products do not wait on each other.
-            let mut isum = [
-                match offset {
-                    Offset::Stored(_) => _mm512_setzero_si512(),
-                    Offset::Plus128 => _mm512_set1_epi32(*acts.minus128.get_unchecked(a)),
-                },
-                _mm512_setzero_si512(),
-            ];
-            for (c, &u) in w.iter().enumerate() {
-                isum[c % 2] = _mm512_dpbusd_epi32(isum[c % 2], u, broadcast4(acts, a, c));
+        let a: [usize; N] = std::array::from_fn(|i| (r0 + i) * acts.nb + b);
+        let mut isum = [[_mm512_setzero_si512(); 2]; N];
+        if let Offset::Plus128 = offset {
+            for i in 0..N {
+                isum[i][0] = _mm512_set1_epi32(*acts.minus128.get_unchecked(a[i]));
             }
-            let isum = _mm512_add_epi32(isum[0], isum[1]);
-            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(a)));
+        }
+        for (c, &u) in w.iter().enumerate() {
+            for i in 0..N {
+                let k = c % chains;
+                isum[i][k] = _mm512_dpbusd_epi32(isum[i][k], u, broadcast4(acts, a[i], c));
+            }
+        }
+        for i in 0..N {
+            let isum = if chains == 2 {
+                _mm512_add_epi32(isum[i][0], isum[i][1])
+            } else {
+                isum[i][0]
+            };
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts.d.get_unchecked(a[i])));
             acc[i] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc[i]);
             if let Some(mw) = mw {
-                acc_m[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(a)), acc_m[i]);
+                acc_m[i] =
+                    _mm512_fmadd_ps(mw, _mm512_set1_ps(*acts.s.get_unchecked(a[i])), acc_m[i]);
             }
         }
     }
-    for i in 0..count {
+    for i in 0..N {
         _mm512_storeu_ps(sums[i].as_mut_ptr(), _mm512_add_ps(acc[i], acc_m[i]));
     }
 }
