@@ -302,10 +302,10 @@ impl Guided {
             for_each_mut(&mut draws, |(_, branch, rows, drawn)| {
                 *drawn = Some(branch.draw(&coefs, rows, vocab))
             });
-            let drawn: Vec<(usize, Drawn)> = draws
+            let drawn = draws
                 .into_iter()
-                .filter_map(|(b, _, _, d)| Some((b, d?)))
-                .collect();
+                .map(|(b, _, _, d)| Ok((b, d.context("a branch left undrawn")?)))
+                .collect::<Result<Vec<(usize, Drawn)>>>()?;
             for (b, d) in drawn {
                 self.record(cx, g, b, d)?;
             }

@@ -64,7 +64,10 @@ impl Decoder for Sample {
             for_each_mut(&mut draws, |(sampler, row, drawn)| {
                 *drawn = Some(sampler.sample(row))
             });
-            let drawn: Vec<Sampled> = draws.into_iter().filter_map(|d| d.2).collect();
+            let drawn = draws
+                .into_iter()
+                .map(|d| d.2.context("a row left undrawn"))
+                .collect::<Result<Vec<Sampled>>>()?;
             for (&(i, _), sampled) in self.tickets.iter().zip(drawn) {
                 self.choices[i].accept(cx, g, sampled)?;
             }
