@@ -79,7 +79,6 @@ pub(super) fn attention(
             prefix_keys,
             prefix_values,
             shared,
-            stride: hd,
             head_dim: hd,
             visible: visible(r),
         };
@@ -117,15 +116,15 @@ fn softmax_rows<const NQ: usize>(scores: &mut [f32], n: usize) -> [f32; NQ] {
     })
 }
 
-/// One KV head's cache as its queries see it: position p's key is `keys[p·stride..][..head_dim]`,
-/// or `prefix_keys[..]` for p below `shared` (likewise for values).
+/// One KV head's cache as its queries see it: position p's key is
+/// `keys[p·head_dim..][..head_dim]`, or `prefix_keys[..]` for p below `shared` (likewise for
+/// values).
 struct Head<'c> {
     keys: &'c [f16],
     values: &'c [f16],
     prefix_keys: &'c [f16],
     prefix_values: &'c [f16],
     shared: usize,
-    stride: usize,
     head_dim: usize,
     visible: usize,
 }
@@ -139,7 +138,7 @@ impl Head<'_> {
         } else {
             (self.keys, self.values)
         };
-        let o = p * self.stride;
+        let o = p * self.head_dim;
         (k.as_ptr().wrapping_add(o), v.as_ptr().wrapping_add(o))
     }
 
@@ -172,7 +171,7 @@ impl Head<'_> {
     fn attend(&self, q: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
         let (hd, n) = (self.head_dim, self.visible);
         let nq = q.len() / hd;
-        let last = (n - 1) * self.stride + hd;
+        let last = n * hd;
         assert!(
             (1..=QUERIES).contains(&nq)
                 && q.len() == nq * hd
@@ -181,8 +180,7 @@ impl Head<'_> {
                 && self.values.len() >= last
                 && self.shared < n
                 && (self.shared == 0
-                    || self.prefix_keys.len().min(self.prefix_values.len())
-                        >= (self.shared - 1) * self.stride + hd)
+                    || self.prefix_keys.len().min(self.prefix_values.len()) >= self.shared * hd)
         );
         scores.clear();
         scores.resize(nq * n, 0.0);
@@ -458,20 +456,18 @@ mod tests {
     /// the plain one (80) against an f64 reference.
     #[test]
     fn matches_a_plain_reference() {
-        for (hd, visible, stride, nq) in [
-            (64, 1, 192, 1),
-            (64, 13, 192, 3),
-            (64, 21, 192, 2),
-            (96, 17, 96, 1),
-            (128, 21, 256, 4),
-            (32, 9, 64, 3),
-            (80, 9, 80, 2),
+        for (hd, visible, nq) in [
+            (64, 1, 1),
+            (64, 13, 3),
+            (64, 21, 2),
+            (96, 17, 1),
+            (128, 21, 4),
+            (32, 9, 3),
+            (80, 9, 2),
         ] {
             let val = |i: usize| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 2.0;
-            let keys: Vec<f16> = (0..visible * stride)
-                .map(|i| f16::from_f32(val(i)))
-                .collect();
-            let values: Vec<f16> = (0..visible * stride)
+            let keys: Vec<f16> = (0..visible * hd).map(|i| f16::from_f32(val(i))).collect();
+            let values: Vec<f16> = (0..visible * hd)
                 .map(|i| f16::from_f32(val(i + 5)))
                 .collect();
             let q: Vec<f32> = (0..nq * hd).map(|i| val(i + 11) * 3.0).collect();
@@ -479,7 +475,7 @@ mod tests {
             // holds NaN where the other is to be read, so a read from the wrong one shows.
             for shared in [0, visible / 2, visible - 1] {
                 let hide = |v: &[f16], prefix: bool| -> Vec<f16> {
-                    let cut = shared * stride;
+                    let cut = shared * hd;
                     v.iter()
                         .enumerate()
                         .map(|(i, &x)| if (i < cut) != prefix { f16::NAN } else { x })
@@ -493,7 +489,6 @@ mod tests {
                     prefix_keys: &pre_k,
                     prefix_values: &pre_v,
                     shared,
-                    stride,
                     head_dim: hd,
                     visible,
                 };
@@ -503,7 +498,7 @@ mod tests {
                     let s: Vec<f64> = (0..visible)
                         .map(|p| {
                             (0..hd)
-                                .map(|d| (q[d] * keys[p * stride + d].to_f32()) as f64)
+                                .map(|d| (q[d] * keys[p * hd + d].to_f32()) as f64)
                                 .sum::<f64>()
                                 * 0.125
                         })
@@ -513,7 +508,7 @@ mod tests {
                     let z: f64 = w.iter().sum();
                     for d in 0..hd {
                         let want: f64 = (0..visible)
-                            .map(|p| w[p] / z * values[p * stride + d].to_f32() as f64)
+                            .map(|p| w[p] / z * values[p * hd + d].to_f32() as f64)
                             .sum();
                         assert!(
                             (o[d] as f64 - want).abs() < 1e-5,

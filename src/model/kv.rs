@@ -10,7 +10,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 /// One layer's keys and values: a vector per KV head.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 struct Layer {
     keys: Vec<Vec<f16>>,
     values: Vec<Vec<f16>>,
@@ -124,16 +124,15 @@ impl KvCache {
         self.common = self.common.min(self.len);
     }
 
-    /// Append rows (each `heads × head_dim` floats, head-major) of layer `layer` at position
-    /// `len()`, and return all its keys and values through them. `advance` commits the positions
-    /// once every layer is written.
-    pub(crate) fn append(
+    /// Append rows of layer `layer` at position `len()`, each given as its keys and values
+    /// (`heads × head_dim` floats each, head-major), and return all its keys and values through
+    /// them. `advance` commits the positions once every layer is written.
+    pub(crate) fn append<'r>(
         &mut self,
         n_layers: usize,
         layer: usize,
         (heads, head_dim): (usize, usize),
-        k: &[f32],
-        v: &[f32],
+        rows: impl Iterator<Item = (&'r [f32], &'r [f32])>,
     ) -> KvView<'_> {
         if self.layers.is_empty() {
             self.head_dim = head_dim;
@@ -145,13 +144,15 @@ impl KvCache {
         }
         let l = &mut self.layers[layer];
         assert!(self.head_dim == head_dim && l.keys.len() == heads);
-        assert!(k.len().is_multiple_of(heads * head_dim) && v.len() == k.len());
         let at = self.len * head_dim;
-        for (cache, new) in [(&mut l.keys, k), (&mut l.values, v)] {
-            for (h, run) in cache.iter_mut().enumerate() {
-                run.truncate(at);
-                for row in new.chunks_exact(heads * head_dim) {
-                    push_f16(run, &row[h * head_dim..(h + 1) * head_dim]);
+        for run in l.keys.iter_mut().chain(&mut l.values) {
+            run.truncate(at);
+        }
+        for (k, v) in rows {
+            assert!(k.len() == heads * head_dim && v.len() == k.len());
+            for (cache, new) in [(&mut l.keys, k), (&mut l.values, v)] {
+                for (run, x) in cache.iter_mut().zip(new.chunks_exact(head_dim)) {
+                    push_f16(run, x);
                 }
             }
         }
@@ -197,7 +198,10 @@ mod tests {
 
     /// A cache of `len` positions of one layer, one value each.
     fn grow(cache: &mut KvCache, values: &[f32]) {
-        cache.append(1, 0, (1, 1), values, values);
+        let rows = values
+            .iter()
+            .map(|v| (std::slice::from_ref(v), std::slice::from_ref(v)));
+        cache.append(1, 0, (1, 1), rows);
         cache.advance(values.len());
     }
 

@@ -489,7 +489,6 @@ impl Llama {
         let mut qkv = vec![0f32; n * width];
         let mut attn = vec![0f32; n * qw];
         let mut act = vec![0f32; n * cfg.ffn];
-        let (mut k_new, mut v_new) = (Vec::new(), Vec::new());
         for (li, layer) in self.layers.iter().enumerate() {
             layer.qkv.forward(
                 Input::normed(&x, &layer.attn_norm, eps),
@@ -507,17 +506,13 @@ impl Llama {
             let mut row = 0;
             for it in items.iter_mut() {
                 let t = it.tokens.len();
-                let rows = qkv[row * width..(row + t) * width].chunks_exact(width);
-                k_new.clear();
-                v_new.clear();
-                for r in rows {
-                    k_new.extend_from_slice(&r[qw..qw + kvw]);
-                    v_new.extend_from_slice(&r[qw + kvw..]);
-                }
+                let rows = qkv[row * width..(row + t) * width]
+                    .chunks_exact(width)
+                    .map(|r| (&r[qw..qw + kvw], &r[qw + kvw..]));
                 let start = it.cache.len();
                 let kv = it
                     .cache
-                    .append(cfg.n_layers, li, (cfg.n_kv_heads, hd), &k_new, &v_new);
+                    .append(cfg.n_layers, li, (cfg.n_kv_heads, hd), rows);
                 spans.push(Span {
                     rows: row..row + t,
                     start,
