@@ -14,7 +14,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::config::LlamaConfig;
 use super::kv::KvView;
-use super::quant::Shared;
+use super::quant::{Q8Writer, Shared, BLOCK};
 use crate::math;
 
 /// One item's part of a layer's attention: its query rows in the batch, the position of the first,
@@ -45,8 +45,10 @@ pub(super) fn attention(
     width: usize,
     spans: &[Span],
     out: &mut [f32],
+    blocks: Option<Q8Writer>,
 ) {
     let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
+    assert!(blocks.is_none() || hd.is_multiple_of(BLOCK));
     let n = qkv.len() / width;
     let span_of: Vec<&Span> = spans
         .iter()
@@ -87,6 +89,15 @@ pub(super) fn attention(
             std::slice::from_raw_parts_mut(out_ptr.get().add((r * h + heads.start) * hd), q.len())
         };
         head_kv.attend(q, scale, scores, o);
+        if let Some(blocks) = blocks {
+            // Whole blocks: the heads start at a multiple of head_dim, itself of BLOCK.
+            let first = (r * h + heads.start) * hd / BLOCK;
+            for (b, block) in o.chunks_exact(BLOCK).enumerate() {
+                // SAFETY: these blocks are this task's alone (its heads of row r), read by
+                // the next matmul after this pool call.
+                unsafe { blocks.block(first + b, block) };
+            }
+        }
     };
     // A fork-join costs more than a small call (a tiny ARM, a short context): those run on the
     // calling thread.

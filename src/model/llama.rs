@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::attention::{attention, Span};
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
-use super::quant::{self, GgmlMatrix, Input, Q4_1Matrix, Q8_0Matrix, Sink};
+use super::quant::{self, GgmlMatrix, Input, Q4_1Matrix, Q8Rows, Q8_0Matrix, Sink};
 use super::Precision;
 use crate::math;
 
@@ -181,7 +181,7 @@ impl Linear {
     /// sink inside their pool call; the others run the same steps around candle's matmul.
     fn forward(&self, input: Input, n: usize, sink: Sink) -> Result<()> {
         // Our kernels pair gate and up panels only where the matrix was laid out for it.
-        let fits = self.paired || !matches!(sink, Sink::SwiGlu(_));
+        let fits = self.paired || !matches!(sink, Sink::SwiGlu(..));
         match &self.kernel {
             Kernel::Q4_1(w) if fits => {
                 quant::matmul_into(w, input, n, sink);
@@ -206,15 +206,26 @@ impl Linear {
         match sink {
             Sink::Store(out) => out.copy_from_slice(&y),
             Sink::Add(out) => add(out, &y),
-            Sink::SwiGlu(out) => {
+            Sink::SwiGlu(out, blocks) => {
                 let half = self.out / 2;
                 for (r, a) in y.chunks_exact(self.out).zip(out.chunks_exact_mut(half)) {
                     let (g, u) = r.split_at(half);
                     math::silu_mul(g, u, a);
                 }
+                if let Some(blocks) = blocks {
+                    for (i, block) in out.chunks_exact(quant::BLOCK).enumerate() {
+                        // SAFETY: this thread alone writes them, before the next matmul.
+                        unsafe { blocks.block(i, block) };
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether this layer's kernel reads its input as quantized blocks (`Input::quantized`).
+    fn takes_blocks(&self) -> bool {
+        matches!(self.kernel, Kernel::Q4_1(_) | Kernel::Q8_0(_))
     }
 
     /// `x` is `n` rows; returns `n` rows of `self.out` values (rows in the matrix's order).
@@ -489,6 +500,7 @@ impl Llama {
         let mut qkv = vec![0f32; n * width];
         let mut attn = vec![0f32; n * qw];
         let mut act = vec![0f32; n * cfg.ffn];
+        let (mut q8_attn, mut q8_act) = (Q8Rows::new(), Q8Rows::new());
         for (li, layer) in self.layers.iter().enumerate() {
             layer.qkv.forward(
                 Input::normed(&x, &layer.attn_norm, eps),
@@ -526,18 +538,29 @@ impl Llama {
                     spans[i].prefix = Some((spans[a].kv, shared));
                 }
             }
-            attention(cfg, &qkv, width, &spans, &mut attn);
-            layer
-                .wo
-                .forward(Input::plain(&attn), n, Sink::Add(&mut x))?;
+            // Attention and SwiGLU quantize their outputs for the next matmul as they make
+            // them, where it reads quantized blocks (our kernels): its pool call then has no
+            // prologue to wait for.
+            let attn_blocks = (layer.wo.takes_blocks() && hd.is_multiple_of(quant::BLOCK))
+                .then(|| q8_attn.writer(n, qw));
+            attention(cfg, &qkv, width, &spans, &mut attn, attn_blocks);
+            let input = match attn_blocks {
+                Some(_) => Input::quantized(&attn, &q8_attn),
+                None => Input::plain(&attn),
+            };
+            layer.wo.forward(input, n, Sink::Add(&mut x))?;
+            let act_blocks = (layer.down.takes_blocks() && cfg.ffn.is_multiple_of(quant::BLOCK))
+                .then(|| q8_act.writer(n, cfg.ffn));
             layer.gate_up.forward(
                 Input::normed(&x, &layer.ffn_norm, eps),
                 n,
-                Sink::SwiGlu(&mut act),
+                Sink::SwiGlu(&mut act, act_blocks),
             )?;
-            layer
-                .down
-                .forward(Input::plain(&act), n, Sink::Add(&mut x))?;
+            let input = match act_blocks {
+                Some(_) => Input::quantized(&act, &q8_act),
+                None => Input::plain(&act),
+            };
+            layer.down.forward(input, n, Sink::Add(&mut x))?;
         }
         let mut wanted = Vec::new();
         let mut rows = Vec::with_capacity(items.len());

@@ -11,7 +11,7 @@ use half::f16;
 
 use super::huge::HugeSlice;
 
-const BLOCK: usize = 32;
+pub(crate) const BLOCK: usize = 32;
 /// Activation rows that share one pass over the weights.
 const TILE: usize = 4;
 // The kernel for this CPU, fixed at compile time (target-cpu=native): it sets `PANEL`, the weight
@@ -76,6 +76,70 @@ pub struct Q8Rows {
     qs: Vec<i8>,
     /// Blocks per row.
     nb: usize,
+}
+
+impl Q8Rows {
+    pub const fn new() -> Self {
+        Self {
+            d: Vec::new(),
+            s: Vec::new(),
+            minus128: Vec::new(),
+            qs: Vec::new(),
+            nb: 0,
+        }
+    }
+
+    /// Room for `m` rows of `cols` values (whole blocks), and a handle to fill it from pool
+    /// workers, block by block.
+    pub(crate) fn writer(&mut self, m: usize, cols: usize) -> Q8Writer {
+        assert!(cols.is_multiple_of(BLOCK), "activations in whole blocks");
+        self.nb = cols / BLOCK;
+        self.d.resize(m * self.nb, 0.0);
+        self.s.resize(m * self.nb, 0.0);
+        self.minus128.resize(m * self.nb, 0);
+        self.qs.resize(m * cols, 0);
+        Q8Writer {
+            d: Shared(self.d.as_mut_ptr()),
+            s: Shared(self.s.as_mut_ptr()),
+            minus128: Shared(self.minus128.as_mut_ptr()),
+            qs: Shared(self.qs.as_mut_ptr()),
+            blocks: m * self.nb,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.d.len() / self.nb.max(1)
+    }
+}
+
+/// Where quantized activation blocks go (`Q8Rows::writer`), from any thread.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8Writer {
+    d: Shared<f32>,
+    s: Shared<f32>,
+    minus128: Shared<i32>,
+    qs: Shared<i8>,
+    blocks: usize,
+}
+
+impl Q8Writer {
+    /// Quantizes `x` (32 values) as block `a` (row-major over the rows' blocks).
+    ///
+    /// # Safety
+    /// Block `a` is written by one thread alone, and the rows are read only once every
+    /// writer is done (the pool call that writes them has returned).
+    #[inline]
+    pub(crate) unsafe fn block(&self, a: usize, x: &[f32]) {
+        assert!(a < self.blocks && x.len() == BLOCK);
+        // SAFETY: block `a` is within the buffers `writer` sized, and the caller's alone.
+        unsafe {
+            let q = std::slice::from_raw_parts_mut(self.qs.get().add(a * BLOCK), BLOCK);
+            let (da, sum) = kernel::quantize_block(x, q);
+            *self.d.get().add(a) = da;
+            *self.s.get().add(a) = da * sum as f32;
+            *self.minus128.get().add(a) = -128 * sum;
+        }
+    }
 }
 
 /// What the shared matmul driver needs of a weight matrix.
@@ -232,17 +296,34 @@ impl Q8_0Matrix {
 pub struct Input<'a> {
     pub x: &'a [f32],
     pub norm: Option<(&'a [f32], f32)>,
+    /// `x` already quantized, by the pool call that made it (attention, SwiGLU): our kernels
+    /// take these blocks and skip the prologue; others read `x`.
+    pub quantized: Option<&'a Q8Rows>,
 }
 
 impl<'a> Input<'a> {
     pub fn plain(x: &'a [f32]) -> Self {
-        Self { x, norm: None }
+        Self {
+            x,
+            norm: None,
+            quantized: None,
+        }
     }
 
     pub fn normed(x: &'a [f32], weight: &'a [f32], eps: f32) -> Self {
         Self {
             x,
             norm: Some((weight, eps)),
+            quantized: None,
+        }
+    }
+
+    /// `x`, with its blocks as `Q8Writer::block` quantized them.
+    pub fn quantized(x: &'a [f32], blocks: &'a Q8Rows) -> Self {
+        Self {
+            x,
+            norm: None,
+            quantized: Some(blocks),
         }
     }
 }
@@ -254,8 +335,8 @@ pub enum Sink<'a> {
     /// Added to what is there (a residual connection): `m × rows` values.
     Add(&'a mut [f32]),
     /// silu(gate)·up, `m × rows/2` values, for a matrix whose gate and up panels alternate
-    /// (`gate_up_order`).
-    SwiGlu(&'a mut [f32]),
+    /// (`gate_up_order`); also quantized, block by block, into the writer if one is given.
+    SwiGlu(&'a mut [f32], Option<Q8Writer>),
 }
 
 /// `x` is `m` rows of `w.cols()`; returns `m` rows of `w.rows()` values.
@@ -289,64 +370,56 @@ struct Scratch {
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = const {
         std::cell::RefCell::new(Scratch {
-            acts: Q8Rows {
-                d: Vec::new(),
-                s: Vec::new(),
-                minus128: Vec::new(),
-                qs: Vec::new(),
-                nb: 0,
-            },
+            acts: Q8Rows::new(),
             inv_rms: Vec::new(),
         })
     };
 }
 
 /// `input` (`m` rows of `w.cols()`) times `w`'s rows, into `sink`. Every thread of the pool call
-/// first quantizes its share of the activations (normalising them if asked); then items of (two
-/// panels, up to four activation rows) are spread over the pool, each writing its products as
-/// `sink` asks.
+/// first quantizes its share of the activations (normalising them if asked), unless the input
+/// comes quantized; then items of (a chunk of panels, up to four activation rows) are spread
+/// over the pool, each writing its products as `sink` asks.
 pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
     let (cols, n) = (w.cols(), w.rows());
     assert_eq!(input.x.len(), m * cols, "matmul input shape");
-    let (out, swiglu, add) = match sink {
-        Sink::Store(o) => (o, false, false),
-        Sink::Add(o) => (o, false, true),
-        Sink::SwiGlu(o) => (o, true, false),
+    let (out, swiglu, add, quantize_out) = match sink {
+        Sink::Store(o) => (o, false, false, None),
+        Sink::Add(o) => (o, false, true, None),
+        Sink::SwiGlu(o, q) => (o, true, false, q),
     };
     let width = if swiglu { n / 2 } else { n };
     assert!(
-        out.len() == m * width && (!swiglu || width.is_multiple_of(PANEL)),
+        out.len() == m * width
+            && (!swiglu || width.is_multiple_of(PANEL))
+            && (quantize_out.is_none() || width.is_multiple_of(BLOCK)),
         "matmul output shape"
     );
     let dst = Shared(out.as_mut_ptr());
+    let nb = cols / BLOCK;
     SCRATCH.with_borrow_mut(|Scratch { acts, inv_rms }| {
         // One scale per row, on this thread: a few hundred multiply-adds a row.
         inv_rms.clear();
-        if let Some((_, eps)) = input.norm {
-            inv_rms.extend(
-                input
-                    .x
-                    .chunks_exact(cols)
-                    .map(|row| crate::math::inv_rms(row, eps)),
-            );
-        }
+        let writer = match input.quantized {
+            Some(q) => {
+                assert!(q.nb == nb && q.rows() == m, "quantized input shape");
+                assert!(input.norm.is_none(), "a quantized input is not normalised again");
+                None
+            }
+            None => {
+                if let Some((_, eps)) = input.norm {
+                    let rows = input.x.chunks_exact(cols);
+                    inv_rms.extend(rows.map(|row| crate::math::inv_rms(row, eps)));
+                }
+                Some(acts.writer(m, cols))
+            }
+        };
         let inv_rms = &*inv_rms;
-        let nb = cols / BLOCK;
-        acts.nb = nb;
-        acts.d.resize(m * nb, 0.0);
-        acts.s.resize(m * nb, 0.0);
-        acts.minus128.resize(m * nb, 0);
-        acts.qs.resize(m * cols, 0);
-        let (d, s, minus128, qs) = (
-            Shared(acts.d.as_mut_ptr()),
-            Shared(acts.s.as_mut_ptr()),
-            Shared(acts.minus128.as_mut_ptr()),
-            Shared(acts.qs.as_mut_ptr()),
-        );
         // Prologue units: `GROUP` blocks of one row, each normalised and quantized.
         const GROUP: usize = 4;
         let groups = nb.div_ceil(GROUP);
         let prologue = |unit: usize| {
+            let Some(writer) = writer else { return };
             let (r, g) = (unit / groups, unit % groups);
             let row = &input.x[r * cols..(r + 1) * cols];
             let scale = input.norm.map(|(weight, _)| (weight, inv_rms[r]));
@@ -360,46 +433,51 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
                     }
                     block = &normed;
                 }
-                let a = r * nb + b;
-                // SAFETY: block `a` of each buffer is written by this unit alone, and read only
-                // after the whole prologue.
-                unsafe {
-                    let q = std::slice::from_raw_parts_mut(qs.get().add(a * BLOCK), BLOCK);
-                    let (da, sum) = kernel::quantize_block(block, q);
-                    *d.get().add(a) = da;
-                    *s.get().add(a) = da * sum as f32;
-                    *minus128.get().add(a) = -128 * sum;
-                }
+                // SAFETY: block (r, b) is this unit's alone, read only after the prologue.
+                unsafe { writer.block(r * nb + b, block) };
             }
         };
-        let acts = &*acts;
+        let units = if writer.is_some() { m * groups } else { 0 };
+        let acts = input.quantized.unwrap_or(acts);
         let tiles = m.div_ceil(TILE);
         // Work items: (chunk of panels, activation tile); a chunk's weights stay in cache while
-        // a worker goes through the tiles. For SwiGLU a chunk is one gate and one up panel.
-        const CHUNK: usize = 2;
+        // a worker goes through the tiles. For SwiGLU a chunk is gate and up panels by turns,
+        // a block's worth of outputs, so that it can also quantize them.
+        let chunk_panels = if swiglu { SWIGLU_CHUNK } else { 2 };
         let panels = n.div_ceil(PANEL);
-        let chunks = panels.div_ceil(CHUNK);
+        let chunks = panels.div_ceil(chunk_panels);
         let work = |range: std::ops::Range<usize>| {
+            // Each item writes the products it reads (its panels, its rows) before reading them.
+            let mut sums = [[[0f32; PANEL]; TILE]; SWIGLU_CHUNK];
             for item in range {
                 let (chunk, tile) = (item / tiles, item % tiles);
                 let r0 = tile * TILE;
                 let count = TILE.min(m - r0);
-                let first = chunk * CHUNK;
-                let mut sums = [[[0f32; PANEL]; TILE]; CHUNK];
-                for (p, sums) in (first..(first + CHUNK).min(panels)).zip(&mut sums) {
+                let first = chunk * chunk_panels;
+                for (p, sums) in (first..(first + chunk_panels).min(panels)).zip(&mut sums) {
                     w.dot_panel(p, acts, r0, count, sums);
                 }
                 for i in 0..count {
                     // SAFETY: item (chunk, tile) alone writes rows r0..r0+count × its columns.
                     let row = unsafe { dst.get().add((r0 + i) * width) };
                     if swiglu {
-                        let out = unsafe {
-                            std::slice::from_raw_parts_mut(row.add(chunk * PANEL), PANEL)
-                        };
-                        crate::math::silu_mul(&sums[0][i], &sums[1][i], out);
+                        let pairs = ((first + chunk_panels).min(panels) - first) / 2;
+                        let j0 = first / 2 * PANEL;
+                        // SAFETY: as above; `pairs` panels of outputs from j0 on.
+                        let out =
+                            unsafe { std::slice::from_raw_parts_mut(row.add(j0), pairs * PANEL) };
+                        for (pair, out) in out.chunks_exact_mut(PANEL).enumerate() {
+                            let (gate, up) = (&sums[2 * pair][i], &sums[2 * pair + 1][i]);
+                            crate::math::silu_mul(gate, up, out);
+                        }
+                        if let Some(q) = quantize_out {
+                            // SAFETY: this block of the row is this item's alone; the
+                            // consumer reads it after this pool call.
+                            unsafe { q.block((r0 + i) * (width / BLOCK) + chunk, out) };
+                        }
                         continue;
                     }
-                    for (k, sums) in sums.iter().enumerate() {
+                    for (k, sums) in sums[..chunk_panels].iter().enumerate() {
                         let j0 = (first + k) * PANEL;
                         if j0 >= n {
                             break;
@@ -423,13 +501,16 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
         // A fork-join costs more than a small matmul (a tiny ARM's 128-wide layers): those run
         // on the calling thread.
         if n * cols * m < SMALL_MATMUL {
-            (0..m * groups).for_each(prologue);
+            (0..units).for_each(prologue);
             work(0..chunks * tiles);
         } else {
-            super::pool::split_after(m * groups, prologue, chunks * tiles, work);
+            super::pool::split_after(units, prologue, chunks * tiles, work);
         }
     });
 }
+
+/// Panels in a SwiGLU work item: gate and up by turns, one block of outputs.
+const SWIGLU_CHUNK: usize = 2 * BLOCK / PANEL;
 
 /// Multiply-adds below which a matmul skips the thread pool.
 const SMALL_MATMUL: usize = 1 << 18;
@@ -696,6 +777,74 @@ mod tests {
         for (rows, cols, m) in SHAPES {
             let w = q8_0(rows, cols);
             check(&w, &w.dequantize(), m);
+        }
+    }
+
+    fn quantized(x: &[f32], m: usize) -> Q8Rows {
+        let mut q8 = Q8Rows::new();
+        let writer = q8.writer(m, x.len() / m);
+        for (a, block) in x.chunks_exact(BLOCK).enumerate() {
+            // SAFETY: one thread, every block once, read after.
+            unsafe { writer.block(a, block) };
+        }
+        q8
+    }
+
+    #[test]
+    fn quantized_inputs_and_outputs_are_the_prologues_bit_for_bit() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let input = |m: usize, cols: usize| -> Vec<f32> {
+            (0..m * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect()
+        };
+        // A matmul of blocks quantized elsewhere equals the one that quantizes them itself.
+        for (rows, cols, m) in SHAPES {
+            let (w, x) = (q4_1(rows, cols), input(m, cols));
+            let q8 = quantized(&x, m);
+            let mut got = vec![0f32; m * rows];
+            matmul_into(&w, Input::quantized(&x, &q8), m, Sink::Store(&mut got));
+            assert_eq!(
+                bits(&got),
+                bits(&matmul(&w, &x, m)),
+                "{rows}×{cols}, {m} rows"
+            );
+        }
+        // SwiGLU's blocks are its outputs quantized, as the next matmul's prologue would.
+        let (half, cols, m) = (4 * BLOCK, 96, 3);
+        let w = q4_1(2 * half, cols);
+        let x = input(m, cols);
+        let mut act = vec![0f32; m * half];
+        let mut q8 = Q8Rows::new();
+        let writer = q8.writer(m, half);
+        matmul_into(
+            &w,
+            Input::plain(&x),
+            m,
+            Sink::SwiGlu(&mut act, Some(writer)),
+        );
+        let want = quantized(&act, m);
+        assert_eq!(
+            (&q8.qs, bits(&q8.d), bits(&q8.s)),
+            (&want.qs, bits(&want.d), bits(&want.s))
+        );
+        assert_eq!(q8.minus128, want.minus128);
+        // And the outputs are silu(gate)·up of the interleaved gate and up panels.
+        let all = matmul(&w, &x, m);
+        for (r, (all, act)) in all
+            .chunks_exact(2 * half)
+            .zip(act.chunks_exact(half))
+            .enumerate()
+        {
+            for (p, (pair, act)) in all
+                .chunks_exact(2 * PANEL)
+                .zip(act.chunks_exact(PANEL))
+                .enumerate()
+            {
+                let mut want = [0f32; PANEL];
+                crate::math::silu_mul(&pair[..PANEL], &pair[PANEL..], &mut want);
+                assert_eq!(bits(act), bits(&want), "row {r} panel {p}");
+            }
         }
     }
 }
