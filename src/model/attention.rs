@@ -38,7 +38,8 @@ const SMALL_ATTENTION: usize = 1 << 16;
 const QUERIES: usize = 4;
 
 /// Causal attention of every row of `qkv` (each `width` wide, queries first) against its item's
-/// cache. Writes rows of `n_heads × head_dim` into `out`.
+/// cache. Writes rows of `n_heads × head_dim` into `out` and, given `blocks`, quantizes them there
+/// too, each task its own heads' blocks, for the output projection to read.
 pub(super) fn attention(
     cfg: &LlamaConfig,
     qkv: &[f32],

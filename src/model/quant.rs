@@ -403,7 +403,10 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
         let writer = match input.quantized {
             Some(q) => {
                 assert!(q.nb == nb && q.rows() == m, "quantized input shape");
-                assert!(input.norm.is_none(), "a quantized input is not normalised again");
+                assert!(
+                    input.norm.is_none(),
+                    "a quantized input is not normalised again"
+                );
                 None
             }
             None => {
