@@ -92,12 +92,9 @@ pub(super) fn attention(
         head_kv.attend(q, scale, scores, o);
         if let Some(blocks) = blocks {
             // Whole blocks: the heads start at a multiple of head_dim, itself of BLOCK.
-            let first = (r * h + heads.start) * hd / BLOCK;
-            for (b, block) in o.chunks_exact(BLOCK).enumerate() {
-                // SAFETY: these blocks are this task's alone (its heads of row r), read by
-                // the next matmul after this pool call.
-                unsafe { blocks.block(first + b, block) };
-            }
+            // SAFETY: these blocks are this task's alone (its heads of row r), read by the next
+            // matmul after this pool call.
+            unsafe { blocks.blocks((r * h + heads.start) * hd / BLOCK, o) };
         }
     };
     // A fork-join costs more than a small call (a tiny ARM, a short context): those run on the

@@ -213,17 +213,16 @@ impl Linear {
                     math::silu_mul(g, u, a);
                 }
                 if let Some(blocks) = blocks {
-                    for (i, block) in out.chunks_exact(quant::BLOCK).enumerate() {
-                        // SAFETY: this thread alone writes them, before the next matmul.
-                        unsafe { blocks.block(i, block) };
-                    }
+                    // SAFETY: this thread alone writes them, before the next matmul.
+                    unsafe { blocks.blocks(0, out) };
                 }
             }
         }
         Ok(())
     }
 
-    /// Whether this layer's kernel reads its input as quantized blocks (`Input::quantized`).
+    /// Whether this layer's kernel reads its input as quantized blocks (`Input::quantized`);
+    /// those kernels hold whole blocks per row, so its input width is one too.
     fn takes_blocks(&self) -> bool {
         matches!(self.kernel, Kernel::Q4_1(_) | Kernel::Q8_0(_))
     }
@@ -541,6 +540,7 @@ impl Llama {
             // Attention and SwiGLU quantize their outputs for the next matmul as they make
             // them, where it reads quantized blocks (our kernels): its pool call then has no
             // prologue to wait for.
+            // An attention task's heads are whole blocks only if a head is.
             let attn_blocks = (layer.wo.takes_blocks() && hd.is_multiple_of(quant::BLOCK))
                 .then(|| q8_attn.writer(n, qw));
             attention(cfg, &qkv, width, &spans, &mut attn, attn_blocks);
@@ -549,8 +549,7 @@ impl Llama {
                 None => Input::plain(&attn),
             };
             layer.wo.forward(input, n, Sink::Add(&mut x))?;
-            let act_blocks = (layer.down.takes_blocks() && cfg.ffn.is_multiple_of(quant::BLOCK))
-                .then(|| q8_act.writer(n, cfg.ffn));
+            let act_blocks = layer.down.takes_blocks().then(|| q8_act.writer(n, cfg.ffn));
             layer.gate_up.forward(
                 Input::normed(&x, &layer.ffn_norm, eps),
                 n,

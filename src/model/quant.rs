@@ -123,21 +123,24 @@ pub(crate) struct Q8Writer {
 }
 
 impl Q8Writer {
-    /// Quantizes `x` (32 values) as block `a` (row-major over the rows' blocks).
+    /// Quantizes `x` (whole blocks) as the blocks from `first` on (row-major over the rows'
+    /// blocks).
     ///
     /// # Safety
-    /// Block `a` is written by one thread alone, and the rows are read only once every
+    /// Those blocks are written by one thread alone, and the rows are read only once every
     /// writer is done (the pool call that writes them has returned).
     #[inline]
-    pub(crate) unsafe fn block(&self, a: usize, x: &[f32]) {
-        assert!(a < self.blocks && x.len() == BLOCK);
-        // SAFETY: block `a` is within the buffers `writer` sized, and the caller's alone.
-        unsafe {
-            let q = std::slice::from_raw_parts_mut(self.qs.get().add(a * BLOCK), BLOCK);
-            let (da, sum) = kernel::quantize_block(x, q);
-            *self.d.get().add(a) = da;
-            *self.s.get().add(a) = da * sum as f32;
-            *self.minus128.get().add(a) = -128 * sum;
+    pub(crate) unsafe fn blocks(&self, first: usize, x: &[f32]) {
+        assert!(x.len().is_multiple_of(BLOCK) && first + x.len() / BLOCK <= self.blocks);
+        for (a, x) in (first..).zip(x.chunks_exact(BLOCK)) {
+            // SAFETY: block `a` is within the buffers `writer` sized, and the caller's alone.
+            unsafe {
+                let q = std::slice::from_raw_parts_mut(self.qs.get().add(a * BLOCK), BLOCK);
+                let (da, sum) = kernel::quantize_block(x, q);
+                *self.d.get().add(a) = da;
+                *self.s.get().add(a) = da * sum as f32;
+                *self.minus128.get().add(a) = -128 * sum;
+            }
         }
     }
 }
@@ -398,7 +401,6 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
     let dst = Shared(out.as_mut_ptr());
     let nb = cols / BLOCK;
     SCRATCH.with_borrow_mut(|Scratch { acts, inv_rms }| {
-        // One scale per row, on this thread: a few hundred multiply-adds a row.
         inv_rms.clear();
         let writer = match input.quantized {
             Some(q) => {
@@ -410,6 +412,7 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
                 None
             }
             None => {
+                // One scale per row, on this thread: a few hundred multiply-adds a row.
                 if let Some((_, eps)) = input.norm {
                     let rows = input.x.chunks_exact(cols);
                     inv_rms.extend(rows.map(|row| crate::math::inv_rms(row, eps)));
@@ -437,7 +440,7 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
                     block = &normed;
                 }
                 // SAFETY: block (r, b) is this unit's alone, read only after the prologue.
-                unsafe { writer.block(r * nb + b, block) };
+                unsafe { writer.blocks(r * nb + b, block) };
             }
         };
         let units = if writer.is_some() { m * groups } else { 0 };
@@ -457,18 +460,22 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
                 let r0 = tile * TILE;
                 let count = TILE.min(m - r0);
                 let first = chunk * chunk_panels;
-                for (p, sums) in (first..(first + chunk_panels).min(panels)).zip(&mut sums) {
+                let last = (first + chunk_panels).min(panels);
+                for (p, sums) in (first..last).zip(&mut sums) {
                     w.dot_panel(p, acts, r0, count, sums);
                 }
                 for i in 0..count {
                     // SAFETY: item (chunk, tile) alone writes rows r0..r0+count × its columns.
                     let row = unsafe { dst.get().add((r0 + i) * width) };
                     if swiglu {
-                        let pairs = ((first + chunk_panels).min(panels) - first) / 2;
-                        let j0 = first / 2 * PANEL;
-                        // SAFETY: as above; `pairs` panels of outputs from j0 on.
-                        let out =
-                            unsafe { std::slice::from_raw_parts_mut(row.add(j0), pairs * PANEL) };
+                        // SAFETY: as above; a panel of outputs per (gate, up) pair, from the
+                        // chunk's first output on.
+                        let out = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                row.add(first / 2 * PANEL),
+                                (last - first) / 2 * PANEL,
+                            )
+                        };
                         for (pair, out) in out.chunks_exact_mut(PANEL).enumerate() {
                             let (gate, up) = (&sums[2 * pair][i], &sums[2 * pair + 1][i]);
                             crate::math::silu_mul(gate, up, out);
@@ -476,7 +483,7 @@ pub fn matmul_into<W: PanelDot>(w: &W, input: Input, m: usize, sink: Sink) {
                         if let Some(q) = quantize_out {
                             // SAFETY: this block of the row is this item's alone; the
                             // consumer reads it after this pool call.
-                            unsafe { q.block((r0 + i) * (width / BLOCK) + chunk, out) };
+                            unsafe { q.blocks((r0 + i) * (width / BLOCK) + chunk, out) };
                         }
                         continue;
                     }
@@ -786,10 +793,8 @@ mod tests {
     fn quantized(x: &[f32], m: usize) -> Q8Rows {
         let mut q8 = Q8Rows::new();
         let writer = q8.writer(m, x.len() / m);
-        for (a, block) in x.chunks_exact(BLOCK).enumerate() {
-            // SAFETY: one thread, every block once, read after.
-            unsafe { writer.block(a, block) };
-        }
+        // SAFETY: one thread, every block once, read after.
+        unsafe { writer.blocks(0, x) };
         q8
     }
 
