@@ -82,6 +82,12 @@ pub fn inv_rms(x: &[f32], eps: f32) -> f32 {
 
 /// Largest value (−∞ for an empty slice; NaN are skipped).
 pub fn max(x: &[f32]) -> f32 {
+    #[cfg(target_feature = "avx512f")]
+    // SAFETY: AVX-512F is enabled for the whole crate.
+    unsafe {
+        wide::max(x)
+    }
+    #[cfg(not(target_feature = "avx512f"))]
     lanes(x, f32::NEG_INFINITY, f32::max, f32::max)
 }
 
@@ -105,13 +111,15 @@ pub fn exp_in_place(x: &mut [f32], shift: f32, scale: f32) -> f32 {
     #[cfg(target_feature = "avx512f")]
     // SAFETY: AVX-512F is enabled for the whole crate.
     unsafe {
-        wide::exp_in_place(x, shift, scale);
+        wide::exp_in_place(x, shift, scale)
     }
     #[cfg(not(target_feature = "avx512f"))]
-    for v in x.iter_mut() {
-        *v = exp((*v - shift) * scale);
+    {
+        for v in x.iter_mut() {
+            *v = exp((*v - shift) * scale);
+        }
+        sum(x)
     }
-    sum(x)
 }
 
 /// SwiGLU's gate: out = silu(g)·u = g·u / (1 + e^−g), elementwise.
@@ -253,15 +261,62 @@ mod wide {
         (total, weighted)
     }
 
-    pub unsafe fn exp_in_place(x: &mut [f32], shift: f32, scale: f32) {
+    /// Lanes of `x` past its whole vectors: a mask for the rest (fewer than sixteen values).
+    #[inline(always)]
+    fn tail_mask(rest: usize) -> __mmask16 {
+        ((1u32 << rest) - 1) as __mmask16
+    }
+
+    /// Sixteen lanes at a time with a masked last vector: the short rows of attention (tens of
+    /// scores) would otherwise spend more on a scalar tail and a serial fold of the lanes than
+    /// on the vectors.
+    pub unsafe fn max(x: &[f32]) -> f32 {
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        // `max` returns its second operand when either is NaN: the accumulator, so NaN skip.
+        let mut acc = [ninf; 4];
+        let mut quads = x.chunks_exact(64);
+        for c in quads.by_ref() {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr().add(16 * k)), *a);
+            }
+        }
+        let mut singles = quads.remainder().chunks_exact(16);
+        for c in singles.by_ref() {
+            acc[0] = _mm512_max_ps(_mm512_loadu_ps(c.as_ptr()), acc[0]);
+        }
+        let rest = singles.remainder();
+        let tail = _mm512_mask_loadu_ps(ninf, tail_mask(rest.len()), rest.as_ptr());
+        acc[1] = _mm512_max_ps(tail, acc[1]);
+        let m = _mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
+        _mm512_reduce_max_ps(m)
+    }
+
+    /// x ← e^((x − shift)·scale), returning the sum of the new values, accumulated as they are
+    /// made (one pass, the sum in vectors).
+    pub unsafe fn exp_in_place(x: &mut [f32], shift: f32, scale: f32) -> f32 {
         let (sh, sc) = (_mm512_set1_ps(shift), _mm512_set1_ps(scale));
-        let mut chunks = x.chunks_exact_mut(16);
-        for c in chunks.by_ref() {
-            _mm512_storeu_ps(c.as_mut_ptr(), exp16(arg(c.as_ptr(), sh, sc)));
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut pairs = x.chunks_exact_mut(32);
+        for c in pairs.by_ref() {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let e = exp16(arg(c.as_ptr().add(16 * k), sh, sc));
+                _mm512_storeu_ps(c.as_mut_ptr().add(16 * k), e);
+                *a = _mm512_add_ps(*a, e);
+            }
         }
-        for v in chunks.into_remainder() {
-            *v = super::exp((*v - shift) * scale);
+        let mut singles = pairs.into_remainder().chunks_exact_mut(16);
+        for c in singles.by_ref() {
+            let e = exp16(arg(c.as_ptr(), sh, sc));
+            _mm512_storeu_ps(c.as_mut_ptr(), e);
+            acc[0] = _mm512_add_ps(acc[0], e);
         }
+        let rest = singles.into_remainder();
+        let mask = tail_mask(rest.len());
+        let v = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
+        let e = exp16(_mm512_mul_ps(_mm512_sub_ps(v, sh), sc));
+        _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, e);
+        acc[1] = _mm512_mask_add_ps(acc[1], mask, acc[1], e);
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
     }
 }
 
@@ -323,7 +378,7 @@ mod tests {
         assert_eq!(log_sum_exp(&[]), f32::NEG_INFINITY);
         assert_eq!(log_sum_exp(&[f32::NEG_INFINITY; 3]), f32::NEG_INFINITY);
         assert_eq!(max(&[f32::NAN, 1.0]), 1.0);
-        // The vector path (whole chunks) agrees with the scalar `exp` (tails), ±∞ and NaN included.
+        // The vector path agrees with the scalar `exp`, ±∞ and NaN included.
         let mut y: Vec<f32> = (0..100).map(|i| i as f32 * 2.0 - 110.0).collect();
         y.extend([f32::NEG_INFINITY, f32::INFINITY, f32::NAN, 0.0]);
         let mut z = y.clone();
@@ -349,5 +404,39 @@ mod tests {
         }
         let total: f64 = y[..96].iter().map(|&v| f64::from(v).exp()).sum();
         assert!((f64::from(sum_exp(&y[..96], 0.0, 1.0)) / total - 1.0).abs() < 1e-6);
+    }
+
+    /// Every length up to a few vectors (attention's short rows): whole vectors, a masked
+    /// tail, or both, with NaN in the body and in the tail.
+    #[test]
+    fn short_rows_reduce_like_long_ones() {
+        for n in (0..=80usize).chain([200, 1000]) {
+            let mut x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 1013) as f32 / 50.0 - 10.0)
+                .collect();
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                if at < n {
+                    x[at] = f32::NAN;
+                }
+            }
+            let want = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&x), want, "max of {n}");
+            x.retain(|v| !v.is_nan());
+            let mut e = x.clone();
+            let total = exp_in_place(&mut e, want, 0.5);
+            let mut serial = 0f64;
+            for (&v, &e) in x.iter().zip(&e) {
+                let w = exp((v - want) * 0.5);
+                assert!(
+                    e == w || ((e - w) / w).abs() < 4e-7,
+                    "exp of {n}: {e} vs {w}"
+                );
+                serial += f64::from(e);
+            }
+            assert!(
+                (f64::from(total) - serial).abs() <= 1e-6 * serial,
+                "sum of {n}"
+            );
+        }
     }
 }
