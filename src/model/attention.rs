@@ -13,20 +13,20 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::config::LlamaConfig;
-use super::kv::KvView;
+use super::kv::{store_f16, KvHead};
 use super::quant::{Q8Writer, Shared, BLOCK};
 use crate::math;
 
-/// One item's part of a layer's attention: its query rows in the batch, the position of the first,
-/// and its keys/values (through its last row).
+/// One item's part of a layer's attention: its rows in the batch, the position of the first,
+/// and its cache's KV heads, opened for those rows (`KvCache::open`).
 pub(super) struct Span<'c> {
     pub rows: Range<usize>,
     pub start: usize,
-    pub kv: KvView<'c>,
+    pub kv: &'c [KvHead],
     /// Another item's keys and values, the same as this one's in their first positions (a
     /// cache forked from the same prompt): read from there, they are still in the CPU's cache
     /// from that item's tasks.
-    pub prefix: Option<(KvView<'c>, usize)>,
+    pub prefix: Option<(&'c [KvHead], usize)>,
 }
 
 /// Multiply-adds below which attention runs on the calling thread (measured: the base model's
@@ -37,44 +37,81 @@ const SMALL_ATTENTION: usize = 1 << 16;
 /// keys and values are read and converted once for all of them.
 const QUERIES: usize = 4;
 
-/// Causal attention of every row of `qkv` (each `width` wide, queries first) against its item's
-/// cache. Writes rows of `n_heads × head_dim` into `out` and, given `blocks`, quantizes them there
-/// too, each task its own heads' blocks, for the output projection to read.
+/// Causal attention of every row of `qkv` (each `width` wide: queries, keys, values) against its
+/// item's cache, after rotating its queries and keys for their positions (`rope`) and writing
+/// its keys and values into the cache: done in the tasks, in parallel, not in a serial pass
+/// over the batch before them. Writes rows of `n_heads × head_dim` into `out` and, given
+/// `blocks`, quantizes them there too, each task its own heads' blocks, for the output
+/// projection to read.
 pub(super) fn attention(
     cfg: &LlamaConfig,
-    qkv: &[f32],
+    qkv: &mut [f32],
     width: usize,
     spans: &[Span],
+    rope: &(impl Fn(&mut [f32], usize) + Sync),
     out: &mut [f32],
     blocks: Option<Q8Writer>,
 ) {
-    let (h, hd, group) = (cfg.n_heads, cfg.head_dim, cfg.group());
+    let (h, kvh, hd, group) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.group());
     assert!(blocks.is_none() || hd.is_multiple_of(BLOCK));
+    assert!(width == (h + 2 * kvh) * hd && qkv.len().is_multiple_of(width));
     let n = qkv.len() / width;
     let span_of: Vec<&Span> = spans
         .iter()
         .flat_map(|s| s.rows.clone().map(move |_| s))
         .collect();
-    let visible = |r: usize| span_of[r].start + (r - span_of[r].rows.start) + 1;
+    assert!(span_of.len() == n && spans.iter().all(|s| s.kv.len() == kvh));
+    let position = |r: usize| span_of[r].start + (r - span_of[r].rows.start);
     let scale = 1.0 / (hd as f32).sqrt();
-    let out_ptr = Shared(out.as_mut_ptr());
+    let (qkv_ptr, out_ptr) = (Shared(qkv.as_mut_ptr()), Shared(out.as_mut_ptr()));
+    // Row r's KV head `kv_head`: its queries and key rotated in place, key and value stored.
+    let prepare = |r: usize, kv_head: usize| {
+        let p = position(r);
+        let at = |offset: usize| qkv_ptr.get().wrapping_add(r * width + offset);
+        // SAFETY: these heads of row r are this call's alone (one per row and KV head), and
+        // `open` made room for position p in the cache.
+        unsafe {
+            rope(
+                std::slice::from_raw_parts_mut(at(kv_head * group * hd), group * hd),
+                p,
+            );
+            let key = std::slice::from_raw_parts_mut(at((h + kv_head) * hd), hd);
+            rope(key, p);
+            let value = std::slice::from_raw_parts(at((h + kvh + kv_head) * hd), hd);
+            let head = span_of[r].kv[kv_head];
+            store_f16(head.keys.add(p * hd), key);
+            store_f16(head.values.add(p * hd), value);
+        }
+    };
     // Tasks: (KV head, part of that head's queries, row), so that a thread's consecutive tasks
     // read one head's keys and values, of one item or of a prefix items share.
     let parts = group.div_ceil(QUERIES);
-    let tasks_per_row = cfg.n_kv_heads * parts;
+    // With one row per item and one task per row and KV head, a task prepares its own row and
+    // head, which no other task reads; otherwise every row is prepared before any is attended.
+    let own = parts == 1 && spans.iter().all(|s| s.rows.len() == 1);
     let task = |i: usize, scores: &mut Vec<f32>| {
         let (r, kv_head, part) = (i % n, i / n / parts, i / n % parts);
+        if own {
+            prepare(r, kv_head);
+        }
         let s = span_of[r];
+        let visible = position(r) + 1;
         let first = kv_head * group + part * QUERIES;
         let heads = first..(first + QUERIES).min((kv_head + 1) * group);
-        let q = &qkv[r * width + heads.start * hd..r * width + heads.end * hd];
-        let (keys, values) = s.kv.head(kv_head);
-        let (prefix_keys, prefix_values, shared) = match s.prefix {
-            Some((kv, shared)) => {
-                let (k, v) = kv.head(kv_head);
-                (k, v, shared)
+        let run = |kv: &[KvHead], len: usize| {
+            // SAFETY: positions below `visible` are cached or were written by `prepare` (by
+            // this task, or before the pool's barrier).
+            unsafe {
+                (
+                    std::slice::from_raw_parts(kv[kv_head].keys.cast_const(), len * hd),
+                    std::slice::from_raw_parts(kv[kv_head].values.cast_const(), len * hd),
+                )
             }
-            None => (keys, values, 0),
+        };
+        let (keys, values) = run(s.kv, visible);
+        let ((prefix_keys, prefix_values), shared) = match s.prefix {
+            Some((kv, shared)) => (run(kv, shared), shared),
+            None => ((keys, values), 0),
         };
         let head_kv = Head {
             keys,
@@ -83,11 +120,21 @@ pub(super) fn attention(
             prefix_values,
             shared,
             head_dim: hd,
-            visible: visible(r),
+            visible,
         };
-        // SAFETY: task `i` alone writes row r's outputs for `heads`.
-        let o = unsafe {
-            std::slice::from_raw_parts_mut(out_ptr.get().add((r * h + heads.start) * hd), q.len())
+        // SAFETY: task `i` alone writes row r's outputs for `heads`; the queries it reads are
+        // rotated (by `prepare`, above or before the barrier) and written by no one after.
+        let (q, o) = unsafe {
+            (
+                std::slice::from_raw_parts(
+                    qkv_ptr.get().add(r * width + heads.start * hd),
+                    heads.len() * hd,
+                ),
+                std::slice::from_raw_parts_mut(
+                    out_ptr.get().add((r * h + heads.start) * hd),
+                    heads.len() * hd,
+                ),
+            )
         };
         head_kv.attend(q, scale, scores, o);
         if let Some(blocks) = blocks {
@@ -99,15 +146,19 @@ pub(super) fn attention(
     };
     // A fork-join costs more than a small call (a tiny ARM, a short context): those run on the
     // calling thread.
-    let macs = (0..n).map(visible).sum::<usize>() * h * hd * 2;
+    let macs = (0..n).map(|r| position(r) + 1).sum::<usize>() * h * hd * 2;
     let run = |range: std::ops::Range<usize>| {
         let mut scores = Vec::new();
         range.for_each(|i| task(i, &mut scores))
     };
+    let tasks = n * kvh * parts;
+    let units = if own { 0 } else { n * kvh };
+    let prepare_unit = |u: usize| prepare(u % n, u / n);
     if macs < SMALL_ATTENTION {
-        run(0..n * tasks_per_row);
+        (0..units).for_each(prepare_unit);
+        run(0..tasks);
     } else {
-        super::pool::split(n * tasks_per_row, run);
+        super::pool::split_after(units, prepare_unit, tasks, run);
     }
 }
 

@@ -1,7 +1,8 @@
 //! Per-sequence key/value cache: per layer and KV head, keys and values as plain vectors of
 //! `[position][head_dim]`, so attention reads one head's cache as one sequential stream, a decode
 //! step appends one row per head (amortised O(1), never a copy of the cache) and a fork copies
-//! only the used rows. Keys and values are stored as f16, as llama.cpp does by default: attention
+//! only the used rows. A forward opens each layer for its new positions and attention's tasks
+//! write them in place, each its own row and head, in parallel. Keys and values are stored as f16, as llama.cpp does by default: attention
 //! reads the whole cache of every sequence each step, and half the bytes is half that traffic.
 
 use std::sync::Arc;
@@ -30,18 +31,19 @@ pub struct KvCache {
     common: usize,
 }
 
-/// One layer's keys and values as attention reads them.
+/// One KV head's keys and values of one layer, `[position][head_dim]`, opened for new positions
+/// (`KvCache::open`): attention writes the new rows through these pointers and reads the cached
+/// ones before them.
 #[derive(Clone, Copy)]
-pub(crate) struct KvView<'c> {
-    layer: &'c Layer,
+pub(crate) struct KvHead {
+    pub keys: *mut f16,
+    pub values: *mut f16,
 }
 
-impl<'c> KvView<'c> {
-    /// KV head h's keys and values, `[position][head_dim]`.
-    pub fn head(&self, h: usize) -> (&'c [f16], &'c [f16]) {
-        (&self.layer.keys[h], &self.layer.values[h])
-    }
-}
+// SAFETY: attention's tasks write disjoint rows (their own position and head) and read only rows
+// written before the pool call or its barrier; the cache outlives the forward that opened it.
+unsafe impl Send for KvHead {}
+unsafe impl Sync for KvHead {}
 
 impl Default for KvCache {
     fn default() -> Self {
@@ -124,16 +126,18 @@ impl KvCache {
         self.common = self.common.min(self.len);
     }
 
-    /// Append rows of layer `layer` at position `len()`, each given as its keys and values
-    /// (`heads × head_dim` floats each, head-major), and return all its keys and values through
-    /// them. `advance` commits the positions once every layer is written.
-    pub(crate) fn append<'r>(
+    /// Opens layer `layer` for `t` positions from `len()`: makes room for them in every KV
+    /// head's keys and values (`heads` of them, `head_dim` wide), and pushes where each head's
+    /// run starts onto `out`. The rows are written through those pointers, at positions
+    /// `len()..len() + t`; `advance` commits them once every layer's are written.
+    pub(crate) fn open(
         &mut self,
         n_layers: usize,
         layer: usize,
         (heads, head_dim): (usize, usize),
-        rows: impl Iterator<Item = (&'r [f32], &'r [f32])>,
-    ) -> KvView<'_> {
+        t: usize,
+        out: &mut Vec<KvHead>,
+    ) {
         if self.layers.is_empty() {
             self.head_dim = head_dim;
             let layer = Layer {
@@ -146,67 +150,73 @@ impl KvCache {
         assert!(self.head_dim == head_dim && l.keys.len() == heads);
         let at = self.len * head_dim;
         for run in l.keys.iter_mut().chain(&mut l.values) {
+            // Rows past `len()` (rolled back, or of a forward that failed) are dropped.
             run.truncate(at);
+            run.reserve(t * head_dim);
         }
-        for (k, v) in rows {
-            assert!(k.len() == heads * head_dim && v.len() == k.len());
-            for (cache, new) in [(&mut l.keys, k), (&mut l.values, v)] {
-                for (run, x) in cache.iter_mut().zip(new.chunks_exact(head_dim)) {
-                    push_f16(run, x);
-                }
-            }
-        }
-        KvView { layer: l }
+        out.extend(l.keys.iter_mut().zip(&mut l.values).map(|(k, v)| KvHead {
+            keys: k.as_mut_ptr(),
+            values: v.as_mut_ptr(),
+        }));
     }
 
-    pub(crate) fn advance(&mut self, t: usize) {
+    /// Commits `t` new positions.
+    ///
+    /// # Safety
+    /// Every layer was opened for them (`open`, with this `t`) and all their rows written since.
+    pub(crate) unsafe fn advance(&mut self, t: usize) {
         self.len += t;
+        let used = self.len * self.head_dim;
+        for l in &mut self.layers {
+            for run in l.keys.iter_mut().chain(&mut l.values) {
+                // SAFETY: `open` reserved these positions and the caller wrote them.
+                unsafe { run.set_len(used) };
+            }
+        }
     }
 }
 
-/// Appends `x` to `run` as f16. A decode step makes one such call per layer, head and keys or
-/// values of each sequence (720 for four sequences of this model): the 512-bit path converts
-/// and stores in place, without the zero fill and the per-call dispatch of a resize and
-/// `convert_from_f32_slice`.
+/// Writes `x` as f16 at `dst`: a key or value row of one head, converted as it is stored (a
+/// decode step writes 720 of them for four sequences of the default model).
+///
+/// # Safety
+/// `dst` is valid for `x.len()` writes.
 #[inline]
-fn push_f16(run: &mut Vec<f16>, x: &[f32]) {
+pub(crate) unsafe fn store_f16(dst: *mut f16, x: &[f32]) {
     #[cfg(target_feature = "avx512f")]
     if x.len().is_multiple_of(16) {
         use std::arch::x86_64::*;
-        run.reserve(x.len());
-        let len = run.len();
-        // SAFETY: AVX-512F is enabled for the whole crate; `reserve` made room for x.len()
-        // values past `len`, all of which are written before `set_len` exposes them.
-        unsafe {
-            let dst = run.as_mut_ptr().add(len);
-            for (i, c) in x.chunks_exact(16).enumerate() {
-                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_loadu_ps(c.as_ptr()));
-                _mm256_storeu_si256(dst.add(16 * i).cast(), h);
-            }
-            run.set_len(len + x.len());
+        for (i, c) in x.chunks_exact(16).enumerate() {
+            let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_loadu_ps(c.as_ptr()));
+            _mm256_storeu_si256(dst.add(16 * i).cast(), h);
         }
         return;
     }
-    let from = run.len();
-    run.resize(from + x.len(), f16::ZERO);
-    run[from..].convert_from_f32_slice(x);
+    std::slice::from_raw_parts_mut(dst, x.len()).convert_from_f32_slice(x);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A cache of `len` positions of one layer, one value each.
+    /// `values.len()` more positions of one layer and head, one value each.
     fn grow(cache: &mut KvCache, values: &[f32]) {
-        let rows = values
-            .iter()
-            .map(|v| (std::slice::from_ref(v), std::slice::from_ref(v)));
-        cache.append(1, 0, (1, 1), rows);
-        cache.advance(values.len());
+        let mut heads = Vec::new();
+        let at = cache.len();
+        cache.open(1, 0, (1, 1), values.len(), &mut heads);
+        for (p, v) in values.iter().enumerate() {
+            // SAFETY: `open` made room for these positions.
+            unsafe {
+                store_f16(heads[0].keys.add(at + p), std::slice::from_ref(v));
+                store_f16(heads[0].values.add(at + p), std::slice::from_ref(v));
+            }
+        }
+        // SAFETY: the one layer's rows are written.
+        unsafe { cache.advance(values.len()) };
     }
 
     #[test]
-    fn push_f16_rounds_as_the_portable_conversion() {
+    fn store_f16_rounds_as_the_portable_conversion() {
         let mut x: Vec<f32> = (0..4096)
             .map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761)))
             .collect();
@@ -221,8 +231,9 @@ mod tests {
             f32::NAN,
         ]);
         x.resize(x.len().next_multiple_of(16), 0.5);
-        let mut run = vec![f16::ONE];
-        push_f16(&mut run, &x);
+        let mut run = vec![f16::ONE; x.len() + 1];
+        // SAFETY: `run` has room for x past its first value.
+        unsafe { store_f16(run.as_mut_ptr().add(1), &x) };
         let mut expected = vec![f16::ZERO; x.len()];
         expected.convert_from_f32_slice(&x);
         assert_eq!(run[0], f16::ONE);

@@ -500,42 +500,34 @@ impl Llama {
         let mut attn = vec![0f32; n * qw];
         let mut act = vec![0f32; n * cfg.ffn];
         let (mut q8_attn, mut q8_act) = (Q8Rows::new(), Q8Rows::new());
+        let mut heads = Vec::with_capacity(items.len() * cfg.n_kv_heads);
         for (li, layer) in self.layers.iter().enumerate() {
             layer.qkv.forward(
                 Input::normed(&x, &layer.attn_norm, eps),
                 n,
                 Sink::Store(&mut qkv),
             )?;
-            for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
-                let (q, k) = row[..qw + kvw].split_at_mut(qw);
-                self.rope(q, positions[r]);
-                self.rope(k, positions[r]);
-            }
-            // Append every item's new keys/values, then attend all rows of all items in one pass
-            // over the pool: a pool call per item made batched decode pay a barrier per sequence.
-            let mut spans = Vec::with_capacity(items.len());
-            let mut row = 0;
+            // Open every item's cache for its new rows, then attend all rows of all items in one
+            // pass over the pool (a pool call per item made batched decode pay a barrier per
+            // sequence); the tasks rotate and store the new keys and values themselves.
+            heads.clear();
             for it in items.iter_mut() {
                 let t = it.tokens.len();
-                let rows = qkv[row * width..(row + t) * width]
-                    .chunks_exact(width)
-                    .map(|r| (&r[qw..qw + kvw], &r[qw + kvw..]));
-                let start = it.cache.len();
-                let kv = it
-                    .cache
-                    .append(cfg.n_layers, li, (cfg.n_kv_heads, hd), rows);
+                it.cache
+                    .open(cfg.n_layers, li, (cfg.n_kv_heads, hd), t, &mut heads);
+            }
+            let kv_of = |i: usize| &heads[i * cfg.n_kv_heads..(i + 1) * cfg.n_kv_heads];
+            let mut spans = Vec::with_capacity(items.len());
+            let mut row = 0;
+            for (i, it) in items.iter().enumerate() {
+                let t = it.tokens.len();
                 spans.push(Span {
                     rows: row..row + t,
-                    start,
-                    kv,
-                    prefix: None,
+                    start: it.cache.len(),
+                    kv: kv_of(i),
+                    prefix: anchors[i].map(|(a, shared)| (kv_of(a), shared)),
                 });
                 row += t;
-            }
-            for (i, &anchor) in anchors.iter().enumerate() {
-                if let Some((a, shared)) = anchor {
-                    spans[i].prefix = Some((spans[a].kv, shared));
-                }
             }
             // Attention and SwiGLU quantize their outputs for the next matmul as they make
             // them, where it reads quantized blocks (our kernels): its pool call then has no
@@ -543,7 +535,8 @@ impl Llama {
             // An attention task's heads are whole blocks only if a head is.
             let attn_blocks = (layer.wo.takes_blocks() && hd.is_multiple_of(quant::BLOCK))
                 .then(|| q8_attn.writer(n, qw));
-            attention(cfg, &qkv, width, &spans, &mut attn, attn_blocks);
+            let rope = |x: &mut [f32], pos: usize| self.rope(x, pos);
+            attention(cfg, &mut qkv, width, &spans, &rope, &mut attn, attn_blocks);
             let input = match attn_blocks {
                 Some(_) => Input::quantized(&attn, &q8_attn),
                 None => Input::plain(&attn),
@@ -573,7 +566,8 @@ impl Llama {
                 Logits::All => wanted.extend(row..row + t),
             }
             rows.push(first..wanted.len());
-            it.cache.advance(t);
+            // SAFETY: every layer opened this cache for its t rows, and its attention wrote them.
+            unsafe { it.cache.advance(t) };
             row += t;
         }
         let vocab = cfg.vocab_size;
