@@ -2,8 +2,9 @@
 //! `[position][head_dim]`, so attention reads one head's cache as one sequential stream, a decode
 //! step appends one row per head (amortised O(1), never a copy of the cache) and a fork copies
 //! only the used rows. A forward opens each layer for its new positions and attention's tasks
-//! write them in place, each its own row and head, in parallel. Keys and values are stored as f16, as llama.cpp does by default: attention
-//! reads the whole cache of every sequence each step, and half the bytes is half that traffic.
+//! write them in place, each its own row and head, in parallel. Keys and values are stored as
+//! f16, as llama.cpp does by default: attention reads the whole cache of every sequence each
+//! step, and half the bytes is half that traffic.
 
 use std::sync::Arc;
 

@@ -457,7 +457,6 @@ impl Llama {
         let cfg = &self.cfg;
         let (hidden, hd) = (cfg.hidden, cfg.head_dim);
         let (qw, kvw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
-        let mut positions = Vec::new();
         for it in items.iter() {
             if it.tokens.is_empty() {
                 bail!("forward item without tokens");
@@ -476,9 +475,9 @@ impl Llama {
                     cfg.vocab_size
                 );
             }
-            positions.extend(start..start + it.tokens.len());
         }
-        let n = positions.len();
+        // Rows of the batch: every item's new tokens (attention finds each row's position).
+        let n = items.iter().map(|it| it.tokens.len()).sum::<usize>();
         let mut x = Vec::with_capacity(n * hidden);
         for it in items.iter() {
             for &t in it.tokens {
@@ -500,7 +499,7 @@ impl Llama {
         let mut attn = vec![0f32; n * qw];
         let mut act = vec![0f32; n * cfg.ffn];
         let (mut q8_attn, mut q8_act) = (Q8Rows::new(), Q8Rows::new());
-        let mut heads = Vec::with_capacity(items.len() * cfg.n_kv_heads);
+        let mut kv_heads = Vec::with_capacity(items.len() * cfg.n_kv_heads);
         for (li, layer) in self.layers.iter().enumerate() {
             layer.qkv.forward(
                 Input::normed(&x, &layer.attn_norm, eps),
@@ -510,13 +509,13 @@ impl Llama {
             // Open every item's cache for its new rows, then attend all rows of all items in one
             // pass over the pool (a pool call per item made batched decode pay a barrier per
             // sequence); the tasks rotate and store the new keys and values themselves.
-            heads.clear();
+            kv_heads.clear();
             for it in items.iter_mut() {
                 let t = it.tokens.len();
                 it.cache
-                    .open(cfg.n_layers, li, (cfg.n_kv_heads, hd), t, &mut heads);
+                    .open(cfg.n_layers, li, (cfg.n_kv_heads, hd), t, &mut kv_heads);
             }
-            let kv_of = |i: usize| &heads[i * cfg.n_kv_heads..(i + 1) * cfg.n_kv_heads];
+            let kv_of = |i: usize| &kv_heads[i * cfg.n_kv_heads..(i + 1) * cfg.n_kv_heads];
             let mut spans = Vec::with_capacity(items.len());
             let mut row = 0;
             for (i, it) in items.iter().enumerate() {

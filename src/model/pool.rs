@@ -1,9 +1,10 @@
 //! How a matmul's or attention's work items are spread over candle's barrier pool: each thread
-//! owns a contiguous share and takes it from the front, a quarter of what is left at a time, with
-//! a CAS on its own cache line; a thread that runs out steals from the back of another's share. candle's
-//! `execute_chunked` instead has every thread take every chunk from one shared atomic cursor,
-//! and that cache line bouncing between the cores cost ~10% of a decode step (151 pool calls a
-//! step); a plain static split would leave a thread the OS delays holding up the step.
+//! owns a contiguous share and takes it from the front, a quarter of what is left at a time,
+//! with a CAS on its own cache line; a thread that runs out steals from the back of another's
+//! share. candle's `execute_chunked` instead has every thread take every chunk from one shared
+//! atomic cursor, and that cache line bouncing between the cores cost ~10% of a decode step
+//! (151 pool calls a step); a plain static split would leave a thread the OS delays holding up
+//! the step.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
