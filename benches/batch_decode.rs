@@ -145,7 +145,7 @@ fn end_to_end(m: Model, rounds: usize) {
         DecoderSpec::parse(
             decoder,
             params.as_object().cloned().unwrap(),
-            engine.models(),
+            engine.rewards(),
         )
         .unwrap()
     };

@@ -1,6 +1,7 @@
-//! tilt: a test-time alignment inference server. See DESIGN.md in the shared design folder and
-//! README.md for the layers: `api` (HTTP) → `engine` (batching thread) → `decode` (per-request
-//! decoders) → `sampling` / `model` (candle forward, tokenizer, KV cache).
+//! tilt: a test-time alignment inference server. The layers, each importing only from those
+//! below it: `api` (HTTP) → `engine` (the batching thread and the contract decoders implement)
+//! and `decode` (one file per decoder) → `reward` (reward sources) → `model` (forward,
+//! tokenizer, KV cache); `sampling` and `math` serve them all.
 
 pub mod api;
 pub mod bench;

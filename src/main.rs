@@ -286,7 +286,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let engine = Engine::start(vec![model], EngineOptions::default());
     let decoder = match &args.alignment {
-        None => decode::build("sample", generation).map_err(anyhow::Error::msg)?,
+        None => decode::build("sample", generation)?,
         Some(json) => {
             let mut params: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(json).context("--alignment is not a JSON object")?;
@@ -295,13 +295,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 None => "sample".into(),
                 Some(other) => bail!("--alignment: `decoder` must be a string, got {other}"),
             };
-            let spec = decode::DecoderSpec::parse(&name, params, engine.models()).map_err(|e| {
-                anyhow::anyhow!(
-                    "--alignment: {}: {}",
-                    e.param.unwrap_or_default(),
-                    e.message
-                )
-            })?;
+            let spec =
+                decode::DecoderSpec::parse(&name, params, engine.rewards()).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--alignment: {}: {}",
+                        e.param.unwrap_or_default(),
+                        e.message
+                    )
+                })?;
             spec.build(generation)
         }
     };

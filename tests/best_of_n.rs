@@ -35,7 +35,7 @@ fn generation(engine: &Engine, prompt: &str, max_tokens: usize, seed: u64) -> Ge
 
 fn best_of_n(engine: &Engine, params: Value) -> DecoderSpec {
     let params = params.as_object().cloned().unwrap();
-    DecoderSpec::parse("best_of_n", params, engine.models()).unwrap()
+    DecoderSpec::parse("best_of_n", params, engine.rewards()).unwrap()
 }
 
 /// Words as the scorers count them: letters, digits and inner apostrophes.
@@ -55,7 +55,7 @@ const PROMPT: &str = "Write a short, cheerful note to a friend:";
 fn one_candidate_is_plain_sampling_with_the_same_seed() {
     let e = engine();
     let g = generation(&e, PROMPT, 24, 7);
-    let plain = run(&e, &DecoderSpec::Sample, g.clone());
+    let plain = run(&e, &DecoderSpec::sample(), g.clone());
     let one = run(
         &e,
         &best_of_n(&e, json!({"n": 1, "rewards": {"sentiment": 1}})),

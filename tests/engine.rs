@@ -6,9 +6,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use tilt::decode::{self, Decoder, Flow, Generation};
-use tilt::engine::{Cx, Engine, EngineOptions, Event, FinishReason, Outputs, SeqId, Usage, BASE};
-use tilt::model::{Logits, Model, Role};
+use tilt::decode::{self, Generation};
+use tilt::engine::{
+    Cx, Decoder, Engine, EngineOptions, Event, FinishReason, Flow, Outputs, SeqId, Usage,
+};
+use tilt::model::{Logits, Model, Role, BASE};
 use tilt::sampling::{argmax, SamplingParams};
 
 fn engine() -> Engine {
@@ -463,7 +465,7 @@ fn a_panicking_decoder_fails_its_request_and_the_engine_lives_on() {
             None => panic!("the request ended without a failure event"),
         }
     };
-    assert!(failure.contains("decoder bug"), "{failure}");
+    assert!(failure.to_string().contains("decoder bug"), "{failure}");
     // The request beside it finishes normally, and new ones are served.
     while !matches!(plain.blocking_recv(), Some(Event::Done { .. })) {}
     assert_eq!(

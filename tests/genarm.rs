@@ -37,7 +37,7 @@ fn generation(engine: &Engine, prompt: &str, n: usize, sampling: SamplingParams)
 
 fn genarm(engine: &Engine, params: Value) -> DecoderSpec {
     let params = params.as_object().cloned().unwrap();
-    DecoderSpec::parse("genarm", params, engine.models()).unwrap()
+    DecoderSpec::parse("genarm", params, engine.rewards()).unwrap()
 }
 
 /// Each choice's tokens, and the report.
@@ -64,7 +64,7 @@ fn zero_weights_decode_exactly_like_plain_sampling() {
         ..Default::default()
     };
     let g = generation(&e, "Tell me about the sea.", 3, sampling);
-    let plain = run(&e, &DecoderSpec::Sample, g.clone()).0;
+    let plain = run(&e, &DecoderSpec::sample(), g.clone()).0;
     let (tilted, report) = run(&e, &genarm(&e, json!({"rewards": {"toy": 0}})), g.clone());
     assert_eq!(tilted, plain);
     assert_ne!(plain[0], plain[1], "choices draw from their own streams");
@@ -178,7 +178,7 @@ fn unknown_rewards_list_the_loaded_ones() {
         .as_object()
         .cloned()
         .unwrap();
-    let err = DecoderSpec::parse("genarm", params, e.models()).unwrap_err();
+    let err = DecoderSpec::parse("genarm", params, e.rewards()).unwrap_err();
     assert_eq!(err.param.as_deref(), Some("rewards"));
     assert!(
         err.message.contains("`nope`") && err.message.contains("toy"),
@@ -190,12 +190,12 @@ fn unknown_rewards_list_the_loaded_ones() {
         .as_object()
         .cloned()
         .unwrap();
-    assert!(DecoderSpec::parse("genarm", params, e.models()).is_err());
+    assert!(DecoderSpec::parse("genarm", params, e.rewards()).is_err());
     let params = json!({"rewards": {"toy": 1e39}})
         .as_object()
         .cloned()
         .unwrap();
-    let err = DecoderSpec::parse("genarm", params, e.models()).unwrap_err();
+    let err = DecoderSpec::parse("genarm", params, e.rewards()).unwrap_err();
     assert_eq!(err.param.as_deref(), Some("rewards.toy"));
     // `decode::build` knows genarm too (no rewards: plain decoding).
     assert!(decode::build("genarm", generation(&e, "Hi", 1, SamplingParams::greedy())).is_ok());
@@ -203,7 +203,7 @@ fn unknown_rewards_list_the_loaded_ones() {
 
 fn best_of_n(engine: &Engine, params: Value) -> DecoderSpec {
     let params = params.as_object().cloned().unwrap();
-    DecoderSpec::parse("best_of_n", params, engine.models()).unwrap()
+    DecoderSpec::parse("best_of_n", params, engine.rewards()).unwrap()
 }
 
 #[test]
@@ -281,7 +281,7 @@ fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
     assert_eq!(report["choices"].as_array().unwrap().len(), 2);
     let mut four = g;
     four.n = 4;
-    let (plain, _) = run(&e, &DecoderSpec::Sample, four);
+    let (plain, _) = run(&e, &DecoderSpec::sample(), four);
     for (choice, tokens) in tokens.iter().enumerate() {
         let chosen = report["choices"][choice]["chosen"].as_u64().unwrap() as usize;
         assert_eq!(*tokens, plain[2 * choice + chosen], "choice {choice}");
@@ -291,7 +291,7 @@ fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
     let err = DecoderSpec::parse(
         "best_of_n",
         params.as_object().cloned().unwrap(),
-        e.models(),
+        e.rewards(),
     )
     .unwrap_err();
     assert_eq!(err.param.as_deref(), Some("guide.rewards"));

@@ -42,7 +42,7 @@ fn generation(engine: &Engine, question: &str, max_tokens: usize) -> Generation 
 
 fn spec(engine: &Engine, decoder: &str, params: Value) -> DecoderSpec {
     let params = params.as_object().cloned().unwrap();
-    DecoderSpec::parse(decoder, params, engine.models()).unwrap()
+    DecoderSpec::parse(decoder, params, engine.rewards()).unwrap()
 }
 
 fn has_word(text: &str, word: &str) -> bool {
@@ -57,7 +57,7 @@ const OCEAN: &str = "Name one animal that lives in the ocean.";
 fn trivial_searches_are_greedy_decoding() {
     let e = engine();
     let g = generation(&e, OCEAN, 16);
-    let greedy = run(&e, &DecoderSpec::Sample, g.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), g.clone());
     let keywords = json!({"keywords": ["shark"]});
     // One candidate per step: nothing to rescore.
     let args = run(
@@ -95,7 +95,7 @@ fn trivial_searches_are_greedy_decoding() {
 fn a_keyword_constraint_brings_in_what_greedy_leaves_out() {
     let e = engine();
     let g = generation(&e, OCEAN, 16);
-    let greedy = run(&e, &DecoderSpec::Sample, g.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), g.clone());
     assert!(!has_word(&greedy.text, "shark"), "{}", greedy.text);
     let keywords = json!({"keywords": ["shark"]});
     let args = run(
@@ -191,7 +191,7 @@ fn deal_forward_tokens_follow_the_formula() {
 fn deal_stops_at_a_stop_string() {
     let e = engine();
     let mut g = generation(&e, OCEAN, 32);
-    let greedy = run(&e, &DecoderSpec::Sample, g.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), g.clone());
     let cut = greedy
         .text
         .find(" ocean")
@@ -273,7 +273,7 @@ fn args_steers_with_a_reward_models_next_token_log_prob() {
     };
     // Where greedy decoding does not say Paris, the ARM brings it in…
     let sea = raw(&e, "Last summer we travelled to", 12);
-    let greedy = run(&e, &DecoderSpec::Sample, sea.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), sea.clone());
     // "… the moon."
     assert!(!greedy.tokens.contains(&paris), "{}", greedy.text);
     let towards = args(sea.clone(), 5.0);
@@ -292,7 +292,7 @@ fn args_steers_with_a_reward_models_next_token_log_prob() {
     assert_eq!(unweighted.report["arm_forward_tokens"], 0);
     // …and where greedy says Paris, a negative weight takes it out.
     let france = raw(&e, "The capital of France is", 4);
-    let greedy = run(&e, &DecoderSpec::Sample, france.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), france.clone());
     assert!(greedy.tokens.contains(&paris), "{}", greedy.text);
     let away = args(france, -5.0);
     assert!(!away.tokens.contains(&paris), "{}", away.text);
@@ -313,7 +313,7 @@ fn deal_steers_with_a_reward_models_sequence_log_prob() {
     };
     // Where greedy decoding does not say Paris, the ARM brings it in…
     let summer = raw(&e, "Last summer we travelled to", 8);
-    let greedy = run(&e, &DecoderSpec::Sample, summer.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), summer.clone());
     assert!(!greedy.tokens.contains(&paris), "{}", greedy.text);
     let towards = deal(summer.clone(), 5.0);
     assert!(towards.tokens.contains(&paris), "{}", towards.text);
@@ -329,7 +329,7 @@ fn deal_steers_with_a_reward_models_sequence_log_prob() {
     assert_eq!(unweighted.report["reward"], 0.0);
     // …and where greedy says Paris, a negative weight takes it out.
     let france = raw(&e, "The capital of France is", 4);
-    let greedy = run(&e, &DecoderSpec::Sample, france.clone());
+    let greedy = run(&e, &DecoderSpec::sample(), france.clone());
     assert!(greedy.tokens.contains(&paris), "{}", greedy.text);
     let away = deal(france, -5.0);
     assert!(!away.tokens.contains(&paris), "{}", away.text);

@@ -5,6 +5,9 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::decode::ParamError;
+use crate::engine::EngineError;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -160,6 +163,17 @@ impl ApiError {
         )
     }
 
+    /// 503: the engine has stopped (the server is shutting down); clients may retry elsewhere.
+    pub fn stopping() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some("server_stopping"),
+            None,
+            "the server is stopping",
+        )
+    }
+
     /// 500: tilt's own failure, never a client's.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
@@ -175,6 +189,27 @@ impl ApiError {
     pub fn to_json(&self) -> String {
         serde_json::to_string(&ErrorResponse { error: &self.body })
             .expect("an error body always serializes")
+    }
+}
+
+/// 400 for a decoder parameter, named by its path in the `alignment` object.
+impl From<ParamError> for ApiError {
+    fn from(e: ParamError) -> Self {
+        let param = e
+            .param
+            .map_or_else(|| "alignment".to_string(), |p| format!("alignment.{p}"));
+        Self::invalid(param, e.message)
+    }
+}
+
+/// What each engine failure is to a client: a stopping engine may be retried, anything else is
+/// tilt's fault (requests are validated before they reach the engine).
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Stopped => Self::stopping(),
+            EngineError::Decoder(_) | EngineError::Forward { .. } => Self::internal(e.to_string()),
+        }
     }
 }
 

@@ -39,7 +39,7 @@ pub async fn rewards(State(state): State<AppState>) -> Result<Json<RewardList>, 
     let engine = state.engine()?;
     Ok(Json(RewardList {
         object: "list",
-        data: crate::reward::list(engine.models()),
+        data: engine.rewards().list(),
     }))
 }
 

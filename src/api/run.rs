@@ -16,7 +16,7 @@ use super::metrics::{
 };
 use super::validate::Job;
 use crate::decode::DecoderSpec;
-use crate::engine::{Engine, Event, FinishReason, TokenEvent, Usage};
+use crate::engine::{Engine, EngineError, Event, FinishReason, TokenEvent, Usage};
 
 pub struct Run {
     events: StreamMap<usize, UnboundedReceiverStream<Event>>,
@@ -80,9 +80,7 @@ impl Run {
         let prompt_lens = job.generations.iter().map(|g| g.prompt.len()).collect();
         let prompts = job.generations.len();
         for (p, generation) in job.generations.into_iter().enumerate() {
-            let rx = engine
-                .submit(job.decoder.build(generation))
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+            let rx = engine.submit(job.decoder.build(generation))?;
             events.insert(p, UnboundedReceiverStream::new(rx));
         }
         Ok(Self {
@@ -113,9 +111,7 @@ impl Run {
         while !self.over {
             let Some((p, event)) = self.events.next().await else {
                 self.over = true;
-                return Some(Event::Failed(
-                    "the engine stopped before the request finished".into(),
-                ));
+                return Some(Event::Failed(EngineError::Stopped));
             };
             match event {
                 Event::Started { queue_time } => {
@@ -223,7 +219,7 @@ impl Run {
                         alignment: report.unwrap_or_default(),
                     });
                 }
-                Event::Failed(message) => return Err(ApiError::internal(message)),
+                Event::Failed(failure) => return Err(failure.into()),
                 Event::Started { .. } => {}
             }
         }

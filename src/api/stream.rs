@@ -128,7 +128,7 @@ impl<C: Chunks> State<C> {
                     return (out, true);
                 }
                 Event::Failed(message) => {
-                    let error = ApiError::internal(message).to_json();
+                    let error = ApiError::from(message).to_json();
                     return (
                         vec![
                             SseEvent::default().data(error),

@@ -11,8 +11,9 @@ use super::wire::{
     ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, Stop,
 };
 use crate::decode::{DecoderSpec, Generation};
-use crate::engine::{Engine, ModelInfo, BASE};
-use crate::model::{Message, Role};
+use crate::engine::Engine;
+use crate::model::{Message, ModelInfo, Role, BASE};
+use crate::reward::Registry;
 use crate::sampling::SamplingParams;
 
 /// Most choices per prompt (`n`).
@@ -104,12 +105,12 @@ impl Source {
     }
 }
 
-/// `models`: every model the engine serves (decoders may run the auxiliary ones); `model`: the
-/// base model the request names.
+/// `engine`: what it serves (decoders may run the auxiliary models, and score with its
+/// rewards); `model`: the base model the request names.
 pub fn completion(
     common: CommonRequest,
     request: CompletionRequest,
-    models: &[ModelInfo],
+    engine: &Engine,
     model: &ModelInfo,
 ) -> Result<CompletionJob, ApiError> {
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -169,7 +170,7 @@ pub fn completion(
         .transpose()?;
     let job = job(
         common,
-        models,
+        engine,
         model,
         prompts.into_iter().zip(sources).collect(),
         n,
@@ -189,7 +190,7 @@ pub fn completion(
 pub fn chat(
     common: CommonRequest,
     request: ChatRequest,
-    models: &[ModelInfo],
+    engine: &Engine,
     model: &ModelInfo,
 ) -> Result<Job, ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -238,7 +239,7 @@ pub fn chat(
             max_tokens: max,
             ..common
         },
-        models,
+        engine,
         model,
         vec![(prompt, Source::Chat(messages))],
         n,
@@ -342,7 +343,7 @@ struct Budget {
 /// `prompts`: each prompt in the base's tokens, with its source for the other models.
 fn job(
     common: CommonRequest,
-    models: &[ModelInfo],
+    engine: &Engine,
     model: &ModelInfo,
     prompts: Vec<(Vec<u32>, Source)>,
     n: usize,
@@ -365,14 +366,11 @@ fn job(
         .transpose()?;
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
-    let decoder = decoder(common.alignment, models)?;
-    // DeAL searches among its own beams: one answer per request.
-    if matches!(decoder, DecoderSpec::Deal(_)) && n > 1 {
-        return Err(ApiError::invalid(
-            "n",
-            format!("`n` must be 1 with the deal decoder (its beams are `alignment.beam_width`), got {n}"),
-        ));
-    }
+    let decoder = decoder(common.alignment, engine.rewards())?;
+    decoder
+        .check_choices(n)
+        .map_err(|why| ApiError::invalid("n", why))?;
+    let models = engine.models();
     let generations = prompts
         .into_iter()
         .map(|(prompt, source)| {
@@ -551,10 +549,10 @@ fn sampling(
 /// The decoder an `alignment` object asks for (`sample` when there is none).
 fn decoder(
     alignment: Option<Map<String, Value>>,
-    models: &[ModelInfo],
+    rewards: &Registry,
 ) -> Result<DecoderSpec, ApiError> {
     let Some(mut params) = alignment else {
-        return Ok(DecoderSpec::Sample);
+        return Ok(DecoderSpec::sample());
     };
     let name = match params.remove("decoder") {
         None | Some(Value::Null) => "sample".to_string(),
@@ -566,12 +564,7 @@ fn decoder(
             ))
         }
     };
-    DecoderSpec::parse(&name, params, models).map_err(|e| {
-        let param = e
-            .param
-            .map_or_else(|| "alignment".to_string(), |p| format!("alignment.{p}"));
-        ApiError::invalid(param, e.message)
-    })
+    Ok(DecoderSpec::parse(&name, params, rewards)?)
 }
 
 #[cfg(test)]
@@ -597,32 +590,33 @@ mod tests {
 
     #[test]
     fn alignment_defaults_to_sample_and_names_bad_parameters() {
-        assert_eq!(decoder(None, &[]), Ok(DecoderSpec::Sample));
+        let none = Registry::new(&[]);
+        assert_eq!(decoder(None, &none).unwrap().name(), "sample");
         let obj = |v: Value| v.as_object().cloned();
         assert_eq!(
-            decoder(obj(serde_json::json!({})), &[]),
-            Ok(DecoderSpec::Sample)
+            decoder(obj(serde_json::json!({})), &none).unwrap().name(),
+            "sample"
         );
-        let e = decoder(obj(serde_json::json!({"decoder": "nope"})), &[]).unwrap_err();
+        let e = decoder(obj(serde_json::json!({"decoder": "nope"})), &none).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.decoder"));
         assert!(e.body.message.contains("sample") && e.body.message.contains("genarm"));
         let e = decoder(
             obj(serde_json::json!({"decoder": "sample", "beta": 2})),
-            &[],
+            &none,
         )
         .unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.beta"));
         for beta in [0.0, -1.0, 1e39] {
             let e = decoder(
                 obj(serde_json::json!({"decoder": "genarm", "beta": beta})),
-                &[],
+                &none,
             )
             .unwrap_err();
             assert_eq!(e.body.param.as_deref(), Some("alignment.beta"), "{beta}");
         }
         let e = decoder(
             obj(serde_json::json!({"decoder": "genarm", "rewards": {"toy": 1}})),
-            &[],
+            &none,
         )
         .unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.rewards"));
@@ -631,7 +625,7 @@ mod tests {
             "{}",
             e.body.message
         );
-        let e = decoder(obj(serde_json::json!({"decoder": 3})), &[]).unwrap_err();
+        let e = decoder(obj(serde_json::json!({"decoder": 3})), &none).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("alignment.decoder"));
     }
 }

@@ -17,18 +17,78 @@
 //! (`arm_forward_tokens`), and each choice streams token by token. Choice i draws from RNG
 //! stream i of the request's seed.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{active_arms, answer_text, Objective, Scoring};
+use super::objectives::{self, active_arms, answer_text, Constraints, Objective, Scoring};
 use super::prompt::{fork, SharedPrompt};
-use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
-use crate::model::Logits;
-use crate::sampling::{argmax, log_softmax, top_sorted};
+use super::track::{Rows, TrackId, Tracker};
+use super::{finite, typed, within, Choice, Generation, Method, ParamError, Params};
+use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
+use crate::model::{Logits, ModelId, BASE};
+use crate::reward::Registry;
+use crate::sampling::{argmax, top_sorted};
 
 /// Most candidate tokens per step.
 pub const MAX_TOP_K: usize = 32;
+
+/// `args`: rescore the base's top-k tokens by reward, every step.
+#[derive(Debug, Clone, Copy)]
+pub struct Args;
+
+/// `args`' parameters: candidates per step, how one is picked, and the rewards that rescore them.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgsParams {
+    /// The paper's and the official code's k.
+    #[serde(default = "default_top_k")]
+    top_k: usize,
+    #[serde(default)]
+    mode: Mode,
+    /// ARGS' w; the paper's default.
+    #[serde(default = "default_weight")]
+    weight: f64,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+}
+
+fn default_top_k() -> usize {
+    10
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+impl Method for Args {
+    type Spec = ArgsSpec;
+
+    fn name(&self) -> &'static str {
+        "args"
+    }
+
+    fn parse(&self, params: Params, rewards: &Registry) -> Result<ArgsSpec, ParamError> {
+        let p: ArgsParams = typed(params)?;
+        Ok(ArgsSpec {
+            top_k: within("top_k", p.top_k, 1, MAX_TOP_K)?,
+            mode: p.mode,
+            weight: finite("weight", p.weight)?,
+            objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, rewards)?,
+        })
+    }
+
+    fn models(&self, spec: &ArgsSpec) -> Vec<ModelId> {
+        spec.arms().map(|(_, m)| m).collect()
+    }
+
+    fn build(&self, spec: &ArgsSpec, generation: Generation) -> Box<dyn Decoder> {
+        Box::new(ArgsDecoder::new(spec.clone(), generation))
+    }
+}
 
 /// How the next token is picked among the rescored candidates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -49,7 +109,7 @@ impl Mode {
 }
 
 /// Checked `args` parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ArgsSpec {
     pub top_k: usize,
     pub mode: Mode,
@@ -66,58 +126,46 @@ impl ArgsSpec {
     }
 }
 
-/// One reward model's part of the request.
-struct Arm {
-    /// Its objective's index in the spec.
-    objective: usize,
-    prompt: SharedPrompt,
-    /// The prompt's sequence and next-token logits, kept until every model has prefilled.
-    first: Option<(SeqId, Vec<f32>)>,
-    /// log_softmax of this step's row, reused.
-    logprobs: Vec<f32>,
-}
-
-/// A choice with its ARM sequences (`arms[i]` belongs to `Args::arms[i]`) and, per ARM, the
-/// log-prob Σ_t log π_r(y_t | x, y_<t) of the tokens taken so far.
+/// A choice with its ARMs' track, and per ARM the log-prob Σ_t log π_r(y_t | x, y_<t) of the
+/// tokens taken, kept once the choice is done and its track freed.
 struct Branch {
     choice: Choice,
-    arms: Vec<SeqId>,
-    arm_logprobs: Vec<f64>,
+    arms: TrackId,
+    arm_logps: Vec<f64>,
 }
 
-pub struct Args {
+pub struct ArgsDecoder {
     spec: ArgsSpec,
     scoring: Scoring,
     generation: Generation,
     prompt: SharedPrompt,
     /// The base prompt's sequence and logits, kept until every ARM has prefilled.
     first: Option<(SeqId, Vec<f32>)>,
-    arms: Vec<Arm>,
+    /// The active reward models, reading every choice's tokens.
+    arms: Tracker,
+    /// The objective of each of `arms`' lanes.
+    arm_objectives: Vec<usize>,
     branches: Vec<Branch>,
-    /// (branch, tickets: the base's, then each ARM's) planned this step.
-    tickets: Vec<(usize, Vec<usize>)>,
+    /// (branch, base ticket) planned this step.
+    tickets: Vec<(usize, usize)>,
     /// Tokens fed to the base after the prompt.
     forward_tokens: usize,
     /// Tokens fed to the reward models after their prompts.
     arm_forward_tokens: usize,
 }
 
-impl Args {
+impl ArgsDecoder {
     pub fn new(spec: ArgsSpec, generation: Generation) -> Self {
-        let arms = spec
+        let (arm_objectives, prompts): (Vec<usize>, Vec<_>) = spec
             .arms()
-            .map(|(objective, model)| Arm {
-                objective,
-                prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
-                first: None,
-                logprobs: Vec::new(),
-            })
-            .collect();
+            .map(|(objective, model)| (objective, (model, generation.prompt_for(model).to_vec())))
+            .unzip();
         Self {
             scoring: Scoring::new(&spec.objectives),
             prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
             first: None,
-            arms,
+            arms: Tracker::new(prompts, Rows::LogProbs),
+            arm_objectives,
             spec,
             generation,
             branches: Vec::new(),
@@ -127,57 +175,40 @@ impl Args {
         }
     }
 
-    /// Pick branch `b`'s next token from the base's `logits` and each ARM's row (in `arms`
-    /// order), and record it.
-    fn step(&mut self, cx: &mut Cx, b: usize, logits: &[f32], arm_rows: &[&[f32]]) -> Result<()> {
+    /// Pick branch `b`'s next token from the base's `logits` and the ARMs' next-token
+    /// log-probs, and record it.
+    fn step(&mut self, cx: &mut Cx, b: usize, logits: &[f32]) -> Result<()> {
         let g = &self.generation;
         let vocab = &cx.model(BASE).vocab;
-        // Only the shared vocabulary counts: models may pad their rows past the tokenizer.
-        let size = vocab.size();
-        for (arm, row) in self.arms.iter_mut().zip(arm_rows) {
-            arm.logprobs.clear();
-            arm.logprobs.extend_from_slice(&row[..row.len().min(size)]);
-            log_softmax(&mut arm.logprobs);
-        }
-        // A token past an ARM's row (padding) gets the row's least log-prob.
-        let arm_logprob = |arm: &Arm, v: u32| {
-            arm.logprobs
-                .get(v as usize)
-                .copied()
-                .unwrap_or_else(|| arm.logprobs.iter().copied().fold(f32::INFINITY, f32::min))
-        };
         let branch = &mut self.branches[b];
         let c = &mut branch.choice;
         let adjusted = c.sampler.adjusted(logits);
         let candidates = top_sorted(&adjusted, self.spec.top_k);
-        let scores: Vec<f32> = candidates
-            .iter()
-            .map(|v| {
-                let text = answer_text(vocab, g, c.tokens.iter().chain([v]));
-                let mut terms = self.scoring.scores(&text);
-                for arm in &self.arms {
-                    terms[arm.objective] = arm_logprob(arm, *v);
-                }
-                adjusted[*v as usize] + self.spec.weight * self.scoring.combine(&terms) as f32
-            })
-            .collect();
+        let mut scores = Vec::with_capacity(candidates.len());
+        for v in &candidates {
+            let text = answer_text(vocab, g, c.tokens.iter().chain([v]));
+            let mut terms = self.scoring.scores(&text);
+            for (lane, &objective) in self.arm_objectives.iter().enumerate() {
+                terms[objective] = self.arms.next_logprob(branch.arms, lane, *v)?;
+            }
+            scores.push(
+                adjusted[*v as usize] + self.spec.weight * self.scoring.combine(&terms) as f32,
+            );
+        }
         let j = match self.spec.mode {
             Mode::Greedy => argmax(&scores) as usize,
             Mode::Sample => c.sampler.choose(&scores),
         };
-        for (sum, arm) in branch.arm_logprobs.iter_mut().zip(&self.arms) {
-            *sum += f64::from(arm_logprob(arm, candidates[j]));
-        }
+        self.arms.count(branch.arms, candidates[j])?;
         let sampled = c.sampler.record(candidates[j], logits);
         c.accept(cx, g, sampled)?;
         // An ARM with a shorter context ends the choice as the base's would.
-        if !c.is_done() && branch.arms.iter().any(|&s| cx.room(s) == 0) {
+        if !c.is_done() && self.arms.room(cx, branch.arms) == 0 {
             c.finish(cx, FinishReason::Length)?;
         }
         if c.is_done() {
-            for &s in &branch.arms {
-                cx.free(s);
-            }
+            branch.arm_logps = self.arms.logps(branch.arms)?.to_vec();
+            self.arms.free(cx, branch.arms);
         }
         Ok(())
     }
@@ -188,21 +219,14 @@ impl Args {
         let n = self.generation.n;
         let (base_seq, base_logits) = self.first.take().context("no base prompt")?;
         let base_seqs = fork(cx, base_seq, n)?;
-        let mut arm_seqs = Vec::with_capacity(self.arms.len());
-        let mut arm_firsts = Vec::with_capacity(self.arms.len());
-        for arm in &mut self.arms {
-            let (seq, logits) = arm.first.take().context("an ARM without its prompt")?;
-            arm_seqs.push(fork(cx, seq, n)?);
-            arm_firsts.push(logits);
-        }
-        let rows: Vec<&[f32]> = arm_firsts.iter().map(Vec::as_slice).collect();
-        for (i, seq) in base_seqs.into_iter().enumerate() {
+        let tracks = self.arms.branch(cx, n)?;
+        for (i, (seq, arms)) in base_seqs.into_iter().zip(tracks).enumerate() {
             self.branches.push(Branch {
                 choice: Choice::new(i, seq, &self.generation),
-                arms: arm_seqs.iter().map(|s| s[i]).collect(),
-                arm_logprobs: vec![0.0; self.arms.len()],
+                arms,
+                arm_logps: Vec::new(),
             });
-            self.step(cx, i, &base_logits, &rows)?;
+            self.step(cx, i, &base_logits)?;
         }
         Ok(())
     }
@@ -215,8 +239,8 @@ impl Args {
             .map(|b| {
                 let text = answer_text(vocab, &self.generation, &b.choice.tokens);
                 let mut terms = self.scoring.scores(&text);
-                for (arm, &sum) in self.arms.iter().zip(&b.arm_logprobs) {
-                    terms[arm.objective] = sum as f32;
+                for (&objective, &sum) in self.arm_objectives.iter().zip(&b.arm_logps) {
+                    terms[objective] = sum as f32;
                 }
                 self.scoring.combine(&terms)
             })
@@ -235,27 +259,22 @@ impl Args {
     }
 }
 
-impl Decoder for Args {
+impl Decoder for ArgsDecoder {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
         if self.branches.is_empty() {
             self.prompt.plan(cx)?;
-            for arm in &mut self.arms {
-                arm.prompt.plan(cx)?;
-            }
-            return Ok(());
+            return self.arms.plan_prompts(cx);
         }
         for (b, branch) in self.branches.iter().enumerate() {
             let (false, Some(tok)) = (branch.choice.is_done(), branch.choice.last()) else {
                 continue;
             };
-            let seqs = std::iter::once(branch.choice.seq).chain(branch.arms.iter().copied());
-            let tickets = seqs
-                .map(|seq| cx.forward(seq, vec![tok], Logits::Last))
-                .collect::<Result<Vec<_>>>()?;
+            let t = cx.forward(branch.choice.seq, vec![tok], Logits::Last)?;
+            self.arms.feed(cx, branch.arms, &[tok])?;
             self.forward_tokens += 1;
-            self.arm_forward_tokens += branch.arms.len();
-            self.tickets.push((b, tickets));
+            self.arm_forward_tokens += self.arms.lanes();
+            self.tickets.push((b, t));
         }
         Ok(())
     }
@@ -265,22 +284,14 @@ impl Decoder for Args {
             if let Some((seq, logits)) = self.prompt.absorb(out)? {
                 self.first = Some((seq, logits.to_vec()));
             }
-            for arm in &mut self.arms {
-                if let Some((seq, logits)) = arm.prompt.absorb(out)? {
-                    arm.first = Some((seq, logits.to_vec()));
-                }
-            }
-            if self.first.is_none() || self.arms.iter().any(|a| a.first.is_none()) {
+            if !self.arms.absorb_prompts(cx, out)? || self.first.is_none() {
                 return Ok(Flow::Continue);
             }
             self.branch_out(cx)?;
         } else {
-            for (b, tickets) in std::mem::take(&mut self.tickets) {
-                let rows = tickets
-                    .iter()
-                    .map(|&t| out.last(t))
-                    .collect::<Result<Vec<_>>>()?;
-                self.step(cx, b, rows[0], &rows[1..])?;
+            self.arms.absorb(cx, out)?;
+            for (b, t) in std::mem::take(&mut self.tickets) {
+                self.step(cx, b, out.last(t)?)?;
             }
         }
         if !self.branches.iter().all(|b| b.choice.is_done()) {
@@ -294,5 +305,56 @@ impl Decoder for Args {
             report: Some(self.report(cx)),
         });
         Ok(Flow::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::testing::{engine, generation, run};
+    use crate::engine::fake::{self, id, FakeModel};
+    use crate::model::Role;
+    use crate::sampling::SamplingParams;
+    use serde_json::json;
+
+    #[test]
+    fn a_keyword_among_the_top_k_is_taken() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 3, SamplingParams::greedy());
+        let plain = run(&e, "sample", json!({}), g.clone());
+        assert!(!plain.tokens[0].contains(&id("sea")));
+        let params = json!({"top_k": 20, "weight": 5.0, "constraints": {"keywords": ["sea"]}});
+        let out = run(&e, "args", params, g);
+        assert!(out.tokens[0].contains(&id("sea")), "{:?}", out.text);
+        let report = out.report.unwrap();
+        assert_eq!(report["forward_tokens"], 2);
+        assert_eq!(report["arm_forward_tokens"], 0);
+    }
+
+    #[test]
+    fn a_reward_model_ranks_by_its_next_token_log_prob() {
+        let arm = FakeModel::new("sea", Role::Reward, |_| fake::favour(id("sea"), 4.0));
+        let e = engine(vec![FakeModel::counting(), arm]);
+        let g = generation(&[id("the")], 3, SamplingParams::greedy());
+        let out = run(&e, "args", json!({"top_k": 20, "rewards": {"sea": 1.0}}), g);
+        assert_eq!(out.text, [" sea sea sea"]);
+        let report = out.report.unwrap();
+        // Σ log π_r of the three tokens, each the ARM's favourite.
+        let mut lp = fake::favour(id("sea"), 4.0);
+        crate::math::log_softmax(&mut lp);
+        let want = 3.0 * f64::from(lp[id("sea") as usize]);
+        let got = report["rewards"][0].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        assert_eq!(report["arm_forward_tokens"], report["forward_tokens"]);
+    }
+
+    #[test]
+    fn args_has_its_documented_defaults() {
+        let kw = json!({"constraints": {"keywords": ["sea"]}});
+        let a = Args
+            .parse(kw.as_object().cloned().unwrap(), &Registry::new(&[]))
+            .unwrap();
+        assert_eq!((a.top_k, a.mode, a.weight), (10, Mode::Greedy, 1.0));
+        assert_eq!(a.objectives[0].name, "keywords");
     }
 }

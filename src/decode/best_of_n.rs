@@ -10,24 +10,134 @@
 //! finished. Each of the request's `n` choices has its own group of candidates; candidate j of
 //! group g draws from RNG stream g·(N+K) + j of the request's seed, so N = 1 is plain `sample`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use super::genarm::{GenArmSpec, Guided, Sequences};
-use super::objectives::{Objective, Scoring, Source};
-use super::prompt::SharedPrompt;
-use super::{Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, ModelId, Outputs, SeqId, Usage};
-use crate::model::Logits;
-use crate::sampling::{log_softmax, log_sum_exp};
+use super::genarm::{GenArmParams, GenArmSpec, Guided, Sequences};
+use super::objectives::{self, Constraints, Objective, Scoring, Source};
+use super::track::{Rows, TrackId, Tracker};
+use super::{typed, Generation, Method, ParamError, Params};
+use crate::engine::{Cx, Decoder, Event, Flow, Outputs, Usage};
+use crate::model::ModelId;
+use crate::reward::Registry;
 
 /// Most candidates one request may ask for.
 pub const MAX_N: usize = 16;
 /// Most reference samples for calibration.
 pub const MAX_CALIBRATE: usize = 32;
+
+/// `best_of_n`: sample candidates, return the best by reward.
+#[derive(Debug, Clone, Copy)]
+pub struct BestOfN;
+
+/// `best_of_n`'s parameters: candidates, programmatic rewards and per-request constraints,
+/// selection.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BestOfNParams {
+    #[serde(default = "default_candidates")]
+    n: usize,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+    #[serde(default)]
+    selection: SelectionName,
+    beta: Option<f64>,
+    #[serde(default)]
+    calibrate: usize,
+    #[serde(default)]
+    return_candidates: bool,
+    /// GenARM guidance of the candidates: `{"rewards": {arm: w}, "beta": b}`.
+    guide: Option<GenArmParams>,
+}
+
+fn default_candidates() -> usize {
+    4
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SelectionName {
+    #[default]
+    Hard,
+    Soft,
+}
+
+impl Method for BestOfN {
+    type Spec = BestOfNSpec;
+
+    fn name(&self) -> &'static str {
+        "best_of_n"
+    }
+
+    fn parse(&self, params: Params, rewards: &Registry) -> Result<BestOfNSpec, ParamError> {
+        let p: BestOfNParams = typed(params)?;
+        if !(1..=MAX_N).contains(&p.n) {
+            return Err(ParamError::new(
+                "n",
+                format!("`n` must be between 1 and {MAX_N}, got {}", p.n),
+            ));
+        }
+        if p.calibrate > MAX_CALIBRATE {
+            return Err(ParamError::new(
+                "calibrate",
+                format!(
+                    "`calibrate` must be at most {MAX_CALIBRATE} reference samples, got {}",
+                    p.calibrate
+                ),
+            ));
+        }
+        let selection = match (p.selection, p.beta) {
+            (SelectionName::Hard, None) => Selection::Hard,
+            (SelectionName::Hard, Some(_)) => {
+                return Err(ParamError::new(
+                    "beta",
+                    "`beta` applies only to `selection: \"soft\"`",
+                ))
+            }
+            (SelectionName::Soft, beta) => {
+                // RSO's default.
+                let beta = beta.unwrap_or(0.5);
+                if !(beta.is_finite() && beta > 0.0) {
+                    return Err(ParamError::new(
+                        "beta",
+                        format!("`beta` must be a finite number above 0, got {beta}"),
+                    ));
+                }
+                Selection::Soft { beta }
+            }
+        };
+        let objectives =
+            objectives::parse("best_of_n", "select by", p.rewards, p.constraints, rewards)?;
+        let guide = match p.guide {
+            Some(g) => GenArmSpec::parse("guide.", g, rewards)?,
+            None => GenArmSpec::none(),
+        };
+        Ok(BestOfNSpec {
+            n: p.n,
+            objectives,
+            selection,
+            calibrate: p.calibrate,
+            return_candidates: p.return_candidates,
+            guide,
+        })
+    }
+
+    fn models(&self, spec: &BestOfNSpec) -> Vec<ModelId> {
+        let guides = spec.guide.active().map(|a| a.model);
+        guides.chain(spec.scoring_models()).collect()
+    }
+
+    fn build(&self, spec: &BestOfNSpec, generation: Generation) -> Box<dyn Decoder> {
+        Box::new(BestOfNDecoder::new(spec.clone(), generation))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Selection {
@@ -39,7 +149,7 @@ pub enum Selection {
 }
 
 /// Checked `best_of_n` parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct BestOfNSpec {
     pub n: usize,
     pub objectives: Vec<Objective>,
@@ -61,90 +171,119 @@ impl BestOfNSpec {
     }
 }
 
-/// Response tokens one candidate feeds a scoring ARM per step: enough rows to use the matmuls
+/// Response tokens one candidate feeds the scoring ARMs per step: enough rows to use the matmuls
 /// well, few enough that the logits of all candidates stay small (each row is vocabulary-wide).
 const SCORE_CHUNK: usize = 32;
 
-/// One reward model scoring every candidate: its prompt prefilled once (while the candidates are
-/// sampled), then forked per candidate and fed the response in chunks, summing log-probs.
-struct ArmScorer {
-    objective: usize,
-    prompt: SharedPrompt,
-    /// The prompt's sequence and its next-token log-probs (the first response token's).
-    first: Option<(SeqId, Vec<f32>)>,
-    /// Per candidate: its sequence, response tokens fed so far, and the log-prob sum.
-    runs: Vec<(SeqId, usize, f64)>,
-    /// (candidate, ticket, first token fed) planned this step.
-    tickets: Vec<(usize, usize, usize)>,
-}
-pub struct BestOfN {
+pub struct BestOfNDecoder {
     spec: BestOfNSpec,
     /// The text scorers; reward models' scores come from `arms`.
     scoring: Scoring,
     generation: Generation,
     /// The candidates of every group, each group's N then its K reference samples.
     guided: Guided,
-    arms: Vec<ArmScorer>,
+    /// The reward models that score: their prompts prefilled while the candidates are sampled,
+    /// then a track per candidate fed its response in chunks, summing log-probs.
+    arms: Tracker,
+    /// The objective of each of `arms`' lanes.
+    arm_objectives: Vec<usize>,
+    /// Per candidate, once scoring has started.
+    runs: Vec<Run>,
 }
 
-impl BestOfN {
+/// A candidate being read by the scoring ARMs.
+struct Run {
+    track: TrackId,
+    /// Response tokens counted.
+    counted: usize,
+    /// Per ARM lane, Σ log π_r of the response, once counted to its end.
+    logps: Vec<f64>,
+}
+
+impl BestOfNDecoder {
     pub fn new(spec: BestOfNSpec, generation: Generation) -> Self {
         let sequences = Sequences::Candidates {
             groups: generation.n,
             per_group: spec.n + spec.calibrate,
         };
-        let arms = spec
+        let (arm_objectives, prompts): (Vec<usize>, Vec<_>) = spec
             .objectives
             .iter()
             .enumerate()
             .filter_map(|(objective, o)| match o.source {
-                Source::Arm(model) => Some(ArmScorer {
-                    objective,
-                    prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
-                    first: None,
-                    runs: Vec::new(),
-                    tickets: Vec::new(),
-                }),
+                Source::Arm(model) => {
+                    Some((objective, (model, generation.prompt_for(model).to_vec())))
+                }
                 _ => None,
             })
-            .collect();
+            .unzip();
         Self {
             guided: Guided::new(&spec.guide, &generation, sequences),
             scoring: Scoring::new(&spec.objectives),
+            arms: Tracker::new(prompts, Rows::LogProbs),
+            arm_objectives,
+            runs: Vec::new(),
             spec,
             generation,
-            arms,
         }
     }
 
-    /// The candidates are done: fork each ARM's prompt for every candidate, starting each sum
-    /// with the log-prob of the response's first token.
+    /// The candidates are done: a track per candidate, each sum starting with the log-prob of
+    /// the response's first token.
     fn start_scoring(&mut self, cx: &mut Cx) -> Result<()> {
-        for arm in &mut self.arms {
-            let (seq, first) = arm
-                .first
-                .take()
-                .context("an ARM prompt not yet prefilled")?;
-            for c in self.guided.choices() {
-                let run = cx.fork(seq)?;
-                let y1 = *c.tokens.first().context("a candidate without tokens")?;
-                let lp = first.get(y1 as usize).copied().unwrap_or(f32::NEG_INFINITY);
-                arm.runs.push((run, 0, f64::from(lp)));
-                if c.tokens.len() == 1 {
-                    cx.free(run);
-                }
-            }
-            cx.free(seq);
+        let count = self.guided.choices().count();
+        let tracks = self.arms.branch(cx, count)?;
+        for (c, track) in self.guided.choices().zip(tracks) {
+            let y1 = *c.tokens.first().context("a candidate without tokens")?;
+            self.arms.count(track, y1)?;
+            let mut run = Run {
+                track,
+                counted: 1,
+                logps: Vec::new(),
+            };
+            run.finish_if_read(cx, &mut self.arms, c.tokens.len())?;
+            self.runs.push(run);
         }
         Ok(())
     }
 
     /// Every ARM has read every candidate's response.
     fn scored(&self) -> bool {
-        let lens: Vec<usize> = self.guided.choices().map(|c| c.tokens.len()).collect();
-        self.arms.iter().all(|a| {
-            a.runs.len() == lens.len() && a.runs.iter().zip(&lens).all(|(r, &l)| r.1 + 1 >= l)
-        })
+        self.arm_objectives.is_empty()
+            || (!self.runs.is_empty()
+                && (self.runs.iter().zip(self.guided.choices()))
+                    .all(|(r, c)| r.counted >= c.tokens.len()))
+    }
+
+    /// Feed every candidate the next chunk of its response that the ARMs have not read: from the
+    /// last token counted on, whose rows predict the tokens after them. The response's last
+    /// token is never fed: only the log-probs before each token are needed.
+    fn plan_scoring(&mut self, cx: &mut Cx) -> Result<()> {
+        for (run, c) in self.runs.iter().zip(self.guided.choices()) {
+            if run.counted < c.tokens.len() {
+                let end = (run.counted - 1 + SCORE_CHUNK).min(c.tokens.len() - 1);
+                self.arms
+                    .feed(cx, run.track, &c.tokens[run.counted - 1..end])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Count what this step's chunks predicted: their tokens after the first (the tracker does)
+    /// and the token after each chunk, from its last row.
+    fn absorb_scoring(&mut self, cx: &mut Cx, out: &Outputs) -> Result<()> {
+        self.arms.absorb(cx, out)?;
+        for (run, c) in self.runs.iter_mut().zip(self.guided.choices()) {
+            let len = c.tokens.len();
+            if run.counted >= len {
+                continue;
+            }
+            let end = (run.counted - 1 + SCORE_CHUNK).min(len - 1);
+            self.arms.count(run.track, c.tokens[end])?;
+            run.counted = end + 1;
+            run.finish_if_read(cx, &mut self.arms, len)?;
+        }
+        Ok(())
     }
 
     /// Score every candidate, pick one per group, stream them and report.
@@ -153,9 +292,9 @@ impl BestOfN {
         let lens: Vec<usize> = self.guided.choices().map(|c| c.tokens.len()).collect();
         let texts: Vec<String> = held.iter().map(|events| text(events)).collect();
         let mut raw: Vec<Vec<f32>> = texts.iter().map(|t| self.scoring.scores(t)).collect();
-        for arm in &self.arms {
-            for (c, run) in arm.runs.iter().enumerate() {
-                raw[c][arm.objective] = run.2 as f32;
+        for (c, run) in self.runs.iter().enumerate() {
+            for (&objective, &logp) in self.arm_objectives.iter().zip(&run.logps) {
+                raw[c][objective] = logp as f32;
             }
         }
         let per_group = self.spec.n + self.spec.calibrate;
@@ -324,55 +463,24 @@ fn soft(rewards: &[f64], beta: f64, rng: &mut ChaCha8Rng) -> usize {
         .unwrap_or_else(|| best(rewards))
 }
 
-impl ArmScorer {
-    /// Plan the next chunk of every candidate's response that this ARM has not read yet. The
-    /// last token is never fed: only the log-probs before each token are needed.
-    fn plan(&mut self, cx: &mut Cx, responses: &[&[u32]]) -> Result<()> {
-        self.tickets.clear();
-        for (c, &(seq, fed, _)) in self.runs.iter().enumerate() {
-            let end = (fed + SCORE_CHUNK).min(responses[c].len().saturating_sub(1));
-            if fed < end {
-                let t = cx.forward(seq, responses[c][fed..end].to_vec(), Logits::All)?;
-                self.tickets.push((c, t, fed));
-            }
+impl Run {
+    /// Once the response's `len` tokens are counted, keep the sums and free the track.
+    fn finish_if_read(&mut self, cx: &mut Cx, arms: &mut Tracker, len: usize) -> Result<()> {
+        if self.counted >= len {
+            self.logps = arms.logps(self.track)?.to_vec();
+            arms.free(cx, self.track);
         }
-        Ok(())
-    }
-
-    fn absorb(&mut self, cx: &mut Cx, out: &Outputs, responses: &[&[u32]]) -> Result<()> {
-        for &(c, t, fed) in &self.tickets {
-            let rows = out.rows(t)?;
-            let run = &mut self.runs[c];
-            for (i, row) in rows.iter().enumerate() {
-                run.2 += f64::from(log_prob(row, responses[c][fed + i + 1]));
-            }
-            run.1 = fed + rows.len();
-            if run.1 + 1 >= responses[c].len() {
-                cx.free(run.0);
-            }
-        }
-        self.tickets.clear();
         Ok(())
     }
 }
 
-/// log softmax(row)[token], without materialising the whole log-softmax row.
-fn log_prob(row: &[f32], token: u32) -> f32 {
-    row.get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&x| x - log_sum_exp(row))
-}
-
-impl Decoder for BestOfN {
+impl Decoder for BestOfNDecoder {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
-        let responses: Vec<&[u32]> = self.guided.choices().map(|c| c.tokens.as_slice()).collect();
-        for arm in &mut self.arms {
-            if arm.runs.is_empty() {
-                // Prefilled alongside the candidates' first steps (a no-op once done).
-                arm.prompt.plan(cx)?;
-            } else {
-                arm.plan(cx, &responses)?;
-            }
+        if !self.runs.is_empty() {
+            return self.plan_scoring(cx);
         }
+        // Prefilled alongside the candidates' first steps (a no-op once done).
+        self.arms.plan_prompts(cx)?;
         if !self.guided.is_done() {
             self.guided.plan(cx)?;
         }
@@ -380,29 +488,20 @@ impl Decoder for BestOfN {
     }
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
-        let scoring = self.arms.first().is_some_and(|a| !a.runs.is_empty());
-        if scoring {
-            let responses: Vec<&[u32]> =
-                self.guided.choices().map(|c| c.tokens.as_slice()).collect();
-            for arm in &mut self.arms {
-                arm.absorb(cx, out, &responses)?;
-            }
+        if !self.runs.is_empty() {
+            self.absorb_scoring(cx, out)?;
         } else {
-            for arm in &mut self.arms {
-                if let Some((seq, logits)) = arm.prompt.absorb(out)? {
-                    let mut lp = logits.to_vec();
-                    log_softmax(&mut lp);
-                    arm.first = Some((seq, lp));
-                }
-            }
+            let prefilled = self.arms.absorb_prompts(cx, out)?;
             if !self.guided.is_done() && !self.guided.absorb(cx, out, &self.generation)? {
                 return Ok(Flow::Continue);
             }
-            if self.arms.iter().any(|a| a.first.is_none()) {
+            if !prefilled {
                 // A prompt that takes longer to prefill than the candidates took to sample.
                 return Ok(Flow::Continue);
             }
-            self.start_scoring(cx)?;
+            if !self.arm_objectives.is_empty() {
+                self.start_scoring(cx)?;
+            }
         }
         if !self.scored() {
             return Ok(Flow::Continue);
@@ -415,6 +514,63 @@ impl Decoder for BestOfN {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::testing::{engine, generation, run, seeded};
+    use crate::engine::fake::{self, id, FakeModel, WORDS};
+    use crate::model::Role;
+
+    /// The fake words of an answer's text.
+    fn ids(text: &str) -> Vec<u32> {
+        text.split_whitespace().map(id).collect()
+    }
+
+    #[test]
+    fn one_candidate_is_plain_sampling_and_the_best_is_chosen() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 6, seeded(3));
+        let plain = run(&e, "sample", json!({}), g.clone());
+        let one = json!({"n": 1, "constraints": {"keywords": ["sea"]}});
+        assert_eq!(run(&e, "best_of_n", one, g.clone()).tokens, plain.tokens);
+        let eight = json!({"n": 8, "rewards": {"sentiment": 1.0}, "return_candidates": true});
+        let out = run(&e, "best_of_n", eight, g);
+        let report = out.report.unwrap();
+        let rewards: Vec<f64> = (report["candidates"].as_array().unwrap().iter())
+            .map(|c| c["reward"].as_f64().unwrap())
+            .collect();
+        let chosen = report["chosen"].as_u64().unwrap() as usize;
+        assert!(rewards.iter().all(|&r| r <= rewards[chosen]), "{rewards:?}");
+        assert_eq!(
+            report["candidates"][chosen]["text"].as_str(),
+            Some(out.text[0].as_str())
+        );
+    }
+
+    #[test]
+    fn a_reward_model_scores_each_whole_response() {
+        // An ARM whose next-token distribution depends on the token before: its sums check
+        // that every response token is read after the right history, across chunks.
+        let arm_row = |last: u32| fake::favour((last + 2) % WORDS.len() as u32, 2.0);
+        let arm = FakeModel::new("arm", Role::Reward, move |h| arm_row(*h.last().unwrap()))
+            .with_context(256);
+        let e = engine(vec![FakeModel::counting().with_context(256), arm]);
+        let prompt = [id("the"), id("cat")];
+        let g = generation(&prompt, 2 * SCORE_CHUNK + 5, seeded(8));
+        let params = json!({"n": 3, "rewards": {"arm": 1.0}, "return_candidates": true});
+        let report = run(&e, "best_of_n", params, g).report.unwrap();
+        for c in report["candidates"].as_array().unwrap() {
+            let response = ids(c["text"].as_str().unwrap());
+            assert_eq!(response.len(), 2 * SCORE_CHUNK + 5);
+            let mut last = *prompt.last().unwrap();
+            let mut want = 0.0f64;
+            for &y in &response {
+                let mut lp = arm_row(last);
+                crate::math::log_softmax(&mut lp);
+                want += f64::from(lp[y as usize]);
+                last = y;
+            }
+            let got = c["scores"]["arm"].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+        }
+    }
 
     #[test]
     fn quantiles_count_ties_as_half() {

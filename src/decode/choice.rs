@@ -3,7 +3,8 @@
 use anyhow::Result;
 
 use super::Generation;
-use crate::engine::{Cx, Event, FinishReason, SeqId, TokenEvent, BASE};
+use crate::engine::{Cx, Event, FinishReason, SeqId, TokenEvent};
+use crate::model::BASE;
 use crate::sampling::{Sampled, Sampler, TextStream};
 
 pub struct Choice {

@@ -6,10 +6,10 @@
 //!
 //! R weighs the objectives: a programmatic one scores the text of answer ⊕ lookahead, a reward
 //! model (ARM) its sequence log-prob Σ_t log π_r(y_t | x, y_<t) over the answer's tokens and the
-//! scored lookahead. Each ARM prefills the prompt in its own chat template; its cache follows the
-//! base's — forked per rollout, fed the same token in the same step (so the engine batches it),
-//! truncated with a kept beam, freed with a dropped one — and each beam carries its Σ log π_r and
-//! the ARM's next-token log-probs, which price its expansions' first token.
+//! scored lookahead. The ARMs follow the base on one track per beam or rollout (`track`): forked
+//! per rollout, fed the same token in the same step (so the engine batches it), rewound with a
+//! kept beam, freed with a dropped one; a beam's track holds its Σ log π_r and the ARMs'
+//! next-token log-probs, which price its expansions' first token.
 //!
 //! Caches: the prompt is prefilled once; the first beam is a fork of it. An expansion's rollout
 //! runs on a fork of its beam (the beam's own cache goes to its last expansion), so all rollouts
@@ -34,15 +34,19 @@
 //! about b·k·l per output token once the beams are full. Each ARM of nonzero weight is fed the
 //! same tokens, counted apart as `arm_forward_tokens`.
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{active_arms, answer_text, stop_at, Objective, Scoring};
+use super::objectives::{self, active_arms, answer_text, stop_at, Constraints, Objective, Scoring};
 use super::prompt::SharedPrompt;
-use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
-use crate::model::Logits;
-use crate::sampling::{argmax, log_softmax, log_sum_exp, top_sorted, Sampled};
+use super::track::{Checkpoint, Rows, TrackId, Tracker};
+use super::{finite, typed, within, Choice, Generation, Method, ParamError, Params};
+use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
+use crate::model::{Logits, ModelId, BASE};
+use crate::reward::Registry;
+use crate::sampling::{argmax, log_sum_exp, top_sorted, Sampled};
 
 /// Most tokens expanded per beam.
 pub const MAX_TOP_K: usize = 16;
@@ -51,8 +55,84 @@ pub const MAX_BEAM_WIDTH: usize = 8;
 /// Longest rollout.
 pub const MAX_LOOKAHEAD: usize = 64;
 
+/// `deal`: heuristic search over beams with lookahead rollouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Deal;
+
+/// `deal`'s parameters: the search's shape, the reward's weight λ and the rewards.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DealParams {
+    #[serde(default = "default_top_k")]
+    top_k: usize,
+    #[serde(default = "default_beam_width")]
+    beam_width: usize,
+    #[serde(default = "default_lookahead")]
+    lookahead: usize,
+    #[serde(default = "default_lambda")]
+    lambda: f64,
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    #[serde(default)]
+    constraints: Constraints,
+}
+
+fn default_top_k() -> usize {
+    4
+}
+
+fn default_beam_width() -> usize {
+    2
+}
+
+fn default_lookahead() -> usize {
+    8
+}
+
+fn default_lambda() -> f64 {
+    1.0
+}
+
+impl Method for Deal {
+    type Spec = DealSpec;
+
+    fn name(&self) -> &'static str {
+        "deal"
+    }
+
+    fn parse(&self, params: Params, rewards: &Registry) -> Result<DealSpec, ParamError> {
+        let p: DealParams = typed(params)?;
+        let lambda = finite("lambda", p.lambda)?;
+        Ok(DealSpec {
+            top_k: within("top_k", p.top_k, 1, MAX_TOP_K)?,
+            beam_width: within("beam_width", p.beam_width, 1, MAX_BEAM_WIDTH)?,
+            lookahead: within("lookahead", p.lookahead, 0, MAX_LOOKAHEAD)?,
+            lambda,
+            objectives: objectives::parse("deal", "steer by", p.rewards, p.constraints, rewards)?,
+        })
+    }
+
+    fn models(&self, spec: &DealSpec) -> Vec<ModelId> {
+        spec.arms().map(|(_, m)| m).collect()
+    }
+
+    /// DeAL searches among its own beams: one answer per request.
+    fn check_choices(&self, _: &DealSpec, n: usize) -> Result<(), String> {
+        if n == 1 {
+            return Ok(());
+        }
+        Err(format!(
+            "`n` must be 1 with the deal decoder (its beams are `alignment.beam_width`), got {n}"
+        ))
+    }
+
+    fn build(&self, spec: &DealSpec, generation: Generation) -> Box<dyn Decoder> {
+        Box::new(DealDecoder::new(spec.clone(), generation))
+    }
+}
+
 /// Checked `deal` parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct DealSpec {
     pub top_k: usize,
     pub beam_width: usize,
@@ -70,42 +150,6 @@ impl DealSpec {
     }
 }
 
-/// One reward model's part of the request.
-struct Arm {
-    /// Its objective's index in the spec.
-    objective: usize,
-    prompt: SharedPrompt,
-    /// Its prompt's length, in its tokens.
-    prompt_len: usize,
-}
-
-/// A reward model's state along a beam or a rollout.
-#[derive(Clone, Default)]
-struct ArmTrack {
-    /// Cache of the ARM's prompt + the answer's tokens (+ the rollout's).
-    seq: Option<SeqId>,
-    /// Σ log π_r of the answer's tokens (a beam's), or of the scored lookahead (a rollout's).
-    logp: f64,
-    /// log_softmax of the ARM's row after the last token (a beam's next-token log-probs).
-    next: Vec<f32>,
-    ticket: Option<usize>,
-}
-
-/// log_softmax of an ARM's row over the shared vocabulary (models may pad their rows).
-fn arm_logprobs(row: &[f32], vocab: usize) -> Vec<f32> {
-    let mut lp = row[..row.len().min(vocab)].to_vec();
-    log_softmax(&mut lp);
-    lp
-}
-
-/// `token`'s log-prob in `logprobs`; a token past the row (padding) gets the row's least.
-fn arm_logprob(logprobs: &[f32], token: u32) -> f32 {
-    logprobs
-        .get(token as usize)
-        .copied()
-        .unwrap_or_else(|| logprobs.iter().copied().fold(f32::INFINITY, f32::min))
-}
-
 /// A kept partial (or finished) answer.
 struct Beam {
     /// Cache of prompt + every token (None once finished).
@@ -117,8 +161,10 @@ struct Beam {
     /// The most likely next tokens with their log-probs.
     next: Vec<(u32, f32)>,
     finished: Option<FinishReason>,
-    /// Per reward model (in `Deal::arms` order).
-    arms: Vec<ArmTrack>,
+    /// The reward models' track along the answer (None once finished).
+    arms: Option<TrackId>,
+    /// Per reward model, Σ log π_r of the answer's tokens.
+    arm_logps: Vec<f64>,
 }
 
 /// Beam `parent` plus `token`, being rolled out.
@@ -136,21 +182,27 @@ struct Expansion {
     next: Vec<(u32, f32)>,
     finished: Option<FinishReason>,
     ticket: Option<usize>,
-    /// Per reward model: `logp` over the parent's tokens + `token` (`base`), and the rollout's.
+    /// The reward models' track along the rollout, and where it stood after `token` (what a
+    /// kept beam returns to).
+    arms: Option<TrackId>,
+    after_token: Option<Checkpoint>,
+    /// Per reward model: Σ log π_r over the parent's tokens + `token`, and over the scored
+    /// lookahead.
     arm_base: Vec<f64>,
-    arms: Vec<ArmTrack>,
+    arm_rollout: Vec<f64>,
 }
 
-pub struct Deal {
+pub struct DealDecoder {
     spec: DealSpec,
     scoring: Scoring,
     generation: Generation,
     prompt: SharedPrompt,
     /// The base prompt's sequence and logits, kept until every ARM has prefilled.
     first: Option<(SeqId, Vec<f32>)>,
-    arms: Vec<Arm>,
-    /// Each ARM's prompt sequence and logits, once prefilled.
-    arm_firsts: Vec<Option<(SeqId, Vec<f32>)>>,
+    /// The active reward models, following the beams and rollouts.
+    arms: Tracker,
+    /// The objective of each of `arms`' lanes.
+    arm_objectives: Vec<usize>,
     /// The answer: streams agreed tokens; holds the prompt's cache (beams are forks of it).
     choice: Option<Choice>,
     beams: Vec<Beam>,
@@ -169,22 +221,18 @@ fn ranked(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
         .collect()
 }
 
-impl Deal {
+impl DealDecoder {
     pub fn new(spec: DealSpec, generation: Generation) -> Self {
-        let arms: Vec<Arm> = spec
+        let (arm_objectives, prompts): (Vec<usize>, Vec<_>) = spec
             .arms()
-            .map(|(objective, model)| Arm {
-                objective,
-                prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
-                prompt_len: generation.prompt_for(model).len(),
-            })
-            .collect();
+            .map(|(objective, model)| (objective, (model, generation.prompt_for(model).to_vec())))
+            .unzip();
         Self {
             scoring: Scoring::new(&spec.objectives),
             prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
             first: None,
-            arm_firsts: vec![None; arms.len()],
-            arms,
+            arms: Tracker::new(prompts, Rows::LogProbs),
+            arm_objectives,
             spec,
             generation,
             choice: None,
@@ -198,8 +246,8 @@ impl Deal {
     /// The weighted reward of `text`, with each ARM's term from `arm_logps`.
     fn reward(&self, text: &str, arm_logps: impl Iterator<Item = f64>) -> f64 {
         let mut terms = self.scoring.scores(text);
-        for (arm, logp) in self.arms.iter().zip(arm_logps) {
-            terms[arm.objective] = logp as f32;
+        for (&objective, logp) in self.arm_objectives.iter().zip(arm_logps) {
+            terms[objective] = logp as f32;
         }
         self.scoring.combine(&terms)
     }
@@ -208,19 +256,16 @@ impl Deal {
     fn expand(&mut self, cx: &mut Cx) -> Result<()> {
         let g = &self.generation;
         let vocab = &cx.model(BASE).vocab;
+        let lanes = self.arms.lanes();
         let mut expansions = Vec::new();
         for (p, beam) in self.beams.iter().enumerate() {
             if beam.finished.is_some() {
                 continue;
             }
             let seq = beam.seq.context("a live beam without its cache")?;
+            let track = beam.arms.context("a live beam without its reward models")?;
             // An ARM with a shorter context ends the answer as the base's would.
-            let room = beam
-                .arms
-                .iter()
-                .filter_map(|a| a.seq)
-                .map(|s| cx.room(s))
-                .fold(cx.room(seq), usize::min);
+            let room = cx.room(seq).min(self.arms.room(cx, track));
             let t = beam.tokens.len() + 1;
             let prefix: Vec<u8> = beam
                 .tokens
@@ -246,6 +291,12 @@ impl Deal {
                     Some(_) => 0,
                     None => self.spec.lookahead.min(g.max_tokens - t).min(room).max(1),
                 };
+                let arm_base = (0..lanes)
+                    .map(|l| {
+                        let next = self.arms.next_logprob(track, l, token)?;
+                        Ok(beam.arm_logps[l] + f64::from(next))
+                    })
+                    .collect::<Result<_>>()?;
                 expansions.push(Expansion {
                     parent: p,
                     token,
@@ -257,41 +308,42 @@ impl Deal {
                     next: Vec::new(),
                     finished,
                     ticket: None,
-                    arm_base: beam
-                        .arms
-                        .iter()
-                        .map(|a| a.logp + f64::from(arm_logprob(&a.next, token)))
-                        .collect(),
-                    arms: vec![ArmTrack::default(); beam.arms.len()],
+                    arms: None,
+                    after_token: None,
+                    arm_base,
+                    arm_rollout: vec![0.0; lanes],
                 });
             }
         }
         // Rollout caches: forks of the parent, the parent's own going to its last rollout.
         for (p, beam) in self.beams.iter_mut().enumerate() {
             let Some(seq) = beam.seq.take() else { continue };
+            let track = beam
+                .arms
+                .take()
+                .context("a live beam without its reward models")?;
             let rolling: Vec<usize> = (0..expansions.len())
                 .filter(|&e| expansions[e].parent == p && expansions[e].todo > 0)
                 .collect();
-            let arm_seqs: Vec<SeqId> = beam.arms.iter_mut().filter_map(|a| a.seq.take()).collect();
             match rolling.split_last() {
                 None => {
                     cx.free(seq);
-                    for s in arm_seqs {
-                        cx.free(s);
-                    }
+                    self.arms.free(cx, track);
                 }
                 Some((&last, rest)) => {
                     for &e in rest {
                         expansions[e].seq = Some(cx.fork(seq)?);
-                        for (i, &s) in arm_seqs.iter().enumerate() {
-                            expansions[e].arms[i].seq = Some(cx.fork(s)?);
-                        }
+                        expansions[e].arms = Some(self.arms.fork(cx, track)?);
                     }
                     expansions[last].seq = Some(seq);
-                    for (i, &s) in arm_seqs.iter().enumerate() {
-                        expansions[last].arms[i].seq = Some(s);
-                    }
+                    expansions[last].arms = Some(track);
                 }
+            }
+        }
+        // Each rollout's track counts its first token, as `arm_base` does.
+        for e in &expansions {
+            if let Some(track) = e.arms {
+                self.arms.count(track, e.token)?;
             }
         }
         self.expansions = expansions;
@@ -319,37 +371,24 @@ impl Deal {
                 tokens.iter().chain(e.lookahead.iter().take(e.scored)),
             );
             let logp: f64 = logps.iter().map(|&l| f64::from(l)).sum();
-            let seq = match (e.finished, e.seq) {
-                (None, seq) => seq,
-                (Some(_), Some(seq)) => {
-                    cx.free(seq);
-                    None
-                }
-                (Some(_), None) => None,
-            };
-            let rollout = e.arm_base.iter().zip(&e.arms).map(|(b, a)| b + a.logp);
+            let rollout = e.arm_base.iter().zip(&e.arm_rollout).map(|(b, r)| b + r);
             let score = logp + lambda * self.reward(&text, rollout);
-            let arms = e
-                .arms
-                .into_iter()
-                .zip(&e.arm_base)
-                .map(|(a, &logp)| {
-                    let seq = match (e.finished, a.seq) {
-                        (None, seq) => seq,
-                        (Some(_), Some(seq)) => {
-                            cx.free(seq);
-                            None
-                        }
-                        (Some(_), None) => None,
-                    };
-                    ArmTrack {
-                        seq,
-                        logp,
-                        next: a.next,
-                        ticket: None,
+            let (seq, arms) = match e.finished {
+                None => (e.seq, e.arms),
+                Some(_) => {
+                    if let Some(seq) = e.seq {
+                        cx.free(seq);
                     }
-                })
-                .collect();
+                    if let Some(track) = e.arms {
+                        self.arms.free(cx, track);
+                    }
+                    (None, None)
+                }
+            };
+            // A beam's reward models stand after its last token, not after its rollout.
+            if let (Some(track), Some(after)) = (arms, e.after_token) {
+                self.arms.rewind(cx, track, after)?;
+            }
             pool.push(Beam {
                 seq,
                 tokens,
@@ -358,24 +397,22 @@ impl Deal {
                 next: e.next,
                 finished: e.finished,
                 arms,
+                arm_logps: e.arm_base,
             });
         }
         pool.extend(old.into_iter().filter(|b| b.finished.is_some()));
         pool.sort_by(|a, b| b.score.total_cmp(&a.score));
         for dropped in pool.drain(self.spec.beam_width.min(pool.len())..) {
-            let arm_seqs = dropped.arms.iter().filter_map(|a| a.seq);
-            for seq in dropped.seq.into_iter().chain(arm_seqs) {
+            if let Some(seq) = dropped.seq {
                 cx.free(seq);
             }
+            if let Some(track) = dropped.arms {
+                self.arms.free(cx, track);
+            }
         }
-        for beam in &mut pool {
+        for beam in &pool {
             if let Some(seq) = beam.seq {
                 cx.truncate(seq, prompt + beam.tokens.len());
-            }
-            for (arm, track) in self.arms.iter().zip(&beam.arms) {
-                if let Some(seq) = track.seq {
-                    cx.truncate(seq, arm.prompt_len + beam.tokens.len());
-                }
             }
         }
         self.beams = pool;
@@ -431,7 +468,7 @@ impl Deal {
         let winner = &self.beams[0];
         let text = answer_text(&cx.model(BASE).vocab, &self.generation, &winner.tokens);
         let output = winner.tokens.len();
-        let reward = self.reward(&text, winner.arms.iter().map(|a| a.logp));
+        let reward = self.reward(&text, winner.arm_logps.iter().copied());
         let report = json!({
             "top_k": self.spec.top_k,
             "beam_width": self.spec.beam_width,
@@ -455,14 +492,11 @@ impl Deal {
     }
 }
 
-impl Decoder for Deal {
+impl Decoder for DealDecoder {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         if self.choice.is_none() {
             self.prompt.plan(cx)?;
-            for arm in &mut self.arms {
-                arm.prompt.plan(cx)?;
-            }
-            return Ok(());
+            return self.arms.plan_prompts(cx);
         }
         for e in &mut self.expansions {
             e.ticket = None;
@@ -473,11 +507,9 @@ impl Decoder for Deal {
             e.ticket = Some(cx.forward(seq, vec![feed], Logits::Last)?);
             self.forward_tokens += 1;
             // Each ARM is fed the same token, in the same step.
-            for a in &mut e.arms {
-                let seq = a.seq.context("a rollout without its ARM cache")?;
-                a.ticket = Some(cx.forward(seq, vec![feed], Logits::Last)?);
-                self.arm_forward_tokens += 1;
-            }
+            let track = e.arms.context("a rollout without its reward models")?;
+            self.arms.feed(cx, track, &[feed])?;
+            self.arm_forward_tokens += self.arms.lanes();
         }
         Ok(())
     }
@@ -487,29 +519,12 @@ impl Decoder for Deal {
             if let Some((seq, logits)) = self.prompt.absorb(out)? {
                 self.first = Some((seq, logits.to_vec()));
             }
-            for (arm, first) in self.arms.iter_mut().zip(&mut self.arm_firsts) {
-                if let Some((seq, logits)) = arm.prompt.absorb(out)? {
-                    *first = Some((seq, logits.to_vec()));
-                }
-            }
-            if self.first.is_none() || self.arm_firsts.iter().any(Option::is_none) {
+            if !self.arms.absorb_prompts(cx, out)? || self.first.is_none() {
                 return Ok(Flow::Continue);
             }
             let (seq, logits) = self.first.take().context("no base prompt")?;
-            let size = cx.model(BASE).vocab.size();
-            let arms = std::mem::take(&mut self.arm_firsts)
-                .into_iter()
-                .map(|f| {
-                    // The first beam takes the ARM's prompt cache itself.
-                    let (seq, row) = f.context("an ARM without its prompt")?;
-                    Ok(ArmTrack {
-                        seq: Some(seq),
-                        logp: 0.0,
-                        next: arm_logprobs(&row, size),
-                        ticket: None,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            // The first beam takes the ARMs' prompt caches themselves.
+            let arms = self.arms.branch(cx, 1)?[0];
             self.beams.push(Beam {
                 seq: Some(cx.fork(seq)?),
                 tokens: Vec::new(),
@@ -517,29 +532,26 @@ impl Decoder for Deal {
                 score: 0.0,
                 next: ranked(&logits, self.spec.top_k),
                 finished: None,
-                arms,
+                arms: Some(arms),
+                arm_logps: vec![0.0; self.arms.lanes()],
             });
             self.choice = Some(Choice::new(0, seq, &self.generation));
         } else {
+            self.arms.absorb(cx, out)?;
             let eog = &cx.model(BASE).vocab.end_of_generation;
-            let size = cx.model(BASE).vocab.size();
             for e in &mut self.expansions {
                 let Some(t) = e.ticket.take() else { continue };
                 let row = out.last(t)?;
+                let track = e.arms.context("a rollout without its reward models")?;
                 if e.lookahead.is_empty() {
                     e.next = ranked(row, self.spec.top_k);
+                    e.after_token = Some(self.arms.checkpoint(cx, track)?);
                 }
                 let token = argmax(row);
                 // Each ARM's row predicted the same token: its log-prob counts while scored.
-                let scored = e.lookahead.len() < e.scored;
-                for a in &mut e.arms {
-                    let t = a.ticket.take().context("an ARM forward not planned")?;
-                    let lp = arm_logprobs(out.last(t)?, size);
-                    if scored {
-                        a.logp += f64::from(arm_logprob(&lp, token));
-                    }
-                    if e.lookahead.is_empty() {
-                        a.next = lp;
+                if e.lookahead.len() < e.scored {
+                    for (l, sum) in e.arm_rollout.iter_mut().enumerate() {
+                        *sum += f64::from(self.arms.next_logprob(track, l, token)?);
                     }
                 }
                 e.lookahead.push(token);
@@ -568,5 +580,70 @@ impl Decoder for Deal {
                 return Ok(Flow::Done);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::testing::{engine, generation, run};
+    use crate::engine::fake::{self, id, FakeModel};
+    use crate::model::Role;
+    use crate::sampling::SamplingParams;
+    use serde_json::json;
+
+    #[test]
+    fn the_search_costs_what_the_formula_says() {
+        let e = engine(vec![FakeModel::counting()]);
+        let mut g = generation(&[id("the")], 6, SamplingParams::greedy());
+        g.ignore_eos = true;
+        let (k, b, l, t) = (3usize, 2usize, 2usize, 6usize);
+        let params = json!({"top_k": k, "beam_width": b, "lookahead": l, "constraints": {"keywords": ["sea"]}});
+        let out = run(&e, "deal", params, g);
+        let want: usize = (1..t)
+            .map(|i| k * b.min(k.pow(i as u32 - 1)) * l.min(t - i).max(1))
+            .sum();
+        assert_eq!(out.report.unwrap()["forward_tokens"], want);
+        assert_eq!(out.tokens[0].len(), t);
+    }
+
+    #[test]
+    fn the_winner_carries_its_reward_models_sum_over_its_own_tokens() {
+        // A context-dependent ARM: a beam's track must hold the answer, not a rollout.
+        let row = |last: u32| fake::favour((last * 3 + 1) % fake::WORDS.len() as u32, 3.0);
+        let arm = FakeModel::new("arm", Role::Reward, move |h| row(*h.last().unwrap()));
+        let e = engine(vec![FakeModel::counting(), arm]);
+        let prompt = [id("the")];
+        let g = generation(&prompt, 5, SamplingParams::greedy());
+        let params = json!({"top_k": 3, "beam_width": 2, "lookahead": 3, "rewards": {"arm": 1.0}});
+        let out = run(&e, "deal", params, g);
+        let mut last = prompt[0];
+        let mut want = 0.0f64;
+        for &y in &out.tokens[0] {
+            let mut lp = row(last);
+            crate::math::log_softmax(&mut lp);
+            want += f64::from(lp[y as usize]);
+            last = y;
+        }
+        let report = out.report.unwrap();
+        let got = report["reward"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        assert_eq!(report["arm_forward_tokens"], report["forward_tokens"]);
+    }
+
+    #[test]
+    fn deal_has_its_documented_defaults() {
+        let rewards = Registry::new(&[]);
+        let params = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        let kw = json!({"constraints": {"keywords": ["sea"]}});
+        let d = Deal.parse(params(kw), &rewards).unwrap();
+        assert_eq!(
+            (d.top_k, d.beam_width, d.lookahead, d.lambda),
+            (4, 2, 8, 1.0)
+        );
+        let e = Deal
+            .parse(params(json!({"lookahead": 65})), &rewards)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("lookahead"));
     }
 }

@@ -14,11 +14,47 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::prompt::{fork, SharedPrompt};
-use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, FinishReason, ModelId, Outputs, SeqId, Usage, BASE};
+use super::track::{Rows, TrackId, Tracker};
+use super::{typed, Choice, Generation, Method, ParamError, Params};
+use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
 use crate::math::{self, log_sum_exp};
-use crate::model::{for_each_mut, Logits};
+use crate::model::{for_each_mut, Logits, ModelId, BASE};
+use crate::reward::Registry;
 use crate::sampling::Sampled;
+
+/// `genarm`: steer the base token by token with reward models.
+#[derive(Debug, Clone, Copy)]
+pub struct GenArm;
+
+/// `genarm`'s parameters: reward name → weight, and the KL strength β (each ARM's log-probs
+/// count w/β). Also best-of-N's `guide`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenArmParams {
+    #[serde(default)]
+    rewards: BTreeMap<String, f64>,
+    beta: Option<f64>,
+}
+
+impl Method for GenArm {
+    type Spec = GenArmSpec;
+
+    fn name(&self) -> &'static str {
+        "genarm"
+    }
+
+    fn parse(&self, params: Params, rewards: &Registry) -> Result<GenArmSpec, ParamError> {
+        GenArmSpec::parse("", typed(params)?, rewards)
+    }
+
+    fn models(&self, spec: &GenArmSpec) -> Vec<ModelId> {
+        spec.active().map(|a| a.model).collect()
+    }
+
+    fn build(&self, spec: &GenArmSpec, generation: Generation) -> Box<dyn Decoder> {
+        Box::new(GenArmDecoder::new(spec.clone(), generation))
+    }
+}
 
 /// One reward model and its weight in a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +73,69 @@ pub struct GenArmSpec {
 }
 
 impl GenArmSpec {
+    /// No guidance: plain sampling.
+    pub fn none() -> Self {
+        Self {
+            rewards: Vec::new(),
+            beta: 1.0,
+        }
+    }
+
+    /// `params` checked against `registry`; errors name parameters under `prefix` (e.g.
+    /// `guide.` inside best_of_n).
+    pub fn parse(
+        prefix: &str,
+        params: GenArmParams,
+        registry: &Registry,
+    ) -> Result<Self, ParamError> {
+        let invalid =
+            |param: &str, message: String| ParamError::new(format!("{prefix}{param}"), message);
+        // Checked in f32, the precision the decoder computes in: 1e39 is finite only as an f64.
+        let beta = params.beta.unwrap_or(1.0) as f32;
+        if !(beta.is_finite() && beta > 0.0) {
+            return Err(invalid(
+                "beta",
+                format!(
+                    "`beta` must be a finite number above 0, got {}",
+                    params.beta.unwrap_or(1.0)
+                ),
+            ));
+        }
+        let mut rewards = Vec::with_capacity(params.rewards.len());
+        for (name, w) in params.rewards {
+            let Some(model) = registry.arm(&name) else {
+                let loaded = registry.arm_names();
+                let loaded = if loaded.is_empty() {
+                    "none are loaded (start the server with `--reward NAME=PATH`)".to_string()
+                } else {
+                    format!("loaded: {}", loaded.join(", "))
+                };
+                let what = if registry.scorer(&name).is_some() {
+                    "is a programmatic (sequence-level) reward"
+                } else {
+                    "is not a loaded reward model"
+                };
+                return Err(invalid(
+                    "rewards",
+                    format!("`{name}` {what}; genarm steers with reward models, {loaded}"),
+                ));
+            };
+            let weight = w as f32;
+            if !(weight.is_finite() && (weight / beta).is_finite()) {
+                return Err(invalid(
+                    &format!("rewards.{name}"),
+                    format!("the weight of `{name}` must be a finite number (also once divided by `beta`), got {w}"),
+                ));
+            }
+            rewards.push(ArmWeight {
+                name,
+                model,
+                weight,
+            });
+        }
+        Ok(Self { rewards, beta })
+    }
+
     /// The ARMs that change the distribution; a weight of 0 costs nothing.
     pub fn active(&self) -> impl Iterator<Item = &ArmWeight> {
         self.rewards.iter().filter(|a| a.weight != 0.0)
@@ -85,19 +184,10 @@ impl Tilt {
     }
 }
 
-/// One model's part of the request: its prompt while prefilling, then one sequence per choice.
-struct Lane {
-    /// What this model's log-probs are multiplied by: w/β for an ARM (the base is lane 0).
-    coef: f32,
-    prompt: SharedPrompt,
-    /// The prompt's sequence and next-token logits, kept until every lane has prefilled.
-    first: Option<(SeqId, Vec<f32>)>,
-}
-
-/// A choice with its ARM sequences (`arms[i]` belongs to lane `i + 1`).
+/// A choice with its ARMs' sequences.
 struct Branch {
     choice: Choice,
-    arms: Vec<SeqId>,
+    arms: TrackId,
     tilt: Tilt,
 }
 
@@ -105,7 +195,7 @@ struct Branch {
 type Drawn = (Sampled, f32);
 
 impl Branch {
-    /// The next token from the models' rows (lane order; `coefs` are the ARMs' lanes').
+    /// The next token from the models' rows (the base's, then each ARM's, weighted by `coefs`).
     fn draw(&mut self, coefs: &[f32], rows: &[&[f32]], vocab: usize) -> Drawn {
         if rows.len() == 1 {
             // No ARM: exactly plain decoding.
@@ -153,26 +243,31 @@ impl Sequences {
 /// Token-level guided sampling of several sequences in lockstep: the whole of `genarm`, and how
 /// best-of-N draws its candidates. With no active ARM it is exactly plain sampling.
 pub struct Guided {
-    lanes: Vec<Lane>,
+    prompt: SharedPrompt,
+    /// The base prompt's sequence and next-token logits, kept until every ARM has prefilled.
+    first: Option<(SeqId, Vec<f32>)>,
+    /// The active ARMs, reading every branch's tokens.
+    arms: Tracker,
+    /// What each ARM's log-probs are multiplied by: w/β.
+    coefs: Vec<f32>,
     sequences: Sequences,
     branches: Vec<Branch>,
-    /// (branch, lane, ticket) planned this step; a branch's tickets are consecutive, lane order.
-    tickets: Vec<(usize, usize, usize)>,
+    /// (branch, base ticket) planned this step.
+    tickets: Vec<(usize, usize)>,
     kl_sum: f64,
     tokens: usize,
 }
 
 impl Guided {
     pub fn new(spec: &GenArmSpec, generation: &Generation, sequences: Sequences) -> Self {
-        let lane = |model, coef| Lane {
-            coef,
-            prompt: SharedPrompt::new(model, generation.prompt_for(model).to_vec()),
-            first: None,
-        };
-        let mut lanes = vec![lane(BASE, 1.0)];
-        lanes.extend(spec.active().map(|a| lane(a.model, a.weight / spec.beta)));
+        let arms = spec
+            .active()
+            .map(|a| (a.model, generation.prompt_for(a.model).to_vec()));
         Self {
-            lanes,
+            prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
+            first: None,
+            arms: Tracker::new(arms, Rows::Raw),
+            coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
             sequences,
             branches: Vec::new(),
             tickets: Vec::new(),
@@ -200,14 +295,6 @@ impl Guided {
         self.kl_sum / self.tokens.max(1) as f64
     }
 
-    /// Sample branch `b`'s next token from its models' rows (lane order) and record it.
-    fn advance(&mut self, cx: &mut Cx, g: &Generation, b: usize, rows: &[&[f32]]) -> Result<()> {
-        let vocab = cx.model(BASE).vocab.size();
-        let coefs: Vec<f32> = self.lanes[1..].iter().map(|l| l.coef).collect();
-        let drawn = self.branches[b].draw(&coefs, rows, vocab);
-        self.record(cx, g, b, drawn)
-    }
-
     /// Record branch `b`'s drawn token (and the KL of the distribution it came from).
     fn record(&mut self, cx: &mut Cx, g: &Generation, b: usize, drawn: Drawn) -> Result<()> {
         let branch = &mut self.branches[b];
@@ -215,36 +302,36 @@ impl Guided {
         self.tokens += 1;
         branch.choice.accept(cx, g, drawn.0)?;
         // An ARM with a shorter context ends the choice as the base's would.
-        if !branch.choice.is_done() && branch.arms.iter().any(|&s| cx.room(s) == 0) {
+        if !branch.choice.is_done() && self.arms.room(cx, branch.arms) == 0 {
             branch.choice.finish(cx, FinishReason::Length)?;
         }
         if branch.choice.is_done() {
-            for &s in &branch.arms {
-                cx.free(s);
-            }
+            self.arms.free(cx, branch.arms);
         }
         Ok(())
     }
 
-    /// Once every lane has its prompt's logits: fork each lane for the sequences and sample
-    /// their first tokens.
+    /// Once every model has its prompt's logits: fork each for the sequences and sample their
+    /// first tokens.
     fn branch_out(&mut self, cx: &mut Cx, g: &Generation) -> Result<()> {
         let count = self.sequences.count();
-        let mut seqs = Vec::with_capacity(self.lanes.len());
-        let mut firsts = Vec::with_capacity(self.lanes.len());
-        for lane in &mut self.lanes {
-            let (seq, logits) = lane.first.take().context("a lane without its prompt")?;
-            seqs.push(fork(cx, seq, count)?);
-            firsts.push(logits);
-        }
-        let rows: Vec<&[f32]> = firsts.iter().map(Vec::as_slice).collect();
-        for i in 0..count {
-            self.branches.push(Branch {
-                choice: self.sequences.choice(i, seqs[0][i], g),
-                arms: seqs[1..].iter().map(|s| s[i]).collect(),
+        let (seq, logits) = self.first.take().context("no base prompt")?;
+        let seqs = fork(cx, seq, count)?;
+        let tracks = self.arms.branch(cx, count)?;
+        let firsts = self.arms.first_rows()?;
+        let rows: Vec<&[f32]> = std::iter::once(logits.as_slice())
+            .chain(firsts.iter().map(|r| &r[..]))
+            .collect();
+        let vocab = cx.model(BASE).vocab.size();
+        for (i, (seq, arms)) in seqs.into_iter().zip(tracks).enumerate() {
+            let mut branch = Branch {
+                choice: self.sequences.choice(i, seq, g),
+                arms,
                 tilt: Tilt::default(),
-            });
-            self.advance(cx, g, i, &rows)?;
+            };
+            let drawn = branch.draw(&self.coefs, &rows, vocab);
+            self.branches.push(branch);
+            self.record(cx, g, i, drawn)?;
         }
         Ok(())
     }
@@ -252,76 +339,70 @@ impl Guided {
     pub fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
         if self.branches.is_empty() {
-            for lane in &mut self.lanes {
-                lane.prompt.plan(cx)?;
-            }
-            return Ok(());
+            self.prompt.plan(cx)?;
+            return self.arms.plan_prompts(cx);
         }
         for (b, branch) in self.branches.iter().enumerate() {
             let (false, Some(tok)) = (branch.choice.is_done(), branch.choice.last()) else {
                 continue;
             };
-            let seqs = std::iter::once(branch.choice.seq).chain(branch.arms.iter().copied());
-            for (l, seq) in seqs.enumerate() {
-                let t = cx.forward(seq, vec![tok], Logits::Last)?;
-                self.tickets.push((b, l, t));
-            }
+            let t = cx.forward(branch.choice.seq, vec![tok], Logits::Last)?;
+            self.arms.feed(cx, branch.arms, &[tok])?;
+            self.tickets.push((b, t));
         }
         Ok(())
     }
 
     /// Read this step's logits and advance every sequence planned; true once all are done.
     pub fn absorb(&mut self, cx: &mut Cx, out: &Outputs, g: &Generation) -> Result<bool> {
-        let tickets = std::mem::take(&mut self.tickets);
         if self.branches.is_empty() {
-            for lane in &mut self.lanes {
-                if let Some((seq, logits)) = lane.prompt.absorb(out)? {
-                    lane.first = Some((seq, logits.to_vec()));
-                }
+            if let Some((seq, logits)) = self.prompt.absorb(out)? {
+                self.first = Some((seq, logits.to_vec()));
             }
-            if self.lanes.iter().all(|l| l.first.is_some()) {
+            if self.arms.absorb_prompts(cx, out)? && self.first.is_some() {
                 self.branch_out(cx, g)?;
             }
-        } else {
-            // Draw every branch's token on the pool's threads, then record them in order.
-            let vocab = cx.model(BASE).vocab.size();
-            let coefs: Vec<f32> = self.lanes[1..].iter().map(|l| l.coef).collect();
-            let mut draws = Vec::new();
-            let mut branches = self.branches.iter_mut().enumerate();
-            for step in tickets.chunks(self.lanes.len()) {
-                let b = step[0].0;
-                let (_, branch) = branches
-                    .find(|(i, _)| *i == b)
-                    .context("a ticket out of order")?;
-                let rows = step
-                    .iter()
-                    .map(|&(_, _, t)| out.last(t))
-                    .collect::<Result<Vec<_>>>()?;
-                draws.push((b, branch, rows, None));
-            }
-            for_each_mut(&mut draws, |(_, branch, rows, drawn)| {
-                *drawn = Some(branch.draw(&coefs, rows, vocab))
-            });
-            let drawn = draws
-                .into_iter()
-                .map(|(b, _, _, d)| Ok((b, d.context("a branch left undrawn")?)))
-                .collect::<Result<Vec<(usize, Drawn)>>>()?;
-            for (b, d) in drawn {
-                self.record(cx, g, b, d)?;
-            }
+            return Ok(self.is_done());
         }
-        self.tickets = tickets;
+        self.arms.absorb(cx, out)?;
+        let vocab = cx.model(BASE).vocab.size();
+        let mut rows = Vec::with_capacity(self.tickets.len());
+        for &(b, t) in &self.tickets {
+            let mut r = vec![out.last(t)?];
+            r.extend(self.arms.rows(out, self.branches[b].arms)?);
+            rows.push(r);
+        }
+        // Draw every branch's token on the pool's threads, then record them in order.
+        let mut draws = Vec::with_capacity(rows.len());
+        let mut branches = self.branches.iter_mut().enumerate();
+        for (&(b, _), rows) in self.tickets.iter().zip(&rows) {
+            let (_, branch) = branches
+                .find(|(i, _)| *i == b)
+                .context("a ticket out of order")?;
+            draws.push((b, branch, rows, None));
+        }
+        let coefs = &self.coefs;
+        for_each_mut(&mut draws, |(_, branch, rows, drawn)| {
+            *drawn = Some(branch.draw(coefs, rows, vocab))
+        });
+        let drawn = draws
+            .into_iter()
+            .map(|(b, _, _, d)| Ok((b, d.context("a branch left undrawn")?)))
+            .collect::<Result<Vec<(usize, Drawn)>>>()?;
+        for (b, d) in drawn {
+            self.record(cx, g, b, d)?;
+        }
         Ok(self.is_done())
     }
 }
 
-pub struct GenArm {
+pub struct GenArmDecoder {
     spec: GenArmSpec,
     generation: Generation,
     guided: Guided,
 }
 
-impl GenArm {
+impl GenArmDecoder {
     pub fn new(spec: GenArmSpec, generation: Generation) -> Self {
         let guided = Guided::new(&spec, &generation, Sequences::Choices(generation.n));
         Self {
@@ -342,7 +423,7 @@ impl GenArmSpec {
     }
 }
 
-impl Decoder for GenArm {
+impl Decoder for GenArmDecoder {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.guided.plan(cx)
     }
@@ -370,6 +451,63 @@ impl Decoder for GenArm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::testing::{engine, generation, run};
+    use crate::engine::fake::{self, id, FakeModel};
+    use crate::model::Role;
+    use crate::sampling::SamplingParams;
+
+    /// The counting base and an ARM `sea` that favours `sea` by 10 nats, whatever came before.
+    fn base_and_sea() -> Vec<FakeModel> {
+        let sea = FakeModel::new("sea", Role::Reward, |_| fake::favour(id("sea"), 10.0));
+        vec![FakeModel::counting(), sea]
+    }
+
+    #[test]
+    fn an_arm_pulls_the_base_toward_its_tokens_or_away_from_them() {
+        let e = engine(base_and_sea());
+        let g = generation(&[id("sun")], 3, SamplingParams::greedy());
+        let steer = |w: f64| run(&e, "genarm", json!({"rewards": {"sea": w}}), g.clone());
+        // After `sun` the base says `sea`, then counts on.
+        let plain = run(&e, "sample", json!({}), g.clone());
+        assert_eq!(plain.text, [" sea happy sad"]);
+        assert_eq!(steer(0.0).tokens, plain.tokens);
+        assert_eq!(steer(0.0).report.unwrap()["kl_per_token"], 0.0);
+        let toward = steer(1.0);
+        assert_eq!(toward.text, [" sea sea sea"]);
+        assert!(toward.report.unwrap()["kl_per_token"].as_f64().unwrap() > 1.0);
+        assert!(!steer(-1.0).tokens[0].contains(&id("sea")));
+    }
+
+    #[test]
+    fn each_arm_reads_the_prompt_in_its_own_tokens() {
+        // This ARM favours `red` when its prompt began with `blue`, else `sea`.
+        let arm = FakeModel::new("colour", Role::Reward, |h| match h.first() {
+            Some(&t) if t == id("blue") => fake::favour(id("red"), 10.0),
+            _ => fake::favour(id("sea"), 10.0),
+        });
+        let e = engine(vec![FakeModel::counting(), arm]);
+        let mut g = generation(&[id("the")], 2, SamplingParams::greedy());
+        let params = json!({"rewards": {"colour": 1.0}});
+        assert_eq!(
+            run(&e, "genarm", params.clone(), g.clone()).text,
+            [" sea sea"]
+        );
+        g.model_prompts.insert(1, vec![id("blue"), id("the")]);
+        assert_eq!(run(&e, "genarm", params, g).text, [" red red"]);
+    }
+
+    #[test]
+    fn an_arm_with_a_shorter_context_ends_the_choice() {
+        let sea =
+            FakeModel::new("sea", Role::Reward, |_| fake::favour(id("sea"), 10.0)).with_context(3);
+        let e = engine(vec![FakeModel::counting(), sea]);
+        let g = generation(&[id("the")], 10, SamplingParams::greedy());
+        let out = run(&e, "genarm", json!({"rewards": {"sea": 1.0}}), g);
+        // The prompt and two answer tokens fill the ARM's context; a third is drawn from it,
+        // as the base's own context would allow (the last token is never fed).
+        assert_eq!(out.tokens[0].len(), 3);
+        assert_eq!(out.finish, [Some(FinishReason::Length)]);
+    }
 
     #[test]
     fn no_arm_weight_leaves_the_base_distribution() {

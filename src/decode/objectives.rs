@@ -1,51 +1,20 @@
-//! What the reward-guided decoders (best_of_n, args, deal) score with: programmatic scorers by
-//! name, per-request constraints and reward models, each an
+//! What the reward-guided decoders (best_of_n, args, deal) score with: reward names resolved by
+//! the registry (programmatic scorers and reward models) and per-request constraints, each an
 //! `Objective` with a weight. One parse for all three, so a reward name means the same thing (and
 //! is refused the same way) in each.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::{Generation, ParamError};
-use crate::engine::{ModelId, ModelInfo};
-use crate::model::Vocab;
-use crate::reward::scorers::{Keywords, Length, Scorer};
-use crate::reward::{self, scorers};
+use crate::model::{ModelId, Vocab};
+use crate::reward::scorers::{Keywords, Length};
+use crate::reward::{Registry, RewardError};
 
-/// What an objective scores with.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Source {
-    /// A scorer of the built-in registry, by name.
-    Builtin(String),
-    /// `constraints.keywords`: the share of keywords present.
-    Keywords(Vec<String>),
-    /// `constraints.max_words`: 0 within the budget, falling off past it.
-    MaxWords(usize),
-    /// A reward model at sequence level: Σ_t log π_r(y_t | x, y_<t) over the response, computed
-    /// by the decoder with forwards (not from the text). ARGS ranks a step's candidates by its
-    /// last term, the only one that differs between them.
-    Arm(ModelId),
-}
-
-impl Source {
-    /// The text scorer, or `None` for a reward model.
-    fn scorer(&self) -> Option<Box<dyn Scorer>> {
-        Some(match self {
-            Self::Builtin(name) => {
-                scorers::builtin()
-                    .into_iter()
-                    .find(|b| b.name == name)
-                    .expect("scorer names are checked when the request is parsed")
-                    .scorer
-            }
-            Self::Keywords(k) => Box::new(Keywords::new(k)),
-            Self::MaxWords(n) => Box::new(Length::at_most(*n)),
-            Self::Arm(_) => return None,
-        })
-    }
-}
+pub use crate::reward::Source;
 
 /// One term of the reward: its name in reports, its weight and its source.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Objective {
     pub name: String,
     pub weight: f32,
@@ -67,37 +36,20 @@ pub fn parse(
     purpose: &str,
     rewards: BTreeMap<String, f64>,
     constraints: Constraints,
-    models: &[ModelInfo],
+    registry: &Registry,
 ) -> Result<Vec<Objective>, ParamError> {
-    let invalid = |param: &str, message: String| ParamError {
-        param: Some(param.into()),
-        message,
-    };
-    let builtin = scorers::builtin();
     let mut objectives = Vec::new();
-    let mut names: Vec<&str> = builtin.iter().map(|b| b.name).collect();
-    names.extend(reward::arm_names(models));
     for (name, w) in rewards {
-        let source = match reward::arm(models, &name) {
-            _ if builtin.iter().any(|b| b.name == name) => Source::Builtin(name.clone()),
-            Some(model) => Source::Arm(model),
-            None => {
-                return Err(invalid(
-                    "rewards",
-                    format!(
-                        "`{name}` is not a loaded reward; {decoder} scores with: {}",
-                        names.join(", ")
-                    ),
-                ));
-            }
-        };
-        let weight = w as f32;
-        if !weight.is_finite() {
-            return Err(invalid(
-                &format!("rewards.{name}"),
-                format!("the weight of `{name}` must be a finite number, got {w}"),
-            ));
-        }
+        let (source, weight) = registry.reward(&name, w).map_err(|e| match e {
+            RewardError::Unknown { .. } => ParamError::new(
+                "rewards",
+                format!(
+                    "{e}; {decoder} scores with: {}",
+                    registry.names().join(", ")
+                ),
+            ),
+            RewardError::Weight { .. } => ParamError::new(format!("rewards.{name}"), e.to_string()),
+        })?;
         objectives.push(Objective {
             source,
             name,
@@ -106,32 +58,32 @@ pub fn parse(
     }
     if let Some(keywords) = constraints.keywords {
         if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
-            return Err(invalid(
+            return Err(ParamError::new(
                 "constraints.keywords",
-                "`constraints.keywords` must list at least one keyword, none blank".into(),
+                "`constraints.keywords` must list at least one keyword, none blank",
             ));
         }
         objectives.push(Objective {
             name: "keywords".into(),
             weight: 1.0,
-            source: Source::Keywords(keywords),
+            source: Source::Text(Arc::new(Keywords::new(&keywords))),
         });
     }
     if let Some(words) = constraints.max_words {
         if words == 0 {
-            return Err(invalid(
+            return Err(ParamError::new(
                 "constraints.max_words",
-                "`constraints.max_words` must be at least 1".into(),
+                "`constraints.max_words` must be at least 1",
             ));
         }
         objectives.push(Objective {
             name: "max_words".into(),
             weight: 1.0,
-            source: Source::MaxWords(words),
+            source: Source::Text(Arc::new(Length::at_most(words))),
         });
     }
     if objectives.is_empty() {
-        return Err(invalid(
+        return Err(ParamError::new(
             "rewards",
             format!("{decoder} needs something to {purpose}: `rewards` or `constraints`"),
         ));
@@ -154,18 +106,15 @@ pub fn active_arms(
         })
 }
 
-/// The objectives with their scorers built: raw scores per objective, and their weighted sum.
+/// The objectives: raw scores per objective, and their weighted sum.
 pub struct Scoring {
     objectives: Vec<Objective>,
-    /// `None` for a reward model, which the decoder scores itself.
-    scorers: Vec<Option<Box<dyn Scorer>>>,
 }
 
 impl Scoring {
     pub fn new(objectives: &[Objective]) -> Self {
         Self {
             objectives: objectives.to_vec(),
-            scorers: objectives.iter().map(|o| o.source.scorer()).collect(),
         }
     }
 
@@ -173,10 +122,14 @@ impl Scoring {
         &self.objectives
     }
 
-    /// Each objective's raw score of `text`, in objective order (0 for a reward model).
+    /// Each objective's raw score of `text`, in objective order (0 for a reward model, which
+    /// the decoder scores itself).
     pub fn scores(&self, text: &str) -> Vec<f32> {
-        let score = |s: &Option<Box<dyn Scorer>>| s.as_ref().map_or(0.0, |s| s.score(text));
-        self.scorers.iter().map(score).collect()
+        let score = |o: &Objective| match &o.source {
+            Source::Text(s) => s.score(text),
+            Source::Arm(_) => 0.0,
+        };
+        self.objectives.iter().map(score).collect()
     }
 
     /// Σ weight × score, of per-objective `scores` (raw or calibrated).
@@ -250,12 +203,12 @@ mod tests {
             Objective {
                 name: "keywords".into(),
                 weight: 2.0,
-                source: Source::Keywords(vec!["sun".into(), "sea".into()]),
+                source: Source::Text(Arc::new(Keywords::new(&["sun", "sea"]))),
             },
             Objective {
                 name: "max_words".into(),
                 weight: 1.0,
-                source: Source::MaxWords(2),
+                source: Source::Text(Arc::new(Length::at_most(2))),
             },
         ];
         let s = Scoring::new(&objectives);

@@ -4,8 +4,8 @@
 use anyhow::{bail, Context, Result};
 
 use super::Choice;
-use crate::engine::{Cx, ModelId, Outputs, SeqId};
-use crate::model::Logits;
+use crate::engine::{Cx, Outputs, SeqId};
+use crate::model::{Logits, ModelId};
 
 pub struct SharedPrompt {
     model: ModelId,

@@ -4,12 +4,37 @@
 use anyhow::{Context, Result};
 
 use super::prompt::{fork, plan_choices, SharedPrompt};
-use super::{Choice, Decoder, Flow, Generation};
-use crate::engine::{Cx, Event, Outputs, Usage, BASE};
-use crate::model::for_each_mut;
+use super::{typed, Choice, Generation, Method, ParamError, Params};
+use crate::engine::{Cx, Decoder, Event, Flow, Outputs, Usage};
+use crate::model::{for_each_mut, BASE};
+use crate::reward::Registry;
 use crate::sampling::Sampled;
 
-pub struct Sample {
+/// `sample`: no parameters beyond the request's sampling fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SampleParams {}
+
+impl Method for Sample {
+    type Spec = ();
+
+    fn name(&self) -> &'static str {
+        "sample"
+    }
+
+    fn parse(&self, params: Params, _: &Registry) -> Result<(), ParamError> {
+        typed::<SampleParams>(params).map(|_| ())
+    }
+
+    fn build(&self, _: &(), generation: Generation) -> Box<dyn Decoder> {
+        Box::new(SampleDecoder::new(generation))
+    }
+}
+
+pub struct SampleDecoder {
     generation: Generation,
     prompt: SharedPrompt,
     choices: Vec<Choice>,
@@ -17,7 +42,7 @@ pub struct Sample {
     tickets: Vec<(usize, usize)>,
 }
 
-impl Sample {
+impl SampleDecoder {
     pub fn new(generation: Generation) -> Self {
         let prompt = SharedPrompt::new(BASE, generation.prompt.clone());
         Self {
@@ -29,7 +54,7 @@ impl Sample {
     }
 }
 
-impl Decoder for Sample {
+impl Decoder for SampleDecoder {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
         if self.choices.is_empty() {
@@ -84,5 +109,98 @@ impl Decoder for Sample {
             return Ok(Flow::Done);
         }
         Ok(Flow::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::decode::testing::{engine, generation, run, seeded};
+    use crate::engine::fake::{self, id, FakeModel};
+    use crate::engine::{Engine, EngineOptions, FinishReason};
+    use crate::model::Role;
+    use crate::sampling::SamplingParams;
+    use serde_json::json;
+
+    #[test]
+    fn greedy_follows_the_model_and_stops_at_max_tokens() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 4, SamplingParams::greedy());
+        let out = run(&e, "sample", json!({}), g);
+        assert_eq!(out.text, [" cat dog sat on"]);
+        assert_eq!(out.finish, [Some(FinishReason::Length)]);
+        assert_eq!(out.usage.unwrap().completion_tokens, 4);
+    }
+
+    #[test]
+    fn end_of_generation_and_stop_strings_end_a_choice() {
+        // The fake ends its answer after `dog`.
+        let ends = FakeModel::new("ends", Role::Base, |h| match h.last() {
+            Some(&t) if t == id("dog") => fake::favour(fake::EOS, 9.0),
+            _ => fake::counting(h),
+        });
+        let e = engine(vec![ends]);
+        let out = run(
+            &e,
+            "sample",
+            json!({}),
+            generation(&[id("the")], 9, SamplingParams::greedy()),
+        );
+        assert_eq!(
+            (out.text[0].as_str(), out.finish[0]),
+            (" cat dog", Some(FinishReason::Stop))
+        );
+        assert_eq!(out.tokens[0].last(), Some(&fake::EOS));
+        let mut g = generation(&[id("the")], 9, SamplingParams::greedy());
+        g.stop = vec![" do".into()];
+        let out = run(&e, "sample", json!({}), g);
+        assert_eq!(
+            (out.text[0].as_str(), out.finish[0]),
+            (" cat", Some(FinishReason::Stop))
+        );
+    }
+
+    #[test]
+    fn choices_draw_from_their_own_streams_of_one_seed() {
+        let e = engine(vec![FakeModel::counting()]);
+        let mut g = generation(&[id("the")], 12, seeded(5));
+        g.n = 3;
+        let three = run(&e, "sample", json!({}), g.clone());
+        assert_eq!(three.tokens.len(), 3);
+        assert!(three.tokens[0] != three.tokens[1] || three.tokens[1] != three.tokens[2]);
+        g.n = 1;
+        assert_eq!(
+            run(&e, "sample", json!({}), g.clone()).tokens[0],
+            three.tokens[0]
+        );
+        assert_eq!(
+            run(&e, "sample", json!({}), g).tokens,
+            run(
+                &e,
+                "sample",
+                json!({}),
+                generation(&[id("the")], 12, seeded(5))
+            )
+            .tokens
+        );
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_in_chunks() {
+        let model = FakeModel::counting();
+        let batches = model.batches.clone();
+        let options = EngineOptions {
+            prefill_chunk: 4,
+            ..EngineOptions::default()
+        };
+        let e = Engine::start(vec![model], options);
+        let prompt: Vec<u32> = (2..12).collect();
+        let out = run(
+            &e,
+            "sample",
+            json!({}),
+            generation(&prompt, 2, SamplingParams::greedy()),
+        );
+        assert_eq!(out.tokens[0].len(), 2);
+        assert_eq!(batches.get(), [vec![4], vec![4], vec![2], vec![1]]);
     }
 }

@@ -57,5 +57,20 @@ pub enum Event {
         usage: Usage,
         report: Option<serde_json::Value>,
     },
-    Failed(String),
+    Failed(EngineError),
+}
+
+/// Why a request failed in the engine. Requests are validated before they reach it, so none of
+/// these is a client's mistake.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The engine thread is gone (the server is stopping): nothing more will run.
+    #[error("the engine has stopped")]
+    Stopped,
+    /// A decoder failed or panicked: a bug.
+    #[error("{0}")]
+    Decoder(String),
+    /// A batched forward failed: every request in the batch fails with it.
+    #[error("forward of {model} failed: {message}")]
+    Forward { model: String, message: String },
 }

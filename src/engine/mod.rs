@@ -1,9 +1,16 @@
 //! The engine: one thread owns the models and steps every active sequence of every request
 //! together (continuous batching). Requests join and leave between steps; each gets a stream of
-//! typed events; dropping the receiver cancels the request at the next step.
+//! typed events; dropping the receiver cancels the request at the next step. The contract a
+//! decoder implements is in `decoder`, what a model must provide in `forward`.
 
-mod cx;
+mod decoder;
 mod events;
+#[cfg(test)]
+pub mod fake;
+mod forward;
+mod store;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,33 +21,15 @@ use std::time::Instant;
 use anyhow::Result;
 use tokio::sync::mpsc;
 
-use crate::decode::{Decoder, Flow};
-use crate::model::{
-    ChatTemplate, ForwardItem, ForwardOutput, KvCache, LlamaConfig, Model, Role, Vocab,
-};
+use crate::model::{ForwardItem, ForwardOutput, ModelInfo};
+use crate::reward::Registry;
+use decoder::Planned;
+use store::{SeqStore, Store};
 
-pub use cx::{Cx, Outputs, SeqId};
-pub use events::{Event, FinishReason, TokenEvent, Usage};
-
-/// Index of a model in the engine: 0 is the base model.
-pub type ModelId = usize;
-pub const BASE: ModelId = 0;
-
-/// What the rest of the server may know about a loaded model without touching its weights.
-#[derive(Clone)]
-pub struct ModelInfo {
-    pub name: String,
-    pub role: Role,
-    pub config: LlamaConfig,
-    pub vocab: Arc<Vocab>,
-    pub chat: Arc<ChatTemplate>,
-}
-
-impl ModelInfo {
-    pub fn context_length(&self) -> usize {
-        self.config.context_length
-    }
-}
+pub use decoder::{Cx, Decoder, Flow, Outputs};
+pub use events::{EngineError, Event, FinishReason, TokenEvent, Usage};
+pub use forward::{Cache, Forward};
+pub use store::SeqId;
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -77,32 +66,19 @@ struct Job {
 pub struct Engine {
     jobs: std_mpsc::Sender<Job>,
     models: Arc<Vec<ModelInfo>>,
+    rewards: Arc<Registry>,
     pub load: Arc<Load>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the engine has stopped")]
-pub struct EngineStopped;
-
 impl Engine {
     /// Start the engine thread over `models` (the first is the base model).
-    pub fn start(models: Vec<Model>, options: EngineOptions) -> Self {
-        let infos: Vec<ModelInfo> = models
-            .iter()
-            .map(|m| ModelInfo {
-                name: m.name.clone(),
-                role: m.role,
-                config: m.llama.cfg.clone(),
-                vocab: m.vocab.clone(),
-                chat: m.chat.clone(),
-            })
-            .collect();
-        let models_info = Arc::new(infos);
+    pub fn start<F: Forward>(models: Vec<F>, options: EngineOptions) -> Self {
+        let infos = Arc::new(models.iter().map(F::info).collect::<Vec<_>>());
         let load = Arc::new(Load::default());
         let (tx, rx) = std_mpsc::channel();
         let worker = Worker {
             models,
-            infos: models_info.clone(),
+            infos: infos.clone(),
             options,
             jobs: rx,
             queue: VecDeque::new(),
@@ -116,7 +92,8 @@ impl Engine {
             .expect("spawning the engine thread");
         Self {
             jobs: tx,
-            models: models_info,
+            rewards: Arc::new(Registry::new(&infos)),
+            models: infos,
             load,
         }
     }
@@ -126,14 +103,19 @@ impl Engine {
     }
 
     pub fn base(&self) -> &ModelInfo {
-        &self.models[BASE]
+        &self.models[crate::model::BASE]
+    }
+
+    /// The reward sources of the loaded models: what requests may steer and score by.
+    pub fn rewards(&self) -> &Registry {
+        &self.rewards
     }
 
     /// Queue a request; its events arrive on the returned receiver. Drop it to cancel.
     pub fn submit(
         &self,
         decoder: Box<dyn Decoder>,
-    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineStopped> {
+    ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.load.waiting.fetch_add(1, Ordering::Relaxed);
         self.jobs
@@ -142,52 +124,12 @@ impl Engine {
                 events: tx,
                 queued_at: Instant::now(),
             })
-            .map_err(|_| EngineStopped)?;
+            .map_err(|_| {
+                self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+                EngineError::Stopped
+            })?;
         Ok(rx)
     }
-}
-
-/// All KV caches of all sequences, by id; each remembers which model it belongs to.
-#[derive(Default)]
-pub(crate) struct SeqStore {
-    slots: Vec<Option<(ModelId, KvCache)>>,
-    free: Vec<SeqId>,
-}
-
-impl SeqStore {
-    pub(crate) fn insert(&mut self, model: ModelId, cache: KvCache) -> SeqId {
-        match self.free.pop() {
-            Some(id) => {
-                self.slots[id] = Some((model, cache));
-                id
-            }
-            None => {
-                self.slots.push(Some((model, cache)));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    pub(crate) fn get(&self, id: SeqId) -> Option<&(ModelId, KvCache)> {
-        self.slots.get(id).and_then(Option::as_ref)
-    }
-
-    pub(crate) fn get_mut(&mut self, id: SeqId) -> Option<&mut (ModelId, KvCache)> {
-        self.slots.get_mut(id).and_then(Option::as_mut)
-    }
-
-    pub(crate) fn remove(&mut self, id: SeqId) {
-        if self.slots.get_mut(id).and_then(Option::take).is_some() {
-            self.free.push(id);
-        }
-    }
-}
-
-/// A forward one request asked for in this step.
-pub(crate) struct Planned {
-    pub(crate) seq: SeqId,
-    pub(crate) tokens: Vec<u32>,
-    pub(crate) logits: crate::model::Logits,
 }
 
 struct Running {
@@ -196,23 +138,23 @@ struct Running {
     seqs: Vec<SeqId>,
     planned: Vec<Planned>,
     /// Where each planned forward's rows landed: (model, item in that model's batch).
-    landed: Vec<(ModelId, usize)>,
-    failed: Option<String>,
+    landed: Vec<(usize, usize)>,
+    failed: Option<EngineError>,
     done: bool,
 }
 
-struct Worker {
-    models: Vec<Model>,
+struct Worker<F: Forward> {
+    models: Vec<F>,
     infos: Arc<Vec<ModelInfo>>,
     options: EngineOptions,
     jobs: std_mpsc::Receiver<Job>,
     queue: VecDeque<Job>,
     running: Vec<Running>,
-    store: SeqStore,
+    store: SeqStore<F::Cache>,
     load: Arc<Load>,
 }
 
-impl Worker {
+impl<F: Forward> Worker<F> {
     fn run(mut self) {
         loop {
             if self.running.is_empty() && self.queue.is_empty() {
@@ -272,7 +214,7 @@ impl Worker {
                 self.options.prefill_chunk,
             );
             if let Err(e) = guarded("the decoder", || r.decoder.plan(&mut cx)) {
-                r.failed = Some(format!("{e:#}"));
+                r.failed = Some(EngineError::Decoder(format!("{e:#}")));
             }
         }
         // 2. One batched forward per model over all planned items.
@@ -301,7 +243,7 @@ impl Worker {
                 continue;
             }
             let result = {
-                let mut items: Vec<ForwardItem> = caches
+                let mut items: Vec<ForwardItem<F::Cache>> = caches
                     .iter_mut()
                     .zip(&owners)
                     .map(|(cache, &(ri, pi))| {
@@ -313,7 +255,7 @@ impl Worker {
                         }
                     })
                     .collect();
-                guarded("the forward", || model.llama.forward(&mut items))
+                guarded("the forward", || Ok(model.forward(&mut items)?))
             };
             for (cache, &(ri, pi)) in caches.into_iter().zip(&owners) {
                 let seq = self.running[ri].planned[pi].seq;
@@ -324,9 +266,12 @@ impl Worker {
             match result {
                 Ok(out) => outputs.push(out),
                 Err(e) => {
+                    let failure = EngineError::Forward {
+                        model: self.infos[mid].name.clone(),
+                        message: format!("{e:#}"),
+                    };
                     for &(ri, _) in &owners {
-                        self.running[ri].failed =
-                            Some(format!("forward of {} failed: {e:#}", model.name));
+                        self.running[ri].failed = Some(failure.clone());
                     }
                     outputs.push(ForwardOutput::default());
                 }
@@ -349,7 +294,7 @@ impl Worker {
             match guarded("the decoder", || r.decoder.absorb(&mut cx, &out)) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Done) => r.done = true,
-                Err(e) => r.failed = Some(format!("{e:#}")),
+                Err(e) => r.failed = Some(EngineError::Decoder(format!("{e:#}"))),
             }
         }
     }
@@ -359,9 +304,9 @@ impl Worker {
         let store = &mut self.store;
         let load = &self.load;
         self.running.retain_mut(|r| {
-            if let Some(msg) = r.failed.take() {
-                tracing::error!("request failed: {msg}");
-                let _ = r.events.send(Event::Failed(msg));
+            if let Some(failure) = r.failed.take() {
+                tracing::error!("request failed: {failure}");
+                let _ = r.events.send(Event::Failed(failure));
                 r.done = true;
             }
             if !r.done {

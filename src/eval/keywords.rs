@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::{Decoding, Job, Output};
 use crate::bench::report::{xy_panels, Panel, XySeries};
-use crate::decode::{DecoderSpec, DECODERS};
+use crate::decode::{self, DecoderSpec};
 use crate::engine::{Engine, EngineOptions};
 
 /// The built-in concept sets.
@@ -281,13 +281,13 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
     let mut skipped = Vec::new();
     for (name, config) in methods {
         let (decoder, params) = super::split_config(&fill(&config, &sets[0]))?;
-        let why = if !DECODERS.contains(&decoder.as_str()) {
+        let why = if !decode::names().contains(&decoder.as_str()) {
             Some(format!(
                 "this build has no decoder `{decoder}` (it has: {})",
-                DECODERS.join(", ")
+                decode::names().join(", ")
             ))
         } else {
-            match DecoderSpec::parse(&decoder, params, engine.models()) {
+            match DecoderSpec::parse(&decoder, params, engine.rewards()) {
                 Ok(_) => None,
                 Err(e) if defaults => Some(format!(
                     "`{decoder}` refuses the default config {config}: {}{}",
@@ -325,7 +325,7 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
             .zip(&prompts)
             .map(|(set, prompt)| {
                 let (decoder, params) = super::split_config(&fill(&config, set))?;
-                let spec = DecoderSpec::parse(&decoder, params, engine.models())
+                let spec = DecoderSpec::parse(&decoder, params, engine.rewards())
                     .map_err(|e| anyhow::anyhow!("method `{name}` for {set:?}: {}", e.message))?;
                 Ok(Job {
                     spec,

@@ -148,7 +148,7 @@ pub fn generation(
         .map(|id| Ok((id, render(id)?)))
         .collect::<Result<_>>()?;
     Ok(Generation {
-        prompt: render(crate::engine::BASE)?,
+        prompt: render(crate::model::BASE)?,
         max_tokens: decoding.max_tokens,
         stop: Vec::new(),
         ignore_eos: false,

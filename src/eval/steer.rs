@@ -327,7 +327,7 @@ pub fn run(args: SteerArgs) -> Result<()> {
             .collect();
         let config = json!({"decoder": "genarm", "rewards": rewards, "beta": args.beta});
         let (name, params) = super::split_config(&config)?;
-        let spec = DecoderSpec::parse(&name, params, engine.models())
+        let spec = DecoderSpec::parse(&name, params, engine.rewards())
             .map_err(|e| anyhow::anyhow!("genarm {config}: {}", e.message))?;
         let jobs: Vec<Job> = prompts
             .iter()

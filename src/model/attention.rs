@@ -4,8 +4,8 @@
 //! pass over candle's pool. A task sweeps its visible positions three times: scores q·k, an
 //! in-place softmax, and the weighted sum of values. With AVX2 the two dot-product sweeps use
 //! explicit vectors: scores eight positions at a time with one transposing reduction per query,
-//! values four 8-wide accumulators per query. The plain loops they replace were latency-bound,
-//! each score a serial chain of adds and a serial horizontal sum.
+//! values four 8-wide accumulators per query, so that no score is a serial chain of adds ending
+//! in a horizontal sum.
 
 use std::ops::Range;
 
@@ -14,7 +14,8 @@ use half::slice::HalfFloatSliceExt;
 
 use super::config::LlamaConfig;
 use super::kv::{store_f16, KvHead};
-use super::quant::{Q8Writer, Shared, BLOCK};
+use super::pool::Shared;
+use super::quant::{Q8Writer, BLOCK};
 use crate::math;
 
 /// One item's part of a layer's attention: its rows in the batch, the position of the first,

@@ -28,6 +28,25 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The shape of a model too small to run, for a stand-in that only needs its vocabulary and
+    /// context.
+    #[cfg(test)]
+    pub fn tiny(vocab_size: usize, context_length: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden: 8,
+            ffn: 16,
+            n_layers: 1,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 8,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            context_length,
+            rope_style: RopeStyle::Halves,
+        }
+    }
+
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
         let arch = md

@@ -1,7 +1,6 @@
 //! Weight storage on 2 MiB pages. A decode step streams every quantized matrix (~110 MB on the
 //! default model): on 4 KiB pages that is ~27k TLB misses a step, whose page walks hold up the
-//! prefetches the kernels depend on. With the weights here, a decode step took 0.68–0.76× as
-//! long on this machine. Linux backs memory with transparent huge pages when it asks for them
+//! prefetches the kernels depend on. Linux backs memory with transparent huge pages when it asks for them
 //! (`madvise`, THP's default mode). One layer's matrices are far smaller than a page, so
 //! matrices are packed into shared regions; a region is freed with the last slice in it.
 

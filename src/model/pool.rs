@@ -1,10 +1,9 @@
 //! How a matmul's or attention's work items are spread over candle's barrier pool: each thread
 //! owns a contiguous share and takes it from the front, a quarter of what is left at a time,
 //! with a CAS on its own cache line; a thread that runs out steals from the back of another's
-//! share. candle's `execute_chunked` instead has every thread take every chunk from one shared
-//! atomic cursor, and that cache line bouncing between the cores cost ~10% of a decode step
-//! (151 pool calls a step); a plain static split would leave a thread the OS delays holding up
-//! the step.
+//! share. One shared atomic cursor for every chunk (candle's `execute_chunked`) would bounce its
+//! cache line between the cores on each of a step's ~150 pool calls; a plain static split would
+//! leave a thread the OS delays holding up the step.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -93,7 +92,7 @@ pub(crate) fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) 
     if items.len() <= 1 {
         return items.iter_mut().for_each(f);
     }
-    let base = super::quant::Shared(items.as_mut_ptr());
+    let base = Shared(items.as_mut_ptr());
     split(items.len(), |range| {
         for i in range {
             // SAFETY: `split` hands out every index once, so no element is reached twice, and
@@ -133,6 +132,26 @@ impl Shares {
             }
         }
         ran
+    }
+}
+
+/// A buffer shared by pool workers that each write their own disjoint elements.
+pub(crate) struct Shared<T>(pub(crate) *mut T);
+// SAFETY: users guarantee disjoint writes (see `matmul_into`, `llama::attention`,
+// `pool::for_each_mut`), and the pool joins every worker (or passes a barrier) before the buffer
+// is read.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+// Copyable whatever T is: it is only a pointer (a derive would ask for `T: Copy`).
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Shared<T> {}
+impl<T> Shared<T> {
+    pub(crate) fn get(self) -> *mut T {
+        self.0
     }
 }
 

@@ -83,9 +83,18 @@ impl Vocab {
         let path = dir.join("tokenizer.json");
         let raw = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let tokenizer = Tokenizer::from_bytes(raw.as_bytes())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let spec: Value = serde_json::from_str(&raw)?;
+        let cfg: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Value::Null);
+        Self::from_json(&raw, &cfg).with_context(|| path.display().to_string())
+    }
+
+    /// A `tokenizer.json`'s text, with the `tokenizer_config.json` object (or null).
+    pub fn from_json(raw: &str, cfg: &Value) -> Result<Self> {
+        let tokenizer =
+            Tokenizer::from_bytes(raw.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let spec: Value = serde_json::from_str(raw)?;
         let byte_level = spec.to_string().contains("\"ByteLevel\"");
         let n = tokenizer.get_vocab_size(true);
         let mut tokens = vec![String::new(); n];
@@ -113,10 +122,6 @@ impl Vocab {
                 }
             })
             .collect();
-        let cfg: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or(Value::Null);
         let token_id = |key: &str| {
             let v = &cfg[key];
             let text = v.as_str().or_else(|| v["content"].as_str())?;

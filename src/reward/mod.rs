@@ -1,19 +1,23 @@
 //! Reward sources behind one seam. Two kinds:
-//! - ARMs (autoregressive reward models): causal LMs loaded into the engine with `Role::Reward`
+//! - ARMs (autoregressive reward models): causal LMs loaded beside the base with `Role::Reward`
 //!   and the base's tokenizer. Token-level decoders (GenARM) read their next-token log-probs;
 //!   their sequence-level reward is Σ log π_r(y_t | x, y_<t).
 //! - Programmatic scorers (`scorers`): functions of the finished text, for sequence-level decoders.
+//!
+//! The `Registry`, built once from the loaded models, resolves names to sources for every
+//! decoder and lists them for `/v1/rewards`.
 
 pub mod scorers;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::engine::{ModelId, ModelInfo};
 use crate::model::fetch::Manifest;
-use crate::model::{Model, Precision, Role};
+use crate::model::{Model, ModelId, ModelInfo, Precision, Role};
+use scorers::Scorer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,41 +36,123 @@ pub struct RewardInfo {
     pub description: String,
 }
 
-/// Every reward source: the engine's ARMs, then the built-in scorers.
-pub fn list(models: &[ModelInfo]) -> Vec<RewardInfo> {
-    let arms = models
-        .iter()
-        .filter(|m| m.role == Role::Reward)
-        .map(|m| RewardInfo {
-            name: m.name.clone(),
+/// What a reward name stands for.
+#[derive(Clone)]
+pub enum Source {
+    /// A reward model, scored by the decoder with forwards.
+    Arm(ModelId),
+    /// A function of the answer's text.
+    Text(Arc<dyn Scorer>),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Arm(m) => write!(f, "Arm({m})"),
+            Self::Text(_) => write!(f, "Text"),
+        }
+    }
+}
+
+/// A reward name a request got wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RewardError {
+    #[error("`{name}` is not a loaded reward")]
+    Unknown { name: String },
+    #[error("the weight of `{name}` must be a finite number, got {weight}")]
+    Weight { name: String, weight: f64 },
+}
+
+struct Arm {
+    name: String,
+    model: ModelId,
+    description: String,
+}
+
+/// Every reward source of a server: its ARMs, then the built-in scorers.
+pub struct Registry {
+    arms: Vec<Arm>,
+    scorers: Vec<scorers::Builtin>,
+}
+
+impl Registry {
+    /// The reward models among `models` (by their index), and the built-in scorers.
+    pub fn new(models: &[ModelInfo]) -> Self {
+        let arms = models
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == Role::Reward)
+            .map(|(model, m)| Arm {
+                name: m.name.clone(),
+                model,
+                description: format!(
+                    "autoregressive reward model ({} layers, hidden size {}): token-level log-probs",
+                    m.config.n_layers, m.config.hidden
+                ),
+            })
+            .collect();
+        Self {
+            arms,
+            scorers: scorers::builtin(),
+        }
+    }
+
+    /// Every source, for `/v1/rewards`.
+    pub fn list(&self) -> Vec<RewardInfo> {
+        let arms = self.arms.iter().map(|a| RewardInfo {
+            name: a.name.clone(),
             kind: Kind::Arm,
-            description: format!(
-                "autoregressive reward model ({} layers, hidden size {}): token-level log-probs",
-                m.config.n_layers, m.config.hidden
-            ),
+            description: a.description.clone(),
         });
-    let builtin = scorers::builtin().into_iter().map(|s| RewardInfo {
-        name: s.name.to_string(),
-        kind: Kind::Programmatic,
-        description: s.description.to_string(),
-    });
-    arms.chain(builtin).collect()
-}
+        let scorers = self.scorers.iter().map(|s| RewardInfo {
+            name: s.name.to_string(),
+            kind: Kind::Programmatic,
+            description: s.description.to_string(),
+        });
+        arms.chain(scorers).collect()
+    }
 
-/// The engine's model that serves the ARM `name`.
-pub fn arm(models: &[ModelInfo], name: &str) -> Option<ModelId> {
-    models
-        .iter()
-        .position(|m| m.role == Role::Reward && m.name == name)
-}
+    /// The model serving the ARM `name`.
+    pub fn arm(&self, name: &str) -> Option<ModelId> {
+        self.arms.iter().find(|a| a.name == name).map(|a| a.model)
+    }
 
-/// Names of the loaded ARMs.
-pub fn arm_names(models: &[ModelInfo]) -> Vec<&str> {
-    models
-        .iter()
-        .filter(|m| m.role == Role::Reward)
-        .map(|m| m.name.as_str())
-        .collect()
+    pub fn arm_names(&self) -> Vec<&str> {
+        self.arms.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    /// The built-in scorer `name`.
+    pub fn scorer(&self, name: &str) -> Option<&Arc<dyn Scorer>> {
+        self.scorers
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| &s.scorer)
+    }
+
+    /// Every name a sequence-level decoder may score with: the scorers, then the ARMs.
+    pub fn names(&self) -> Vec<&str> {
+        let scorers = self.scorers.iter().map(|s| s.name);
+        scorers.chain(self.arm_names()).collect()
+    }
+
+    /// The source `name` stands for (a built-in scorer before an ARM of the same name), with
+    /// its weight checked to be finite in f32, the precision decoders weigh rewards in.
+    pub fn reward(&self, name: &str, weight: f64) -> Result<(Source, f32), RewardError> {
+        let source = match (self.scorer(name), self.arm(name)) {
+            (Some(s), _) => Source::Text(s.clone()),
+            (None, Some(m)) => Source::Arm(m),
+            (None, None) => {
+                return Err(RewardError::Unknown { name: name.into() });
+            }
+        };
+        match weight as f32 {
+            w if w.is_finite() => Ok((source, w)),
+            _ => Err(RewardError::Weight {
+                name: name.into(),
+                weight,
+            }),
+        }
+    }
 }
 
 /// Refuse an ARM that does not tokenize exactly like the base: GenARM adds log-probs token id by
@@ -160,19 +246,52 @@ pub fn with_rewards(
     Ok(models)
 }
 
+/// A `--reward` flag that is not NAME=PATH.
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("expected NAME=PATH, got `{0}`")]
+pub struct FlagError(String);
+
 /// Parse a `--reward NAME=PATH` flag.
-pub fn parse_flag(flag: &str) -> Result<(String, PathBuf), String> {
+pub fn parse_flag(flag: &str) -> Result<(String, PathBuf), FlagError> {
     match flag.split_once('=') {
         Some((name, path)) if !name.is_empty() && !path.is_empty() => {
             Ok((name.to_string(), PathBuf::from(path)))
         }
-        _ => Err(format!("expected NAME=PATH, got `{flag}`")),
+        _ => Err(FlagError(flag.into())),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_builtin_scorer_takes_its_name_before_an_arm() {
+        let r = Registry {
+            arms: vec![Arm {
+                name: "sentiment".into(),
+                model: 1,
+                description: String::new(),
+            }],
+            scorers: scorers::builtin(),
+        };
+        assert!(matches!(
+            r.reward("sentiment", 1.0),
+            Ok((Source::Text(_), 1.0))
+        ));
+        assert_eq!(r.arm("sentiment"), Some(1));
+        assert_eq!(
+            r.reward("nope", 1.0).unwrap_err(),
+            RewardError::Unknown {
+                name: "nope".into()
+            }
+        );
+        assert!(matches!(
+            r.reward("sentiment", 1e39),
+            Err(RewardError::Weight { .. })
+        ));
+        assert_eq!(r.names(), ["sentiment", "sentiment"]);
+    }
 
     #[test]
     fn reward_flags_need_a_name_and_a_path() {

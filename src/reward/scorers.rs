@@ -1,6 +1,8 @@
 //! Programmatic, sequence-level scorers: a number for a finished text, higher is better. Used by
 //! the search decoders (best-of-N, DeAL) and to rank preference pairs.
 
+use std::sync::Arc;
+
 use regex::Regex;
 
 pub trait Scorer: Send + Sync {
@@ -11,14 +13,14 @@ pub trait Scorer: Send + Sync {
 pub struct Builtin {
     pub name: &'static str,
     pub description: &'static str,
-    pub scorer: Box<dyn Scorer>,
+    pub scorer: Arc<dyn Scorer>,
 }
 
 pub fn builtin() -> Vec<Builtin> {
     vec![Builtin {
         name: "sentiment",
         description: "lexicon sentiment of the answer: (positive − negative words) / √words",
-        scorer: Box::new(Sentiment),
+        scorer: Arc::new(Sentiment),
     }]
 }
 

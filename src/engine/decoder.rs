@@ -1,17 +1,39 @@
-//! The seam between the engine and a decoder: what a decoder may do in one step.
+//! The contract between the engine and a decoder. Each step the engine asks every running
+//! request's decoder to plan forwards (on any model, any number of its sequences), runs one
+//! batched forward per model over everything planned, then hands each decoder its logits to
+//! absorb: so token-level and search decoders of every request batch together.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use tokio::sync::mpsc;
 
-use super::{Event, ModelId, ModelInfo, Planned, SeqStore};
-use crate::model::{ForwardOutput, KvCache, Logits};
+use super::store::{SeqId, Store};
+use super::Event;
+use crate::model::{ForwardOutput, Logits, ModelId, ModelInfo};
 
-/// A sequence: one KV cache on one model.
-pub type SeqId = usize;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Done,
+}
 
-/// Handed to `Decoder::plan` and `Decoder::absorb`.
+/// One request's state machine.
+pub trait Decoder: Send {
+    /// Schedule this step's forwards with `cx.forward` (or none).
+    fn plan(&mut self, cx: &mut Cx) -> Result<()>;
+    /// Read the logits of the forwards scheduled in `plan` and advance.
+    fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow>;
+}
+
+/// A forward one request asked for in this step.
+pub(super) struct Planned {
+    pub(super) seq: SeqId,
+    pub(super) tokens: Vec<u32>,
+    pub(super) logits: Logits,
+}
+
+/// Handed to `Decoder::plan` and `Decoder::absorb`: what a decoder may do in one step.
 pub struct Cx<'a> {
-    store: &'a mut SeqStore,
+    store: &'a mut dyn Store,
     models: &'a [ModelInfo],
     owned: &'a mut Vec<SeqId>,
     planned: &'a mut Vec<Planned>,
@@ -21,8 +43,8 @@ pub struct Cx<'a> {
 }
 
 impl<'a> Cx<'a> {
-    pub(crate) fn new(
-        store: &'a mut SeqStore,
+    pub(super) fn new(
+        store: &'a mut dyn Store,
         models: &'a [ModelInfo],
         owned: &'a mut Vec<SeqId>,
         planned: &'a mut Vec<Planned>,
@@ -49,16 +71,19 @@ impl<'a> Cx<'a> {
 
     /// A new, empty sequence on `model`.
     pub fn new_seq(&mut self, model: ModelId) -> SeqId {
-        let id = self.store.insert(model, KvCache::new());
+        let id = self.store.create(model);
         self.owned.push(id);
         id
     }
 
     /// A copy of `seq` (its cached positions), to continue independently.
     pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        let (model, cache) = self.store.get(seq).context("fork of an unknown sequence")?;
-        let (model, copy) = (*model, cache.fork());
-        let id = self.store.insert(model, copy);
+        if !self.owned.contains(&seq) {
+            bail!("fork of a sequence this request does not own");
+        }
+        let Some(id) = self.store.fork(seq) else {
+            bail!("fork of an unknown sequence");
+        };
         self.owned.push(id);
         Ok(id)
     }
@@ -73,20 +98,18 @@ impl<'a> Cx<'a> {
 
     /// Positions cached in `seq`.
     pub fn len(&self, seq: SeqId) -> usize {
-        self.store.get(seq).map_or(0, |(_, c)| c.len())
+        self.store.describe(seq).map_or(0, |(_, len)| len)
     }
 
     /// Forget positions of `seq` from `len` on.
     pub fn truncate(&mut self, seq: SeqId, len: usize) {
-        if let Some((_, c)) = self.store.get_mut(seq) {
-            c.truncate(len);
-        }
+        self.store.truncate(seq, len);
     }
 
     /// Positions `seq` may still grow by.
     pub fn room(&self, seq: SeqId) -> usize {
-        match self.store.get(seq) {
-            Some((m, c)) => self.models[*m].context_length().saturating_sub(c.len()),
+        match self.store.describe(seq) {
+            Some((m, len)) => self.models[m].context_length().saturating_sub(len),
             None => 0,
         }
     }
@@ -127,23 +150,29 @@ pub struct Outputs<'a> {
 }
 
 impl<'a> Outputs<'a> {
-    pub(crate) fn new(outputs: &'a [ForwardOutput], landed: &'a [(ModelId, usize)]) -> Self {
+    pub(super) fn new(outputs: &'a [ForwardOutput], landed: &'a [(ModelId, usize)]) -> Self {
         Self { outputs, landed }
     }
 
     /// The next-token logits after the last token of ticket `t` (planned with `Logits::Last` or `All`).
     pub fn last(&self, t: usize) -> Result<&'a [f32]> {
-        let (m, i) = *self.landed.get(t).context("unknown forward ticket")?;
-        self.outputs
-            .get(m)
-            .and_then(|o| o.last(i))
-            .context("this forward returned no logits")
+        match self.landed.get(t) {
+            Some(&(m, i)) => match self.outputs.get(m).and_then(|o| o.last(i)) {
+                Some(row) => Ok(row),
+                None => bail!("this forward returned no logits"),
+            },
+            None => bail!("unknown forward ticket"),
+        }
     }
 
     /// Every row of ticket `t` (planned with `Logits::All`): row j predicts the token after token j.
     pub fn rows(&self, t: usize) -> Result<Vec<&'a [f32]>> {
-        let (m, i) = *self.landed.get(t).context("unknown forward ticket")?;
-        let out = self.outputs.get(m).context("unknown model")?;
+        let Some(&(m, i)) = self.landed.get(t) else {
+            bail!("unknown forward ticket");
+        };
+        let Some(out) = self.outputs.get(m) else {
+            bail!("unknown model");
+        };
         Ok(out.item(i).collect())
     }
 }
