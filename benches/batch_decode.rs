@@ -126,7 +126,9 @@ fn request(engine: &Engine, spec: &DecoderSpec, seed: u64) -> f64 {
         model_prompts: Default::default(),
     };
     let t = Instant::now();
-    let mut rx = engine.submit(spec.build(g)).unwrap();
+    let mut rx = engine
+        .submit(spec.build(g, engine.models()).unwrap())
+        .unwrap();
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Done { .. } => return t.elapsed().as_secs_f64() * 1e3,

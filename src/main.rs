@@ -286,7 +286,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     };
     let engine = Engine::start(vec![model], EngineOptions::default());
     let decoder = match &args.alignment {
-        None => decode::build("sample", generation)?,
+        None => decode::build("sample", generation, engine.models())?,
         Some(json) => {
             let mut params: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(json).context("--alignment is not a JSON object")?;
@@ -303,7 +303,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                         e.message
                     )
                 })?;
-            spec.build(generation)
+            spec.build(generation, engine.models())?
         }
     };
     let start = std::time::Instant::now();

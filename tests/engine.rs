@@ -85,7 +85,7 @@ fn run(engine: &Engine, decoder: Box<dyn Decoder>) -> Collected {
 }
 
 fn sample(engine: &Engine, g: Generation) -> Collected {
-    run(engine, decode::build("sample", g).unwrap())
+    run(engine, decode::build("sample", g, engine.models()).unwrap())
 }
 
 #[test]
@@ -219,7 +219,9 @@ fn dropping_the_receiver_cancels() {
         SamplingParams::greedy(),
     );
     g.ignore_eos = true;
-    let mut rx = e.submit(decode::build("sample", g).unwrap()).unwrap();
+    let mut rx = e
+        .submit(decode::build("sample", g, e.models()).unwrap())
+        .unwrap();
     let mut seen = 0;
     while seen < 3 {
         if let Some(Event::Token(_)) = rx.blocking_recv() {
@@ -246,7 +248,9 @@ fn two_clients_are_served_together() {
     let mut long = generation(&e, "Tell me about rivers.", 60, SamplingParams::greedy());
     long.ignore_eos = true;
     let alone = sample(&e, long.clone());
-    let mut a = e.submit(decode::build("sample", long).unwrap()).unwrap();
+    let mut a = e
+        .submit(decode::build("sample", long, e.models()).unwrap())
+        .unwrap();
     // Wait until the first is generating, then start a second one alongside.
     let first = loop {
         if let Some(Event::Token(t)) = a.blocking_recv() {
@@ -254,7 +258,9 @@ fn two_clients_are_served_together() {
         }
     };
     let short = generation(&e, "Tell me about lakes.", 5, SamplingParams::greedy());
-    let mut b = e.submit(decode::build("sample", short).unwrap()).unwrap();
+    let mut b = e
+        .submit(decode::build("sample", short, e.models()).unwrap())
+        .unwrap();
     let mut a_tokens_when_b_done = 0;
     let mut b_done = false;
     let mut a_tokens = vec![first];
@@ -394,6 +400,7 @@ fn a_multi_sequence_decoder_plugs_into_the_same_seam() {
             decode::build(
                 "sample",
                 generation(&e, "Hello", 16, SamplingParams::greedy()),
+                e.models(),
             )
             .unwrap(),
         )
@@ -453,6 +460,7 @@ fn a_panicking_decoder_fails_its_request_and_the_engine_lives_on() {
             decode::build(
                 "sample",
                 generation(&e, "Hello", 12, SamplingParams::greedy()),
+                e.models(),
             )
             .unwrap(),
         )

@@ -1,5 +1,5 @@
-//! `tilt eval steer` and `tilt eval keywords` end to end through the built binary, with the real
-//! base model, toy reward models and a few prompts.
+//! `tilt eval steer`, `tilt eval keywords` and `tilt eval mc` end to end through the built binary,
+//! with the real base model, toy reward models and a few prompts or questions.
 
 mod common;
 
@@ -219,4 +219,51 @@ fn keywords_reports_each_method_and_best_of_n_covers_at_least_as_much() {
     assert!(md.contains("`later` skipped"));
     let svg = std::fs::read_to_string(out.path().join("keywords.svg")).unwrap();
     assert_eq!(svg.matches("<circle").count(), 6);
+}
+
+#[test]
+fn mc_reports_every_ranking_on_the_same_questions() {
+    let model = common::model_path();
+    let data = tempfile::NamedTempFile::new().unwrap();
+    let line = |q: &str, a: &str, b: &str, right: &str, topic: &str| {
+        serde_json::json!({"question": q, "answer_a": a, "answer_b": b, "answer_c": "none",
+                           "answer_d": "all", "correct_answer": right, "topic": topic})
+        .to_string()
+    };
+    let lines = [
+        line("What is 2 + 2?", "4", "5", "A", "math"),
+        line("Which is a colour?", "blue", "seven", "A", "words"),
+        line("Which is a number?", "green", "seven", "B", "words"),
+        "not a question".to_string(),
+    ];
+    // A line that is not JSON is an error naming it; blank options are skipped instead.
+    std::fs::write(data.path(), lines.join("\n")).unwrap();
+    let failed = Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["eval", "mc", "--data", data.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("line 4"));
+    std::fs::write(data.path(), lines[..3].join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let stdout = tilt(&[
+        "eval",
+        "mc",
+        "--data",
+        data.path().to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let rows = table_rows(&stdout);
+    assert_eq!(rows.len(), 4, "{stdout}");
+    let json = read_json(&out.path().join("mc.json"));
+    assert_eq!(json["questions"], 3);
+    for ranking in ["generator", "discriminator", "er_g", "er_d"] {
+        assert_eq!(json["accuracy"][ranking]["of"], 3, "{json}");
+        assert!(json["accuracy"][ranking]["right"].as_u64().unwrap() <= 3);
+    }
+    assert_eq!(json["subjects"]["words"]["er_d"][1], 2);
+    assert!(out.path().join("mc.svg").exists());
 }

@@ -43,7 +43,9 @@ fn genarm(engine: &Engine, params: Value) -> DecoderSpec {
 /// Each choice's tokens, and the report.
 fn run(engine: &Engine, spec: &DecoderSpec, g: Generation) -> (Vec<Vec<u32>>, Option<Value>) {
     let mut tokens = vec![Vec::new(); g.n];
-    let mut rx = engine.submit(spec.build(g)).unwrap();
+    let mut rx = engine
+        .submit(spec.build(g, engine.models()).unwrap())
+        .unwrap();
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Token(t) => tokens[t.choice].push(t.token),
@@ -198,7 +200,12 @@ fn unknown_rewards_list_the_loaded_ones() {
     let err = DecoderSpec::parse("genarm", params, e.rewards()).unwrap_err();
     assert_eq!(err.param.as_deref(), Some("rewards.toy"));
     // `decode::build` knows genarm too (no rewards: plain decoding).
-    assert!(decode::build("genarm", generation(&e, "Hi", 1, SamplingParams::greedy())).is_ok());
+    assert!(decode::build(
+        "genarm",
+        generation(&e, "Hi", 1, SamplingParams::greedy()),
+        e.models()
+    )
+    .is_ok());
 }
 
 fn best_of_n(engine: &Engine, params: Value) -> DecoderSpec {

@@ -218,7 +218,7 @@ fn deal_streams_each_token_once_the_beams_agree() {
     );
     let mut g = generation(&e, OCEAN, 12);
     g.ignore_eos = true;
-    let mut rx = e.submit(s.build(g)).unwrap();
+    let mut rx = e.submit(s.build(g, e.models()).unwrap()).unwrap();
     loop {
         match rx.blocking_recv().expect("the engine answers") {
             Event::Token(_) => break,

@@ -79,9 +79,14 @@ impl Run {
         let mut events = StreamMap::new();
         let prompt_lens = job.generations.iter().map(|g| g.prompt.len()).collect();
         let prompts = job.generations.len();
-        for (p, generation) in job.generations.into_iter().enumerate() {
-            let rx = engine.submit(job.decoder.build(generation))?;
-            events.insert(p, UnboundedReceiverStream::new(rx));
+        // Every prompt's decoder first: one that refuses its prompt refuses the request.
+        let decoders = job
+            .generations
+            .into_iter()
+            .map(|g| job.decoder.build(g, engine.models()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (p, decoder) in decoders.into_iter().enumerate() {
+            events.insert(p, UnboundedReceiverStream::new(engine.submit(decoder)?));
         }
         Ok(Self {
             events,

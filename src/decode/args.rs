@@ -27,7 +27,7 @@ use super::prompt::{fork, SharedPrompt};
 use super::track::{Rows, TrackId, Tracker};
 use super::{finite, typed, within, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
-use crate::model::{Logits, ModelId, BASE};
+use crate::model::{Logits, ModelId, ModelInfo, BASE};
 use crate::reward::Registry;
 use crate::sampling::{argmax, top_sorted};
 
@@ -85,8 +85,13 @@ impl Method for Args {
         spec.arms().map(|(_, m)| m).collect()
     }
 
-    fn build(&self, spec: &ArgsSpec, generation: Generation) -> Box<dyn Decoder> {
-        Box::new(ArgsDecoder::new(spec.clone(), generation))
+    fn build(
+        &self,
+        spec: &ArgsSpec,
+        generation: Generation,
+        _: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        Ok(Box::new(ArgsDecoder::new(spec.clone(), generation)))
     }
 }
 

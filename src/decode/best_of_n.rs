@@ -18,12 +18,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
+use super::equilibrium::{dedup, RankParams, RankSpec, Ranked, Ranking};
 use super::genarm::{GenArmParams, GenArmSpec, Guided, Sequences};
 use super::objectives::{self, Constraints, Objective, Scoring, Source};
 use super::track::{Rows, TrackId, Tracker};
 use super::{typed, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, Flow, Outputs, Usage};
 use crate::model::ModelId;
+use crate::model::ModelInfo;
 use crate::reward::Registry;
 
 /// Most candidates one request may ask for.
@@ -55,6 +57,8 @@ struct BestOfNParams {
     return_candidates: bool,
     /// GenARM guidance of the candidates: `{"rewards": {arm: w}, "beta": b}`.
     guide: Option<GenArmParams>,
+    /// The ranking's parameters with `selection: "equilibrium"`.
+    equilibrium: Option<RankParams>,
 }
 
 fn default_candidates() -> usize {
@@ -67,6 +71,7 @@ enum SelectionName {
     #[default]
     Hard,
     Soft,
+    Equilibrium,
 }
 
 impl Method for BestOfN {
@@ -93,13 +98,30 @@ impl Method for BestOfN {
                 ),
             ));
         }
+        if p.equilibrium.is_some() && !matches!(p.selection, SelectionName::Equilibrium) {
+            return Err(ParamError::new(
+                "equilibrium",
+                "`equilibrium` applies only to `selection: \"equilibrium\"`",
+            ));
+        }
+        let ranked = matches!(p.selection, SelectionName::Equilibrium);
         let selection = match (p.selection, p.beta) {
-            (SelectionName::Hard, None) => Selection::Hard,
-            (SelectionName::Hard, Some(_)) => {
+            (SelectionName::Hard | SelectionName::Equilibrium, Some(_)) => {
                 return Err(ParamError::new(
                     "beta",
                     "`beta` applies only to `selection: \"soft\"`",
                 ))
+            }
+            (SelectionName::Hard, None) => Selection::Hard,
+            (SelectionName::Equilibrium, None) => {
+                if p.calibrate > 0 {
+                    return Err(ParamError::new(
+                        "calibrate",
+                        "`calibrate` does not apply to `selection: \"equilibrium\"`, which ranks by no reward",
+                    ));
+                }
+                let rank = p.equilibrium.unwrap_or_default();
+                Selection::Equilibrium(RankSpec::parse("equilibrium.", rank)?)
             }
             (SelectionName::Soft, beta) => {
                 // RSO's default.
@@ -113,8 +135,12 @@ impl Method for BestOfN {
                 Selection::Soft { beta }
             }
         };
-        let objectives =
-            objectives::parse("best_of_n", "select by", p.rewards, p.constraints, rewards)?;
+        // Equilibrium ranking needs no reward; any given are scored and reported.
+        let objectives = if ranked && p.rewards.is_empty() && p.constraints.is_empty() {
+            Vec::new()
+        } else {
+            objectives::parse("best_of_n", "select by", p.rewards, p.constraints, rewards)?
+        };
         let guide = match p.guide {
             Some(g) => GenArmSpec::parse("guide.", g, rewards)?,
             None => GenArmSpec::none(),
@@ -134,18 +160,25 @@ impl Method for BestOfN {
         guides.chain(spec.scoring_models()).collect()
     }
 
-    fn build(&self, spec: &BestOfNSpec, generation: Generation) -> Box<dyn Decoder> {
-        Box::new(BestOfNDecoder::new(spec.clone(), generation))
+    fn build(
+        &self,
+        spec: &BestOfNSpec,
+        generation: Generation,
+        _: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        Ok(Box::new(BestOfNDecoder::new(spec.clone(), generation)))
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Selection {
     Hard,
     /// Accept a candidate with probability exp((r − r_max)/β).
     Soft {
         beta: f64,
     },
+    /// Rank each group's candidates by the consensus game (`equilibrium`).
+    Equilibrium(RankSpec),
 }
 
 /// Checked `best_of_n` parameters.
@@ -189,6 +222,9 @@ pub struct BestOfNDecoder {
     arm_objectives: Vec<usize>,
     /// Per candidate, once scoring has started.
     runs: Vec<Run>,
+    /// With `selection: "equilibrium"`, once the candidates are scored: per group, the ranking
+    /// of its distinct candidates and where each is among the group's.
+    rankings: Vec<(Ranking, Vec<usize>)>,
 }
 
 /// A candidate being read by the scoring ARMs.
@@ -223,6 +259,7 @@ impl BestOfNDecoder {
             arms: Tracker::new(prompts, Rows::LogProbs),
             arm_objectives,
             runs: Vec::new(),
+            rankings: Vec::new(),
             spec,
             generation,
         }
@@ -286,11 +323,39 @@ impl BestOfNDecoder {
         Ok(())
     }
 
+    /// Rank each group's distinct candidates (blank ones cannot be; a group of blanks keeps
+    /// its first).
+    fn start_ranking(&mut self, cx: &mut Cx, spec: &RankSpec) -> Result<()> {
+        let texts: Vec<String> = self.guided.choices().map(|c| text(c.held())).collect();
+        let base = cx.model(crate::model::BASE);
+        for group in texts.chunks(self.spec.n) {
+            let firsts: Vec<usize> = dedup(group)
+                .into_iter()
+                .filter(|&i| !group[i].trim().is_empty())
+                .collect();
+            let firsts = if firsts.is_empty() { vec![0] } else { firsts };
+            let distinct: Vec<String> = firsts.iter().map(|&i| group[i].clone()).collect();
+            let ranking = Ranking::new(&base.vocab, base, &self.generation.prompt, &distinct, spec)
+                .map_err(anyhow::Error::msg)?;
+            self.rankings.push((ranking, firsts));
+        }
+        Ok(())
+    }
+
     /// Score every candidate, pick one per group, stream them and report.
     fn finish(&mut self, cx: &mut Cx) {
+        let texts: Vec<String> = self.guided.choices().map(|c| text(c.held())).collect();
+        let ranked: Vec<(Ranked, &[usize])> = self
+            .rankings
+            .iter()
+            .zip(texts.chunks(self.spec.n.max(1)))
+            .map(|((r, firsts), group)| {
+                let distinct: Vec<String> = firsts.iter().map(|&i| group[i].clone()).collect();
+                (r.rank(&distinct), firsts.as_slice())
+            })
+            .collect();
         let held: Vec<Vec<Event>> = self.guided.choices_mut().map(|c| c.take_held()).collect();
         let lens: Vec<usize> = self.guided.choices().map(|c| c.tokens.len()).collect();
-        let texts: Vec<String> = held.iter().map(|events| text(events)).collect();
         let mut raw: Vec<Vec<f32>> = texts.iter().map(|t| self.scoring.scores(t)).collect();
         for (c, run) in self.runs.iter().enumerate() {
             for (&objective, &logp) in self.arm_objectives.iter().zip(&run.logps) {
@@ -303,11 +368,18 @@ impl BestOfNDecoder {
         let mut groups = Vec::with_capacity(self.generation.n);
         for g in 0..self.generation.n {
             let first = g * per_group;
-            let group = self.select(&raw[first..first + per_group], &mut rng);
+            let mut group = self.select(&raw[first..first + per_group], &mut rng);
+            let equilibrium = ranked.get(g).map(|(r, firsts)| {
+                group.chosen = firsts[r.chosen];
+                r.report.clone()
+            });
             for event in held[first + group.chosen].take().expect("chosen once") {
                 cx.emit(event);
             }
             let mut report = json!({"chosen": group.chosen, "scores": group.rewards});
+            if let Some(equilibrium) = equilibrium {
+                report["equilibrium"] = equilibrium;
+            }
             if self.spec.return_candidates {
                 report["candidates"] = (0..self.spec.n)
                     .map(|i| {
@@ -349,6 +421,7 @@ impl BestOfNDecoder {
                 report["selection"] = "soft".into();
                 report["beta"] = beta.into();
             }
+            Selection::Equilibrium(_) => report["selection"] = "equilibrium".into(),
         }
         if self.generation.n > 1 {
             report["choices"] = groups.into();
@@ -385,7 +458,8 @@ impl BestOfNDecoder {
         };
         let rewards: Vec<f64> = scores.iter().map(|s| self.scoring.combine(s)).collect();
         let chosen = match self.spec.selection {
-            Selection::Hard => best(&rewards),
+            // Equilibrium ranking replaces this choice (`finish`).
+            Selection::Hard | Selection::Equilibrium(_) => best(&rewards),
             Selection::Soft { beta } => soft(&rewards, beta, rng),
         };
         Group {
@@ -417,7 +491,7 @@ struct Group {
 }
 
 /// A candidate's text, from its held events.
-fn text(events: &[Event]) -> String {
+pub(crate) fn text(events: &[Event]) -> String {
     events
         .iter()
         .filter_map(|e| match e {
@@ -476,6 +550,9 @@ impl Run {
 
 impl Decoder for BestOfNDecoder {
     fn plan(&mut self, cx: &mut Cx) -> Result<()> {
+        if !self.rankings.is_empty() {
+            return self.rankings.iter_mut().try_for_each(|(r, _)| r.plan(cx));
+        }
         if !self.runs.is_empty() {
             return self.plan_scoring(cx);
         }
@@ -488,6 +565,17 @@ impl Decoder for BestOfNDecoder {
     }
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
+        if !self.rankings.is_empty() {
+            let mut done = true;
+            for (r, _) in &mut self.rankings {
+                done &= r.absorb(cx, out)?;
+            }
+            if !done {
+                return Ok(Flow::Continue);
+            }
+            self.finish(cx);
+            return Ok(Flow::Done);
+        }
         if !self.runs.is_empty() {
             self.absorb_scoring(cx, out)?;
         } else {
@@ -504,6 +592,11 @@ impl Decoder for BestOfNDecoder {
             }
         }
         if !self.scored() {
+            return Ok(Flow::Continue);
+        }
+        if let Selection::Equilibrium(spec) = &self.spec.selection {
+            let spec = spec.clone();
+            self.start_ranking(cx, &spec)?;
             return Ok(Flow::Continue);
         }
         self.finish(cx);
@@ -542,6 +635,30 @@ mod tests {
             report["candidates"][chosen]["text"].as_str(),
             Some(out.text[0].as_str())
         );
+    }
+
+    #[test]
+    fn equilibrium_selection_ranks_the_candidates_without_a_reward() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 3, seeded(2));
+        let params = json!({"n": 4, "selection": "equilibrium", "return_candidates": true});
+        let out = run(&e, "best_of_n", params, g);
+        let report = out.report.unwrap();
+        assert_eq!(report["selection"], "equilibrium");
+        let ranked = &report["equilibrium"];
+        let chosen = report["chosen"].as_u64().unwrap() as usize;
+        let best = &ranked["candidates"][ranked["chosen"].as_u64().unwrap() as usize];
+        assert_eq!(best["text"], report["candidates"][chosen]["text"]);
+        assert_eq!(Some(out.text[0].as_str()), best["text"].as_str());
+        for bad in [
+            json!({"selection": "equilibrium", "calibrate": 2}),
+            json!({"selection": "equilibrium", "beta": 1.0}),
+            json!({"equilibrium": {}, "rewards": {"sentiment": 1.0}}),
+            json!({"selection": "equilibrium", "equilibrium": {"eta_g": 0}}),
+        ] {
+            let params = bad.as_object().cloned().unwrap();
+            assert!(BestOfN.parse(params, e.rewards()).is_err(), "{bad}");
+        }
     }
 
     #[test]

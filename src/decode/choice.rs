@@ -45,6 +45,11 @@ impl Choice {
         c
     }
 
+    /// The events a candidate holds back so far.
+    pub fn held(&self) -> &[Event] {
+        self.held.as_deref().unwrap_or_default()
+    }
+
     /// The events a candidate held back, in order.
     pub fn take_held(&mut self) -> Vec<Event> {
         self.held.take().unwrap_or_default()

@@ -44,7 +44,7 @@ use super::prompt::SharedPrompt;
 use super::track::{Checkpoint, Rows, TrackId, Tracker};
 use super::{finite, typed, within, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
-use crate::model::{Logits, ModelId, BASE};
+use crate::model::{Logits, ModelId, ModelInfo, BASE};
 use crate::reward::Registry;
 use crate::sampling::{argmax, log_sum_exp, top_sorted, Sampled};
 
@@ -126,8 +126,13 @@ impl Method for Deal {
         ))
     }
 
-    fn build(&self, spec: &DealSpec, generation: Generation) -> Box<dyn Decoder> {
-        Box::new(DealDecoder::new(spec.clone(), generation))
+    fn build(
+        &self,
+        spec: &DealSpec,
+        generation: Generation,
+        _: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        Ok(Box::new(DealDecoder::new(spec.clone(), generation)))
     }
 }
 

@@ -18,7 +18,7 @@ use super::track::{Rows, TrackId, Tracker};
 use super::{typed, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
 use crate::math::{self, log_sum_exp};
-use crate::model::{for_each_mut, Logits, ModelId, BASE};
+use crate::model::{for_each_mut, Logits, ModelId, ModelInfo, BASE};
 use crate::reward::Registry;
 use crate::sampling::Sampled;
 
@@ -51,8 +51,13 @@ impl Method for GenArm {
         spec.active().map(|a| a.model).collect()
     }
 
-    fn build(&self, spec: &GenArmSpec, generation: Generation) -> Box<dyn Decoder> {
-        Box::new(GenArmDecoder::new(spec.clone(), generation))
+    fn build(
+        &self,
+        spec: &GenArmSpec,
+        generation: Generation,
+        _: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        Ok(Box::new(GenArmDecoder::new(spec.clone(), generation)))
     }
 }
 

@@ -11,10 +11,12 @@ pub mod args;
 pub mod best_of_n;
 mod choice;
 pub mod deal;
+pub mod equilibrium;
 pub mod genarm;
 pub mod objectives;
 mod prompt;
 pub mod sample;
+mod score;
 mod track;
 
 use std::any::Any;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::engine::Decoder;
-use crate::model::ModelId;
+use crate::model::{ModelId, ModelInfo};
 use crate::reward::Registry;
 use crate::sampling::SamplingParams;
 
@@ -38,6 +40,7 @@ const DECODERS: &[&dyn Entry] = &[
     &best_of_n::BestOfN,
     &args::Args,
     &deal::Deal,
+    &equilibrium::Equilibrium,
 ];
 
 /// The names of the decoders.
@@ -104,8 +107,13 @@ pub trait Method: Copy + Send + Sync + 'static {
     fn check_choices(&self, _spec: &Self::Spec, _n: usize) -> Result<(), String> {
         Ok(())
     }
-    /// The decoder for one prompt.
-    fn build(&self, spec: &Self::Spec, generation: Generation) -> Box<dyn Decoder>;
+    /// The decoder for one prompt, or why it cannot serve it (`models`: the engine's).
+    fn build(
+        &self,
+        spec: &Self::Spec,
+        generation: Generation,
+        models: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError>;
 }
 
 /// A decoder and its checked parameters.
@@ -149,8 +157,13 @@ impl DecoderSpec {
         self.0.check_choices(n)
     }
 
-    pub fn build(&self, generation: Generation) -> Box<dyn Decoder> {
-        self.0.build(generation)
+    /// The decoder for one prompt, or why it cannot serve it (`models`: the engine's).
+    pub fn build(
+        &self,
+        generation: Generation,
+        models: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        self.0.build(generation, models)
     }
 
     /// The checked parameters, if the decoder's are of type `S`.
@@ -165,10 +178,14 @@ impl fmt::Debug for DecoderSpec {
     }
 }
 
-/// The decoder named `name` with default parameters, for `generation`.
-pub fn build(name: &str, generation: Generation) -> Result<Box<dyn Decoder>, ParamError> {
-    let spec = DecoderSpec::parse(name, Params::new(), &Registry::new(&[]))?;
-    Ok(spec.build(generation))
+/// The decoder named `name` with default parameters, for `generation` on `models`.
+pub fn build(
+    name: &str,
+    generation: Generation,
+    models: &[ModelInfo],
+) -> Result<Box<dyn Decoder>, ParamError> {
+    let spec = DecoderSpec::parse(name, Params::new(), &Registry::new(models))?;
+    spec.build(generation, models)
 }
 
 /// A row of the table: a `Method` with its spec type erased.
@@ -201,7 +218,11 @@ trait Checked: Send + Sync {
     fn name(&self) -> &'static str;
     fn models(&self) -> Vec<ModelId>;
     fn check_choices(&self, n: usize) -> Result<(), String>;
-    fn build(&self, generation: Generation) -> Box<dyn Decoder>;
+    fn build(
+        &self,
+        generation: Generation,
+        models: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError>;
     fn spec(&self) -> &dyn Any;
     fn debug(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
 }
@@ -222,8 +243,12 @@ impl<M: Method> Checked for Bound<M> {
         self.method.check_choices(&self.spec, n)
     }
 
-    fn build(&self, generation: Generation) -> Box<dyn Decoder> {
-        self.method.build(&self.spec, generation)
+    fn build(
+        &self,
+        generation: Generation,
+        models: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        self.method.build(&self.spec, generation, models)
     }
 
     fn spec(&self) -> &dyn Any {
@@ -350,7 +375,10 @@ pub(crate) mod testing {
     /// Run the decoder `name` with `params` (a JSON object) for `generation`.
     pub fn run(engine: &Engine, name: &str, params: Value, generation: Generation) -> Streamed {
         let spec = spec(engine, name, params);
-        let out = fake::run(engine, spec.build(generation));
+        let decoder = spec
+            .build(generation, engine.models())
+            .expect("the decoder builds");
+        let out = fake::run(engine, decoder);
         assert!(out.failure.is_none(), "{name}: {:?}", out.failure);
         out
     }

@@ -29,6 +29,12 @@ pub struct Constraints {
     max_words: Option<usize>,
 }
 
+impl Constraints {
+    pub fn is_empty(&self) -> bool {
+        self.keywords.is_none() && self.max_words.is_none()
+    }
+}
+
 /// The objectives of `rewards` (name → weight) and `constraints`, checked for `decoder`, which
 /// needs at least one of them to `purpose` (e.g. "select by").
 pub fn parse(

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use super::prompt::{fork, plan_choices, SharedPrompt};
 use super::{typed, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, Flow, Outputs, Usage};
-use crate::model::{for_each_mut, BASE};
+use crate::model::{for_each_mut, ModelInfo, BASE};
 use crate::reward::Registry;
 use crate::sampling::Sampled;
 
@@ -29,8 +29,13 @@ impl Method for Sample {
         typed::<SampleParams>(params).map(|_| ())
     }
 
-    fn build(&self, _: &(), generation: Generation) -> Box<dyn Decoder> {
-        Box::new(SampleDecoder::new(generation))
+    fn build(
+        &self,
+        _: &(),
+        generation: Generation,
+        _: &[ModelInfo],
+    ) -> Result<Box<dyn Decoder>, ParamError> {
+        Ok(Box::new(SampleDecoder::new(generation)))
     }
 }
 

@@ -146,7 +146,8 @@ pub fn favour(word: u32, margin: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The fake vocabulary: `WORDS` as whole words, each written with a leading space.
+/// The fake vocabulary: `WORDS` as whole words, each written with a leading space; text
+/// tokenizes word by word, white space aside, and an unknown word becomes the end token.
 pub fn vocab() -> Vocab {
     let vocab: serde_json::Map<String, serde_json::Value> = WORDS
         .iter()
@@ -167,7 +168,10 @@ pub fn vocab() -> Vocab {
         "padding": null,
         "added_tokens": [special(0), special(1)],
         "normalizer": null,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "WhitespaceSplit"},
+            {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true}
+        ]},
         "post_processor": null,
         "decoder": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<|im_end|>"}

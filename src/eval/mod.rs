@@ -3,11 +3,13 @@
 //!   objective's programmatic reward, KL to the base, diversity and speed.
 //! - `keywords` (keywords.rs): CommonGen-style concept sets, each decoding method given as a
 //!   decoder config in JSON; keyword coverage, fluency (perplexity under the base) and cost.
+//! - `mc` (mc.rs): multiple-choice accuracy of equilibrium ranking and the model's own rankings.
 //!
-//! This file holds what both share: running a batch of requests, distinct-n, perplexity, table
+//! This file holds what they share: running a batch of requests, distinct-n, perplexity, table
 //! formatting and writing the outputs.
 
 pub mod keywords;
+pub mod mc;
 pub mod steer;
 
 use std::collections::HashSet;
@@ -29,6 +31,9 @@ pub enum EvalCommand {
     Steer(Box<steer::SteerArgs>),
     /// Keyword-constrained generation over CommonGen-style concept sets, per decoding method.
     Keywords(Box<keywords::KeywordsArgs>),
+    /// Multiple-choice accuracy: equilibrium ranking against generative and discriminative
+    /// ranking on the same questions (MMLU-format JSONL).
+    Mc(Box<mc::McArgs>),
 }
 
 /// The `tilt eval` command.
@@ -36,6 +41,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
     match command {
         EvalCommand::Steer(args) => steer::run(*args),
         EvalCommand::Keywords(args) => keywords::run(*args),
+        EvalCommand::Mc(args) => mc::run(*args),
     }
 }
 
@@ -174,7 +180,8 @@ pub fn run_jobs(
     for job in jobs {
         let g = generation(engine, &job.spec, &job.prompt, decoding)?;
         let prompt_tokens = g.prompt.clone();
-        streams.push((engine.submit(job.spec.build(g))?, prompt_tokens));
+        let decoder = job.spec.build(g, engine.models())?;
+        streams.push((engine.submit(decoder)?, prompt_tokens));
     }
     let mut outputs = Vec::with_capacity(jobs.len());
     for (mut events, prompt_tokens) in streams {

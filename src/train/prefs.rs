@@ -245,7 +245,7 @@ fn sample(
             },
             model_prompts: Default::default(),
         };
-        let decoder = decode::build("sample", generation)?;
+        let decoder = decode::build("sample", generation, engine.models())?;
         streams.push(engine.submit(decoder)?);
     }
     let (mut responses, mut ended) = (Vec::with_capacity(prompts.len()), Vec::new());

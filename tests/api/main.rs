@@ -9,6 +9,7 @@ mod bench;
 mod best_of_n;
 mod chat;
 mod completions;
+mod equilibrium;
 mod errors;
 mod genarm;
 mod lifecycle;
@@ -70,6 +71,7 @@ fn main() -> ExitCode {
         ("genarm", genarm::cases()),
         ("best_of_n", best_of_n::cases()),
         ("search", search::cases()),
+        ("equilibrium", equilibrium::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {

@@ -150,7 +150,9 @@ pub fn run(
     g: tilt::decode::Generation,
 ) -> Run {
     let (mut tokens, mut text) = (Vec::new(), String::new());
-    let mut rx = engine.submit(spec.build(g)).unwrap();
+    let mut rx = engine
+        .submit(spec.build(g, engine.models()).unwrap())
+        .unwrap();
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             tilt::engine::Event::Token(t) => {

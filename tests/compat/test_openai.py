@@ -112,6 +112,19 @@ def test_alignment_extension(client, model):
     assert r.model_extra["alignment"] == {"decoder": "sample"}
 
 
+def test_equilibrium_ranking_answers_with_a_candidate(client, model):
+    question = "Which planet is closest to the Sun?\nA. Venus\nB. Mercury\nC. Mars"
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        extra_body={"alignment": {"decoder": "equilibrium", "candidates": ["A", "B", "C"]}},
+    )
+    report = r.model_extra["alignment"]
+    assert report["decoder"] == "equilibrium"
+    assert r.choices[0].message.content == ["A", "B", "C"][report["chosen"]]
+    assert len(report["candidates"]) == 3
+
+
 def test_errors_raise_the_matching_exceptions(client, model):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=QUESTION, temperature=5)
