@@ -140,8 +140,13 @@ fn request(engine: &Engine, spec: &DecoderSpec, seed: u64) -> f64 {
 }
 
 fn end_to_end(m: Model, rounds: usize) {
-    let models = tilt::reward::with_rewards(m, &[], true, tilt::model::Precision::Q8_0)
-        .expect("the shipped reward models load");
+    let companions = tilt::model::companions::Companions {
+        manifest: true,
+        ..Default::default()
+    };
+    let models =
+        tilt::model::companions::with_companions(m, &companions, tilt::model::Precision::Q8_0)
+            .expect("the shipped reward models load");
     let engine = Engine::start(models, EngineOptions::default());
     let spec = |decoder: &str, params: serde_json::Value| {
         DecoderSpec::parse(

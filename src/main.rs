@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tilt::api::{self, AppState};
 use tilt::decode::{self, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
+use tilt::model::companions::{with_companions, Companions};
 use tilt::model::{fetch, Message, Model, Precision, Role};
 use tilt::sampling::SamplingParams;
 
@@ -39,9 +40,11 @@ enum Command {
     Prefs(Box<tilt::train::prefs::PrefsArgs>),
     /// Train an autoregressive reward model (ARM) on preference pairs with the GenARM loss.
     TrainArm(Box<tilt::train::TrainArgs>),
+    /// Distil a small draft of the base (a subset of its layers) for the `adaptive` decoder.
+    Distill(Box<tilt::train::distill::DistillArgs>),
     /// Benchmark latency and throughput of an OpenAI-compatible server, per decoder.
     Bench(Box<tilt::bench::BenchArgs>),
-    /// Offline evaluations: GenARM weight sweeps (steer) and keyword-constrained generation (keywords).
+    /// Offline evaluations: GenARM weight sweeps, keyword constraints, multiple choice, adaptive switching.
     Eval {
         #[command(subcommand)]
         command: tilt::eval::EvalCommand,
@@ -95,18 +98,13 @@ struct ServeArgs {
     /// models/models.toml; a flag replaces a manifest entry of the same name.
     #[arg(long = "reward", value_name = "NAME=PATH", value_parser = tilt::reward::parse_flag)]
     rewards: Vec<(String, PathBuf)>,
-    /// Skip the reward models of models/models.toml (only `--reward` ones load).
+    /// Skip the reward models and the draft of models/models.toml (only flags' load).
     #[arg(long)]
     no_default_rewards: bool,
-}
-
-/// The base model, then its reward models (see `tilt::reward::with_rewards`).
-fn load_models(
-    args: &ModelArgs,
-    flags: &[(String, PathBuf)],
-    manifest_rewards: bool,
-) -> Result<Vec<Model>> {
-    tilt::reward::with_rewards(args.load()?, flags, manifest_rewards, args.precision)
+    /// The small model of the `adaptive` decoder (GGUF file or safetensors folder): it must
+    /// share the base's tokenizer. Replaces the draft of models/models.toml.
+    #[arg(long, value_name = "PATH")]
+    draft_model: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -158,6 +156,7 @@ fn main() -> ExitCode {
         }
         Command::Prefs(args) => tilt::train::prefs::run(*args),
         Command::TrainArm(args) => tilt::train::run(*args),
+        Command::Distill(args) => tilt::train::distill::run(*args),
         Command::Bench(args) => tilt::bench::run(*args),
         Command::Eval { command } => tilt::eval::run(command),
     };
@@ -200,10 +199,15 @@ fn serve(args: ServeArgs) -> Result<()> {
             let _ = stopped.changed().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
-        let (model, rewards) = (args.model.clone(), args.rewards.clone());
-        let manifest_rewards = !args.no_default_rewards;
-        let load =
-            tokio::task::spawn_blocking(move || load_models(&model, &rewards, manifest_rewards));
+        let model = args.model.clone();
+        let companions = Companions {
+            rewards: args.rewards.clone(),
+            draft: args.draft_model.clone(),
+            manifest: !args.no_default_rewards,
+        };
+        let load = tokio::task::spawn_blocking(move || {
+            with_companions(model.load()?, &companions, model.precision)
+        });
         let server = api::serve(listener, state.clone(), graceful);
         tokio::pin!(server, deadline);
         let models = tokio::select! {

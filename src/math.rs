@@ -320,6 +320,35 @@ mod wide {
     }
 }
 
+/// The entropy of softmax(x), in bits: with m = max x, u = e^(x − m) and S = Σu,
+/// H = ln S − Σu·(x − m)/S nats.
+pub fn entropy_bits(x: &[f32]) -> f32 {
+    let m = max(x);
+    if !m.is_finite() {
+        return 0.0;
+    }
+    const L: usize = 16;
+    let (mut total, mut weighted) = ([0f32; L], [0f32; L]);
+    let mut add = |i: usize, v: f32| {
+        let u = exp(v - m);
+        if u > 0.0 {
+            total[i] += u;
+            weighted[i] += u * (v - m);
+        }
+    };
+    let chunks = x.chunks_exact(L);
+    for (i, &v) in chunks.remainder().iter().enumerate() {
+        add(i, v);
+    }
+    for c in chunks {
+        for (i, &v) in c.iter().enumerate() {
+            add(i, v);
+        }
+    }
+    let (s, w): (f32, f32) = (total.iter().sum(), weighted.iter().sum());
+    ((s.ln() - w / s) / std::f32::consts::LN_2).max(0.0)
+}
+
 /// log Σ e^x, computed stably (−∞ when every value is, or for an empty slice).
 pub fn log_sum_exp(x: &[f32]) -> f32 {
     let m = max(x);
@@ -340,6 +369,23 @@ pub fn log_softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entropy_is_in_bits() {
+        assert!((entropy_bits(&[0.0; 4]) - 2.0).abs() < 1e-5);
+        assert!(entropy_bits(&[0.0, f32::NEG_INFINITY]).abs() < 1e-6);
+        let x: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let z: f32 = x.iter().map(|v| v.exp()).sum();
+        let want: f32 = x
+            .iter()
+            .map(|v| -(v.exp() / z) * (v.exp() / z).log2())
+            .sum();
+        assert!(
+            (entropy_bits(&x) - want).abs() < 1e-4,
+            "{} vs {want}",
+            entropy_bits(&x)
+        );
+    }
 
     #[test]
     fn exp_matches_libm_within_a_few_ulp() {

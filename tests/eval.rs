@@ -1,4 +1,4 @@
-//! `tilt eval steer`, `tilt eval keywords` and `tilt eval mc` end to end through the built binary,
+//! `tilt eval steer`, `keywords`, `mc` and `adaptive` end to end through the built binary,
 //! with the real base model, toy reward models and a few prompts or questions.
 
 mod common;
@@ -266,4 +266,54 @@ fn mc_reports_every_ranking_on_the_same_questions() {
     }
     assert_eq!(json["subjects"]["words"]["er_d"][1], 2);
     assert!(out.path().join("mc.svg").exists());
+}
+
+/// `tilt eval adaptive` with the shipped draft: the ends of the sweep are the two models alone
+/// (large-only agrees with itself; small-only writes no large token and saves the formula's
+/// compute), a middle threshold lies between, and MMLU runs on every setting.
+#[test]
+fn adaptive_sweeps_from_the_large_model_alone_to_the_small_one() {
+    let data = tempfile::NamedTempFile::new().unwrap();
+    let q = serde_json::json!({"question": "What is 2 + 2?", "answer_a": "4", "answer_b": "5",
+                               "answer_c": "6", "answer_d": "7", "correct_answer": "A",
+                               "topic": "math"});
+    std::fs::write(data.path(), q.to_string()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let stdout = tilt(&[
+        "eval",
+        "adaptive",
+        "--thresholds",
+        "3",
+        "--prompts",
+        "3",
+        "--max-tokens",
+        "16",
+        "--repeats",
+        "1",
+        "--mmlu",
+        data.path().to_str().unwrap(),
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert_eq!(table_rows(&stdout).len(), 3, "{stdout}");
+    let json = read_json(&out.path().join("adaptive.json"));
+    let s = json["settings"].as_array().unwrap();
+    assert_eq!(s.len(), 3);
+    let (large, middle, small) = (&s[0], &s[1], &s[2]);
+    assert_eq!(large["threshold"], 0.0);
+    assert_eq!(
+        (large["large_share"].as_f64(), large["same_answer"].as_f64()),
+        (Some(1.0), Some(1.0))
+    );
+    assert_eq!(small["threshold"], Value::Null);
+    assert_eq!(small["large_share"].as_f64(), Some(0.0));
+    let ratio = json["cost_ratio"].as_f64().unwrap();
+    assert!((small["compute_saved"].as_f64().unwrap() - (1.0 - ratio)).abs() < 1e-9);
+    let f = middle["large_share"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f));
+    for setting in s {
+        let acc = setting["mmlu_accuracy"].as_f64().unwrap();
+        assert!(acc == 0.0 || acc == 1.0, "{setting}");
+    }
+    assert!(out.path().join("adaptive.svg").exists());
 }

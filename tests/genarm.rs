@@ -6,22 +6,9 @@ mod common;
 
 use serde_json::{json, Value};
 use tilt::decode::{self, DecoderSpec, Generation};
-use tilt::engine::{Engine, EngineOptions, Event};
-use tilt::model::{Model, Precision, Role};
+use tilt::engine::{Engine, Event};
+use tilt::model::Precision;
 use tilt::sampling::SamplingParams;
-
-/// An engine over the base and a toy ARM named `toy` that favours `favoured`; the tempdir holds
-/// the ARM's files.
-fn engine(favoured: u32) -> (Engine, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    common::toy_arm(dir.path(), favoured, |_| {});
-    let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
-    let arm = tilt::reward::load_arm(&base, "toy", dir.path(), Precision::Q8_0).unwrap();
-    (
-        Engine::start(vec![base, arm], EngineOptions::default()),
-        dir,
-    )
-}
 
 fn generation(engine: &Engine, prompt: &str, n: usize, sampling: SamplingParams) -> Generation {
     Generation {
@@ -59,7 +46,7 @@ fn run(engine: &Engine, spec: &DecoderSpec, g: Generation) -> (Vec<Vec<u32>>, Op
 
 #[test]
 fn zero_weights_decode_exactly_like_plain_sampling() {
-    let (e, _dir) = engine(common::single_token(" Paris"));
+    let (e, _dir) = common::engine_with_toy_arm(common::single_token(" Paris"));
     let sampling = SamplingParams {
         temperature: 0.9,
         seed: Some(7),
@@ -82,7 +69,7 @@ fn zero_weights_decode_exactly_like_plain_sampling() {
 #[test]
 fn the_favoured_token_appears_with_a_positive_weight_and_vanishes_with_a_negative_one() {
     let paris = common::single_token(" Paris");
-    let (e, _dir) = engine(paris);
+    let (e, _dir) = common::engine_with_toy_arm(paris);
     let greedy = |prompt, rewards: Value| {
         let g = generation(&e, prompt, 1, SamplingParams::greedy());
         let spec = genarm(&e, json!({ "rewards": rewards }));
@@ -110,7 +97,7 @@ fn the_favoured_token_appears_with_a_positive_weight_and_vanishes_with_a_negativ
 fn each_model_reads_the_prompt_through_its_own_template() {
     // A per-model prompt reaches the ARM: generation still runs and the tilt still applies.
     let paris = common::single_token(" Paris");
-    let (e, _dir) = engine(paris);
+    let (e, _dir) = common::engine_with_toy_arm(paris);
     let arm = &e.models()[1];
     let messages = [tilt::model::Message {
         role: "user".into(),
@@ -138,9 +125,15 @@ fn a_reward_model_with_another_tokenizer_is_refused() {
             "rstrip": false, "normalized": false, "special": true
         }));
     });
-    let e = tilt::reward::load_arm(&base, "bigger", bigger.path(), Precision::Stored)
-        .err()
-        .expect("refused");
+    let e = tilt::model::companions::load(
+        &base,
+        "bigger",
+        bigger.path(),
+        tilt::model::Role::Reward,
+        Precision::Stored,
+    )
+    .err()
+    .expect("refused");
     let msg = format!("{e:#}");
     assert!(
         msg.contains("`bigger`") && msg.contains(&format!("`{}`", base.name)),
@@ -159,9 +152,15 @@ fn a_reward_model_with_another_tokenizer_is_refused() {
         let id = vocab.remove(&old).unwrap();
         vocab.insert("<|renamed|>".into(), id);
     });
-    let e = tilt::reward::load_arm(&base, "renamed", renamed.path(), Precision::Stored)
-        .err()
-        .expect("refused");
+    let e = tilt::model::companions::load(
+        &base,
+        "renamed",
+        renamed.path(),
+        tilt::model::Role::Reward,
+        Precision::Stored,
+    )
+    .err()
+    .expect("refused");
     let msg = format!("{e:#}");
     assert!(
         msg.contains("`renamed`") && msg.contains("different token tables"),
@@ -170,12 +169,19 @@ fn a_reward_model_with_another_tokenizer_is_refused() {
     // The unedited tokenizer loads.
     let same = tempfile::tempdir().unwrap();
     common::toy_arm(same.path(), 0, |_| {});
-    tilt::reward::load_arm(&base, "same", same.path(), Precision::Stored).unwrap();
+    tilt::model::companions::load(
+        &base,
+        "same",
+        same.path(),
+        tilt::model::Role::Reward,
+        Precision::Stored,
+    )
+    .unwrap();
 }
 
 #[test]
 fn unknown_rewards_list_the_loaded_ones() {
-    let (e, _dir) = engine(0);
+    let (e, _dir) = common::engine_with_toy_arm(0);
     let params = json!({"rewards": {"nope": 1}})
         .as_object()
         .cloned()
@@ -218,7 +224,7 @@ fn best_of_n_scores_candidates_by_the_reward_models_sequence_log_prob() {
     // The toy ARM ignores context: log π_r(y) = 10·[y favoured] − ln(e^10 + V − 1) at every
     // position, so a response of T tokens, k of them favoured, scores 10k − T·ln(e^10 + V − 1).
     let the = common::single_token(" the");
-    let (e, _dir) = engine(the);
+    let (e, _dir) = common::engine_with_toy_arm(the);
     let v = e.models()[1].config.vocab_size as f64;
     let lse = (10f64.exp() + v - 1.0).ln();
     let sampling = SamplingParams {
@@ -261,7 +267,7 @@ fn best_of_n_scores_candidates_by_the_reward_models_sequence_log_prob() {
 #[test]
 fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
     let paris = common::single_token(" Paris");
-    let (e, _dir) = engine(paris);
+    let (e, _dir) = common::engine_with_toy_arm(paris);
     let sampling = SamplingParams {
         temperature: 1.0,
         seed: Some(11),

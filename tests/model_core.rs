@@ -198,6 +198,55 @@ fn fork_matches(m: &Model, tolerance: f32) {
     assert_eq!(cache.len(), prompt.len());
 }
 
+#[test]
+fn a_catch_up_leaves_the_cache_as_a_fresh_prefill() {
+    // Adaptive decoding's switch: a model that read the prompt, then missed some answer tokens,
+    // reads them in one forward. Its keys and values must be those of one prefill of the whole
+    // text (and of reading it token by token), to the f16 step the fork test allows.
+    let m = exact_model();
+    let v = &m.vocab;
+    let prompt = v
+        .encode("The keeper climbed the stairs of the lighthouse", false)
+        .unwrap();
+    let missed = v
+        .encode(" and lit the lamp before the storm", false)
+        .unwrap();
+    let whole: Vec<u32> = prompt.iter().chain(&missed).copied().collect();
+    let step = |cache: &mut KvCache, tokens: &[u32]| {
+        let out = m
+            .llama
+            .forward(&mut [ForwardItem {
+                cache,
+                tokens,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        out.last(0).unwrap().to_vec()
+    };
+    let (mut caught, _) = prefill_on(&m, &prompt, Logits::Last);
+    let caught_row = step(&mut caught, &missed);
+    let (fresh, fresh_rows) = prefill_on(&m, &whole, Logits::Last);
+    let mut stepped = KvCache::new();
+    step(&mut stepped, &prompt);
+    for t in &missed {
+        step(&mut stepped, &[*t]);
+    }
+    for (other, what) in [(&fresh, "a fresh prefill"), (&stepped, "token by token")] {
+        let d = caught.max_rel_diff(other).expect("the same positions");
+        assert!(
+            d < 1e-2,
+            "catch-up vs {what}: keys or values differ by {d} (relative)"
+        );
+    }
+    assert_eq!(caught.len(), whole.len());
+    // The measure tells other text apart.
+    let reversed: Vec<u32> = whole.iter().rev().copied().collect();
+    let (other, _) = prefill_on(&m, &reversed, Logits::Last);
+    assert!(caught.max_rel_diff(&other).unwrap() > 0.1);
+    let d = max_abs_diff(&caught_row, &fresh_rows[0]);
+    assert!(d < 1e-2, "the next-token logits differ by {d}");
+}
+
 /// Runs `chunks[i]` on `caches[i]` as one batch, and on a fork of each cache alone, and
 /// checks that every logits row agrees.
 fn assert_batch_matches_alone(m: &Model, caches: &mut [KvCache], chunks: &[&[u32]]) {

@@ -138,4 +138,25 @@ fn hugging_face_folder_matches_the_gguf() {
             .fold(0.0, f32::max);
         assert!(d < 0.2, "{text:?}: logits differ by {d}");
     }
+    // A draft or reward model must tokenize like its base: one control token renamed is refused.
+    let renamed = gguf.vocab.text(3).to_string();
+    let path = dir.path().join("tokenizer.json");
+    let spec = std::fs::read_to_string(&path).unwrap();
+    let quoted = format!("\"{renamed}\"");
+    assert!(spec.contains(&quoted), "token 3 is {renamed}");
+    std::fs::write(&path, spec.replace(&quoted, "\"<|renamed|>\"")).unwrap();
+    let err = tilt::model::companions::load(
+        &gguf,
+        "other",
+        dir.path(),
+        Role::Draft,
+        tilt::model::Precision::F32,
+    )
+    .err()
+    .expect("a renamed token is refused");
+    let says = format!("{err:#}");
+    assert!(
+        says.contains("different token tables") && says.contains("draft model `other`"),
+        "{says}"
+    );
 }

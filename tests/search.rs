@@ -11,7 +11,7 @@ use common::run;
 use serde_json::{json, Value};
 use tilt::decode::{DecoderSpec, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
-use tilt::model::{Message, Model, Precision, Role};
+use tilt::model::{Message, Model, Role};
 use tilt::sampling::SamplingParams;
 
 fn engine() -> Engine {
@@ -241,19 +241,6 @@ fn deal_streams_each_token_once_the_beams_agree() {
     panic!("the engine stopped");
 }
 
-/// An engine over the base and a toy ARM named `toy` that favours " Paris"; the tempdir holds the
-/// ARM's files.
-fn engine_with_arm() -> (Engine, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    common::toy_arm(dir.path(), common::single_token(" Paris"), |_| {});
-    let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
-    let arm = tilt::reward::load_arm(&base, "toy", dir.path(), Precision::Q8_0).unwrap();
-    (
-        Engine::start(vec![base, arm], EngineOptions::default()),
-        dir,
-    )
-}
-
 /// `prompt` as raw text, decoded greedily.
 fn raw(engine: &Engine, prompt: &str, max_tokens: usize) -> Generation {
     let mut g = generation(engine, "", max_tokens);
@@ -263,7 +250,7 @@ fn raw(engine: &Engine, prompt: &str, max_tokens: usize) -> Generation {
 
 #[test]
 fn args_steers_with_a_reward_models_next_token_log_prob() {
-    let (e, _dir) = engine_with_arm();
+    let (e, _dir) = common::engine_with_toy_arm(common::single_token(" Paris"));
     let paris = common::single_token(" Paris");
     let args = |g: Generation, w: f64| {
         let s = spec(&e, "args", json!({"rewards": {"toy": w}}));
@@ -300,7 +287,7 @@ fn args_steers_with_a_reward_models_next_token_log_prob() {
 
 #[test]
 fn deal_steers_with_a_reward_models_sequence_log_prob() {
-    let (e, _dir) = engine_with_arm();
+    let (e, _dir) = common::engine_with_toy_arm(common::single_token(" Paris"));
     let paris = common::single_token(" Paris");
     let deal = |g: Generation, w: f64| {
         let s = spec(

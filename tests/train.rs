@@ -140,8 +140,14 @@ fn saved_arm_serves_with_the_training_log_probs() {
     arm.save(dir.path(), DType::F32, base.vocab.bos, base.vocab.eos)
         .unwrap();
     train::write_tokenizer(&common::model_path(), &base, dir.path()).unwrap();
-    let mut served = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::F32)
-        .expect("GenARM accepts it");
+    let mut served = tilt::model::companions::load(
+        &base,
+        "arm",
+        dir.path(),
+        tilt::model::Role::Reward,
+        Precision::F32,
+    )
+    .expect("GenARM accepts it");
     assert_eq!(served.vocab.digest, base.vocab.digest);
     assert_eq!(
         served.chat.render(&[]).unwrap(),
@@ -175,7 +181,14 @@ fn saved_arm_serves_with_the_training_log_probs() {
     // Served as the server does by default, in Q8_0: int8 rounding of weights and activations
     // moves these large log-probs by a few per cent of their range; a wrong layout would move
     // them by all of it.
-    let q8 = tilt::reward::load_arm(&base, "arm", dir.path(), Precision::Q8_0).unwrap();
+    let q8 = tilt::model::companions::load(
+        &base,
+        "arm",
+        dir.path(),
+        tilt::model::Role::Reward,
+        Precision::Q8_0,
+    )
+    .unwrap();
     let diff = max_diff(&served_log_probs(&q8, &tokens), &trained);
     eprintln!("Q8_0 ARM log-probs differ from f32 by at most {diff}");
     assert!(
@@ -269,7 +282,64 @@ fn train_arm_command_writes_a_loadable_model_and_report() {
     assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
     assert!(report["heldout_accuracy"].as_f64().is_some());
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
-    let arm = tilt::reward::load_arm(&common::model(), "arm", &out_dir, Precision::Q8_0).unwrap();
+    let arm = tilt::model::companions::load(
+        &common::model(),
+        "arm",
+        &out_dir,
+        tilt::model::Role::Reward,
+        Precision::Q8_0,
+    )
+    .unwrap();
     assert_eq!(arm.llama.cfg.hidden, 32);
     assert_eq!(arm.context_length(), common::model().context_length());
+}
+
+/// `tilt distill` on a little text: the student keeps two of the base's layers, a few steps
+/// lower its held-out perplexity, and the GGUF it writes loads as the base's draft (same token
+/// table) with the report beside it.
+#[test]
+fn distill_writes_a_draft_that_learns_and_loads_beside_the_base() {
+    use tilt::model::{companions, Model, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("responses.jsonl");
+    let lines: Vec<String> = [
+        (
+            "Name a colour.",
+            "Blue is a calm colour, like the sky on a clear day.",
+        ),
+        ("What is 2 + 2?", "2 + 2 is 4."),
+        ("Say hello.", "Hello! How can I help you today?"),
+        ("Name a fruit.", "An apple is a sweet, crunchy fruit."),
+    ]
+    .iter()
+    .map(|(p, r)| serde_json::json!({"prompt": p, "responses": [r]}).to_string())
+    .collect();
+    std::fs::write(&text, lines.join("\n")).unwrap();
+    let out = dir.path().join("draft.gguf");
+    tilt::train::distill::run(tilt::train::distill::DistillArgs {
+        responses: text.clone(),
+        heldout: text,
+        out: out.clone(),
+        model: Some(common::model_path()),
+        layers: vec![0, 29],
+        minutes: 10.0,
+        max_steps: 6,
+        lr: 1e-3,
+        batch: 2,
+        seed: 0,
+    })
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(report["steps"], 6);
+    let (before, after) = (
+        report["heldout"]["untrained_perplexity"].as_f64().unwrap(),
+        report["heldout"]["perplexity"].as_f64().unwrap(),
+    );
+    assert!(after.is_finite() && after < before, "{before} → {after}");
+    let base = Model::load(&common::model_path(), "base", Role::Base).unwrap();
+    let draft = companions::load(&base, "draft", &out, Role::Draft, Precision::Q8_0).unwrap();
+    assert_eq!(draft.llama.cfg.n_layers, 2);
+    assert_eq!(draft.vocab.digest, base.vocab.digest);
 }

@@ -12,7 +12,7 @@ use super::wire::{
 };
 use crate::decode::{DecoderSpec, Generation};
 use crate::engine::Engine;
-use crate::model::{Message, ModelInfo, Role, BASE};
+use crate::model::{Message, ModelInfo, BASE};
 use crate::reward::Registry;
 use crate::sampling::SamplingParams;
 
@@ -70,20 +70,12 @@ pub fn model<'a>(engine: &'a Engine, requested: Option<&str>) -> Result<&'a Mode
                 "model",
                 format!(
                     "`{name}` is a {} model; requests generate with `{}`",
-                    role_name(m.role),
+                    m.role.name(),
                     base.name
                 ),
             )),
             None => Err(ApiError::model_not_found(name, &base.name)),
         },
-    }
-}
-
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Base => "base",
-        Role::Reward => "reward",
-        Role::Draft => "draft",
     }
 }
 

@@ -7,6 +7,7 @@
 //! `track` (models reading the answers beside the base), `objectives` (what search decoders
 //! score with).
 
+pub mod adaptive;
 pub mod args;
 pub mod best_of_n;
 mod choice;
@@ -41,6 +42,7 @@ const DECODERS: &[&dyn Entry] = &[
     &args::Args,
     &deal::Deal,
     &equilibrium::Equilibrium,
+    &adaptive::Adaptive,
 ];
 
 /// The names of the decoders.

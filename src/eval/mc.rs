@@ -285,22 +285,13 @@ pub fn run(args: McArgs) -> Result<()> {
         iterations: rank.game.iterations,
         args: &args,
     };
-    let md = summary.markdown();
-    println!("{md}");
-    if let Some(out) = &args.out {
-        let files = super::write_files(
-            out,
-            &[
-                ("mc.md", md),
-                ("mc.svg", summary.svg()),
-                ("mc.json", serde_json::to_string_pretty(&summary.json())?),
-            ],
-        )?;
-        for f in files {
-            eprintln!("wrote {}", f.display());
-        }
-    }
-    Ok(())
+    super::publish(
+        args.out.as_deref(),
+        "mc",
+        summary.markdown(),
+        summary.svg(),
+        &summary.json(),
+    )
 }
 
 /// Each question through `url`'s chat completions, one at a time: (report, wall seconds).

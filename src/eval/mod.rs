@@ -4,10 +4,12 @@
 //! - `keywords` (keywords.rs): CommonGen-style concept sets, each decoding method given as a
 //!   decoder config in JSON; keyword coverage, fluency (perplexity under the base) and cost.
 //! - `mc` (mc.rs): multiple-choice accuracy of equilibrium ranking and the model's own rankings.
+//! - `adaptive` (adaptive.rs): entropy-adaptive decoding swept over its threshold.
 //!
 //! This file holds what they share: running a batch of requests, distinct-n, perplexity, table
 //! formatting and writing the outputs.
 
+pub mod adaptive;
 pub mod keywords;
 pub mod mc;
 pub mod steer;
@@ -34,6 +36,9 @@ pub enum EvalCommand {
     /// Multiple-choice accuracy: equilibrium ranking against generative and discriminative
     /// ranking on the same questions (MMLU-format JSONL).
     Mc(Box<mc::McArgs>),
+    /// Entropy-adaptive decoding swept over its threshold: the large model's share of tokens,
+    /// compute saved, tok/s against the formula, quality kept against large-only decoding.
+    Adaptive(Box<adaptive::AdaptiveArgs>),
 }
 
 /// The `tilt eval` command.
@@ -42,6 +47,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         EvalCommand::Steer(args) => steer::run(*args),
         EvalCommand::Keywords(args) => keywords::run(*args),
         EvalCommand::Mc(args) => mc::run(*args),
+        EvalCommand::Adaptive(args) => adaptive::run(*args),
     }
 }
 
@@ -64,7 +70,12 @@ impl EvalModels {
     pub fn load(&self) -> Result<Vec<Model>> {
         let base = load_base(self.model.as_deref())?;
         let manifest = !self.no_default_rewards;
-        crate::reward::with_rewards(base, &self.rewards, manifest, Precision::Q8_0)
+        let companions = crate::model::companions::Companions {
+            rewards: self.rewards.clone(),
+            draft: None,
+            manifest,
+        };
+        crate::model::companions::with_companions(base, &companions, Precision::Q8_0)
     }
 }
 
@@ -366,6 +377,31 @@ pub fn cell(v: f64, decimals: usize) -> String {
     } else {
         "–".into()
     }
+}
+
+/// Print an evaluation's table and, with `out`, write it with its plot and data as
+/// `{stem}.md`, `{stem}.svg` and `{stem}.json`.
+pub fn publish(
+    out: Option<&Path>,
+    stem: &str,
+    md: String,
+    svg: String,
+    json: &Value,
+) -> Result<()> {
+    println!("{md}");
+    let Some(out) = out else {
+        return Ok(());
+    };
+    let files = [
+        (format!("{stem}.md"), md),
+        (format!("{stem}.svg"), svg),
+        (format!("{stem}.json"), serde_json::to_string_pretty(json)?),
+    ];
+    let named: Vec<(&str, String)> = files.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    for f in write_files(out, &named)? {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 /// Write each `(name, text)` into `dir` (created if needed); returns the paths.

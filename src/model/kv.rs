@@ -120,6 +120,34 @@ impl KvCache {
         }
     }
 
+    /// The largest difference between a key or value of `self` and `other`, relative to the
+    /// larger magnitude of the two (at least 1); `None` when they hold different positions or
+    /// shapes. How tests tell two ways of filling a cache apart.
+    pub fn max_rel_diff(&self, other: &KvCache) -> Option<f32> {
+        if self.len != other.len
+            || self.head_dim != other.head_dim
+            || self.layers.len() != other.layers.len()
+        {
+            return None;
+        }
+        let used = self.len * self.head_dim;
+        let mut worst = 0f32;
+        for (a, b) in self.layers.iter().zip(&other.layers) {
+            let heads = a
+                .keys
+                .iter()
+                .chain(&a.values)
+                .zip(b.keys.iter().chain(&b.values));
+            for (x, y) in heads {
+                for (x, y) in x[..used].iter().zip(&y[..used]) {
+                    let (x, y) = (x.to_f32(), y.to_f32());
+                    worst = worst.max((x - y).abs() / x.abs().max(y.abs()).max(1.0));
+                }
+            }
+        }
+        Some(worst)
+    }
+
     /// Forget positions from `len` on (search decoders roll back lookahead tokens this way).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

@@ -3,6 +3,7 @@
 
 mod attention;
 pub mod chat;
+pub mod companions;
 pub mod config;
 pub mod fetch;
 mod huge;
@@ -30,6 +31,16 @@ pub enum Role {
     Base,
     Reward,
     Draft,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Reward => "reward",
+            Self::Draft => "draft",
+        }
+    }
 }
 
 /// How a model's weights are held in memory and multiplied.

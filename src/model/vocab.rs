@@ -1,7 +1,7 @@
 //! Tokenizer and vocabulary: a `tokenizers::Tokenizer` built from GGUF metadata (`tokenizer.ggml.*`)
 //! or loaded from `tokenizer.json`, plus the raw bytes of every token for incremental detokenization.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -43,6 +43,7 @@ impl Vocab {
         let spec = tokenizer_json_from_gguf(content)?;
         let tokenizer = Tokenizer::from_bytes(serde_json::to_vec(&spec)?)
             .map_err(|e| anyhow::anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        let spm = gguf_tokenizer_model(content) == "llama";
         let tokens = gguf_strings(content, "tokenizer.ggml.tokens")?;
         let types = gguf_token_types(content, tokens.len());
         let id = |key: &str| md.get(key).and_then(gguf_int).map(|v| v as u32);
@@ -56,17 +57,20 @@ impl Vocab {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                if control.contains(&(i as u32)) {
+                if spm {
+                    spm_token_bytes(t, types.get(i).copied().unwrap_or(1))
+                } else if control.contains(&(i as u32)) {
                     Vec::new()
                 } else {
                     byte_level_decode(t)
                 }
             })
             .collect();
+        // llama.cpp adds BOS to SentencePiece prompts unless the GGUF says otherwise.
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
             .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+            .unwrap_or(spm);
         Ok(Self::finish(
             tokenizer,
             token_bytes,
@@ -256,17 +260,40 @@ fn gguf_token_types(content: &gguf_file::Content, n: usize) -> Vec<u64> {
     }
 }
 
-/// The Hugging Face `tokenizer.json` equivalent of a GGUF's byte-level BPE vocabulary.
-pub fn tokenizer_json_from_gguf(content: &gguf_file::Content) -> Result<Value> {
-    let md = &content.metadata;
-    let model = md
+fn gguf_tokenizer_model(content: &gguf_file::Content) -> String {
+    content
+        .metadata
         .get("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
         .cloned()
-        .unwrap_or_default();
-    if model != "gpt2" {
-        bail!("GGUF tokenizer `{model}` is not supported: tilt reads byte-level BPE (`gpt2`) vocabularies from GGUF; use a safetensors folder with tokenizer.json for other tokenizers");
+        .unwrap_or_default()
+}
+
+/// `tokenizer.ggml.scores` (SentencePiece log-probabilities); 0 for tokens without one.
+fn gguf_scores(content: &gguf_file::Content, n: usize) -> Vec<f32> {
+    let mut scores = match content.metadata.get("tokenizer.ggml.scores") {
+        Some(gguf_file::Value::Array(items)) => {
+            items.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect()
+        }
+        _ => Vec::new(),
+    };
+    scores.resize(n, 0.0);
+    scores
+}
+
+/// The Hugging Face `tokenizer.json` equivalent of a GGUF's vocabulary: byte-level BPE (`gpt2`)
+/// or SentencePiece (`llama`).
+pub fn tokenizer_json_from_gguf(content: &gguf_file::Content) -> Result<Value> {
+    let model = gguf_tokenizer_model(content);
+    match model.as_str() {
+        "gpt2" => gpt2_tokenizer_json_from_gguf(content),
+        "llama" => spm_tokenizer_json_from_gguf(content),
+        _ => bail!("GGUF tokenizer `{model}` is not supported: tilt reads byte-level BPE (`gpt2`) and SentencePiece (`llama`) vocabularies from GGUF; use a safetensors folder with tokenizer.json for other tokenizers"),
     }
+}
+
+fn gpt2_tokenizer_json_from_gguf(content: &gguf_file::Content) -> Result<Value> {
+    let md = &content.metadata;
     let tokens = gguf_strings(content, "tokenizer.ggml.tokens")?;
     let merges = gguf_strings(content, "tokenizer.ggml.merges")?;
     let types = gguf_token_types(content, tokens.len());
@@ -283,6 +310,125 @@ pub fn tokenizer_json_from_gguf(content: &gguf_file::Content) -> Result<Value> {
         .map(|(i, t)| (i as u32, t.as_str()))
         .collect();
     Ok(tokenizer_json(&tokens, &merges, &specials, &pre))
+}
+
+/// llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`) as a Hugging Face BPE model, the way
+/// transformers' `LlamaConverter` does it. llama.cpp splits the text into chars and repeatedly
+/// merges the adjacent pair whose concatenation is the vocabulary piece of highest score; BPE with
+/// every (left, right) split of every piece as a merge, ranked by the piece's score, does the
+/// same. Chars outside the vocabulary become `<0xXX>` byte tokens in both.
+fn spm_tokenizer_json_from_gguf(content: &gguf_file::Content) -> Result<Value> {
+    let md = &content.metadata;
+    let tokens = gguf_strings(content, "tokenizer.ggml.tokens")?;
+    let types = gguf_token_types(content, tokens.len());
+    let scores = gguf_scores(content, tokens.len());
+    let add_space_prefix = md
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(true);
+    let unk = types
+        .iter()
+        .position(|&t| t == 2)
+        .or_else(|| {
+            md.get("tokenizer.ggml.unknown_token_id")
+                .and_then(gguf_int)
+                .map(|i| i as usize)
+                .filter(|&i| i < tokens.len())
+        })
+        .map(|i| tokens[i].clone());
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = spm_merges(&tokens, &scores)
+        .into_iter()
+        .map(|(l, r)| json!([tokens[l as usize], tokens[r as usize]]))
+        .collect();
+    // llama.cpp matches control (3), user-defined (4) and unknown (2) tokens whole when it parses
+    // special tokens, and starts a new SentencePiece fragment (with its own leading space) after
+    // each; Hugging Face normalizes each piece between added tokens separately, so `Prepend` does
+    // the same.
+    let added: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| *i < tokens.len() && matches!(**t, 2..=4))
+        .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": t != 4}))
+        .collect();
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if add_space_prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        json!({"type": "Sequence", "normalizers": [replace]})
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges
+        }
+    }))
+}
+
+/// BPE merges `(left id, right id)` equivalent to SentencePiece's score-driven merging: every split
+/// of every piece into two pieces, highest-scoring piece first. llama.cpp breaks score ties by
+/// position (leftmost pair first); ranks cannot, so among equal scores a longer left piece goes
+/// first, which makes runs of equal-score pieces (Llama's `▁▁`…`▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁`) grow from the
+/// left as llama.cpp's do.
+fn spm_merges(tokens: &[String], scores: &[f32]) -> Vec<(u32, u32)> {
+    // Where a text appears twice, llama.cpp's text→id map keeps the last id; so does this.
+    let index: HashMap<&str, u32> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
+        .collect();
+    let mut merges = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        if index.get(piece.as_str()) != Some(&(id as u32)) {
+            continue;
+        }
+        let score = scores.get(id).copied().unwrap_or(0.0);
+        for (n, (at, _)) in piece.char_indices().enumerate().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&l), Some(&r)) = (index.get(l), index.get(r)) {
+                merges.push((score, n, id as u32, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(b.1.cmp(&a.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    merges.into_iter().map(|m| (m.3, m.4)).collect()
+}
+
+/// The bytes a SentencePiece token stands for in generated text, as llama.cpp's `token_to_piece`
+/// renders it without special tokens: nothing for unknown (2), control (3) and unused (5) tokens,
+/// user-defined (4) ones as written, byte tokens (6) as their byte, others with `▁` as a space.
+fn spm_token_bytes(token: &str, token_type: u64) -> Vec<u8> {
+    match token_type {
+        2 | 3 | 5 => Vec::new(),
+        4 => token.as_bytes().to_vec(),
+        _ => sentencepiece_decode(token),
+    }
 }
 
 /// The `tokenizer.json` that the GGUF metadata describes (what llama.cpp implements natively).
@@ -380,6 +526,41 @@ mod tests {
         assert_eq!(unicode_to_byte('!'), Some(b'!'));
         assert_eq!(unicode_to_byte('\u{100}'), Some(0));
         assert_eq!(unicode_to_byte('\u{143}'), Some(173));
+    }
+
+    #[test]
+    fn spm_merges_follow_scores() {
+        let tokens: Vec<String> = [
+            "<unk>",
+            "a",
+            "b",
+            "c",
+            "ab",
+            "bc",
+            "abc",
+            "\u{2581}",
+            "\u{2581}\u{2581}",
+            "\u{2581}\u{2581}\u{2581}",
+        ]
+        .map(String::from)
+        .to_vec();
+        let scores = [0.0, -1.0, -2.0, -3.0, -5.0, -4.0, -6.0, -1e9, -1e9, -1e9];
+        // Every split whose halves are pieces, best piece first: bc, ab, then abc's two splits
+        // (longer left half first), then the equal-score runs of ▁: longer left half first, then
+        // the lower id (▁▁ before ▁▁▁).
+        assert_eq!(
+            spm_merges(&tokens, &scores),
+            [(2, 3), (1, 2), (4, 3), (1, 5), (8, 7), (7, 7), (7, 8)]
+        );
+    }
+
+    #[test]
+    fn spm_token_bytes_by_type() {
+        assert_eq!(spm_token_bytes("\u{2581}the", 1), b" the");
+        assert_eq!(spm_token_bytes("<0x0A>", 6), b"\n");
+        assert!(spm_token_bytes("<s>", 3).is_empty());
+        assert!(spm_token_bytes("<unk>", 2).is_empty());
+        assert_eq!(spm_token_bytes("<tool>", 4), b"<tool>");
     }
 
     #[test]

@@ -5,18 +5,17 @@
 //! - Programmatic scorers (`scorers`): functions of the finished text, for sequence-level decoders.
 //!
 //! The `Registry`, built once from the loaded models, resolves names to sources for every
-//! decoder and lists them for `/v1/rewards`.
+//! decoder and lists them for `/v1/rewards`; it also knows the draft models (`adaptive`
+//! decodes with one), the other kind of model a request may name besides the base.
 
 pub mod scorers;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::model::fetch::Manifest;
-use crate::model::{Model, ModelId, ModelInfo, Precision, Role};
+use crate::model::{ModelId, ModelInfo, Role};
 use scorers::Scorer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -69,10 +68,11 @@ struct Arm {
     description: String,
 }
 
-/// Every reward source of a server: its ARMs, then the built-in scorers.
+/// Every reward source of a server: its ARMs, then the built-in scorers; and its drafts.
 pub struct Registry {
     arms: Vec<Arm>,
     scorers: Vec<scorers::Builtin>,
+    drafts: Vec<(String, ModelId)>,
 }
 
 impl Registry {
@@ -91,10 +91,39 @@ impl Registry {
                 ),
             })
             .collect();
+        let drafts = models
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.role == Role::Draft)
+            .map(|(id, m)| (m.name.clone(), id))
+            .collect();
         Self {
             arms,
             scorers: scorers::builtin(),
+            drafts,
         }
+    }
+
+    /// The draft model `name`, or the first loaded when no name is given.
+    pub fn draft(&self, name: Option<&str>) -> Result<ModelId, String> {
+        let found = match name {
+            Some(name) => self.drafts.iter().find(|(n, _)| n == name),
+            None => self.drafts.first(),
+        };
+        if let Some(&(_, id)) = found {
+            return Ok(id);
+        }
+        let loaded: Vec<&str> = self.drafts.iter().map(|(n, _)| n.as_str()).collect();
+        if loaded.is_empty() {
+            return Err(
+                "no draft model is loaded (start the server with `--draft-model PATH`)".into(),
+            );
+        }
+        Err(format!(
+            "`{}` is not a loaded draft model; loaded: {}",
+            name.unwrap_or_default(),
+            loaded.join(", ")
+        ))
     }
 
     /// Every source, for `/v1/rewards`.
@@ -155,97 +184,6 @@ impl Registry {
     }
 }
 
-/// Refuse an ARM that does not tokenize exactly like the base: GenARM adds log-probs token id by
-/// token id, so the two must mean the same token by each id.
-pub fn check_tokenizer(base: &Model, arm: &Model) -> Result<()> {
-    let (b, a) = (&base.vocab, &arm.vocab);
-    if a.size() != b.size() {
-        bail!(
-            "reward model `{}` has a {}-token vocabulary, the base model `{}` {}: an ARM needs the base's tokenizer",
-            arm.name,
-            a.size(),
-            base.name,
-            b.size()
-        );
-    }
-    if a.digest != b.digest {
-        bail!(
-            "reward model `{}` and the base model `{}` have different token tables (same size {}, different tokens): an ARM needs the base's tokenizer",
-            arm.name,
-            base.name,
-            a.size()
-        );
-    }
-    Ok(())
-}
-
-/// Load the ARM `name` from `path` and check it against `base`.
-pub fn load_arm(base: &Model, name: &str, path: &Path, precision: Precision) -> Result<Model> {
-    let arm = Model::load_with(path, name, Role::Reward, precision)
-        .with_context(|| format!("loading reward model `{name}`"))?;
-    check_tokenizer(base, &arm)?;
-    Ok(arm)
-}
-
-/// The reward entries of `dir/models.toml` whose files are present (none ship yet; absent ones
-/// are skipped with a warning rather than stopping the server).
-pub fn manifest_arms(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let manifest = Manifest::load(dir)?;
-    Ok(manifest
-        .models
-        .into_iter()
-        .filter(|e| e.role == Role::Reward)
-        .filter_map(|e| {
-            let path = dir.join(&e.file);
-            if path.exists() {
-                Some((e.name, path))
-            } else {
-                tracing::warn!("reward model `{}`: {} is missing", e.name, path.display());
-                None
-            }
-        })
-        .collect())
-}
-
-/// `base`, then its reward models: the manifest's that are present, unless `manifest` is false
-/// (skipped with a warning if their tokenizer differs, as they may have been trained for another
-/// base), then those named by `--reward NAME=PATH` flags (an error if they do not load).
-pub fn with_rewards(
-    base: Model,
-    flags: &[(String, PathBuf)],
-    manifest: bool,
-    precision: Precision,
-) -> Result<Vec<Model>> {
-    let mut models = Vec::new();
-    let manifest = match manifest {
-        true => manifest_arms(&crate::model::fetch::models_dir()).unwrap_or_else(|e| {
-            tracing::warn!("no reward models from the manifest: {e:#}");
-            Vec::new()
-        }),
-        false => Vec::new(),
-    };
-    for (name, path) in manifest {
-        if flags.iter().any(|(n, _)| *n == name) {
-            continue;
-        }
-        match load_arm(&base, &name, &path, precision) {
-            Ok(arm) => models.push(arm),
-            Err(e) => tracing::warn!("skipping reward model `{name}`: {e:#}"),
-        }
-    }
-    for (i, (name, path)) in flags.iter().enumerate() {
-        if *name == base.name || flags[..i].iter().any(|(n, _)| n == name) {
-            bail!("--reward {name}: the name is already taken");
-        }
-        models.push(load_arm(&base, name, path, precision)?);
-    }
-    for arm in &models {
-        tracing::info!("reward model `{}` loaded", arm.name);
-    }
-    models.insert(0, base);
-    Ok(models)
-}
-
 /// A `--reward` flag that is not NAME=PATH.
 #[derive(Debug, PartialEq, thiserror::Error)]
 #[error("expected NAME=PATH, got `{0}`")]
@@ -274,7 +212,9 @@ mod tests {
                 description: String::new(),
             }],
             scorers: scorers::builtin(),
+            drafts: Vec::new(),
         };
+        assert!(r.draft(None).unwrap_err().contains("--draft-model"));
         assert!(matches!(
             r.reward("sentiment", 1.0),
             Ok((Source::Text(_), 1.0))

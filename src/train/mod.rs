@@ -3,6 +3,7 @@
 //! tokens only (see reference/algorithms.md §2). The ARM shares the base's vocabulary and chat
 //! template, and is saved as a Hugging Face llama folder that the server loads like any model.
 
+pub mod distill;
 pub mod model;
 pub mod prefs;
 pub mod prompts;

@@ -249,6 +249,14 @@ impl Arm {
     /// Σ_t log π(y_t | x, y_<t) over each sequence's response tokens: `(batch,)`. The output head
     /// runs only on the positions that predict a response token (the vocabulary dominates its cost).
     pub fn response_log_probs(&self, batch: &Batch) -> Result<Tensor> {
+        let picked = self
+            .row_log_probs(batch)?
+            .gather(&batch.targets.unsqueeze(1)?, 1)?;
+        Ok(batch.owner.matmul(&picked)?.squeeze(1)?)
+    }
+
+    /// Log-probabilities of every next token at the batch's response rows: `(rows, vocab)`.
+    pub fn row_log_probs(&self, batch: &Batch) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
         let hidden = self
             .hidden(&batch.tokens)?
@@ -256,9 +264,34 @@ impl Arm {
         let logits = hidden
             .index_select(&batch.rows, 0)?
             .matmul(&self.embed.t()?)?;
-        let picked = candle_nn::ops::log_softmax(&logits, D::Minus1)?
-            .gather(&batch.targets.unsqueeze(1)?, 1)?;
-        Ok(batch.owner.matmul(&picked)?.squeeze(1)?)
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    /// Stop gradients at the embeddings (a distilled draft keeps the base's): backward then
+    /// skips the output layer's weight gradient, the largest single matmul of a step. The
+    /// variable still holds them, so `set_weights` and `save` see them.
+    pub fn freeze_embeddings(&mut self) {
+        self.embed = self.embed.detach();
+    }
+
+    /// Set the variables named in `tensors` (Hugging Face names) to their values.
+    pub fn set_weights(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let vars = self.varmap.data().lock().unwrap();
+        for (name, value) in tensors {
+            let Some(var) = vars.get(name) else {
+                bail!("the model has no variable `{name}`");
+            };
+            var.set(value)?;
+        }
+        Ok(())
+    }
+
+    /// Every variable by name.
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        let vars = self.varmap.data().lock().unwrap();
+        vars.iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// Write `model.safetensors` (weights in `dtype`) and `config.json`.

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod adaptive;
 mod bench;
 mod best_of_n;
 mod chat;
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
         ("best_of_n", best_of_n::cases()),
         ("search", search::cases()),
         ("equilibrium", equilibrium::cases()),
+        ("adaptive", adaptive::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {

@@ -175,3 +175,16 @@ pub fn run(
     }
     panic!("the engine stopped");
 }
+
+/// An engine over the base and a toy ARM named `toy` that favours `favoured` (see `toy_arm`);
+/// the tempdir holds the ARM's files.
+pub fn engine_with_toy_arm(favoured: u32) -> (tilt::engine::Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    toy_arm(dir.path(), favoured, |_| {});
+    let base = Model::load(&model_path(), "smollm2", Role::Base).unwrap();
+    let arm =
+        tilt::model::companions::load(&base, "toy", dir.path(), Role::Reward, Precision::Q8_0)
+            .unwrap();
+    let options = tilt::engine::EngineOptions::default();
+    (tilt::engine::Engine::start(vec![base, arm], options), dir)
+}

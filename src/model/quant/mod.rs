@@ -22,6 +22,8 @@ pub use formats::{GgmlMatrix, Q4_1Matrix, Q8_0Matrix};
 pub use matmul::matmul;
 pub use matmul::{gate_up_order, matmul_into, Input, Sink};
 
+// The kernel's own quantizer where AVX-512 gives one.
+#[cfg_attr(target_feature = "avx512bw", allow(unused_imports))]
 use activations::quantize_block;
 
 pub(crate) const BLOCK: usize = 32;
