@@ -493,11 +493,18 @@ impl Summary<'_> {
                 title: "Speed".into(),
                 x_title: "share of tokens from the large model".into(),
                 y_title: "tok/s (one stream)".into(),
-                series: vec![XySeries {
-                    label: "measured".into(),
-                    points: points(&|r| r.tok_s),
-                    line: true,
-                }],
+                series: vec![
+                    XySeries {
+                        label: "measured".into(),
+                        points: points(&|r| r.tok_s),
+                        line: true,
+                    },
+                    XySeries {
+                        label: "formula: 1 / (f_L·C_L + (1 − f_L)·C_S), C as measured".into(),
+                        points: points(&|r| r.tok_s * r.wall_vs_formula),
+                        line: true,
+                    },
+                ],
             },
         ])
     }

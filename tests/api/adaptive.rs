@@ -75,6 +75,7 @@ async fn threshold_zero_is_the_base_alone(c: Client) {
         assert_eq!(zero["choices"][i]["text"], base["choices"][i]["text"]);
     }
     assert_eq!(zero["alignment"]["tokens"]["small"], 0);
+    assert_eq!(zero["alignment"]["switches"], 0);
 }
 
 async fn adaptive_parameters_are_checked(c: Client) {
