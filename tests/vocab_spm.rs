@@ -24,6 +24,13 @@ fn content() -> gguf_file::Content {
     gguf_file::Content::read(&mut f).unwrap()
 }
 
+/// The reference GGUF with one metadata entry set.
+fn content_with(key: &str, value: gguf_file::Value) -> gguf_file::Content {
+    let mut c = content();
+    c.metadata.insert(key.into(), value);
+    c
+}
+
 fn vocab() -> &'static Vocab {
     static V: OnceLock<Vocab> = OnceLock::new();
     V.get_or_init(|| Vocab::from_gguf(&content()).unwrap())
@@ -115,9 +122,8 @@ fn bos_is_added_when_asked() {
 
 #[test]
 fn add_bos_false_in_metadata_is_respected() {
-    let mut c = content();
-    c.metadata.insert(
-        "tokenizer.ggml.add_bos_token".into(),
+    let c = content_with(
+        "tokenizer.ggml.add_bos_token",
         gguf_file::Value::Bool(false),
     );
     let v = Vocab::from_gguf(&c).unwrap();
@@ -178,9 +184,8 @@ fn exported_tokenizer_json_tokenizes_the_same() {
 #[test]
 fn other_tokenizer_models_are_refused_clearly() {
     for model in ["bert", "t5"] {
-        let mut c = content();
-        c.metadata.insert(
-            "tokenizer.ggml.model".into(),
+        let c = content_with(
+            "tokenizer.ggml.model",
             gguf_file::Value::String(model.into()),
         );
         let err = Vocab::from_gguf(&c)
@@ -494,9 +499,8 @@ fn random_text_matches_llama_cpp() {
 
 #[test]
 fn random_text_matches_llama_cpp_without_space_prefix() {
-    let mut c = content();
-    c.metadata.insert(
-        "tokenizer.ggml.add_space_prefix".into(),
+    let c = content_with(
+        "tokenizer.ggml.add_space_prefix",
         gguf_file::Value::Bool(false),
     );
     let v = Vocab::from_gguf(&c).unwrap();

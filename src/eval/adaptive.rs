@@ -72,11 +72,7 @@ struct Setting {
 
 impl Setting {
     fn tokens(&self, side: &str) -> u64 {
-        self.answers
-            .iter()
-            .filter_map(|o| o.report.as_ref())
-            .map(|r| r["tokens"][side].as_u64().unwrap_or(0))
-            .sum()
+        self.report_sum(&|r| &r["tokens"][side])
     }
 
     fn large_share(&self) -> f64 {
@@ -84,11 +80,12 @@ impl Setting {
         l as f64 / (s + l).max(1) as f64
     }
 
-    fn report_sum(&self, key: &str) -> u64 {
+    /// A count of the reports, summed over the answers.
+    fn report_sum(&self, field: &dyn Fn(&Value) -> &Value) -> u64 {
         self.answers
             .iter()
             .filter_map(|o| o.report.as_ref())
-            .map(|r| r[key].as_u64().unwrap_or(0))
+            .map(|r| field(r).as_u64().unwrap_or(0))
             .sum()
     }
 
@@ -366,8 +363,9 @@ impl Summary<'_> {
                     label: s.label(),
                     threshold: s.threshold,
                     large_share: f,
-                    switches_per_100: 100.0 * s.report_sum("switches") as f64 / generated,
-                    catch_up_per_100: 100.0 * s.report_sum("catch_up_tokens") as f64 / generated,
+                    switches_per_100: 100.0 * s.report_sum(&|r| &r["switches"]) as f64 / generated,
+                    catch_up_per_100: 100.0 * s.report_sum(&|r| &r["catch_up_tokens"]) as f64
+                        / generated,
                     compute_saved: 1.0 - (f + (1.0 - f) * ratio),
                     tok_s: 1.0 / s.seconds_per_token(),
                     wall_vs_formula: s.seconds_per_token() / predicted,

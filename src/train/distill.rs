@@ -120,11 +120,11 @@ fn teacher(base: &Model, seqs: &[Sequence]) -> Result<Tensor> {
     let mut probs = Vec::new();
     for (i, (_, prompt)) in seqs.iter().enumerate() {
         for row in out.item(i).skip(prompt - 1) {
-            let m = crate::math::max(row);
             let start = probs.len();
-            probs.extend(row.iter().map(|&x| (x - m).exp()));
-            let total: f32 = probs[start..].iter().sum();
-            probs[start..].iter_mut().for_each(|p| *p /= total);
+            probs.extend_from_slice(row);
+            let p = &mut probs[start..];
+            let total = crate::math::exp_in_place(p, crate::math::max(row), 1.0);
+            p.iter_mut().for_each(|x| *x /= total);
         }
     }
     let rows = probs.len() / out.vocab;
