@@ -1,7 +1,7 @@
 //! The HTTP layer: OpenAI-compatible routes plus tilt's `alignment` extension. It knows HTTP and
 //! the wire formats, not tensors: requests are validated into `decode::Generation`s here
 //! (`validate`), handed to the engine, and its events written back as JSON or server-sent events.
-//! `openapi.yaml` at the repository root is the contract; README.md lists which OpenAI fields are
+//! `openapi.yaml` at the repository root is the contract; docs/api.md lists which OpenAI fields are
 //! implemented, ignored or rejected.
 
 mod chat;
