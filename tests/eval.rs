@@ -1,5 +1,5 @@
-//! `tilt eval steer`, `keywords`, `mc` and `adaptive` end to end through the built binary,
-//! with the real base model, toy reward models and a few prompts or questions.
+//! `tilt eval steer`, `keywords`, `mc`, `adaptive` and `speculative` end to end through the built
+//! binary, with the real base model, toy reward models and a few prompts or questions.
 
 mod common;
 
@@ -316,4 +316,63 @@ fn adaptive_sweeps_from_the_large_model_alone_to_the_small_one() {
         assert!(acc == 0.0 || acc == 1.0, "{setting}");
     }
     assert!(out.path().join("adaptive.svg").exists());
+}
+
+#[test]
+fn speculative_without_rejection_chooses_as_full_best_of_n_and_with_it_generates_less() {
+    let model = common::model_path();
+    let out = tempfile::tempdir().unwrap();
+    tilt(&[
+        "eval",
+        "speculative",
+        "--no-default-rewards",
+        "--model",
+        model.to_str().unwrap(),
+        "--rank-by",
+        r#"{"sentiment": 1}"#,
+        "--n",
+        "4",
+        "--reject-fractions",
+        "0,0.5",
+        "--checkpoint-tokens",
+        "4",
+        "--limit",
+        "2",
+        "--repeats",
+        "1",
+        "--max-tokens",
+        "16",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let report = read_json(&out.path().join("speculative.json"));
+    let settings = report["settings"].as_array().unwrap();
+    let names: Vec<&str> = settings
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "full",
+            "speculative α=0 every 4",
+            "speculative α=0.5 every 4"
+        ]
+    );
+    for s in &settings[..2] {
+        // The full run against itself, and rejection of none: the same choices and tokens.
+        assert_eq!(s["top2_rate"], 1.0, "{s}");
+        assert_eq!(s["mean_regret"], 0.0, "{s}");
+        assert_eq!(s["generated_share"], 1.0, "{s}");
+        assert_eq!(s["chosen_is_full_candidate"], 2, "{s}");
+    }
+    // Half stopped at each checkpoint: fewer tokens, and the survivor is the full run's.
+    let halved = &settings[2];
+    assert!(
+        halved["generated_share"].as_f64().unwrap() < 1.0,
+        "{halved}"
+    );
+    assert_eq!(halved["chosen_is_full_candidate"], 2, "{halved}");
+    let md = std::fs::read_to_string(out.path().join("speculative.md")).unwrap();
+    assert_eq!(table_rows(&md).len(), 3);
 }

@@ -58,7 +58,8 @@ fn trivial_searches_are_greedy_decoding() {
     let e = engine();
     let g = generation(&e, OCEAN, 16);
     let greedy = run(&e, &DecoderSpec::sample(), g.clone());
-    let keywords = json!({"keywords": ["shark"]});
+    // Unpulled: the keywords only score.
+    let keywords = json!({"keywords": ["shark"], "keyword_boost": 0});
     // One candidate per step: nothing to rescore.
     let args = run(
         &e,
@@ -338,4 +339,18 @@ fn close(reported: &Value, expected: f64, tokens: usize) {
         (r - expected).abs() < 0.05 * tokens as f64,
         "{r} vs {expected}"
     );
+}
+
+#[test]
+fn keywords_the_prompt_does_not_suggest_are_written() {
+    let e = engine();
+    let g = generation(&e, "Write one sentence about everyday life.", 48);
+    let greedy = run(&e, &DecoderSpec::sample(), g.clone());
+    assert!(!has_word(&greedy.text, "frisbee"), "{}", greedy.text);
+    // The search with lookahead writes it greedily; ARGS, one step at a time, writes such words
+    // in most sets at sampling temperature (docs/evaluation.md).
+    let keywords = json!({"constraints": {"keywords": ["frisbee"]}});
+    let out = run(&e, &spec(&e, "deal", keywords), g);
+    assert!(has_word(&out.text, "frisbee"), "{}", out.text);
+    assert!(out.report["pruned"].as_u64().unwrap() > 0, "{}", out.report);
 }

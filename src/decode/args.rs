@@ -13,6 +13,12 @@
 //! forked per choice like the base's, and every step forwards each unfinished choice's last token
 //! on the base and on each ARM, all planned together so the engine batches them per model.
 //!
+//! With `constraints.keywords`, the candidates also take every token that starts or continues a
+//! missing keyword (`lexical`); each candidate's score adds the change in the answer's keyword
+//! standing (`keyword_boost` per keyword token, given back when a keyword in progress is
+//! abandoned, and taken per missing keyword from ending the answer), and the keyword objective
+//! scores the lexicon's heuristic. Without keywords the candidates are the top-k alone.
+//!
 //! A token costs one base forward (`forward_tokens`), as with `sample`, plus one forward per ARM
 //! (`arm_forward_tokens`), and each choice streams token by token. Choice i draws from RNG
 //! stream i of the request's seed.
@@ -22,7 +28,10 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{self, active_arms, answer_text, Constraints, Objective, Scoring};
+use super::lexical::Lexicon;
+use super::objectives::{
+    self, active_arms, answer_text, Constraints, KeywordSpec, Objective, Scoring,
+};
 use super::prompt::{fork, SharedPrompt};
 use super::track::{Rows, TrackId, Tracker};
 use super::{finite, typed, within, Choice, Generation, Method, ParamError, Params};
@@ -73,11 +82,16 @@ impl Method for Args {
 
     fn parse(&self, params: Params, rewards: &Registry) -> Result<ArgsSpec, ParamError> {
         let p: ArgsParams = typed(params)?;
+        let top_k = within("top_k", p.top_k, 1, MAX_TOP_K)?;
+        let weight = finite("weight", p.weight)?;
+        let (objectives, keywords) =
+            objectives::parse("args", "steer by", p.rewards, p.constraints, rewards)?;
         Ok(ArgsSpec {
-            top_k: within("top_k", p.top_k, 1, MAX_TOP_K)?,
+            top_k,
             mode: p.mode,
-            weight: finite("weight", p.weight)?,
-            objectives: objectives::parse("args", "steer by", p.rewards, p.constraints, rewards)?,
+            weight,
+            objectives,
+            keywords,
         })
     }
 
@@ -89,9 +103,17 @@ impl Method for Args {
         &self,
         spec: &ArgsSpec,
         generation: Generation,
-        _: &[ModelInfo],
+        models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
-        Ok(Box::new(ArgsDecoder::new(spec.clone(), generation)))
+        // `keyword_boost` 0 turns the pull off: the keywords only score.
+        let lexicon = (spec.keywords.as_ref())
+            .filter(|k| k.boost > 0.0)
+            .map(|k| k.lexicon(&models[BASE].vocab));
+        Ok(Box::new(ArgsDecoder::new(
+            spec.clone(),
+            generation,
+            lexicon,
+        )))
     }
 }
 
@@ -121,6 +143,7 @@ pub struct ArgsSpec {
     /// w: how much the reward counts against the logit.
     pub weight: f32,
     pub objectives: Vec<Objective>,
+    pub keywords: Option<KeywordSpec>,
 }
 
 impl ArgsSpec {
@@ -142,6 +165,8 @@ struct Branch {
 pub struct ArgsDecoder {
     spec: ArgsSpec,
     scoring: Scoring,
+    /// The keywords, when the request constrains them.
+    lexicon: Option<Lexicon>,
     generation: Generation,
     prompt: SharedPrompt,
     /// The base prompt's sequence and logits, kept until every ARM has prefilled.
@@ -160,13 +185,14 @@ pub struct ArgsDecoder {
 }
 
 impl ArgsDecoder {
-    pub fn new(spec: ArgsSpec, generation: Generation) -> Self {
+    pub fn new(spec: ArgsSpec, generation: Generation, lexicon: Option<Lexicon>) -> Self {
         let (arm_objectives, prompts): (Vec<usize>, Vec<_>) = spec
             .arms()
             .map(|(objective, model)| (objective, (model, generation.prompt_for(model).to_vec())))
             .unzip();
         Self {
             scoring: Scoring::new(&spec.objectives),
+            lexicon,
             prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
             first: None,
             arms: Tracker::new(prompts, Rows::LogProbs),
@@ -188,16 +214,40 @@ impl ArgsDecoder {
         let branch = &mut self.branches[b];
         let c = &mut branch.choice;
         let adjusted = c.sampler.adjusted(logits);
-        let candidates = top_sorted(&adjusted, self.spec.top_k);
+        let mut candidates = top_sorted(&adjusted, self.spec.top_k);
+        let keywords = self.lexicon.as_ref().map(|lex| {
+            let state = lex.state(vocab, &c.tokens, &answer_text(vocab, g, &c.tokens));
+            for t in state.pulled() {
+                if !candidates.contains(&t) && (t as usize) < adjusted.len() {
+                    candidates.push(t);
+                }
+            }
+            (lex, state)
+        });
+        let keyword_objective = self.spec.keywords.as_ref().and_then(|k| k.objective);
         let mut scores = Vec::with_capacity(candidates.len());
         for v in &candidates {
-            let text = answer_text(vocab, g, c.tokens.iter().chain([v]));
+            let tokens: Vec<u32> = c.tokens.iter().chain([v]).copied().collect();
+            let text = answer_text(vocab, g, &tokens);
             let mut terms = self.scoring.scores(&text);
             for (lane, &objective) in self.arm_objectives.iter().enumerate() {
                 terms[objective] = self.arms.next_logprob(branch.arms, lane, *v)?;
             }
+            let mut bonus = 0.0;
+            if let (Some((lex, before)), Some(o)) = (&keywords, keyword_objective) {
+                let ends = !g.ignore_eos && vocab.end_of_generation.contains(v);
+                let after = lex.state(vocab, &tokens, &text);
+                terms[o] = lex.credit(&after, ends);
+                // The budget spent before and after this token (all of it, if the token ends).
+                let t = c.tokens.len() as f32;
+                let spent = |t: f32| t / g.max_tokens as f32;
+                let after_spent = if ends { 1.0 } else { spent(t + 1.0) };
+                bonus = lex.standing(&after, after_spent) - lex.standing(before, spent(t));
+            }
             scores.push(
-                adjusted[*v as usize] + self.spec.weight * self.scoring.combine(&terms) as f32,
+                adjusted[*v as usize]
+                    + bonus
+                    + self.spec.weight * self.scoring.combine(&terms) as f32,
             );
         }
         let j = match self.spec.mode {
@@ -334,6 +384,19 @@ mod tests {
         let report = out.report.unwrap();
         assert_eq!(report["forward_tokens"], 2);
         assert_eq!(report["arm_forward_tokens"], 0);
+    }
+
+    #[test]
+    fn a_keyword_outside_the_top_k_is_written() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 5, SamplingParams::greedy());
+        let params = json!({"top_k": 2, "constraints": {"keywords": ["blue"]}});
+        let out = run(&e, "args", params, g);
+        assert!(out.tokens[0].contains(&id("blue")), "{:?}", out.text);
+        // Pulling a token costs no forward: one per token, as ever.
+        let report = out.report.unwrap();
+        assert_eq!(report["forward_tokens"], 4);
+        assert_eq!(report["rewards"][0], 1.0);
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! objective's score by its quantile among theirs (InfAlign's calibrated reward, §11), so
 //! objectives on different scales combine fairly.
 //!
+//! `selection: "speculative"` is hard selection that stops weak candidates early (Sun et al.,
+//! NeurIPS 2024, "Fast Best-of-N Decoding via Speculative Rejection"): at checkpoints the
+//! candidates pause while the same objectives score what each has written so far (reward models'
+//! Σ log π_r over the prefix, programmatic scorers on the text), and in each group the lowest
+//! `reject_fraction` of the unfinished ones stop there. The rest sample on; the best survivor is
+//! chosen. With `reject_fraction` 0 nothing stops, and the choice is hard best-of-N's.
+//!
 //! Candidates hold their events back; only the chosen one is streamed, once every candidate has
 //! finished. Each of the request's `n` choices has its own group of candidates; candidate j of
 //! group g draws from RNG stream g·(N+K) + j of the request's seed, so N = 1 is plain `sample`.
@@ -22,7 +29,7 @@ use super::equilibrium::{dedup, RankParams, RankSpec, Ranked, Ranking};
 use super::genarm::{GenArmParams, GenArmSpec, Guided, Sequences};
 use super::objectives::{self, Constraints, Objective, Scoring, Source};
 use super::track::{Rows, TrackId, Tracker};
-use super::{typed, Generation, Method, ParamError, Params};
+use super::{typed, within, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, Flow, Outputs, Usage};
 use crate::model::ModelId;
 use crate::model::ModelInfo;
@@ -59,6 +66,10 @@ struct BestOfNParams {
     guide: Option<GenArmParams>,
     /// The ranking's parameters with `selection: "equilibrium"`.
     equilibrium: Option<RankParams>,
+    /// With `selection: "speculative"`: the share of unfinished candidates stopped at each
+    /// checkpoint, and the tokens between checkpoints.
+    reject_fraction: Option<f64>,
+    checkpoint_tokens: Option<usize>,
 }
 
 fn default_candidates() -> usize {
@@ -72,7 +83,16 @@ enum SelectionName {
     Hard,
     Soft,
     Equilibrium,
+    Speculative,
 }
+
+/// `reject_fraction` when the request does not say: half the unfinished candidates stop at each
+/// checkpoint.
+pub const DEFAULT_REJECT_FRACTION: f64 = 0.5;
+/// Checkpoints per `max_tokens` when `checkpoint_tokens` is not given.
+const CHECKPOINTS: usize = 4;
+/// The most tokens between two checkpoints one may ask for.
+pub const MAX_CHECKPOINT_TOKENS: usize = 4096;
 
 impl Method for BestOfN {
     type Spec = BestOfNSpec;
@@ -104,15 +124,52 @@ impl Method for BestOfN {
                 "`equilibrium` applies only to `selection: \"equilibrium\"`",
             ));
         }
+        let speculative = matches!(p.selection, SelectionName::Speculative);
+        for (param, given) in [
+            ("reject_fraction", p.reject_fraction.is_some()),
+            ("checkpoint_tokens", p.checkpoint_tokens.is_some()),
+        ] {
+            if given && !speculative {
+                return Err(ParamError::new(
+                    param,
+                    format!("`{param}` applies only to `selection: \"speculative\"`"),
+                ));
+            }
+        }
         let ranked = matches!(p.selection, SelectionName::Equilibrium);
         let selection = match (p.selection, p.beta) {
-            (SelectionName::Hard | SelectionName::Equilibrium, Some(_)) => {
+            (
+                SelectionName::Hard | SelectionName::Equilibrium | SelectionName::Speculative,
+                Some(_),
+            ) => {
                 return Err(ParamError::new(
                     "beta",
                     "`beta` applies only to `selection: \"soft\"`",
                 ))
             }
             (SelectionName::Hard, None) => Selection::Hard,
+            (SelectionName::Speculative, None) => {
+                if p.calibrate > 0 {
+                    return Err(ParamError::new(
+                        "calibrate",
+                        "`calibrate` does not apply to `selection: \"speculative\"`, which stops candidates before references could be compared",
+                    ));
+                }
+                let reject_fraction = p.reject_fraction.unwrap_or(DEFAULT_REJECT_FRACTION);
+                if !(0.0..1.0).contains(&reject_fraction) {
+                    return Err(ParamError::new(
+                        "reject_fraction",
+                        format!("`reject_fraction` must be at least 0 and below 1, got {reject_fraction}"),
+                    ));
+                }
+                let every = (p.checkpoint_tokens)
+                    .map(|c| within("checkpoint_tokens", c, 1, MAX_CHECKPOINT_TOKENS))
+                    .transpose()?;
+                Selection::Speculative(Speculative {
+                    reject_fraction,
+                    every,
+                })
+            }
             (SelectionName::Equilibrium, None) => {
                 if p.calibrate > 0 {
                     return Err(ParamError::new(
@@ -136,15 +193,19 @@ impl Method for BestOfN {
             }
         };
         // Equilibrium ranking needs no reward; any given are scored and reported.
-        let objectives = if ranked && p.rewards.is_empty() && p.constraints.is_empty() {
-            Vec::new()
+        let (objectives, keywords) = if ranked && p.rewards.is_empty() && p.constraints.is_empty() {
+            (Vec::new(), None)
         } else {
             objectives::parse("best_of_n", "select by", p.rewards, p.constraints, rewards)?
         };
-        let guide = match p.guide {
+        let mut guide = match p.guide {
             Some(g) => GenArmSpec::parse("guide.", g, rewards)?,
             None => GenArmSpec::none(),
         };
+        // The candidates are pulled toward the keywords they will be selected by.
+        if guide.keywords.is_none() {
+            guide.keywords = keywords;
+        }
         Ok(BestOfNSpec {
             n: p.n,
             objectives,
@@ -164,9 +225,13 @@ impl Method for BestOfN {
         &self,
         spec: &BestOfNSpec,
         generation: Generation,
-        _: &[ModelInfo],
+        models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
-        Ok(Box::new(BestOfNDecoder::new(spec.clone(), generation)))
+        Ok(Box::new(BestOfNDecoder::new(
+            spec.clone(),
+            generation,
+            &models[crate::model::BASE].vocab,
+        )))
     }
 }
 
@@ -179,6 +244,17 @@ pub enum Selection {
     },
     /// Rank each group's candidates by the consensus game (`equilibrium`).
     Equilibrium(RankSpec),
+    /// Hard selection among the candidates that survive speculative rejection.
+    Speculative(Speculative),
+}
+
+/// Speculative rejection's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speculative {
+    /// The share of a group's unfinished candidates stopped at each checkpoint, in [0, 1).
+    pub reject_fraction: f64,
+    /// Tokens between checkpoints (default: `max_tokens` / 4, at least 1).
+    pub every: Option<usize>,
 }
 
 /// Checked `best_of_n` parameters.
@@ -222,6 +298,12 @@ pub struct BestOfNDecoder {
     arm_objectives: Vec<usize>,
     /// Per candidate, once scoring has started.
     runs: Vec<Run>,
+    /// The scoring ARMs are reading the candidates: at a checkpoint, or once all have finished.
+    reading: bool,
+    /// Per candidate, the tokens it had when speculative rejection stopped it.
+    rejected: Vec<Option<usize>>,
+    /// Speculative rejection's checkpoints so far: tokens, unfinished candidates, stopped.
+    checkpoints: Vec<(usize, usize, usize)>,
     /// With `selection: "equilibrium"`, once the candidates are scored: per group, the ranking
     /// of its distinct candidates and where each is among the group's.
     rankings: Vec<(Ranking, Vec<usize>)>,
@@ -232,12 +314,19 @@ struct Run {
     track: TrackId,
     /// Response tokens counted.
     counted: usize,
-    /// Per ARM lane, Σ log π_r of the response, once counted to its end.
+    /// Per ARM lane, Σ log π_r of the response, once counted to its end (or of its prefix,
+    /// once stopped early).
     logps: Vec<f64>,
+    /// Speculative rejection stopped it: its track is freed.
+    stopped: bool,
 }
 
 impl BestOfNDecoder {
-    pub fn new(spec: BestOfNSpec, generation: Generation) -> Self {
+    pub fn new(
+        spec: BestOfNSpec,
+        generation: Generation,
+        vocab: &std::sync::Arc<crate::model::Vocab>,
+    ) -> Self {
         let sequences = Sequences::Candidates {
             groups: generation.n,
             per_group: spec.n + spec.calibrate,
@@ -254,15 +343,115 @@ impl BestOfNDecoder {
             })
             .unzip();
         Self {
-            guided: Guided::new(&spec.guide, &generation, sequences),
+            guided: Guided::new(&spec.guide, &generation, sequences, vocab),
             scoring: Scoring::new(&spec.objectives),
             arms: Tracker::new(prompts, Rows::LogProbs),
             arm_objectives,
             runs: Vec::new(),
+            reading: false,
+            rejected: vec![None; generation.n * (spec.n + spec.calibrate)],
+            checkpoints: Vec::new(),
             rankings: Vec::new(),
             spec,
             generation,
         }
+    }
+
+    /// Speculative rejection's settings, and the tokens between its checkpoints.
+    fn speculative(&self) -> Option<(f64, usize)> {
+        let Selection::Speculative(s) = &self.spec.selection else {
+            return None;
+        };
+        let every = (s.every).unwrap_or(self.generation.max_tokens.div_ceil(CHECKPOINTS));
+        Some((s.reject_fraction, every.max(1)))
+    }
+
+    /// The unfinished candidates (they sample in lockstep) have reached the next checkpoint, and
+    /// the scoring ARMs have their prompts. As in the paper, a checkpoint comes when the tokens
+    /// the unfinished candidates hold reach what all of them held at the first (memory full),
+    /// and at least `checkpoint_tokens` after the last: with half stopped each time, at 1, 2, 4…
+    /// times `checkpoint_tokens`.
+    fn at_checkpoint(&self) -> bool {
+        let Some((_, every)) = self.speculative() else {
+            return false;
+        };
+        let last = self.checkpoints.last().map_or(0, |c| c.0);
+        let live: Vec<usize> = (self.guided.choices())
+            .filter(|c| !c.is_done())
+            .map(|c| c.tokens.len())
+            .collect();
+        let len = live.iter().copied().max().unwrap_or(0);
+        let budget = self.rejected.len() * every;
+        self.arms.ready() && !live.is_empty() && len >= last + every && live.len() * len >= budget
+    }
+
+    /// Start the ARMs reading every candidate up to where it stands (a track each on the first
+    /// call); false when there is nothing to read.
+    fn start_reading(&mut self, cx: &mut Cx) -> Result<bool> {
+        if self.arm_objectives.is_empty() {
+            return Ok(false);
+        }
+        if self.runs.is_empty() {
+            self.start_scoring(cx)?;
+        }
+        self.reading = !self.scored();
+        Ok(self.reading)
+    }
+
+    /// Each candidate's combined reward for what it has written so far, its ARM terms from the
+    /// sums read.
+    fn partial_rewards(&self) -> Result<Vec<f64>> {
+        let mut rewards = Vec::new();
+        for (c, choice) in self.guided.choices().enumerate() {
+            let mut terms = self.scoring.scores(&text(choice.held()));
+            if let Some(run) = self.runs.get(c) {
+                let logps = match run.logps.is_empty() {
+                    true => self.arms.logps(run.track)?,
+                    false => &run.logps,
+                };
+                for (&objective, &logp) in self.arm_objectives.iter().zip(logps) {
+                    terms[objective] = logp as f32;
+                }
+            }
+            rewards.push(self.scoring.combine(&terms));
+        }
+        Ok(rewards)
+    }
+
+    /// A checkpoint: in each group, stop the lowest `reject_fraction` of the unfinished
+    /// candidates by what they have written so far.
+    fn checkpoint(&mut self, cx: &mut Cx) -> Result<()> {
+        let (fraction, _) = self
+            .speculative()
+            .context("a checkpoint without speculation")?;
+        let rewards = self.partial_rewards()?;
+        let per_group = self.spec.n;
+        let live: Vec<bool> = self.guided.choices().map(|c| !c.is_done()).collect();
+        let tokens = (self.guided.choices().filter(|c| !c.is_done()))
+            .map(|c| c.tokens.len())
+            .max()
+            .unwrap_or(0);
+        let (mut unfinished, mut stopped) = (0, 0);
+        for first in (0..live.len()).step_by(per_group) {
+            let mut group: Vec<usize> = (first..first + per_group).filter(|&i| live[i]).collect();
+            // Lowest reward first; among equals the later candidate goes first.
+            group.sort_by(|&a, &b| rewards[a].total_cmp(&rewards[b]).then(b.cmp(&a)));
+            let stop = (fraction * group.len() as f64).floor() as usize;
+            unfinished += group.len();
+            stopped += stop;
+            for &c in &group[..stop] {
+                self.guided.stop(cx, c)?;
+                self.rejected[c] = Some(tokens);
+                if let Some(run) = self.runs.get_mut(c) {
+                    // Its partial sums are its scores.
+                    run.logps = self.arms.logps(run.track)?.to_vec();
+                    run.stopped = true;
+                    self.arms.free(cx, run.track);
+                }
+            }
+        }
+        self.checkpoints.push((tokens, unfinished, stopped));
+        Ok(())
     }
 
     /// The candidates are done: a track per candidate, each sum starting with the log-prob of
@@ -277,19 +466,20 @@ impl BestOfNDecoder {
                 track,
                 counted: 1,
                 logps: Vec::new(),
+                stopped: false,
             };
-            run.finish_if_read(cx, &mut self.arms, c.tokens.len())?;
+            run.finish_if_read(cx, &mut self.arms, c)?;
             self.runs.push(run);
         }
         Ok(())
     }
 
-    /// Every ARM has read every candidate's response.
+    /// Every ARM has read every candidate's response so far (but those stopped early).
     fn scored(&self) -> bool {
         self.arm_objectives.is_empty()
             || (!self.runs.is_empty()
                 && (self.runs.iter().zip(self.guided.choices()))
-                    .all(|(r, c)| r.counted >= c.tokens.len()))
+                    .all(|(r, c)| r.stopped || r.counted >= c.tokens.len()))
     }
 
     /// Feed every candidate the next chunk of its response that the ARMs have not read: from the
@@ -297,7 +487,7 @@ impl BestOfNDecoder {
     /// token is never fed: only the log-probs before each token are needed.
     fn plan_scoring(&mut self, cx: &mut Cx) -> Result<()> {
         for (run, c) in self.runs.iter().zip(self.guided.choices()) {
-            if run.counted < c.tokens.len() {
+            if !run.stopped && run.counted < c.tokens.len() {
                 let end = (run.counted - 1 + SCORE_CHUNK).min(c.tokens.len() - 1);
                 self.arms
                     .feed(cx, run.track, &c.tokens[run.counted - 1..end])?;
@@ -312,13 +502,13 @@ impl BestOfNDecoder {
         self.arms.absorb(cx, out)?;
         for (run, c) in self.runs.iter_mut().zip(self.guided.choices()) {
             let len = c.tokens.len();
-            if run.counted >= len {
+            if run.stopped || run.counted >= len {
                 continue;
             }
             let end = (run.counted - 1 + SCORE_CHUNK).min(len - 1);
             self.arms.count(run.track, c.tokens[end])?;
             run.counted = end + 1;
-            run.finish_if_read(cx, &mut self.arms, len)?;
+            run.finish_if_read(cx, &mut self.arms, c)?;
         }
         Ok(())
     }
@@ -368,7 +558,8 @@ impl BestOfNDecoder {
         let mut groups = Vec::with_capacity(self.generation.n);
         for g in 0..self.generation.n {
             let first = g * per_group;
-            let mut group = self.select(&raw[first..first + per_group], &mut rng);
+            let range = first..first + per_group;
+            let mut group = self.select(&raw[range.clone()], &self.rejected[range], &mut rng);
             let equilibrium = ranked.get(g).map(|(r, firsts)| {
                 group.chosen = firsts[r.chosen];
                 r.report.clone()
@@ -391,6 +582,9 @@ impl BestOfNDecoder {
                         });
                         if self.spec.calibrate > 0 {
                             c["calibrated"] = self.named(&group.scores[i]);
+                        }
+                        if self.speculative().is_some() {
+                            c["rejected_at"] = json!(self.rejected[first + i]);
                         }
                         c
                     })
@@ -422,6 +616,17 @@ impl BestOfNDecoder {
                 report["beta"] = beta.into();
             }
             Selection::Equilibrium(_) => report["selection"] = "equilibrium".into(),
+            Selection::Speculative(_) => {
+                let (fraction, every) = self.speculative().expect("speculative");
+                report["selection"] = "speculative".into();
+                report["reject_fraction"] = fraction.into();
+                report["checkpoint_tokens"] = every.into();
+                report["checkpoints"] = (self.checkpoints.iter())
+                    .map(|&(tokens, unfinished, stopped)| {
+                        json!({"tokens": tokens, "unfinished": unfinished, "rejected": stopped})
+                    })
+                    .collect();
+            }
         }
         if self.generation.n > 1 {
             report["choices"] = groups.into();
@@ -441,8 +646,9 @@ impl BestOfNDecoder {
         named.map(|(o, &v)| (o.name.clone(), json!(v))).collect()
     }
 
-    /// Select among one group's raw scores (its N candidates, then its K references).
-    fn select(&self, raw: &[Vec<f32>], rng: &mut ChaCha8Rng) -> Group {
+    /// Select among one group's raw scores (its N candidates, then its K references), but
+    /// those `rejected` early.
+    fn select(&self, raw: &[Vec<f32>], rejected: &[Option<usize>], rng: &mut ChaCha8Rng) -> Group {
         let (candidates, references) = raw.split_at(self.spec.n);
         let scores: Vec<Vec<f32>> = if self.spec.calibrate > 0 {
             candidates
@@ -460,6 +666,12 @@ impl BestOfNDecoder {
         let chosen = match self.spec.selection {
             // Equilibrium ranking replaces this choice (`finish`).
             Selection::Hard | Selection::Equilibrium(_) => best(&rewards),
+            Selection::Speculative(_) => {
+                let survivors: Vec<f64> = (rewards.iter().zip(rejected))
+                    .map(|(&r, stop)| if stop.is_some() { f64::NEG_INFINITY } else { r })
+                    .collect();
+                best(&survivors)
+            }
             Selection::Soft { beta } => soft(&rewards, beta, rng),
         };
         Group {
@@ -538,9 +750,9 @@ fn soft(rewards: &[f64], beta: f64, rng: &mut ChaCha8Rng) -> usize {
 }
 
 impl Run {
-    /// Once the response's `len` tokens are counted, keep the sums and free the track.
-    fn finish_if_read(&mut self, cx: &mut Cx, arms: &mut Tracker, len: usize) -> Result<()> {
-        if self.counted >= len {
+    /// Once the finished candidate's tokens are all counted, keep the sums and free the track.
+    fn finish_if_read(&mut self, cx: &mut Cx, arms: &mut Tracker, c: &Choice) -> Result<()> {
+        if c.is_done() && self.counted >= c.tokens.len() {
             self.logps = arms.logps(self.track)?.to_vec();
             arms.free(cx, self.track);
         }
@@ -553,7 +765,7 @@ impl Decoder for BestOfNDecoder {
         if !self.rankings.is_empty() {
             return self.rankings.iter_mut().try_for_each(|(r, _)| r.plan(cx));
         }
-        if !self.runs.is_empty() {
+        if self.reading {
             return self.plan_scoring(cx);
         }
         // Prefilled alongside the candidates' first steps (a no-op once done).
@@ -576,22 +788,32 @@ impl Decoder for BestOfNDecoder {
             self.finish(cx);
             return Ok(Flow::Done);
         }
-        if !self.runs.is_empty() {
+        if self.reading {
             self.absorb_scoring(cx, out)?;
+            if !self.scored() {
+                return Ok(Flow::Continue);
+            }
+            self.reading = false;
         } else {
             let prefilled = self.arms.absorb_prompts(cx, out)?;
             if !self.guided.is_done() && !self.guided.absorb(cx, out, &self.generation)? {
+                // Candidates pause at a checkpoint while the ARMs read them.
+                if self.at_checkpoint() && !self.start_reading(cx)? {
+                    self.checkpoint(cx)?;
+                }
                 return Ok(Flow::Continue);
             }
             if !prefilled {
                 // A prompt that takes longer to prefill than the candidates took to sample.
                 return Ok(Flow::Continue);
             }
-            if !self.arm_objectives.is_empty() {
-                self.start_scoring(cx)?;
+            if self.start_reading(cx)? {
+                return Ok(Flow::Continue);
             }
         }
-        if !self.scored() {
+        if !self.guided.is_done() {
+            // The ARMs have read up to a checkpoint.
+            self.checkpoint(cx)?;
             return Ok(Flow::Continue);
         }
         if let Selection::Equilibrium(spec) = &self.spec.selection {
@@ -609,6 +831,7 @@ mod tests {
     use super::*;
     use crate::decode::testing::{engine, generation, run, seeded};
     use crate::engine::fake::{self, id, FakeModel, WORDS};
+    use crate::engine::Engine;
     use crate::model::Role;
 
     /// The fake words of an answer's text.
@@ -621,7 +844,8 @@ mod tests {
         let e = engine(vec![FakeModel::counting()]);
         let g = generation(&[id("the")], 6, seeded(3));
         let plain = run(&e, "sample", json!({}), g.clone());
-        let one = json!({"n": 1, "constraints": {"keywords": ["sea"]}});
+        // Unpulled (`keyword_boost` 0): keywords only select.
+        let one = json!({"n": 1, "constraints": {"keywords": ["sea"], "keyword_boost": 0}});
         assert_eq!(run(&e, "best_of_n", one, g.clone()).tokens, plain.tokens);
         let eight = json!({"n": 8, "rewards": {"sentiment": 1.0}, "return_candidates": true});
         let out = run(&e, "best_of_n", eight, g);
@@ -686,6 +910,110 @@ mod tests {
             }
             let got = c["scores"]["arm"].as_f64().unwrap();
             assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+        }
+    }
+
+    /// A base whose candidates vary, and an ARM that favours `sea` after any token.
+    fn base_and_arm() -> Engine {
+        let arm = FakeModel::new("arm", Role::Reward, |_| fake::favour(id("sea"), 3.0));
+        engine(vec![FakeModel::counting(), arm])
+    }
+
+    fn speculative(fraction: f64, every: usize) -> Value {
+        json!({"n": 8, "rewards": {"arm": 1.0}, "selection": "speculative",
+            "reject_fraction": fraction, "checkpoint_tokens": every, "return_candidates": true})
+    }
+
+    #[test]
+    fn speculative_selection_without_rejection_is_hard_best_of_n() {
+        let e = base_and_arm();
+        let g = generation(&[id("the")], 12, seeded(5));
+        let hard = json!({"n": 8, "rewards": {"arm": 1.0}, "return_candidates": true});
+        let full = run(&e, "best_of_n", hard, g.clone());
+        let spec = run(&e, "best_of_n", speculative(0.0, 3), g);
+        assert_eq!(spec.tokens, full.tokens);
+        let (f, s) = (full.report.unwrap(), spec.report.unwrap());
+        assert_eq!(s["chosen"], f["chosen"]);
+        assert_eq!(s["scores"], f["scores"]);
+        assert_eq!(s["generated_tokens"], f["generated_tokens"]);
+        // With none stopped, checkpoints every 3 tokens: at 3, 6 and 9, each of all eight.
+        let checkpoints = s["checkpoints"].as_array().unwrap();
+        assert_eq!(checkpoints.len(), 3, "{s}");
+        assert!(checkpoints
+            .iter()
+            .all(|c| c["unfinished"] == 8 && c["rejected"] == 0));
+    }
+
+    #[test]
+    fn speculative_rejection_stops_the_weakest_and_chooses_among_the_rest() {
+        let e = base_and_arm();
+        let g = generation(&[id("the")], 12, seeded(5));
+        let hard = json!({"n": 8, "rewards": {"arm": 1.0}, "return_candidates": true});
+        let full = run(&e, "best_of_n", hard, g.clone()).report.unwrap();
+        let out = run(&e, "best_of_n", speculative(0.5, 3), g);
+        let report = out.report.unwrap();
+        // Checkpoints when the unfinished hold 8·3 tokens: 8 at 3 tokens, 4 at 6, and 2 would
+        // be at 12, where they end. 8·3 + 4·3 + 2·6 tokens.
+        let stops: Vec<(u64, u64, u64)> = (report["checkpoints"].as_array().unwrap().iter())
+            .map(|c| {
+                let n = |k: &str| c[k].as_u64().unwrap();
+                (n("tokens"), n("unfinished"), n("rejected"))
+            })
+            .collect();
+        assert_eq!(stops, [(3, 8, 4), (6, 4, 2)]);
+        assert_eq!(report["generated_tokens"], 48);
+        assert_eq!(full["generated_tokens"], 96);
+        let candidates = report["candidates"].as_array().unwrap();
+        let chosen = report["chosen"].as_u64().unwrap() as usize;
+        assert!(candidates[chosen]["rejected_at"].is_null(), "{report}");
+        assert_eq!(
+            (candidates.iter())
+                .filter(|c| c["rejected_at"].is_null())
+                .count(),
+            2
+        );
+        // A stopped candidate is as its prefix of the full run's, and so is the survivor.
+        for (c, whole) in candidates
+            .iter()
+            .zip(full["candidates"].as_array().unwrap())
+        {
+            let (part, whole) = (c["text"].as_str().unwrap(), whole["text"].as_str().unwrap());
+            assert!(whole.starts_with(part), "{part:?} vs {whole:?}");
+        }
+        assert_eq!(
+            candidates[chosen]["text"].as_str(),
+            Some(out.text[0].as_str())
+        );
+    }
+
+    #[test]
+    fn speculative_parameters_are_checked() {
+        let e = base_and_arm();
+        for (bad, param) in [
+            (json!({"reject_fraction": 0.5}), "reject_fraction"),
+            (json!({"checkpoint_tokens": 4}), "checkpoint_tokens"),
+            (
+                json!({"selection": "speculative", "reject_fraction": 1.0}),
+                "reject_fraction",
+            ),
+            (
+                json!({"selection": "speculative", "reject_fraction": -0.1}),
+                "reject_fraction",
+            ),
+            (
+                json!({"selection": "speculative", "checkpoint_tokens": 0}),
+                "checkpoint_tokens",
+            ),
+            (
+                json!({"selection": "speculative", "calibrate": 2}),
+                "calibrate",
+            ),
+            (json!({"selection": "speculative", "beta": 1.0}), "beta"),
+        ] {
+            let mut params = bad.as_object().cloned().unwrap();
+            params.insert("rewards".into(), json!({"arm": 1.0}));
+            let err = BestOfN.parse(params, e.rewards()).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{bad}");
         }
     }
 

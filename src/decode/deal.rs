@@ -33,18 +33,34 @@
 //!
 //! about b·k·l per output token once the beams are full. Each ARM of nonzero weight is fed the
 //! same tokens, counted apart as `arm_forward_tokens`.
+//!
+//! Pruning (`prune`, on by default) skips the rollout of an expansion that cannot be kept: where
+//! every objective's score is bounded (keywords, regexes, word budgets, and reward models from
+//! above), an expansion whose best possible score is below the `beam_width`-th best worst case of
+//! the others is dropped before it is rolled out. The search keeps the same beams; the formula
+//! above becomes an upper bound, and `pruned` counts the rollouts skipped.
+//!
+//! Keywords (`constraints.keywords`, see `lexical`): each beam's expansions also take the tokens
+//! that start or continue a missing keyword, a rollout finishes a keyword in progress, and the
+//! score adds the answer's keyword standing (`keyword_boost` per keyword token written, less
+//! `keyword_boost` per missing keyword once it ends); the keyword objective scores the lexicon's
+//! heuristic. The forward tokens grow by a rollout per pulled token; without keywords nothing
+//! changes.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::objectives::{self, active_arms, answer_text, stop_at, Constraints, Objective, Scoring};
+use super::lexical::Lexicon;
+use super::objectives::{
+    self, active_arms, answer_text, stop_at, Constraints, KeywordSpec, Objective, Scoring, Source,
+};
 use super::prompt::SharedPrompt;
 use super::track::{Checkpoint, Rows, TrackId, Tracker};
 use super::{finite, typed, within, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
-use crate::model::{Logits, ModelId, ModelInfo, BASE};
+use crate::model::{Logits, ModelId, ModelInfo, Vocab, BASE};
 use crate::reward::Registry;
 use crate::sampling::{argmax, log_sum_exp, top_sorted, Sampled};
 
@@ -75,6 +91,12 @@ struct DealParams {
     rewards: BTreeMap<String, f64>,
     #[serde(default)]
     constraints: Constraints,
+    #[serde(default = "default_prune")]
+    prune: bool,
+}
+
+fn default_prune() -> bool {
+    true
 }
 
 fn default_top_k() -> usize {
@@ -103,12 +125,19 @@ impl Method for Deal {
     fn parse(&self, params: Params, rewards: &Registry) -> Result<DealSpec, ParamError> {
         let p: DealParams = typed(params)?;
         let lambda = finite("lambda", p.lambda)?;
+        let top_k = within("top_k", p.top_k, 1, MAX_TOP_K)?;
+        let beam_width = within("beam_width", p.beam_width, 1, MAX_BEAM_WIDTH)?;
+        let lookahead = within("lookahead", p.lookahead, 0, MAX_LOOKAHEAD)?;
+        let (objectives, keywords) =
+            objectives::parse("deal", "steer by", p.rewards, p.constraints, rewards)?;
         Ok(DealSpec {
-            top_k: within("top_k", p.top_k, 1, MAX_TOP_K)?,
-            beam_width: within("beam_width", p.beam_width, 1, MAX_BEAM_WIDTH)?,
-            lookahead: within("lookahead", p.lookahead, 0, MAX_LOOKAHEAD)?,
+            top_k,
+            beam_width,
+            lookahead,
             lambda,
-            objectives: objectives::parse("deal", "steer by", p.rewards, p.constraints, rewards)?,
+            objectives,
+            keywords,
+            prune: p.prune,
         })
     }
 
@@ -130,9 +159,17 @@ impl Method for Deal {
         &self,
         spec: &DealSpec,
         generation: Generation,
-        _: &[ModelInfo],
+        models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
-        Ok(Box::new(DealDecoder::new(spec.clone(), generation)))
+        // `keyword_boost` 0 turns the pull off: the keywords only score.
+        let lexicon = (spec.keywords.as_ref())
+            .filter(|k| k.boost > 0.0)
+            .map(|k| k.lexicon(&models[BASE].vocab));
+        Ok(Box::new(DealDecoder::new(
+            spec.clone(),
+            generation,
+            lexicon,
+        )))
     }
 }
 
@@ -145,6 +182,9 @@ pub struct DealSpec {
     /// Weight of the reward against the log-probability.
     pub lambda: f32,
     pub objectives: Vec<Objective>,
+    pub keywords: Option<KeywordSpec>,
+    /// Skip the rollouts of expansions that cannot be kept.
+    pub prune: bool,
 }
 
 impl DealSpec {
@@ -163,7 +203,7 @@ struct Beam {
     /// log π of each token.
     logps: Vec<f32>,
     score: f64,
-    /// The most likely next tokens with their log-probs.
+    /// The candidate next tokens with their log-probs: the most likely, then the keywords'.
     next: Vec<(u32, f32)>,
     finished: Option<FinishReason>,
     /// The reward models' track along the answer (None once finished).
@@ -177,6 +217,8 @@ struct Expansion {
     parent: usize,
     token: u32,
     logp: f32,
+    /// The standing of the parent's answer plus `token`.
+    bonus: f64,
     /// The rollout's cache: prompt + parent's tokens + token + lookahead so far.
     seq: Option<SeqId>,
     lookahead: Vec<u32>,
@@ -200,6 +242,8 @@ struct Expansion {
 pub struct DealDecoder {
     spec: DealSpec,
     scoring: Scoring,
+    /// The keywords, when the request constrains them.
+    lexicon: Option<Lexicon>,
     generation: Generation,
     prompt: SharedPrompt,
     /// The base prompt's sequence and logits, kept until every ARM has prefilled.
@@ -215,6 +259,8 @@ pub struct DealDecoder {
     forward_tokens: usize,
     /// Tokens fed to the reward models after their prompts.
     arm_forward_tokens: usize,
+    /// Rollouts skipped by pruning.
+    pruned: usize,
 }
 
 /// The `k` most likely tokens of `logits` with their log-probs, most likely first.
@@ -227,13 +273,14 @@ fn ranked(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 impl DealDecoder {
-    pub fn new(spec: DealSpec, generation: Generation) -> Self {
+    pub fn new(spec: DealSpec, generation: Generation, lexicon: Option<Lexicon>) -> Self {
         let (arm_objectives, prompts): (Vec<usize>, Vec<_>) = spec
             .arms()
             .map(|(objective, model)| (objective, (model, generation.prompt_for(model).to_vec())))
             .unzip();
         Self {
             scoring: Scoring::new(&spec.objectives),
+            lexicon,
             prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
             first: None,
             arms: Tracker::new(prompts, Rows::LogProbs),
@@ -245,16 +292,145 @@ impl DealDecoder {
             expansions: Vec::new(),
             forward_tokens: 0,
             arm_forward_tokens: 0,
+            pruned: 0,
         }
     }
 
-    /// The weighted reward of `text`, with each ARM's term from `arm_logps`.
-    fn reward(&self, text: &str, arm_logps: impl Iterator<Item = f64>) -> f64 {
+    /// The candidates after `tokens`, from the base's `row`: its `top_k` most likely tokens, then
+    /// the tokens that start or continue a missing keyword, with their log-probs.
+    fn candidates(&self, vocab: &Vocab, tokens: &[u32], row: &[f32]) -> Vec<(u32, f32)> {
+        let mut next = ranked(row, self.spec.top_k);
+        if let Some(lex) = &self.lexicon {
+            let state = lex.state(vocab, tokens, &answer_text(vocab, &self.generation, tokens));
+            let lse = log_sum_exp(row);
+            for t in state.pulled() {
+                if (t as usize) < row.len() && next.iter().all(|&(n, _)| n != t) {
+                    next.push((t, row[t as usize] - lse));
+                }
+            }
+        }
+        next
+    }
+
+    /// The keyword objective's heuristic for `tokens` (an answer, with any lookahead) reading
+    /// `text`, where the request has keywords.
+    fn keyword_term(
+        &self,
+        vocab: &Vocab,
+        tokens: &[u32],
+        text: &str,
+        ended: bool,
+    ) -> Option<(usize, f32)> {
+        let lex = self.lexicon.as_ref()?;
+        let objective = self.spec.keywords.as_ref()?.objective?;
+        Some((
+            objective,
+            lex.credit(&lex.state(vocab, tokens, text), ended),
+        ))
+    }
+
+    /// The weighted reward of `text`, with each ARM's term from `arm_logps` and the keywords'
+    /// heuristic `keywords` in place of their raw score, if given.
+    fn reward(
+        &self,
+        text: &str,
+        arm_logps: impl Iterator<Item = f64>,
+        keywords: Option<(usize, f32)>,
+    ) -> f64 {
         let mut terms = self.scoring.scores(text);
         for (&objective, logp) in self.arm_objectives.iter().zip(arm_logps) {
             terms[objective] = logp as f32;
         }
+        if let Some((objective, credit)) = keywords {
+            terms[objective] = credit;
+        }
         self.scoring.combine(&terms)
+    }
+
+    /// The least and the most λ·R can be for an unfinished expansion whatever its rollout: per
+    /// objective, its scorer's bounds (the keywords' heuristic lies in [0, 1]), and a reward
+    /// model's sum, which the rollout's log-probs can only lower, at most `arm_base`.
+    fn reward_bounds(&self, arm_base: &[f64]) -> (f64, f64) {
+        let lambda = f64::from(self.spec.lambda);
+        let keyword = self.spec.keywords.as_ref().and_then(|k| k.objective);
+        let (mut lo, mut hi) = (0.0, 0.0);
+        for (i, o) in self.scoring.objectives().iter().enumerate() {
+            let (a, b) = if keyword == Some(i) {
+                (0.0, 1.0)
+            } else {
+                match &o.source {
+                    Source::Text(s) => s
+                        .bounds()
+                        .map_or((f64::NEG_INFINITY, f64::INFINITY), |(a, b)| {
+                            (f64::from(a), f64::from(b))
+                        }),
+                    Source::Arm(_) => match self.arm_objectives.iter().position(|&x| x == i) {
+                        Some(lane) => (f64::NEG_INFINITY, arm_base[lane]),
+                        // Weighed by 0: no forward, no term.
+                        None => (0.0, 0.0),
+                    },
+                }
+            };
+            let c = lambda * f64::from(o.weight);
+            if c == 0.0 {
+                continue;
+            }
+            let (x, y) = (c * a, c * b);
+            lo += x.min(y);
+            hi += x.max(y);
+        }
+        (lo, hi)
+    }
+
+    /// Drop the expansions that cannot be among the `beam_width` best, before their rollouts:
+    /// their best case is below the `beam_width`-th best worst case of the others.
+    fn prune(&mut self, cx: &Cx, expansions: &mut Vec<Expansion>) {
+        let vocab = &cx.model(BASE).vocab;
+        let g = &self.generation;
+        let path = |e: &Expansion| {
+            let parent = &self.beams[e.parent];
+            let logp: f64 = parent.logps.iter().map(|&l| f64::from(l)).sum();
+            logp + f64::from(e.logp) + e.bonus
+        };
+        let lambda = f64::from(self.spec.lambda);
+        let bounds: Vec<(f64, f64)> = expansions
+            .iter()
+            .map(|e| match e.finished {
+                Some(_) => {
+                    // Exact: its answer is all there is to score.
+                    let mut tokens = self.beams[e.parent].tokens.clone();
+                    tokens.push(e.token);
+                    let text = answer_text(vocab, g, &tokens);
+                    let kw = self.keyword_term(vocab, &tokens, &text, true);
+                    let s = path(e) + lambda * self.reward(&text, e.arm_base.iter().copied(), kw);
+                    (s, s)
+                }
+                None => {
+                    let (lo, hi) = self.reward_bounds(&e.arm_base);
+                    (path(e) + lo, path(e) + hi)
+                }
+            })
+            .collect();
+        let mut floors: Vec<f64> = bounds.iter().map(|b| b.0).collect();
+        floors.extend(
+            self.beams
+                .iter()
+                .filter(|b| b.finished.is_some())
+                .map(|b| b.score),
+        );
+        let b = self.spec.beam_width;
+        if floors.len() <= b {
+            return;
+        }
+        floors.sort_by(|x, y| y.total_cmp(x));
+        let threshold = floors[b - 1];
+        let mut i = 0;
+        expansions.retain(|_| {
+            let keep = bounds[i].1 >= threshold || bounds[i].1.is_nan();
+            i += 1;
+            keep
+        });
+        self.pruned += bounds.len() - expansions.len();
     }
 
     /// Expand every live beam by its top-k tokens, forking caches for the rollouts.
@@ -302,10 +478,20 @@ impl DealDecoder {
                         Ok(beam.arm_logps[l] + f64::from(next))
                     })
                     .collect::<Result<_>>()?;
+                let bonus = self.lexicon.as_ref().map_or(0.0, |lex| {
+                    let tokens = [beam.tokens.as_slice(), &[token]].concat();
+                    let text = answer_text(vocab, g, &tokens);
+                    let spent = match finished {
+                        Some(_) => 1.0,
+                        None => tokens.len() as f32 / g.max_tokens as f32,
+                    };
+                    f64::from(lex.standing(&lex.state(vocab, &tokens, &text), spent))
+                });
                 expansions.push(Expansion {
                     parent: p,
                     token,
                     logp,
+                    bonus,
                     seq: None,
                     lookahead: Vec::new(),
                     scored: self.spec.lookahead.min(todo),
@@ -319,6 +505,9 @@ impl DealDecoder {
                     arm_rollout: vec![0.0; lanes],
                 });
             }
+        }
+        if self.spec.prune {
+            self.prune(cx, &mut expansions);
         }
         // Rollout caches: forks of the parent, the parent's own going to its last rollout.
         for (p, beam) in self.beams.iter_mut().enumerate() {
@@ -370,14 +559,14 @@ impl DealDecoder {
             let mut logps = parent.logps.clone();
             logps.push(e.logp);
             let vocab = &cx.model(BASE).vocab;
-            let text = answer_text(
-                vocab,
-                g,
-                tokens.iter().chain(e.lookahead.iter().take(e.scored)),
-            );
+            let read: Vec<u32> = (tokens.iter().chain(e.lookahead.iter().take(e.scored)))
+                .copied()
+                .collect();
+            let text = answer_text(vocab, g, &read);
             let logp: f64 = logps.iter().map(|&l| f64::from(l)).sum();
             let rollout = e.arm_base.iter().zip(&e.arm_rollout).map(|(b, r)| b + r);
-            let score = logp + lambda * self.reward(&text, rollout);
+            let kw = self.keyword_term(vocab, &read, &text, e.finished.is_some());
+            let score = logp + e.bonus + lambda * self.reward(&text, rollout, kw);
             let (seq, arms) = match e.finished {
                 None => (e.seq, e.arms),
                 Some(_) => {
@@ -473,8 +662,8 @@ impl DealDecoder {
         let winner = &self.beams[0];
         let text = answer_text(&cx.model(BASE).vocab, &self.generation, &winner.tokens);
         let output = winner.tokens.len();
-        let reward = self.reward(&text, winner.arm_logps.iter().copied());
-        let report = json!({
+        let reward = self.reward(&text, winner.arm_logps.iter().copied(), None);
+        let mut report = json!({
             "top_k": self.spec.top_k,
             "beam_width": self.spec.beam_width,
             "lookahead": self.spec.lookahead,
@@ -485,7 +674,11 @@ impl DealDecoder {
             "forward_tokens": self.forward_tokens,
             "forward_tokens_per_output_token": self.forward_tokens as f64 / output.max(1) as f64,
             "arm_forward_tokens": self.arm_forward_tokens,
+            "pruned": self.pruned,
         });
+        if let Some(k) = &self.spec.keywords {
+            report["keyword_boost"] = k.boost.into();
+        }
         cx.emit(Event::Done {
             usage: Usage {
                 prompt_tokens: self.generation.prompt.len(),
@@ -530,12 +723,13 @@ impl Decoder for DealDecoder {
             let (seq, logits) = self.first.take().context("no base prompt")?;
             // The first beam takes the ARMs' prompt caches themselves.
             let arms = self.arms.branch(cx, 1)?[0];
+            let next = self.candidates(&cx.model(BASE).vocab, &[], &logits);
             self.beams.push(Beam {
                 seq: Some(cx.fork(seq)?),
                 tokens: Vec::new(),
                 logps: Vec::new(),
                 score: 0.0,
-                next: ranked(&logits, self.spec.top_k),
+                next,
                 finished: None,
                 arms: Some(arms),
                 arm_logps: vec![0.0; self.arms.lanes()],
@@ -543,16 +737,29 @@ impl Decoder for DealDecoder {
             self.choice = Some(Choice::new(0, seq, &self.generation));
         } else {
             self.arms.absorb(cx, out)?;
-            let eog = &cx.model(BASE).vocab.end_of_generation;
-            for e in &mut self.expansions {
+            let vocab = cx.model(BASE).vocab.clone();
+            let eog = &vocab.end_of_generation;
+            let mut expansions = std::mem::take(&mut self.expansions);
+            for e in &mut expansions {
                 let Some(t) = e.ticket.take() else { continue };
                 let row = out.last(t)?;
                 let track = e.arms.context("a rollout without its reward models")?;
+                let mut read = self.beams[e.parent].tokens.clone();
+                read.push(e.token);
+                read.extend_from_slice(&e.lookahead);
                 if e.lookahead.is_empty() {
-                    e.next = ranked(row, self.spec.top_k);
+                    e.next = self.candidates(&vocab, &read, row);
                     e.after_token = Some(self.arms.checkpoint(cx, track)?);
                 }
-                let token = argmax(row);
+                // A rollout finishes a keyword in progress, so that its score sees it.
+                let token = self
+                    .lexicon
+                    .as_ref()
+                    .and_then(|lex| {
+                        let text = answer_text(&vocab, &self.generation, &read);
+                        lex.state(&vocab, &read, &text).continuation()
+                    })
+                    .unwrap_or_else(|| argmax(row));
                 // Each ARM's row predicted the same token: its log-prob counts while scored.
                 if e.lookahead.len() < e.scored {
                     for (l, sum) in e.arm_rollout.iter_mut().enumerate() {
@@ -566,6 +773,7 @@ impl Decoder for DealDecoder {
                     e.todo = 0;
                 }
             }
+            self.expansions = expansions;
             if self.expansions.iter().any(|e| e.todo > 0) {
                 return Ok(Flow::Continue);
             }
@@ -603,13 +811,51 @@ mod tests {
         let mut g = generation(&[id("the")], 6, SamplingParams::greedy());
         g.ignore_eos = true;
         let (k, b, l, t) = (3usize, 2usize, 2usize, 6usize);
-        let params = json!({"top_k": k, "beam_width": b, "lookahead": l, "constraints": {"keywords": ["sea"]}});
+        // No keywords, so no expansion beyond the top-k; no pruning, so every rollout runs.
+        let params = json!({"top_k": k, "beam_width": b, "lookahead": l, "prune": false,
+            "constraints": {"max_words": 50}});
         let out = run(&e, "deal", params, g);
         let want: usize = (1..t)
             .map(|i| k * b.min(k.pow(i as u32 - 1)) * l.min(t - i).max(1))
             .sum();
         assert_eq!(out.report.unwrap()["forward_tokens"], want);
         assert_eq!(out.tokens[0].len(), t);
+    }
+
+    #[test]
+    fn pruning_keeps_the_same_answer_for_fewer_rollouts() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 8, SamplingParams::greedy());
+        let search = |prune: bool| {
+            let params = json!({"top_k": 4, "beam_width": 2, "lookahead": 3, "prune": prune,
+                "constraints": {"keywords": ["sea", "park"]}});
+            run(&e, "deal", params, g.clone())
+        };
+        let (full, pruned) = (search(false), search(true));
+        assert_eq!(pruned.tokens, full.tokens);
+        let (f, p) = (full.report.unwrap(), pruned.report.unwrap());
+        assert_eq!(f["pruned"], 0);
+        assert!(p["pruned"].as_u64().unwrap() > 0, "{p}");
+        assert!(p["forward_tokens"].as_u64() < f["forward_tokens"].as_u64());
+        assert_eq!(p["score"], f["score"]);
+    }
+
+    #[test]
+    fn a_keyword_outside_the_top_k_is_written() {
+        let e = engine(vec![FakeModel::counting()]);
+        let g = generation(&[id("the")], 5, SamplingParams::greedy());
+        // Counting from `the` never ranks `blue` among its two most likely.
+        let plain = run(&e, "sample", json!({}), g.clone());
+        assert!(!plain.tokens[0].contains(&id("blue")));
+        let kw = json!({"top_k": 2, "constraints": {"keywords": ["blue"]}});
+        let out = run(&e, "deal", kw.clone(), g.clone());
+        assert!(out.tokens[0].contains(&id("blue")), "{:?}", out.text);
+        assert_eq!(out.report.unwrap()["reward"], 1.0);
+        // Without a boost the search is as blind as before.
+        let mut blind = kw;
+        blind["constraints"]["keyword_boost"] = json!(0.0);
+        let out = run(&e, "deal", blind, g);
+        assert!(!out.tokens[0].contains(&id("blue")), "{:?}", out.text);
     }
 
     #[test]
@@ -650,5 +896,18 @@ mod tests {
             .parse(params(json!({"lookahead": 65})), &rewards)
             .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("lookahead"));
+        assert!(d.prune);
+        assert_eq!(
+            d.keywords.unwrap().boost,
+            crate::decode::lexical::DEFAULT_BOOST
+        );
+        for boost in [-1.0, 51.0] {
+            let bad = json!({"constraints": {"keywords": ["sea"], "keyword_boost": boost}});
+            let e = Deal.parse(params(bad), &rewards).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("constraints.keyword_boost"));
+        }
+        let alone = json!({"constraints": {"max_words": 3, "keyword_boost": 2.0}});
+        let e = Deal.parse(params(alone), &rewards).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("constraints.keyword_boost"));
     }
 }

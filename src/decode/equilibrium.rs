@@ -311,6 +311,7 @@ impl Method for Equilibrium {
                     groups: 1,
                     per_group: *n,
                 },
+                &base.vocab,
             )),
         };
         Ok(Box::new(EquilibriumDecoder {

@@ -3,22 +3,29 @@
 //! the request's sampler (temperature 1 samples the tilted distribution itself; see
 //! reference/algorithms.md §2.1 on why the official code's τ/(1+Σα) rescaling is not needed).
 //!
+//! With `constraints.keywords`, each step adds `constraints.keyword_boost` to the tokens that
+//! start or continue a missing keyword and takes it off ending the answer per missing keyword
+//! (`lexical`), after the tilt: candidates can then contain words the base would not say.
+//!
 //! Every model runs in lockstep: the base and each ARM prefill their own prompt (their own chat
 //! template) on their own sequence, each is forked for the `n` choices, and each step feeds every
 //! sequence of a choice the same token. All of a step's forwards are planned together, so the
 //! engine runs one batched forward per model per step.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use super::lexical::Lexicon;
+use super::objectives::{Constraints, KeywordSpec};
 use super::prompt::{fork, SharedPrompt};
 use super::track::{Rows, TrackId, Tracker};
 use super::{typed, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
 use crate::math::{self, log_sum_exp};
-use crate::model::{for_each_mut, Logits, ModelId, ModelInfo, BASE};
+use crate::model::{for_each_mut, Logits, ModelId, ModelInfo, Vocab, BASE};
 use crate::reward::Registry;
 use crate::sampling::Sampled;
 
@@ -34,6 +41,9 @@ pub struct GenArmParams {
     #[serde(default)]
     rewards: BTreeMap<String, f64>,
     beta: Option<f64>,
+    /// Keywords to pull toward (`keywords`, `keyword_boost`).
+    #[serde(default)]
+    constraints: Constraints,
 }
 
 impl Method for GenArm {
@@ -55,9 +65,13 @@ impl Method for GenArm {
         &self,
         spec: &GenArmSpec,
         generation: Generation,
-        _: &[ModelInfo],
+        models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
-        Ok(Box::new(GenArmDecoder::new(spec.clone(), generation)))
+        Ok(Box::new(GenArmDecoder::new(
+            spec.clone(),
+            generation,
+            &models[BASE].vocab,
+        )))
     }
 }
 
@@ -75,6 +89,8 @@ pub struct GenArmSpec {
     pub rewards: Vec<ArmWeight>,
     /// Strength of the KL regulariser: each ARM's log-probs count w/β.
     pub beta: f32,
+    /// Keywords the sampled tokens are pulled toward.
+    pub keywords: Option<KeywordSpec>,
 }
 
 impl GenArmSpec {
@@ -83,6 +99,7 @@ impl GenArmSpec {
         Self {
             rewards: Vec::new(),
             beta: 1.0,
+            keywords: None,
         }
     }
 
@@ -138,7 +155,18 @@ impl GenArmSpec {
                 weight,
             });
         }
-        Ok(Self { rewards, beta })
+        let keywords = params
+            .constraints
+            .keywords_only("genarm")
+            .map_err(|e| ParamError {
+                param: e.param.map(|p| format!("{prefix}{p}")),
+                ..e
+            })?;
+        Ok(Self {
+            rewards,
+            beta,
+            keywords,
+        })
     }
 
     /// The ARMs that change the distribution; a weight of 0 costs nothing.
@@ -157,6 +185,10 @@ impl Tilt {
     /// The scores of the last `combine`.
     pub fn scores(&self) -> &[f32] {
         &self.scores
+    }
+
+    pub fn scores_mut(&mut self) -> &mut [f32] {
+        &mut self.scores
     }
 
     /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) + K over the first `vocab` ids
@@ -199,12 +231,33 @@ struct Branch {
 /// A sampled token and KL(tilted ‖ base) of the distribution it was drawn from.
 type Drawn = (Sampled, f32);
 
+/// The keywords a [`Guided`] pulls toward, with what it needs to see where each answer stands.
+struct Pull {
+    lexicon: Lexicon,
+    vocab: Arc<Vocab>,
+    /// The tokens that end an answer (none with `ignore_eos`).
+    ending: HashSet<u32>,
+}
+
 impl Branch {
-    /// The next token from the models' rows (the base's, then each ARM's, weighted by `coefs`).
-    fn draw(&mut self, coefs: &[f32], rows: &[&[f32]], vocab: usize) -> Drawn {
+    /// The next token from the models' rows (the base's, then each ARM's, weighted by `coefs`),
+    /// nudged toward the keywords.
+    fn draw(&mut self, coefs: &[f32], rows: &[&[f32]], vocab: usize, pull: Option<&Pull>) -> Drawn {
+        let nudge = |branch: &Self, scores: &mut [f32]| {
+            if let Some(p) = pull {
+                let tokens = &branch.choice.tokens;
+                let state = p.lexicon.state(&p.vocab, tokens, &p.vocab.decode(tokens));
+                p.lexicon.nudge(&state, scores, &p.ending);
+            }
+        };
         if rows.len() == 1 {
-            // No ARM: exactly plain decoding.
-            return (self.choice.sampler.sample(rows[0]), 0.0);
+            if pull.is_none() {
+                // No ARM: exactly plain decoding.
+                return (self.choice.sampler.sample(rows[0]), 0.0);
+            }
+            let mut scores = rows[0].to_vec();
+            nudge(self, &mut scores);
+            return (self.choice.sampler.sample(&scores), 0.0);
         }
         let arms: Vec<(f32, &[f32])> = coefs
             .iter()
@@ -212,6 +265,9 @@ impl Branch {
             .zip(rows[1..].iter().copied())
             .collect();
         let kl = self.tilt.combine(rows[0], &arms, vocab);
+        let mut scores = std::mem::take(&mut self.tilt.scores);
+        nudge(self, &mut scores);
+        self.tilt.scores = scores;
         (self.choice.sampler.sample(&self.tilt.scores), kl)
     }
 }
@@ -256,6 +312,8 @@ pub struct Guided {
     /// What each ARM's log-probs are multiplied by: w/β.
     coefs: Vec<f32>,
     sequences: Sequences,
+    /// The keywords, when the request has them and a nonzero boost.
+    pull: Option<Pull>,
     branches: Vec<Branch>,
     /// (branch, base ticket) planned this step.
     tickets: Vec<(usize, usize)>,
@@ -264,7 +322,22 @@ pub struct Guided {
 }
 
 impl Guided {
-    pub fn new(spec: &GenArmSpec, generation: &Generation, sequences: Sequences) -> Self {
+    pub fn new(
+        spec: &GenArmSpec,
+        generation: &Generation,
+        sequences: Sequences,
+        vocab: &Arc<Vocab>,
+    ) -> Self {
+        let pull = (spec.keywords.as_ref())
+            .filter(|k| k.boost != 0.0)
+            .map(|k| Pull {
+                lexicon: k.lexicon(vocab),
+                vocab: vocab.clone(),
+                ending: match generation.ignore_eos {
+                    true => HashSet::new(),
+                    false => vocab.end_of_generation.clone(),
+                },
+            });
         let arms = spec
             .active()
             .map(|a| (a.model, generation.prompt_for(a.model).to_vec()));
@@ -274,6 +347,7 @@ impl Guided {
             arms: Tracker::new(arms, Rows::Raw),
             coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
             sequences,
+            pull,
             branches: Vec::new(),
             tickets: Vec::new(),
             kl_sum: 0.0,
@@ -293,6 +367,16 @@ impl Guided {
     /// Every sequence has finished.
     pub fn is_done(&self) -> bool {
         !self.branches.is_empty() && self.branches.iter().all(|b| b.choice.is_done())
+    }
+
+    /// Stop sequence `i` where it stands (a candidate rejected early): it costs no more forwards.
+    pub fn stop(&mut self, cx: &mut Cx, i: usize) -> Result<()> {
+        let branch = self.branches.get_mut(i).context("no such sequence")?;
+        if !branch.choice.is_done() {
+            branch.choice.finish(cx, FinishReason::Length)?;
+            self.arms.free(cx, branch.arms);
+        }
+        Ok(())
     }
 
     /// Mean KL(tilted ‖ base) per sampled token (0 without an active ARM).
@@ -334,7 +418,7 @@ impl Guided {
                 arms,
                 tilt: Tilt::default(),
             };
-            let drawn = branch.draw(&self.coefs, &rows, vocab);
+            let drawn = branch.draw(&self.coefs, &rows, vocab, self.pull.as_ref());
             self.branches.push(branch);
             self.record(cx, g, i, drawn)?;
         }
@@ -386,9 +470,9 @@ impl Guided {
                 .context("a ticket out of order")?;
             draws.push((b, branch, rows, None));
         }
-        let coefs = &self.coefs;
+        let (coefs, pull) = (&self.coefs, self.pull.as_ref());
         for_each_mut(&mut draws, |(_, branch, rows, drawn)| {
-            *drawn = Some(branch.draw(coefs, rows, vocab))
+            *drawn = Some(branch.draw(coefs, rows, vocab, pull))
         });
         let drawn = draws
             .into_iter()
@@ -408,8 +492,8 @@ pub struct GenArmDecoder {
 }
 
 impl GenArmDecoder {
-    pub fn new(spec: GenArmSpec, generation: Generation) -> Self {
-        let guided = Guided::new(&spec, &generation, Sequences::Choices(generation.n));
+    pub fn new(spec: GenArmSpec, generation: Generation, vocab: &Arc<Vocab>) -> Self {
+        let guided = Guided::new(&spec, &generation, Sequences::Choices(generation.n), vocab);
         Self {
             spec,
             generation,
@@ -443,11 +527,18 @@ impl Decoder for GenArmDecoder {
                 prompt_tokens: self.generation.prompt.len(),
                 completion_tokens,
             },
-            report: Some(json!({
-                "weights": self.spec.weights(),
-                "beta": self.spec.beta,
-                "kl_per_token": self.guided.kl_per_token(),
-            })),
+            report: Some({
+                let mut report = json!({
+                    "weights": self.spec.weights(),
+                    "beta": self.spec.beta,
+                    "kl_per_token": self.guided.kl_per_token(),
+                });
+                if let Some(k) = &self.spec.keywords {
+                    report["keywords"] = k.keywords.clone().into();
+                    report["keyword_boost"] = k.boost.into();
+                }
+                report
+            }),
         });
         Ok(Flow::Done)
     }
@@ -465,6 +556,30 @@ mod tests {
     fn base_and_sea() -> Vec<FakeModel> {
         let sea = FakeModel::new("sea", Role::Reward, |_| fake::favour(id("sea"), 10.0));
         vec![FakeModel::counting(), sea]
+    }
+
+    #[test]
+    fn keywords_pull_sampling_toward_words_the_base_would_not_say() {
+        let e = engine(base_and_sea());
+        let g = generation(&[id("the")], 4, SamplingParams::greedy());
+        let plain = run(&e, "sample", json!({}), g.clone());
+        assert!(!plain.tokens[0].contains(&id("blue")));
+        let kw = json!({"constraints": {"keywords": ["blue"]}});
+        let out = run(&e, "genarm", kw, g.clone());
+        assert!(out.tokens[0].contains(&id("blue")), "{:?}", out.text);
+        assert_eq!(
+            out.report.unwrap()["keyword_boost"],
+            json!(crate::decode::lexical::DEFAULT_BOOST)
+        );
+        // best-of-N's candidates are pulled toward the keywords they are selected by.
+        let bon = json!({"n": 2, "constraints": {"keywords": ["blue"]}});
+        let out = run(&e, "best_of_n", bon, g.clone());
+        assert!(out.tokens[0].contains(&id("blue")), "{:?}", out.text);
+        let bad = json!({"constraints": {"max_words": 3}});
+        let err = GenArm
+            .parse(bad.as_object().cloned().unwrap(), &Registry::new(&[]))
+            .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("constraints.max_words"));
     }
 
     #[test]

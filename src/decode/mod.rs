@@ -14,6 +14,7 @@ mod choice;
 pub mod deal;
 pub mod equilibrium;
 pub mod genarm;
+pub mod lexical;
 pub mod objectives;
 mod prompt;
 pub mod sample;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::lexical::{self, Lexicon};
 use super::{Generation, ParamError};
 use crate::model::{ModelId, Vocab};
 use crate::reward::scorers::{Keywords, Length};
@@ -21,29 +22,93 @@ pub struct Objective {
     pub source: Source,
 }
 
-/// `constraints`: per-request scorers, each with weight 1.
+/// `constraints`: per-request scorers, each with weight 1, and how hard the keywords pull.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Constraints {
     keywords: Option<Vec<String>>,
     max_words: Option<usize>,
+    keyword_boost: Option<f64>,
 }
 
 impl Constraints {
     pub fn is_empty(&self) -> bool {
         self.keywords.is_none() && self.max_words.is_none()
     }
+
+    /// The keywords alone, for a decoder that takes no sequence-level reward (`genarm`).
+    pub fn keywords_only(self, decoder: &str) -> Result<Option<KeywordSpec>, ParamError> {
+        if self.max_words.is_some() {
+            return Err(ParamError::new(
+                "constraints.max_words",
+                format!("{decoder} takes only `constraints.keywords` (and `keyword_boost`), which it pulls toward token by token"),
+            ));
+        }
+        self.keyword_spec(None)
+    }
+
+    fn keyword_spec(&self, objective: Option<usize>) -> Result<Option<KeywordSpec>, ParamError> {
+        let boost = match self.keyword_boost {
+            None => lexical::DEFAULT_BOOST,
+            Some(b) if b.is_finite() && (0.0..=MAX_KEYWORD_BOOST).contains(&b) => b as f32,
+            Some(b) => {
+                return Err(ParamError::new(
+                    "constraints.keyword_boost",
+                    format!("`constraints.keyword_boost` must be between 0 and {MAX_KEYWORD_BOOST} (nats), got {b}"),
+                ))
+            }
+        };
+        let Some(keywords) = &self.keywords else {
+            if self.keyword_boost.is_some() {
+                return Err(ParamError::new(
+                    "constraints.keyword_boost",
+                    "`constraints.keyword_boost` needs `constraints.keywords`",
+                ));
+            }
+            return Ok(None);
+        };
+        if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
+            return Err(ParamError::new(
+                "constraints.keywords",
+                "`constraints.keywords` must list at least one keyword, none blank",
+            ));
+        }
+        Ok(Some(KeywordSpec {
+            keywords: keywords.clone(),
+            boost,
+            objective,
+        }))
+    }
+}
+
+/// The largest `constraints.keyword_boost`: beyond it a keyword would be forced, not pulled.
+pub const MAX_KEYWORD_BOOST: f64 = 50.0;
+
+/// A request's keyword constraint: its words, how many nats a pulled token gains, and the index
+/// of its objective among the decoder's (none where the decoder scores no sequence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeywordSpec {
+    pub keywords: Vec<String>,
+    pub boost: f32,
+    pub objective: Option<usize>,
+}
+
+impl KeywordSpec {
+    pub fn lexicon(&self, vocab: &Vocab) -> Lexicon {
+        Lexicon::new(vocab, &self.keywords, self.boost)
+    }
 }
 
 /// The objectives of `rewards` (name → weight) and `constraints`, checked for `decoder`, which
-/// needs at least one of them to `purpose` (e.g. "select by").
+/// needs at least one of them to `purpose` (e.g. "select by"); and the keyword constraint, whose
+/// objective is among them.
 pub fn parse(
     decoder: &str,
     purpose: &str,
     rewards: BTreeMap<String, f64>,
     constraints: Constraints,
     registry: &Registry,
-) -> Result<Vec<Objective>, ParamError> {
+) -> Result<(Vec<Objective>, Option<KeywordSpec>), ParamError> {
     let mut objectives = Vec::new();
     for (name, w) in rewards {
         let (source, weight) = registry.reward(&name, w).map_err(|e| match e {
@@ -62,17 +127,12 @@ pub fn parse(
             weight,
         });
     }
-    if let Some(keywords) = constraints.keywords {
-        if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
-            return Err(ParamError::new(
-                "constraints.keywords",
-                "`constraints.keywords` must list at least one keyword, none blank",
-            ));
-        }
+    let keywords = constraints.keyword_spec(Some(objectives.len()))?;
+    if let Some(k) = &keywords {
         objectives.push(Objective {
             name: "keywords".into(),
             weight: 1.0,
-            source: Source::Text(Arc::new(Keywords::new(&keywords))),
+            source: Source::Text(Arc::new(Keywords::new(&k.keywords))),
         });
     }
     if let Some(words) = constraints.max_words {
@@ -94,7 +154,7 @@ pub fn parse(
             format!("{decoder} needs something to {purpose}: `rewards` or `constraints`"),
         ));
     }
-    Ok(objectives)
+    Ok((objectives, keywords))
 }
 
 /// The reward-model objectives that change a search's scores, with their index: none when the

@@ -213,6 +213,7 @@ pub fn run(args: AdaptiveArgs) -> Result<()> {
                 let job = Job {
                     spec: spec.clone(),
                     prompt: p.clone(),
+                    salt: 0,
                 };
                 answers.extend(super::run_jobs(
                     &engine,
@@ -241,6 +242,7 @@ pub fn run(args: AdaptiveArgs) -> Result<()> {
                 .map(|q| Job {
                     spec: spec.clone(),
                     prompt: q.prompt.clone(),
+                    salt: 0,
                 })
                 .collect();
             s.letters = super::run_jobs(&engine, &jobs, &greedy(8), &bar)?;

@@ -23,8 +23,9 @@ pub const CONCEPTS: &str = include_str!("concepts.txt");
 /// The placeholder for a set's words in a method's config.
 pub const PLACEHOLDER: &str = "$concepts";
 
-/// The default methods: plain sampling, best-of-N with the keywords as a constraint, and the
-/// search decoders `args` and `deal` (skipped where this build lacks them).
+/// The default methods: plain sampling, best-of-N with the keywords as a constraint, sampling
+/// pulled toward the keywords (`genarm` without reward models), and the search decoders `args`
+/// and `deal`.
 pub const DEFAULT_METHODS: &[(&str, &str)] = &[
     ("sample", r#"{"decoder": "sample"}"#),
     (
@@ -34,6 +35,10 @@ pub const DEFAULT_METHODS: &[(&str, &str)] = &[
     (
         "best_of_8",
         r#"{"decoder": "best_of_n", "n": 8, "constraints": {"keywords": "$concepts"}}"#,
+    ),
+    (
+        "genarm",
+        r#"{"decoder": "genarm", "constraints": {"keywords": "$concepts"}}"#,
     ),
     (
         "args",
@@ -171,7 +176,7 @@ pub struct KeywordsArgs {
     pub models: super::EvalModels,
     /// A method as NAME=JSON decoder config, e.g. `bon4={"decoder":"best_of_n","n":4,
     /// "constraints":{"keywords":"$concepts"}}` ("$concepts" becomes the set's words).
-    /// Repeatable; replaces the defaults: sample, best_of_4, best_of_8, args, deal.
+    /// Repeatable; replaces the defaults: sample, best_of_4, best_of_8, genarm, args, deal.
     #[arg(long = "method", value_name = "NAME=JSON", value_parser = parse_method)]
     pub methods: Vec<(String, Value)>,
     /// Concept sets, one per line, words separated by spaces (default: the built-in 55).
@@ -180,7 +185,8 @@ pub struct KeywordsArgs {
     /// Use only the first N concept sets.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// The user prompt; `{}` becomes the words, comma-separated.
+    /// The user prompt; `{}` becomes the words, comma-separated. Without `{}` the prompt does not
+    /// name the words (e.g. "Write one sentence about everyday life."): only the constraints do.
     #[arg(long, default_value = "Write one sentence that uses the words: {}.")]
     pub template: String,
     #[arg(long, default_value_t = 48)]
@@ -229,9 +235,6 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    if !args.template.contains("{}") {
-        bail!("--template needs `{{}}` where the words go");
-    }
     let mut sets = match &args.concepts {
         Some(path) => parse_concepts(
             &std::fs::read_to_string(path)
@@ -244,6 +247,7 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
     if sets.is_empty() {
         bail!("no concept sets");
     }
+    let hidden = !args.template.contains("{}");
     let prompts: Vec<String> = sets
         .iter()
         .map(|s| args.template.replace("{}", &s.join(", ")))
@@ -327,9 +331,15 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
                 let (decoder, params) = super::split_config(&fill(&config, set))?;
                 let spec = DecoderSpec::parse(&decoder, params, engine.rewards())
                     .map_err(|e| anyhow::anyhow!("method `{name}` for {set:?}: {}", e.message))?;
+                // A prompt that hides the words is every set's: the set tells their draws apart.
+                let salt = match hidden {
+                    true => crate::train::prompts::stable_hash(&set.join(" ")),
+                    false => 0,
+                };
                 Ok(Job {
                     spec,
                     prompt: prompt.clone(),
+                    salt,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -245,6 +245,7 @@ pub fn run(args: McArgs) -> Result<()> {
                     Ok(Job {
                         spec,
                         prompt: q.prompt.clone(),
+                        salt: 0,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

@@ -5,6 +5,7 @@
 //!   decoder config in JSON; keyword coverage, fluency (perplexity under the base) and cost.
 //! - `mc` (mc.rs): multiple-choice accuracy of equilibrium ranking and the model's own rankings.
 //! - `adaptive` (adaptive.rs): entropy-adaptive decoding swept over its threshold.
+//! - `speculative` (speculative.rs): best-of-N's speculative rejection against full best-of-N.
 //!
 //! This file holds what they share: running a batch of requests, distinct-n, perplexity, table
 //! formatting and writing the outputs.
@@ -12,6 +13,7 @@
 pub mod adaptive;
 pub mod keywords;
 pub mod mc;
+pub mod speculative;
 pub mod steer;
 
 use std::collections::HashSet;
@@ -39,6 +41,9 @@ pub enum EvalCommand {
     /// Entropy-adaptive decoding swept over its threshold: the large model's share of tokens,
     /// compute saved, tok/s against the formula, quality kept against large-only decoding.
     Adaptive(Box<adaptive::AdaptiveArgs>),
+    /// Best-of-N's speculative rejection against full best-of-N on the same prompts and seeds:
+    /// how often it chooses within the full run's top 2, and its share of tokens and wall time.
+    Speculative(Box<speculative::SpeculativeArgs>),
 }
 
 /// The `tilt eval` command.
@@ -48,6 +53,7 @@ pub fn run(command: EvalCommand) -> Result<()> {
         EvalCommand::Keywords(args) => keywords::run(*args),
         EvalCommand::Mc(args) => mc::run(*args),
         EvalCommand::Adaptive(args) => adaptive::run(*args),
+        EvalCommand::Speculative(args) => speculative::run(*args),
     }
 }
 
@@ -102,10 +108,12 @@ pub fn split_config(config: &Value) -> Result<(String, Map<String, Value>)> {
     Ok((name, params))
 }
 
-/// One prompt's request: the decoder and the prompt text.
+/// One prompt's request: the decoder and the prompt text; `salt` tells apart the draws of jobs
+/// that share a prompt (their seeds are `seed ^ stable_hash(prompt) ^ salt`).
 pub struct Job {
     pub spec: DecoderSpec,
     pub prompt: String,
+    pub salt: u64,
 }
 
 /// One finished request (n = 1).
@@ -189,7 +197,8 @@ pub fn run_jobs(
 ) -> Result<Vec<Output>> {
     let mut streams = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let g = generation(engine, &job.spec, &job.prompt, decoding)?;
+        let mut g = generation(engine, &job.spec, &job.prompt, decoding)?;
+        g.sampling.seed = Some(decoding.seed_for(&job.prompt) ^ job.salt);
         let prompt_tokens = g.prompt.clone();
         let decoder = job.spec.build(g, engine.models())?;
         streams.push((engine.submit(decoder)?, prompt_tokens));

@@ -334,6 +334,7 @@ pub fn run(args: SteerArgs) -> Result<()> {
             .map(|p| Job {
                 spec: spec.clone(),
                 prompt: p.clone(),
+                salt: 0,
             })
             .collect();
         let start = Instant::now();

@@ -7,6 +7,12 @@ use regex::Regex;
 
 pub trait Scorer: Send + Sync {
     fn score(&self, text: &str) -> f32;
+
+    /// The least and the most any text can score, where known: a search may then skip rolling
+    /// out a candidate that cannot win (DeAL's pruning).
+    fn bounds(&self) -> Option<(f32, f32)> {
+        None
+    }
 }
 
 /// A scorer every server has, by name.
@@ -53,19 +59,34 @@ impl Keywords {
     }
 }
 
+impl Keywords {
+    /// The keywords, lowercase, their words separated by single spaces.
+    pub fn keywords(&self) -> &[String] {
+        &self.keywords
+    }
+
+    /// Whether the text contains each keyword, in order.
+    pub fn present(&self, text: &str) -> Vec<bool> {
+        // Padded with spaces so that `contains` matches whole words only.
+        let text = format!(" {} ", words(text).collect::<Vec<_>>().join(" "));
+        self.keywords
+            .iter()
+            .map(|k| text.contains(&format!(" {k} ")))
+            .collect()
+    }
+}
+
 impl Scorer for Keywords {
     fn score(&self, text: &str) -> f32 {
         if self.keywords.is_empty() {
             return 1.0;
         }
-        // Padded with spaces so that `contains` matches whole words only.
-        let text = format!(" {} ", words(text).collect::<Vec<_>>().join(" "));
-        let hits = self
-            .keywords
-            .iter()
-            .filter(|k| text.contains(&format!(" {k} ")))
-            .count();
+        let hits = self.present(text).into_iter().filter(|&p| p).count();
         hits as f32 / self.keywords.len() as f32
+    }
+
+    fn bounds(&self) -> Option<(f32, f32)> {
+        Some((0.0, 1.0))
     }
 }
 
@@ -104,6 +125,10 @@ impl Scorer for Length {
         // 0 − x rather than −x, so that a text on budget scores 0, not −0.
         0.0 - off / target
     }
+
+    fn bounds(&self) -> Option<(f32, f32)> {
+        Some((f32::NEG_INFINITY, 0.0))
+    }
 }
 
 /// 1 when the pattern matches somewhere in the text, else 0.
@@ -126,6 +151,10 @@ impl Scorer for RegexMatch {
         } else {
             0.0
         }
+    }
+
+    fn bounds(&self) -> Option<(f32, f32)> {
+        Some((0.0, 1.0))
     }
 }
 

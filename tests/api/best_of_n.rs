@@ -126,6 +126,34 @@ async fn best_of_n_parameters_are_checked(c: Client) {
                 "unknown field",
             ),
             (best_of_n(json!({})), "alignment.rewards", "select by"),
+            (
+                best_of_n(json!({"rewards": sentiment, "reject_fraction": 0.5})),
+                "alignment.reject_fraction",
+                "speculative",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "selection": "speculative",
+                                 "reject_fraction": 1})),
+                "alignment.reject_fraction",
+                "below 1",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "selection": "speculative",
+                                 "checkpoint_tokens": 0})),
+                "alignment.checkpoint_tokens",
+                "between 1 and",
+            ),
+            (
+                best_of_n(json!({"rewards": sentiment, "selection": "speculative",
+                                 "calibrate": 4})),
+                "alignment.calibrate",
+                "speculative",
+            ),
+            (
+                best_of_n(json!({"constraints": {"keywords": ["sea"], "keyword_boost": 51}})),
+                "alignment.constraints.keyword_boost",
+                "between 0 and 50",
+            ),
         ],
     )
     .await;
@@ -167,6 +195,43 @@ async fn best_of_n_scores_and_is_guided_by_reward_models() {
     assert!(scores.iter().all(|&s| s < 0.0), "{scores:?}");
     let best = if scores[1] > scores[0] { 1 } else { 0 };
     assert_eq!(report["chosen"], best);
+    // Speculative rejection reads the candidates at checkpoints: stopping none, it chooses as
+    // hard best-of-N does with the same seed; stopping half, it generates fewer tokens.
+    let select = |extra: Value| {
+        let mut params = json!({"n": 4, "rewards": {"toy": 1}, "return_candidates": true});
+        params
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"messages": [{"role": "user", "content": "Describe a rainy day."}],
+               "max_tokens": 12, "seed": 3, "alignment": best_of_n(params)})
+    };
+    let hard = c.ok("/v1/chat/completions", &select(json!({}))).await;
+    let speculative = json!({"selection": "speculative", "checkpoint_tokens": 3});
+    let mut none = speculative.clone();
+    none["reject_fraction"] = json!(0);
+    let kept = c.ok("/v1/chat/completions", &select(none)).await;
+    assert_eq!(kept["choices"][0]["message"], hard["choices"][0]["message"]);
+    let (h, k) = (&hard["alignment"], &kept["alignment"]);
+    assert_eq!(k["chosen"], h["chosen"], "{k}");
+    assert_eq!(k["generated_tokens"], h["generated_tokens"]);
+    for (a, b) in
+        (h["candidates"].as_array().unwrap().iter()).zip(k["candidates"].as_array().unwrap())
+    {
+        let (a, b) = (a["reward"].as_f64().unwrap(), b["reward"].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+    assert!(!k["checkpoints"].as_array().unwrap().is_empty(), "{k}");
+    let halved = c.ok("/v1/chat/completions", &select(speculative)).await;
+    let s = &halved["alignment"];
+    assert_eq!(s["selection"], "speculative");
+    assert!(s["checkpoints"][0]["rejected"].as_u64().unwrap() > 0, "{s}");
+    assert!(
+        s["generated_tokens"].as_u64() < h["generated_tokens"].as_u64(),
+        "{s}"
+    );
+    let chosen = s["chosen"].as_u64().unwrap() as usize;
+    assert!(s["candidates"][chosen]["rejected_at"].is_null(), "{s}");
     refused(
         &c,
         &[(
