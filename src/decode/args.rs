@@ -105,10 +105,7 @@ impl Method for Args {
         generation: Generation,
         models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
-        // `keyword_boost` 0 turns the pull off: the keywords only score.
-        let lexicon = (spec.keywords.as_ref())
-            .filter(|k| k.boost > 0.0)
-            .map(|k| k.lexicon(&models[BASE].vocab));
+        let lexicon = (spec.keywords.as_ref()).and_then(|k| k.pull(&models[BASE].vocab));
         Ok(Box::new(ArgsDecoder::new(
             spec.clone(),
             generation,

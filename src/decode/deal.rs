@@ -45,7 +45,8 @@
 //! score adds the answer's keyword standing (`keyword_boost` per keyword token written, less
 //! `keyword_boost` per missing keyword once it ends); the keyword objective scores the lexicon's
 //! heuristic. The forward tokens grow by a rollout per pulled token; without keywords nothing
-//! changes.
+//! changes. Once an expansion has every keyword and nothing else is weighed, no rollout can
+//! change its reward: it is fed its token alone (for the row after it), not rolled out.
 
 use std::collections::BTreeMap;
 
@@ -161,10 +162,7 @@ impl Method for Deal {
         generation: Generation,
         models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
-        // `keyword_boost` 0 turns the pull off: the keywords only score.
-        let lexicon = (spec.keywords.as_ref())
-            .filter(|k| k.boost > 0.0)
-            .map(|k| k.lexicon(&models[BASE].vocab));
+        let lexicon = (spec.keywords.as_ref()).and_then(|k| k.pull(&models[BASE].vocab));
         Ok(Box::new(DealDecoder::new(
             spec.clone(),
             generation,
@@ -219,6 +217,9 @@ struct Expansion {
     logp: f32,
     /// The standing of the parent's answer plus `token`.
     bonus: f64,
+    /// No lookahead can change its reward (every keyword written, nothing else weighed): it
+    /// is fed `token` alone, for the row after it.
+    settled: bool,
     /// The rollout's cache: prompt + parent's tokens + token + lookahead so far.
     seq: Option<SeqId>,
     lookahead: Vec<u32>,
@@ -312,6 +313,15 @@ impl DealDecoder {
         next
     }
 
+    /// The keywords are the only objective that counts: once all are written, no rollout can
+    /// change an answer's reward.
+    fn keywords_alone(&self) -> bool {
+        let Some(keyword) = self.spec.keywords.as_ref().and_then(|k| k.objective) else {
+            return false;
+        };
+        (self.scoring.objectives().iter().enumerate()).all(|(i, o)| i == keyword || o.weight == 0.0)
+    }
+
     /// The keyword objective's heuristic for `tokens` (an answer, with any lookahead) reading
     /// `text`, where the request has keywords.
     fn keyword_term(
@@ -395,17 +405,17 @@ impl DealDecoder {
         let lambda = f64::from(self.spec.lambda);
         let bounds: Vec<(f64, f64)> = expansions
             .iter()
-            .map(|e| match e.finished {
-                Some(_) => {
-                    // Exact: its answer is all there is to score.
+            .map(|e| match (e.finished, e.settled) {
+                (Some(_), _) | (None, true) => {
+                    // Exact: its answer is all there is to score, or all a rollout could add.
                     let mut tokens = self.beams[e.parent].tokens.clone();
                     tokens.push(e.token);
                     let text = answer_text(vocab, g, &tokens);
-                    let kw = self.keyword_term(vocab, &tokens, &text, true);
+                    let kw = self.keyword_term(vocab, &tokens, &text, e.finished.is_some());
                     let s = path(e) + lambda * self.reward(&text, e.arm_base.iter().copied(), kw);
                     (s, s)
                 }
-                None => {
+                (None, false) => {
                     let (lo, hi) = self.reward_bounds(&e.arm_base);
                     (path(e) + lo, path(e) + hi)
                 }
@@ -468,7 +478,7 @@ impl DealDecoder {
                 } else {
                     None
                 };
-                let todo = match finished {
+                let mut todo = match finished {
                     Some(_) => 0,
                     None => self.spec.lookahead.min(g.max_tokens - t).min(room).max(1),
                 };
@@ -478,23 +488,34 @@ impl DealDecoder {
                         Ok(beam.arm_logps[l] + f64::from(next))
                     })
                     .collect::<Result<_>>()?;
-                let bonus = self.lexicon.as_ref().map_or(0.0, |lex| {
+                let (mut bonus, mut settled) = (0.0, false);
+                if let Some(lex) = &self.lexicon {
                     let tokens = [beam.tokens.as_slice(), &[token]].concat();
                     let text = answer_text(vocab, g, &tokens);
                     let spent = match finished {
                         Some(_) => 1.0,
                         None => tokens.len() as f32 / g.max_tokens as f32,
                     };
-                    f64::from(lex.standing(&lex.state(vocab, &tokens, &text), spent))
-                });
+                    let state = lex.state(vocab, &tokens, &text);
+                    bonus = f64::from(lex.standing(&state, spent));
+                    settled = finished.is_none() && state.missing() == 0 && self.keywords_alone();
+                }
+                let scored = match settled {
+                    true => 0,
+                    false => self.spec.lookahead.min(todo),
+                };
+                if settled {
+                    todo = 1;
+                }
                 expansions.push(Expansion {
                     parent: p,
                     token,
                     logp,
                     bonus,
+                    settled,
                     seq: None,
                     lookahead: Vec::new(),
-                    scored: self.spec.lookahead.min(todo),
+                    scored,
                     todo,
                     next: Vec::new(),
                     finished,
@@ -838,6 +859,30 @@ mod tests {
         assert!(p["pruned"].as_u64().unwrap() > 0, "{p}");
         assert!(p["forward_tokens"].as_u64() < f["forward_tokens"].as_u64());
         assert_eq!(p["score"], f["score"]);
+    }
+
+    #[test]
+    fn once_every_keyword_is_written_rollouts_stop() {
+        let e = engine(vec![FakeModel::counting()]);
+        let mut g = generation(&[id("the")], 6, SamplingParams::greedy());
+        g.ignore_eos = true;
+        let search = |constraints: serde_json::Value| {
+            let params = json!({"top_k": 2, "beam_width": 2, "lookahead": 3, "prune": false,
+                "constraints": constraints});
+            run(&e, "deal", params, g.clone())
+        };
+        // `cat` follows `the`: written at once, it leaves nothing for a rollout to find.
+        let settled = search(json!({"keywords": ["cat"]}));
+        assert_eq!(settled.report.as_ref().unwrap()["reward"], 1.0);
+        // With a word budget weighed too, every expansion rolls out.
+        let rolled = search(json!({"keywords": ["cat"], "max_words": 50}));
+        let forwards =
+            |out: &fake::Streamed| out.report.as_ref().unwrap()["forward_tokens"].as_u64();
+        assert!(
+            forwards(&settled) < forwards(&rolled),
+            "{:?}",
+            settled.report
+        );
     }
 
     #[test]

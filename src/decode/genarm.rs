@@ -329,9 +329,9 @@ impl Guided {
         vocab: &Arc<Vocab>,
     ) -> Self {
         let pull = (spec.keywords.as_ref())
-            .filter(|k| k.boost != 0.0)
-            .map(|k| Pull {
-                lexicon: k.lexicon(vocab),
+            .and_then(|k| k.pull(vocab))
+            .map(|lexicon| Pull {
+                lexicon,
                 vocab: vocab.clone(),
                 ending: match generation.ignore_eos {
                     true => HashSet::new(),

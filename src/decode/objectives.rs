@@ -94,8 +94,10 @@ pub struct KeywordSpec {
 }
 
 impl KeywordSpec {
-    pub fn lexicon(&self, vocab: &Vocab) -> Lexicon {
-        Lexicon::new(vocab, &self.keywords, self.boost)
+    /// The keywords in `vocab`'s tokens, to pull toward; none with `keyword_boost` 0, which
+    /// leaves the keywords to score alone.
+    pub fn pull(&self, vocab: &Vocab) -> Option<Lexicon> {
+        (self.boost > 0.0).then(|| Lexicon::new(vocab, &self.keywords, self.boost))
     }
 }
 
