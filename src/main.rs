@@ -93,6 +93,32 @@ struct ServeArgs {
     /// Requests stepped together; later ones wait in the queue.
     #[arg(long, default_value_t = EngineOptions::default().max_running)]
     max_running: usize,
+    /// Requests that may wait beyond the running ones; past it a request is refused at once
+    /// with 429 and `Retry-After` (0: none wait, every request beyond the running ones is
+    /// refused).
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Require `Authorization: Bearer KEY` with one of these keys on every route but `/health`
+    /// and `/metrics` (repeatable; comma-separated in the environment variable). Without any,
+    /// the server is open to whoever reaches its port.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "TILT_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// A file of API keys, one a line (added to `--api-key`).
+    #[arg(long, value_name = "PATH")]
+    api_key_file: Option<PathBuf>,
+    /// `/metrics` needs a key too.
+    #[arg(long)]
+    private_metrics: bool,
+    /// Seconds that open requests may run on after SIGTERM or Ctrl-C, while no new connection
+    /// is taken; then the server stops anyway. It exits 0 either way.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    shutdown_grace: f64,
     /// A reward model (ARM) for the `genarm` decoder, as NAME=PATH (GGUF file or safetensors
     /// folder; repeatable). It must share the base's tokenizer. Added to the reward models of
     /// models/models.toml; a flag replaces a manifest entry of the same name.
@@ -169,9 +195,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// How long open streams may run on after Ctrl-C or SIGTERM before the server stops anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
 /// Bind first, so `/health` answers 503 while the model loads, then serve with the engine.
 fn serve(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -179,7 +202,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-        let state = AppState::new(api::metrics::install()?);
+        let mut keys = args.api_keys.clone();
+        if let Some(path) = &args.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API keys in {}", path.display()))?;
+            keys.extend(text.lines().map(String::from));
+        }
+        let keys = api::auth::Keys::new(keys, args.private_metrics);
+        if keys.is_empty() && (args.api_key_file.is_some() || !args.api_keys.is_empty()) {
+            anyhow::bail!("the API keys given are all blank");
+        }
+        let state = AppState::new(api::metrics::install()?).with_keys(keys);
         println!("tilt: listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
         // The sender is dropped on the first signal; every receiver then sees the channel close.
@@ -194,10 +227,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                 let _ = stopped.changed().await;
             }
         };
+        let grace = Duration::try_from_secs_f64(args.shutdown_grace)
+            .context("--shutdown-grace must be a number of seconds, 0 or more")?;
         let deadline = async move {
             let mut stopped = stopped;
             let _ = stopped.changed().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tokio::time::sleep(grace).await;
         };
         let model = args.model.clone();
         let companions = Companions {
@@ -217,6 +252,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         let options = EngineOptions {
             max_running: args.max_running.max(1),
+            max_queue: Some(args.max_queue),
             ..EngineOptions::default()
         };
         tracing::info!("{} loaded; ready", models[0].name);
@@ -224,7 +260,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         tokio::select! {
             served = server => served.context("serving"),
             () = deadline => {
-                tracing::warn!("streams still open {SHUTDOWN_GRACE:?} after the signal; stopping");
+                tracing::warn!("requests still open {grace:?} after the signal; stopping");
                 Ok(())
             }
         }

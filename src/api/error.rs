@@ -174,6 +174,29 @@ impl ApiError {
         )
     }
 
+    /// 401: no API key, or one the server does not accept (never echoed).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            None,
+            message,
+        )
+    }
+
+    /// 429: the queue is full; clients may retry (the official client does, after
+    /// `Retry-After`).
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "requests",
+            Some("rate_limit_exceeded"),
+            None,
+            message,
+        )
+    }
+
     /// 500: tilt's own failure, never a client's.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
@@ -202,12 +225,13 @@ impl From<ParamError> for ApiError {
     }
 }
 
-/// What each engine failure is to a client: a stopping engine may be retried, anything else is
-/// tilt's fault (requests are validated before they reach the engine).
+/// What each engine failure is to a client: a stopping engine or a full queue may be retried,
+/// anything else is tilt's fault (requests are validated before they reach the engine).
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Stopped => Self::stopping(),
+            EngineError::Busy { .. } => Self::busy(e.to_string()),
             EngineError::Decoder(_) | EngineError::Forward { .. } => Self::internal(e.to_string()),
         }
     }
@@ -221,10 +245,18 @@ impl IntoResponse for ApiError {
             self.to_json(),
         )
             .into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

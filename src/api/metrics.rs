@@ -21,6 +21,7 @@ pub const NUM_REQUESTS_WAITING: &str = "tilt:num_requests_waiting";
 pub const PROMPT_TOKENS: &str = "tilt:prompt_tokens_total";
 pub const GENERATION_TOKENS: &str = "tilt:generation_tokens_total";
 pub const REQUEST_SUCCESS: &str = "tilt:request_success_total";
+pub const REQUEST_REJECTED: &str = "tilt:request_rejected_total";
 pub const HTTP_REQUESTS: &str = "tilt:http_requests_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -64,6 +65,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(PROMPT_TOKENS, "Prompt tokens of admitted requests.");
     describe_counter!(GENERATION_TOKENS, "Generated tokens.");
     describe_counter!(REQUEST_SUCCESS, "Choices that finished, by finish reason.");
+    describe_counter!(
+        REQUEST_REJECTED,
+        "Requests refused with 429 because the queue was full."
+    );
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests by route pattern, method and status."

@@ -4,6 +4,7 @@
 //! `openapi.yaml` at the repository root is the contract; docs/api.md lists which OpenAI fields are
 //! implemented, ignored or rejected.
 
+pub mod auth;
 mod chat;
 mod completions;
 mod error;
@@ -38,6 +39,7 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub struct AppState {
     engine: Arc<OnceLock<Engine>>,
     metrics: PrometheusHandle,
+    keys: Arc<auth::Keys>,
     /// Unix time the server started (the models' `created`).
     started: u64,
 }
@@ -47,8 +49,15 @@ impl AppState {
         Self {
             engine: Arc::default(),
             metrics,
+            keys: Arc::default(),
             started: now(),
         }
+    }
+
+    /// Require one of `keys` (none: the server is open).
+    pub fn with_keys(mut self, keys: auth::Keys) -> Self {
+        self.keys = Arc::new(keys);
+        self
     }
 
     /// Serve with `engine` from now on.
@@ -76,6 +85,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(axum::middleware::from_fn(metrics::track_http))
         .with_state(state)
 }

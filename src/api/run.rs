@@ -12,7 +12,7 @@ use tokio_stream::{StreamExt, StreamMap};
 use super::error::ApiError;
 use super::metrics::{
     E2E_REQUEST_LATENCY, GENERATION_TOKENS, INTER_TOKEN_LATENCY, PROMPT_TOKENS, REQUEST_QUEUE_TIME,
-    REQUEST_SUCCESS, TIME_TO_FIRST_TOKEN,
+    REQUEST_REJECTED, REQUEST_SUCCESS, TIME_TO_FIRST_TOKEN,
 };
 use super::validate::Job;
 use crate::decode::DecoderSpec;
@@ -86,7 +86,13 @@ impl Run {
             .map(|g| job.decoder.build(g, engine.models()))
             .collect::<Result<Vec<_>, _>>()?;
         for (p, decoder) in decoders.into_iter().enumerate() {
-            events.insert(p, UnboundedReceiverStream::new(engine.submit(decoder)?));
+            // Refused, the prompts already queued are dropped with `events`: nothing runs.
+            let submitted = engine.submit(decoder).inspect_err(|e| {
+                if matches!(e, EngineError::Busy { .. }) {
+                    counter!(REQUEST_REJECTED, "model_name" => job.model.clone()).increment(1);
+                }
+            })?;
+            events.insert(p, UnboundedReceiverStream::new(submitted));
         }
         Ok(Self {
             events,

@@ -61,7 +61,7 @@ pub enum Event {
 }
 
 /// Why a request failed in the engine. Requests are validated before they reach it, so none of
-/// these is a client's mistake.
+/// these is a client's mistake; a full queue is the server's load, which the client may retry.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
     /// The engine thread is gone (the server is stopping): nothing more will run.
@@ -73,4 +73,7 @@ pub enum EngineError {
     /// A batched forward failed: every request in the batch fails with it.
     #[error("forward of {model} failed: {message}")]
     Forward { model: String, message: String },
+    /// `max_queue` requests already wait: this one is refused, not queued.
+    #[error("the server is at capacity (at most {max_queue} requests wait beyond those running); retry shortly")]
+    Busy { max_queue: usize },
 }

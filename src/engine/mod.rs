@@ -37,6 +37,9 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// Prompt tokens a sequence may prefill in one step, so long prompts do not stall others.
     pub prefill_chunk: usize,
+    /// Requests that may wait beyond the running ones; past it `submit` refuses (`Busy`), so a
+    /// flood costs bounded memory. None: no bound (in-process evaluations queue everything).
+    pub max_queue: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -44,6 +47,7 @@ impl Default for EngineOptions {
         Self {
             max_running: 16,
             prefill_chunk: 256,
+            max_queue: None,
         }
     }
 }
@@ -65,6 +69,8 @@ struct Job {
 #[derive(Clone)]
 pub struct Engine {
     jobs: std_mpsc::Sender<Job>,
+    /// `max_running` and `max_queue`, for admission.
+    limits: (usize, Option<usize>),
     models: Arc<Vec<ModelInfo>>,
     rewards: Arc<Registry>,
     pub load: Arc<Load>,
@@ -76,6 +82,7 @@ impl Engine {
         let infos = Arc::new(models.iter().map(F::info).collect::<Vec<_>>());
         let load = Arc::new(Load::default());
         let (tx, rx) = std_mpsc::channel();
+        let limits = (options.max_running, options.max_queue);
         let worker = Worker {
             models,
             infos: infos.clone(),
@@ -92,6 +99,7 @@ impl Engine {
             .expect("spawning the engine thread");
         Self {
             jobs: tx,
+            limits,
             rewards: Arc::new(Registry::new(&infos)),
             models: infos,
             load,
@@ -111,13 +119,25 @@ impl Engine {
         &self.rewards
     }
 
-    /// Queue a request; its events arrive on the returned receiver. Drop it to cancel.
+    /// Queue a request; its events arrive on the returned receiver. Drop it to cancel. Refused
+    /// (`Busy`) when `max_queue` requests already wait.
     pub fn submit(
         &self,
         decoder: Box<dyn Decoder>,
     ) -> Result<mpsc::UnboundedReceiver<Event>, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.load.waiting.fetch_add(1, Ordering::Relaxed);
+        let (max_running, max_queue) = self.limits;
+        // Waiting counts requests not yet admitted: those a free slot will take at once do not
+        // queue. (The two counts are read apart: the bound may be passed by a request or two.)
+        let free = max_running.saturating_sub(self.load.running.load(Ordering::Relaxed));
+        let bound = max_queue.map_or(usize::MAX, |q| q.saturating_add(free));
+        (self.load.waiting)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                (w < bound).then_some(w + 1)
+            })
+            .map_err(|_| EngineError::Busy {
+                max_queue: max_queue.unwrap_or(usize::MAX),
+            })?;
         self.jobs
             .send(Job {
                 decoder,

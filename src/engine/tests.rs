@@ -163,6 +163,32 @@ fn past_max_running_requests_wait_their_turn() {
 }
 
 #[test]
+fn past_max_queue_requests_are_refused_not_queued() {
+    let options = EngineOptions {
+        max_running: 1,
+        max_queue: Some(1),
+        ..EngineOptions::default()
+    };
+    let e = Engine::start(vec![FakeModel::counting()], options);
+    let (a, permits) = Greedy::gated(&[2], 3);
+    let mut a_events = e.submit(Box::new(a)).unwrap();
+    let _ = permits.send(());
+    first_token(&mut a_events);
+    // One runs, one may wait; the third is refused and nothing of it queues.
+    let mut b_events = e.submit(Box::new(Greedy::new(&[9], 2))).unwrap();
+    let refused = e.submit(Box::new(Greedy::new(&[5], 2))).unwrap_err();
+    assert_eq!(refused, EngineError::Busy { max_queue: 1 });
+    assert_eq!(e.load.waiting.load(Ordering::Relaxed), 1);
+    drop(permits);
+    while !matches!(a_events.blocking_recv(), Some(Event::Done { .. }) | None) {}
+    while !matches!(b_events.blocking_recv(), Some(Event::Done { .. }) | None) {}
+    // With the queue empty again, a request is taken.
+    let mut c_events = e.submit(Box::new(Greedy::new(&[5], 2))).unwrap();
+    while !matches!(c_events.blocking_recv(), Some(Event::Done { .. }) | None) {}
+    assert_eq!(e.load.waiting.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn a_client_that_goes_away_stops_costing_compute() {
     let (e, batches) = counting();
     let (a, permits) = Greedy::gated(&[2], 1000);

@@ -1,5 +1,6 @@
-//! Server-wide behaviour, each case on its own server: the loading phase, and cancellation when a
-//! client goes away (watched through the load gauge, which other requests would disturb).
+//! Server-wide behaviour, each case on its own server: the loading phase, cancellation when a
+//! client goes away (watched through the load gauge, which other requests would disturb), and
+//! admission (429 past `--max-queue`), and shutdown on SIGTERM.
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,13 @@ use crate::cases;
 use crate::server::{Client, Events, Server};
 
 pub fn cases() -> Vec<(&'static str, crate::OwnCase)> {
-    cases![own: answers_503_while_loading, disconnect_cancels_generation]
+    cases![
+        own: answers_503_while_loading,
+        disconnect_cancels_generation,
+        a_full_queue_answers_429,
+        sigterm_lets_open_streams_finish_then_exits_0,
+        sigterm_stops_at_the_grace_period
+    ]
 }
 
 async fn answers_503_while_loading() {
@@ -72,6 +79,86 @@ async fn disconnect_cancels_generation() {
     wait_until(&c, |running| running == 1.0).await;
     pending.abort();
     assert_stops(&c).await;
+}
+
+async fn a_full_queue_answers_429() {
+    let server = Server::ready(&["--max-running", "1", "--max-queue", "0"]).await;
+    let c = server.client();
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true, "stream": true});
+    let response = (c.http.post(c.url("/v1/completions")).json(&long).send())
+        .await
+        .unwrap();
+    let mut events = Events::new(response);
+    events.next().await.expect("a chunk");
+    // One runs and none may wait: the next is refused at once, in the OpenAI shape.
+    let short = json!({"prompt": "Hi", "max_tokens": 2});
+    let reply = c.post("/v1/completions", &short).await;
+    assert_eq!(reply.status, 429, "{:?}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "rate_limit_exceeded");
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let raw = (c
+        .http
+        .post(c.url("/v1/chat/completions"))
+        .json(&chat)
+        .send())
+    .await
+    .unwrap();
+    assert_eq!(raw.status(), 429);
+    assert_eq!(raw.headers()["retry-after"], "1");
+    assert_eq!(c.metric("tilt:request_rejected_total").await, 2.0);
+    assert_eq!(c.metric("tilt:num_requests_waiting").await, 0.0);
+    // Once the running request is gone, requests are taken again.
+    drop(events);
+    wait_until(&c, |running| running == 0.0).await;
+    c.ok("/v1/completions", &short).await;
+}
+
+async fn sigterm_lets_open_streams_finish_then_exits_0() {
+    let mut server = Server::ready(&["--shutdown-grace", "60"]).await;
+    let c = server.client();
+    let request = json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true,
+                         "stream": true});
+    let response = (c.http.post(c.url("/v1/completions")).json(&request).send())
+        .await
+        .unwrap();
+    let mut events = Events::new(response);
+    events.next().await.expect("a chunk");
+    server.terminate();
+    // The open stream runs to its end.
+    let mut reasons = Vec::new();
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        if let Some(r) = event["choices"][0]["finish_reason"].as_str() {
+            reasons.push(r.to_string());
+        }
+        last = Some(event);
+    }
+    assert_eq!(reasons, ["length"]);
+    assert_eq!(last, Some(json!("[DONE]")));
+    // No new connection is taken.
+    let fresh = reqwest::Client::new();
+    let refused = fresh.get(c.url("/health")).send().await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert!(server.exited(Duration::from_secs(20)).await.success());
+}
+
+async fn sigterm_stops_at_the_grace_period() {
+    let mut server = Server::ready(&["--shutdown-grace", "0.5"]).await;
+    let c = server.client();
+    let request = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true,
+                         "stream": true});
+    let response = (c.http.post(c.url("/v1/completions")).json(&request).send())
+        .await
+        .unwrap();
+    let mut events = Events::new(response);
+    events.next().await.expect("a chunk");
+    let signalled = Instant::now();
+    server.terminate();
+    // A stream that would run for many seconds is cut at the grace period; the exit is clean.
+    assert!(server.exited(Duration::from_secs(20)).await.success());
+    let after = signalled.elapsed();
+    assert!(after >= Duration::from_millis(500), "{after:?}");
+    assert!(after < Duration::from_secs(10), "{after:?}");
 }
 
 async fn wait_until(c: &Client, ok: impl Fn(f64) -> bool) {

@@ -6,6 +6,7 @@
 mod common;
 
 mod adaptive;
+mod auth;
 mod bench;
 mod best_of_n;
 mod chat;
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
     }
     let own = [
         ("lifecycle", lifecycle::cases()),
+        ("auth", auth::cases()),
         ("genarm", genarm::own_cases()),
         ("best_of_n", best_of_n::own_cases()),
         ("search", search::own_cases()),

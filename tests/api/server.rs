@@ -55,6 +55,30 @@ impl Server {
         }
     }
 
+    /// Send SIGTERM, as a process manager stopping the server would.
+    pub fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(sent.success());
+    }
+
+    /// Wait up to `limit` for the server to exit; its status.
+    pub async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling tilt serve") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tilt serve still runs after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn client(&self) -> Client {
         Client {
             base: self.url.clone(),
