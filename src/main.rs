@@ -115,6 +115,11 @@ struct ServeArgs {
     /// `/metrics` needs a key too.
     #[arg(long)]
     private_metrics: bool,
+    /// Seconds a generation request may take; then it ends with what it has produced
+    /// (`finish_reason: "length"`, `alignment.deadline_exceeded`). A request's own `timeout`
+    /// may ask for less. None by default.
+    #[arg(long, value_name = "SECONDS")]
+    request_timeout: Option<f64>,
     /// Seconds that open requests may run on after SIGTERM or Ctrl-C, while no new connection
     /// is taken; then the server stops anyway. It exits 0 either way.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
@@ -212,7 +217,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         if keys.is_empty() && (args.api_key_file.is_some() || !args.api_keys.is_empty()) {
             anyhow::bail!("the API keys given are all blank");
         }
-        let state = AppState::new(api::metrics::install()?).with_keys(keys);
+        let request_timeout = (args.request_timeout)
+            .map(|t| {
+                Duration::try_from_secs_f64(t)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .context("--request-timeout must be a number of seconds above 0")
+            })
+            .transpose()?;
+        let state = AppState::new(api::metrics::install()?)
+            .with_keys(keys)
+            .with_request_timeout(request_timeout);
         println!("tilt: listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
         // The sender is dropped on the first signal; every receiver then sees the channel close.

@@ -34,7 +34,8 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
         logprobs: job.logprobs(),
     };
     let stream = job.stream;
-    respond(Run::start(engine, job, arrived)?, writer, stream).await
+    let run = Run::start(engine, job, arrived, state.request_timeout)?;
+    respond(run, writer, stream).await
 }
 
 /// Writes one request's chat completion objects.

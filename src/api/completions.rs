@@ -35,7 +35,8 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
         echo,
     };
     let stream = job.stream;
-    respond(Run::start(engine, job, arrived)?, writer, stream).await
+    let run = Run::start(engine, job, arrived, state.request_timeout)?;
+    respond(run, writer, stream).await
 }
 
 /// Writes one request's completion objects.

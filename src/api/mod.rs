@@ -40,6 +40,8 @@ pub struct AppState {
     engine: Arc<OnceLock<Engine>>,
     metrics: PrometheusHandle,
     keys: Arc<auth::Keys>,
+    /// The longest a generation request may take (`--request-timeout`).
+    request_timeout: Option<std::time::Duration>,
     /// Unix time the server started (the models' `created`).
     started: u64,
 }
@@ -50,8 +52,15 @@ impl AppState {
             engine: Arc::default(),
             metrics,
             keys: Arc::default(),
+            request_timeout: None,
             started: now(),
         }
+    }
+
+    /// End every generation request after `limit` at most, with what it produced.
+    pub fn with_request_timeout(mut self, limit: Option<std::time::Duration>) -> Self {
+        self.request_timeout = limit;
+        self
     }
 
     /// Require one of `keys` (none: the server is open).

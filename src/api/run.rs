@@ -2,7 +2,8 @@
 //! choice indices numbered across prompts, and the request's metrics recorded on the way.
 //! A `Run` owns the engine's receivers: dropping it (the client went away) cancels the work.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram, Counter, Histogram};
 use serde_json::{json, Value};
@@ -34,6 +35,14 @@ pub struct Run {
     reports: Vec<Option<Value>>,
     over: bool,
     metrics: Metrics,
+    /// When the request must end, with what it has by then.
+    deadline: Option<Instant>,
+    /// Per choice, whether it has finished; per prompt, tokens streamed and whether it is done.
+    finished: Vec<bool>,
+    streamed: Vec<usize>,
+    done: Vec<bool>,
+    /// The endings a passed deadline writes, sent before anything else.
+    expired: VecDeque<Event>,
 }
 
 struct Metrics {
@@ -74,8 +83,18 @@ pub struct Outcome {
 }
 
 impl Run {
-    /// Submit every prompt of `job`; `arrived` is when the HTTP request came in.
-    pub fn start(engine: &Engine, job: Job, arrived: Instant) -> Result<Self, ApiError> {
+    /// Submit every prompt of `job`; `arrived` is when the HTTP request came in, and the run
+    /// ends at `arrived` + the shorter of the request's `timeout` and the server's `limit`.
+    pub fn start(
+        engine: &Engine,
+        job: Job,
+        arrived: Instant,
+        limit: Option<Duration>,
+    ) -> Result<Self, ApiError> {
+        let timeout = match (job.timeout, limit) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut events = StreamMap::new();
         let prompt_lens = job.generations.iter().map(|g| g.prompt.len()).collect();
         let prompts = job.generations.len();
@@ -108,7 +127,38 @@ impl Run {
             usage: Usage::default(),
             reports: vec![None; prompts],
             over: false,
+            deadline: timeout.map(|t| arrived + t),
+            finished: vec![false; prompts * job.n],
+            streamed: vec![0; prompts],
+            done: vec![false; prompts],
+            expired: VecDeque::new(),
         })
+    }
+
+    /// The deadline has passed: stop every prompt still running (dropping its events cancels
+    /// it in the engine) and end each unfinished choice as a length limit would, then the run
+    /// with what it produced; the report says `deadline_exceeded`.
+    fn expire(&mut self) {
+        self.events.clear();
+        for (choice, finished) in self.finished.iter_mut().enumerate() {
+            if !std::mem::replace(finished, true) {
+                self.expired.push_back(Event::Finished {
+                    choice,
+                    reason: FinishReason::Length,
+                    text: String::new(),
+                });
+            }
+        }
+        for p in (0..self.done.len()).filter(|&p| !self.done[p]) {
+            self.usage.prompt_tokens += self.prompt_lens[p];
+            self.usage.completion_tokens += self.streamed[p];
+        }
+        let mut report = alignment(self.decoder.name(), std::mem::take(&mut self.reports));
+        report["deadline_exceeded"] = true.into();
+        self.expired.push_back(Event::Done {
+            usage: self.usage,
+            report: Some(report),
+        });
     }
 
     /// Choices over all prompts.
@@ -119,8 +169,22 @@ impl Run {
     /// The next token, finished choice, failure, or the final `Done` (with usage summed over the
     /// prompts and the decoder's reports merged into the `alignment` object); `None` after that.
     pub async fn next(&mut self) -> Option<Event> {
+        if let Some(event) = self.expired.pop_front() {
+            return Some(event);
+        }
         while !self.over {
-            let Some((p, event)) = self.events.next().await else {
+            let next = match self.deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline.into(), self.events.next())
+                    .await
+                    .ok(),
+                None => Some(self.events.next().await),
+            };
+            let Some(next) = next else {
+                self.over = true;
+                self.expire();
+                return self.expired.pop_front();
+            };
+            let Some((p, event)) = next else {
                 self.over = true;
                 return Some(Event::Failed(EngineError::Stopped));
             };
@@ -133,6 +197,7 @@ impl Run {
                 }
                 Event::Token(mut token) => {
                     token.choice += p * self.n;
+                    self.streamed[p] += 1;
                     self.observe_token(token.choice);
                     return Some(Event::Token(token));
                 }
@@ -141,6 +206,7 @@ impl Run {
                     reason,
                     text,
                 } => {
+                    self.finished[choice + p * self.n] = true;
                     counter!(REQUEST_SUCCESS, "model_name" => self.model.clone(), "finish_reason" => reason.as_str())
                         .increment(1);
                     return Some(Event::Finished {
@@ -153,6 +219,7 @@ impl Run {
                     self.usage.prompt_tokens += usage.prompt_tokens;
                     self.usage.completion_tokens += usage.completion_tokens;
                     self.reports[p] = report;
+                    self.done[p] = true;
                     self.prompts_pending -= 1;
                     if self.prompts_pending == 0 {
                         self.over = true;

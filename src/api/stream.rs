@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, Stream, StreamExt};
@@ -80,7 +80,9 @@ fn sse<C: Chunks>(
     })
     .flatten()
     .map(Ok);
-    Sse::new(events)
+    // A comment every 15 s keeps idle streams (a long prefill, held candidates) open through
+    // proxies.
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 impl<C: Chunks> State<C> {

@@ -3,6 +3,7 @@
 //! parameter.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -37,6 +38,8 @@ pub struct Job {
     pub n: usize,
     /// `None` answers with one JSON body.
     pub stream: Option<Streaming>,
+    /// How long the request may take, as it asked (the server may allow less).
+    pub timeout: Option<Duration>,
 }
 
 impl Job {
@@ -395,6 +398,19 @@ fn job(
             })
         })
         .collect::<Result<_, ApiError>>()?;
+    let timeout = (common.timeout)
+        .map(|t| {
+            Duration::try_from_secs_f64(t)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "timeout",
+                        format!("`timeout` must be a number of seconds above 0, got {t}"),
+                    )
+                })
+        })
+        .transpose()?;
     let stream = common.stream.unwrap_or(false).then(|| Streaming {
         include_usage: common
             .stream_options
@@ -407,6 +423,7 @@ fn job(
         generations,
         n,
         stream,
+        timeout,
     })
 }
 

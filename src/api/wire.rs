@@ -28,6 +28,9 @@ pub struct CommonRequest {
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+    /// tilt's extension: seconds the request may take (within the server's `--request-timeout`);
+    /// then it ends with what it has produced.
+    pub timeout: Option<f64>,
     /// tilt's extension: `{"decoder": name, ...that decoder's parameters}`.
     pub alignment: Option<Map<String, Value>>,
 }

@@ -20,6 +20,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
         ignore_eos_generates_exactly_max_tokens,
         logit_bias_forces_a_token,
         extensions_and_unknown_fields_are_accepted,
+        a_timeout_ends_the_answer_with_what_it_has,
     ]
 }
 
@@ -281,4 +282,35 @@ async fn extensions_and_unknown_fields_are_accepted(c: Client) {
         body["usage"]["completion_tokens"].as_u64().map(|n| n <= 3),
         Some(true)
     );
+}
+
+async fn a_timeout_ends_the_answer_with_what_it_has(c: Client) {
+    // Thousands of tokens cannot be written in a fifth of a second: the deadline ends them.
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": true,
+                      "n": 2, "timeout": 0.2});
+    let r = c.ok("/v1/completions", &body).await;
+    assert_eq!(r["alignment"]["deadline_exceeded"], true, "{r}");
+    for choice in r["choices"].as_array().unwrap() {
+        assert_eq!(choice["finish_reason"], "length");
+    }
+    let written = r["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(written < 2 * 3000, "{r}");
+    // Streamed: every choice ends, then the usage and [DONE].
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = c.stream("/v1/completions", &streamed).await;
+    let ended = (events.iter())
+        .filter(|e| e["choices"][0]["finish_reason"] == "length")
+        .count();
+    assert_eq!(ended, 2, "{events:?}");
+    let usage = &events[events.len() - 2]["usage"];
+    assert!(
+        usage["completion_tokens"].as_u64().unwrap() < 2 * 3000,
+        "{usage}"
+    );
+    // A request that finishes in time says nothing of a deadline.
+    let quick = json!({"prompt": "Hi", "max_tokens": 2, "timeout": 60});
+    let r = c.ok("/v1/completions", &quick).await;
+    assert!(r["alignment"].get("deadline_exceeded").is_none(), "{r}");
 }

@@ -70,6 +70,8 @@ async fn invalid_values_name_their_parameter(c: Client) {
         (json!({"logit_bias": {"banana": 1}}), "logit_bias"),
         (json!({"logit_bias": {"1": 101}}), "logit_bias"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"timeout": 0}), "timeout"),
+        (json!({"timeout": -1}), "timeout"),
         (json!({"prompt": ""}), "prompt"),
         (json!({"prompt": []}), "prompt"),
         (json!({"prompt": [49152]}), "prompt"),
