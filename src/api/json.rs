@@ -32,6 +32,8 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         if !value.is_object() {
             return Err(ApiError::malformed(None, "the body must be a JSON object"));
         }
+        let mut value = value;
+        integral_numbers(&mut value);
         Ok(Self(value))
     }
 }
@@ -67,4 +69,39 @@ fn is_json(headers: &HeaderMap) -> bool {
         .to_ascii_lowercase();
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Numbers written with a zero fraction (`16.0`) as integers: JSON Schema, and so the API's
+/// contract, counts them as integers, and clients that hold every number as a float send them.
+/// serde_json's depth limit bounds the recursion.
+fn integral_numbers(value: &mut Value) {
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Within ±2^53 every integer is exact in a double.
+            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integral_floats_become_integers_and_others_stay() {
+        let mut v = serde_json::json!({"n": 2.0, "t": 0.7, "ids": [1.0, -3.0], "big": 1e300,
+                                       "nested": {"k": 4.0}, "s": "5.0"});
+        integral_numbers(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({"n": 2, "t": 0.7, "ids": [1, -3], "big": 1e300,
+                               "nested": {"k": 4}, "s": "5.0"})
+        );
+    }
 }

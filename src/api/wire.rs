@@ -28,6 +28,9 @@ pub struct CommonRequest {
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub ignore_eos: Option<bool>,
+    /// Accepted and ignored, but typed as the contract says.
+    #[allow(dead_code)]
+    pub user: Option<String>,
     /// tilt's extension: seconds the request may take (within the server's `--request-timeout`);
     /// then it ends with what it has produced.
     pub timeout: Option<f64>,
@@ -85,6 +88,9 @@ pub struct ChatRequest {
 pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
+    /// Accepted and ignored, but typed as the contract says.
+    #[allow(dead_code)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,7 +262,10 @@ pub struct RewardList {
 #[derive(Debug, Default, Deserialize)]
 pub struct TokenizeRequest {
     pub model: Option<String>,
+    /// Exactly one of `prompt` and `messages`: a null one is neither given nor absent.
+    #[serde(default, deserialize_with = "not_null")]
     pub prompt: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     pub messages: Option<Vec<ChatMessage>>,
     /// Add the model's BOS token to a `prompt` when it wants one (default true).
     pub add_special_tokens: Option<bool>,
@@ -283,4 +292,16 @@ pub struct DetokenizeResponse {
 #[derive(Debug, Serialize)]
 pub struct Health {
     pub status: &'static str,
+}
+
+/// A field that may be left out but not sent as null (`Option` alone reads null as absent).
+fn not_null<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    match Option::<T>::deserialize(deserializer)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::custom("must not be null")),
+    }
 }

@@ -344,4 +344,28 @@ async fn tokenize_and_detokenize_errors(c: Client) {
         .post("/tokenize", &json!({"prompt": "a", "model": "nope"}))
         .await;
     assert_error(&reply, 404, Some("model"), Some("model_not_found"));
+    // One of `prompt` and `messages`, neither of them null.
+    let null = json!({"prompt": null, "messages": [{"role": "user", "content": "a"}]});
+    assert_error(&c.post("/tokenize", &null).await, 400, Some("prompt"), None);
+    // Integers written with a zero fraction are integers, as JSON Schema counts them; an
+    // optional field sent as null is left out.
+    let r = c
+        .ok(
+            "/detokenize",
+            &json!({"tokens": [9.0, 10.0], "model": null}),
+        )
+        .await;
+    let plain = c.ok("/detokenize", &json!({"tokens": [9, 10]})).await;
+    assert_eq!(r, plain);
+    let body = json!({"prompt": "Hi", "max_tokens": 2.0, "n": 2.0, "seed": 1.0, "stop": null});
+    let r = c.ok("/v1/completions", &body).await;
+    assert_eq!(r["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(r["usage"]["completion_tokens"], 4);
+    assert_error(
+        &c.post("/v1/completions", &json!({"prompt": "Hi", "n": 1.5}))
+            .await,
+        400,
+        Some("n"),
+        None,
+    );
 }

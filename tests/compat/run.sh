@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Compatibility test with the official `openai` Python client: installs `openai` and `pytest` from
-# PyPI into a virtual environment, starts `tilt serve` on a free port, waits until it is ready,
-# runs tests/compat, and stops the server.
+# Tests against a live server from outside: the official `openai` Python client, and schemathesis
+# checking the server against openapi.yaml both ways (test_contract.py). Installs `openai`,
+# `pytest` and `schemathesis` from PyPI into a virtual environment, starts `tilt serve` on a free
+# port, waits until it is ready, runs tests/compat, and stops the server. The server ends any
+# request after 2 s (--request-timeout), so that generated requests for thousands of tokens stay
+# cheap; the client tests ask for a few tokens each.
 #
 # Needs a release build (cargo build --release). Environment:
 #   TILT_BIN          the tilt binary (default: $CARGO_TARGET_DIR or target, then release/tilt)
@@ -17,10 +20,10 @@ if [ ! -x "$bin" ]; then
 fi
 
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai pytest
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai pytest schemathesis==4.32.5
 
 out="$(mktemp)"
-RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --host 127.0.0.1 --port 0 >"$out" &
+RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --host 127.0.0.1 --port 0 --request-timeout 2 >"$out" &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$out"' EXIT
 
@@ -51,4 +54,4 @@ while True:
     time.sleep(0.2)
 EOF
 
-TILT_URL="$url" "$venv/bin/python" -m pytest -q tests/compat
+TILT_URL="$url" PATH="$venv/bin:$PATH" "$venv/bin/python" -m pytest -q tests/compat
