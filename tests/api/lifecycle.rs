@@ -84,12 +84,7 @@ async fn disconnect_cancels_generation() {
 async fn a_full_queue_answers_429() {
     let server = Server::ready(&["--max-running", "1", "--max-queue", "0"]).await;
     let c = server.client();
-    let long = json!({"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true, "stream": true});
-    let response = (c.http.post(c.url("/v1/completions")).json(&long).send())
-        .await
-        .unwrap();
-    let mut events = Events::new(response);
-    events.next().await.expect("a chunk");
+    let events = streaming(&c, 2000).await;
     // One runs and none may wait: the next is refused at once, in the OpenAI shape.
     let short = json!({"prompt": "Hi", "max_tokens": 2});
     let reply = c.post("/v1/completions", &short).await;
@@ -116,13 +111,7 @@ async fn a_full_queue_answers_429() {
 async fn sigterm_lets_open_streams_finish_then_exits_0() {
     let mut server = Server::ready(&["--shutdown-grace", "60"]).await;
     let c = server.client();
-    let request = json!({"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": true,
-                         "stream": true});
-    let response = (c.http.post(c.url("/v1/completions")).json(&request).send())
-        .await
-        .unwrap();
-    let mut events = Events::new(response);
-    events.next().await.expect("a chunk");
+    let mut events = streaming(&c, 200).await;
     server.terminate();
     // The open stream runs to its end.
     let mut reasons = Vec::new();
@@ -145,13 +134,8 @@ async fn sigterm_lets_open_streams_finish_then_exits_0() {
 async fn sigterm_stops_at_the_grace_period() {
     let mut server = Server::ready(&["--shutdown-grace", "0.5"]).await;
     let c = server.client();
-    let request = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true,
-                         "stream": true});
-    let response = (c.http.post(c.url("/v1/completions")).json(&request).send())
-        .await
-        .unwrap();
-    let mut events = Events::new(response);
-    events.next().await.expect("a chunk");
+    // Held open: the stream that the grace period cuts.
+    let _stream = streaming(&c, 4000).await;
     let signalled = Instant::now();
     server.terminate();
     // A stream that would run for many seconds is cut at the grace period; the exit is clean.
@@ -159,6 +143,18 @@ async fn sigterm_stops_at_the_grace_period() {
     let after = signalled.elapsed();
     assert!(after >= Duration::from_millis(500), "{after:?}");
     assert!(after < Duration::from_secs(10), "{after:?}");
+}
+
+/// A streamed completion of `max_tokens` tokens, once its first chunk has arrived.
+async fn streaming(c: &Client, max_tokens: u64) -> Events {
+    let request = json!({"prompt": "Once upon a time", "max_tokens": max_tokens,
+                         "ignore_eos": true, "stream": true});
+    let response = (c.http.post(c.url("/v1/completions")).json(&request).send())
+        .await
+        .unwrap();
+    let mut events = Events::new(response);
+    events.next().await.expect("a chunk");
+    events
 }
 
 async fn wait_until(c: &Client, ok: impl Fn(f64) -> bool) {

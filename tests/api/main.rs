@@ -18,6 +18,7 @@ mod lifecycle;
 mod openapi;
 mod search;
 mod server;
+mod soak;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
     let own = [
         ("lifecycle", lifecycle::cases()),
         ("auth", auth::cases()),
+        ("soak", soak::cases()),
         ("genarm", genarm::own_cases()),
         ("best_of_n", best_of_n::own_cases()),
         ("search", search::own_cases()),

@@ -55,6 +55,21 @@ impl Server {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A server's resident memory, in KiB (Linux).
+    pub fn rss_kib_of(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("reading the server's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+
     /// Send SIGTERM, as a process manager stopping the server would.
     pub fn terminate(&self) {
         let sent = Command::new("kill")
