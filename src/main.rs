@@ -120,6 +120,16 @@ struct ServeArgs {
     /// may ask for less. None by default.
     #[arg(long, value_name = "SECONDS")]
     request_timeout: Option<f64>,
+    /// Most tokens one prompt may have (400 beyond; default: the model's context).
+    #[arg(long, value_name = "TOKENS")]
+    max_prompt_tokens: Option<usize>,
+    /// Most tokens one choice may generate: a larger `max_tokens` is a 400, and a request that
+    /// names none gets at most this (default: what the context leaves).
+    #[arg(long, value_name = "TOKENS")]
+    max_output_tokens: Option<usize>,
+    /// Largest request body (413 beyond).
+    #[arg(long, value_name = "BYTES", default_value_t = api::Limits::default().body_bytes)]
+    max_body_bytes: usize,
     /// Seconds that open requests may run on after SIGTERM or Ctrl-C, while no new connection
     /// is taken; then the server stops anyway. It exits 0 either way.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
@@ -225,9 +235,18 @@ fn serve(args: ServeArgs) -> Result<()> {
                     .context("--request-timeout must be a number of seconds above 0")
             })
             .transpose()?;
+        let limits = api::Limits {
+            body_bytes: args.max_body_bytes,
+            prompt_tokens: args.max_prompt_tokens,
+            output_tokens: args.max_output_tokens,
+        };
+        if limits.prompt_tokens == Some(0) || limits.output_tokens == Some(0) {
+            anyhow::bail!("--max-prompt-tokens and --max-output-tokens must be at least 1");
+        }
         let state = AppState::new(api::metrics::install()?)
             .with_keys(keys)
-            .with_request_timeout(request_timeout);
+            .with_request_timeout(request_timeout)
+            .with_limits(limits);
         println!("tilt: listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
         // The sender is dropped on the first signal; every receiver then sees the channel close.

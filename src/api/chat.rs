@@ -25,7 +25,7 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
     let common: CommonRequest = body.parse()?;
     let request = body.parse()?;
     let model = validate::model(engine, common.model.as_deref())?;
-    let job = validate::chat(common, request, engine, model)?;
+    let job = validate::chat(common, request, engine, model, &state.limits)?;
     let writer = Writer {
         id: id("chatcmpl"),
         created: now(),

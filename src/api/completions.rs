@@ -23,7 +23,7 @@ pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Res
     let request = body.parse()?;
     let model = validate::model(engine, common.model.as_deref())?;
     let validate::CompletionJob { job, echo } =
-        validate::completion(common, request, engine, model)?;
+        validate::completion(common, request, engine, model, &state.limits)?;
     let writer = Writer {
         id: id("cmpl"),
         created: now(),

@@ -30,8 +30,27 @@ use crate::engine::Engine;
 use crate::model::Vocab;
 use error::ApiError;
 
-/// Largest request body accepted (413 beyond): ample for a full context of token ids.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Server-wide limits on what one request may ask, beyond the model's own context (`tilt serve`
+/// flags). Decoders' own limits (candidates, beams, lookahead, iterations) are theirs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Request body bytes (413 beyond); the default is ample for a full context of token ids.
+    pub body_bytes: usize,
+    /// Tokens of one prompt (None: the context's).
+    pub prompt_tokens: Option<usize>,
+    /// Tokens one choice may generate (None: what the context leaves).
+    pub output_tokens: Option<usize>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            body_bytes: 1 << 20,
+            prompt_tokens: None,
+            output_tokens: None,
+        }
+    }
+}
 
 /// What every handler shares. The engine is set once the model has loaded; until then the routes
 /// that need it answer 503.
@@ -42,6 +61,7 @@ pub struct AppState {
     keys: Arc<auth::Keys>,
     /// The longest a generation request may take (`--request-timeout`).
     request_timeout: Option<std::time::Duration>,
+    limits: Limits,
     /// Unix time the server started (the models' `created`).
     started: u64,
 }
@@ -53,8 +73,14 @@ impl AppState {
             metrics,
             keys: Arc::default(),
             request_timeout: None,
+            limits: Limits::default(),
             started: now(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// End every generation request after `limit` at most, with what it produced.
@@ -93,7 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(state.limits.body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::wire::{
     ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, Stop,
 };
+use super::Limits;
 use crate::decode::{DecoderSpec, Generation};
 use crate::engine::Engine;
 use crate::model::{Message, ModelInfo, BASE};
@@ -25,6 +26,8 @@ pub const MAX_CHOICES: usize = 64;
 pub const MAX_LOGPROBS: usize = 20;
 /// Most stop strings.
 pub const MAX_STOP: usize = 4;
+/// Longest stop string, in characters: every token is matched against each.
+pub const MAX_STOP_CHARS: usize = 256;
 /// `max_tokens` when a completions request gives none (OpenAI's default).
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
 
@@ -107,6 +110,7 @@ pub fn completion(
     request: CompletionRequest,
     engine: &Engine,
     model: &ModelInfo,
+    limits: &Limits,
 ) -> Result<CompletionJob, ApiError> {
     if request.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::unsupported(
@@ -175,6 +179,7 @@ pub fn completion(
             prompt_param: "prompt",
             default: Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         },
+        limits,
     )?;
     Ok(CompletionJob {
         job,
@@ -187,6 +192,7 @@ pub fn chat(
     request: ChatRequest,
     engine: &Engine,
     model: &ModelInfo,
+    limits: &Limits,
 ) -> Result<Job, ApiError> {
     if request.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::unsupported(
@@ -244,6 +250,7 @@ pub fn chat(
             prompt_param: "messages",
             default: None,
         },
+        limits,
     )
 }
 
@@ -344,6 +351,7 @@ fn job(
     n: usize,
     logprobs: Option<usize>,
     budget: Budget,
+    limits: &Limits,
 ) -> Result<Job, ApiError> {
     if prompts.len() * n > MAX_CHOICES {
         return Err(ApiError::invalid(
@@ -357,8 +365,19 @@ fn job(
     }
     let requested = common
         .max_tokens
-        .map(|m| count(budget.param, m, 1, None))
+        .map(|m| count(budget.param, m, 1, limits.output_tokens))
         .transpose()?;
+    if let Some(max) = limits.prompt_tokens {
+        if let Some((p, _)) = prompts.iter().find(|(p, _)| p.len() > max) {
+            return Err(ApiError::invalid(
+                budget.prompt_param,
+                format!(
+                    "the prompt has {} tokens; this server takes at most {max} (--max-prompt-tokens)",
+                    p.len()
+                ),
+            ));
+        }
+    }
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;
     let decoder = decoder(common.alignment, engine.rewards())?;
@@ -385,7 +404,9 @@ fn job(
                 Some(m) if len + m > ctx => Err(too_long(&budget, ctx, len, m)),
                 Some(m) => Ok(m),
                 None if len >= ctx => Err(too_long(&budget, ctx, len, 1)),
-                None => Ok(budget.default.unwrap_or(usize::MAX).min(ctx - len)),
+                None => Ok((budget.default.unwrap_or(usize::MAX))
+                    .min(limits.output_tokens.unwrap_or(usize::MAX))
+                    .min(ctx - len)),
             }?;
             Ok(Generation {
                 prompt,
@@ -465,6 +486,15 @@ fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
         return Err(ApiError::invalid(
             "stop",
             format!("at most {MAX_STOP} stop sequences, got {}", stops.len()),
+        ));
+    }
+    if let Some(long) = stops.iter().find(|s| s.chars().count() > MAX_STOP_CHARS) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "a stop sequence may have at most {MAX_STOP_CHARS} characters, got {}",
+                long.chars().count()
+            ),
         ));
     }
     Ok(stops)

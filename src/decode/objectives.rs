@@ -73,6 +73,16 @@ impl Constraints {
                 "`constraints.keywords` must list at least one keyword, none blank",
             ));
         }
+        if keywords.len() > MAX_KEYWORDS
+            || keywords
+                .iter()
+                .any(|k| k.chars().count() > MAX_KEYWORD_CHARS)
+        {
+            return Err(ParamError::new(
+                "constraints.keywords",
+                format!("`constraints.keywords` takes at most {MAX_KEYWORDS} keywords of at most {MAX_KEYWORD_CHARS} characters each"),
+            ));
+        }
         Ok(Some(KeywordSpec {
             keywords: keywords.clone(),
             boost,
@@ -80,6 +90,11 @@ impl Constraints {
         }))
     }
 }
+
+/// Most keywords one request may constrain, and the longest one: each is spelled and matched
+/// against the answer at every step.
+pub const MAX_KEYWORDS: usize = 16;
+pub const MAX_KEYWORD_CHARS: usize = 64;
 
 /// The largest `constraints.keyword_boost`: beyond it a keyword would be forced, not pulled.
 pub const MAX_KEYWORD_BOOST: f64 = 50.0;

@@ -71,6 +71,15 @@ async fn invalid_values_name_their_parameter(c: Client) {
         (json!({"logit_bias": {"1": 101}}), "logit_bias"),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
         (json!({"timeout": 0}), "timeout"),
+        (json!({"stop": "x".repeat(257)}), "stop"),
+        (
+            json!({"alignment": {"decoder": "deal", "constraints": {"keywords": (0..17).map(|i| format!("w{i}")).collect::<Vec<_>>()}}}),
+            "alignment.constraints.keywords",
+        ),
+        (
+            json!({"alignment": {"decoder": "args", "constraints": {"keywords": ["y".repeat(65)]}}}),
+            "alignment.constraints.keywords",
+        ),
         (json!({"timeout": -1}), "timeout"),
         (json!({"prompt": ""}), "prompt"),
         (json!({"prompt": []}), "prompt"),

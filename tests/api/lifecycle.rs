@@ -15,7 +15,8 @@ pub fn cases() -> Vec<(&'static str, crate::OwnCase)> {
         disconnect_cancels_generation,
         a_full_queue_answers_429,
         sigterm_lets_open_streams_finish_then_exits_0,
-        sigterm_stops_at_the_grace_period
+        sigterm_stops_at_the_grace_period,
+        server_limits_are_400s_and_413s
     ]
 }
 
@@ -143,6 +144,44 @@ async fn sigterm_stops_at_the_grace_period() {
     let after = signalled.elapsed();
     assert!(after >= Duration::from_millis(500), "{after:?}");
     assert!(after < Duration::from_secs(10), "{after:?}");
+}
+
+async fn server_limits_are_400s_and_413s() {
+    let server = Server::ready(&[
+        "--max-prompt-tokens",
+        "8",
+        "--max-output-tokens",
+        "4",
+        "--max-body-bytes",
+        "2048",
+    ])
+    .await;
+    let c = server.client();
+    let long_prompt = json!({"prompt": "one two three four five six seven eight nine ten"});
+    let reply = c.post("/v1/completions", &long_prompt).await;
+    assert_eq!(reply.status, 400, "{:?}", reply.body);
+    assert_eq!(reply.body["error"]["param"], "prompt");
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    // The chat template alone is longer than 8 tokens.
+    let reply = c.post("/v1/chat/completions", &chat).await;
+    assert_eq!(reply.body["error"]["param"], "messages", "{:?}", reply.body);
+    let reply = c
+        .post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 5}))
+        .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.body["error"]["param"], "max_tokens");
+    // A request that names no `max_tokens` gets the server's most (completions default to 16).
+    let r = c
+        .ok(
+            "/v1/completions",
+            &json!({"prompt": "Hi", "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(r["usage"]["completion_tokens"], 4);
+    let big = json!({"prompt": "x".repeat(4000)});
+    let reply = c.post("/v1/completions", &big).await;
+    assert_eq!(reply.status, 413, "{:?}", reply.body);
+    assert_eq!(reply.body["error"]["code"], "request_too_large");
 }
 
 /// A streamed completion of `max_tokens` tokens, once its first chunk has arrived.
