@@ -127,6 +127,10 @@ struct ServeArgs {
     /// names none gets at most this (default: what the context leaves).
     #[arg(long, value_name = "TOKENS")]
     max_output_tokens: Option<usize>,
+    /// Prompt tokens all requests together may prefill in one step while others decode: lower
+    /// keeps streams flowing while a long prompt comes in, higher prefills it sooner.
+    #[arg(long, value_name = "TOKENS", default_value_t = EngineOptions::default().interleaved_prefill)]
+    interleaved_prefill: usize,
     /// Largest request body (413 beyond).
     #[arg(long, value_name = "BYTES", default_value_t = api::Limits::default().body_bytes)]
     max_body_bytes: usize,
@@ -287,6 +291,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let options = EngineOptions {
             max_running: args.max_running.max(1),
             max_queue: Some(args.max_queue),
+            interleaved_prefill: args.interleaved_prefill.max(1),
             ..EngineOptions::default()
         };
         tracing::info!("{} loaded; ready", models[0].name);

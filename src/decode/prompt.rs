@@ -36,7 +36,7 @@ impl SharedPrompt {
             return Ok(());
         }
         let seq = *self.seq.get_or_insert_with(|| cx.new_seq(self.model));
-        let end = (self.done + cx.prefill_chunk.max(1)).min(self.tokens.len());
+        let end = (self.done + cx.prefill_tokens()).min(self.tokens.len());
         let logits = if end == self.tokens.len() {
             Logits::Last
         } else {

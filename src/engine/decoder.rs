@@ -40,6 +40,9 @@ pub struct Cx<'a> {
     events: &'a mpsc::UnboundedSender<Event>,
     /// Most prompt tokens to put in one forward.
     pub prefill_chunk: usize,
+    /// While other requests decode: the prompt tokens this step may still prefill (None:
+    /// nothing decodes, a whole chunk goes).
+    pub(super) prefill_budget: Option<usize>,
 }
 
 impl<'a> Cx<'a> {
@@ -58,7 +61,15 @@ impl<'a> Cx<'a> {
             planned,
             events,
             prefill_chunk,
+            prefill_budget: None,
         }
+    }
+
+    /// How many prompt tokens to prefill next: a whole chunk, or while others decode what is
+    /// left of this step's budget (at least one).
+    pub fn prefill_tokens(&self) -> usize {
+        let chunk = self.prefill_chunk.max(1);
+        self.prefill_budget.map_or(chunk, |b| b.clamp(1, chunk))
     }
 
     pub fn model(&self, id: ModelId) -> &ModelInfo {

@@ -37,6 +37,10 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// Prompt tokens a sequence may prefill in one step, so long prompts do not stall others.
     pub prefill_chunk: usize,
+    /// Prompt tokens all sequences together may prefill in a step while others decode: a long
+    /// prompt then costs the streams a few milliseconds a token, not a whole chunk's prefill
+    /// (docs/reliability.md has the trade-off measured).
+    pub interleaved_prefill: usize,
     /// Requests that may wait beyond the running ones; past it `submit` refuses (`Busy`), so a
     /// flood costs bounded memory. None: no bound (in-process evaluations queue everything).
     pub max_queue: Option<usize>,
@@ -47,6 +51,7 @@ impl Default for EngineOptions {
         Self {
             max_running: 16,
             prefill_chunk: 256,
+            interleaved_prefill: 64,
             max_queue: None,
         }
     }
@@ -92,6 +97,7 @@ impl Engine {
             running: Vec::new(),
             store: SeqStore::default(),
             load: load.clone(),
+            decoding: false,
         };
         std::thread::Builder::new()
             .name("tilt-engine".into())
@@ -172,6 +178,8 @@ struct Worker<F: Forward> {
     running: Vec<Running>,
     store: SeqStore<F::Cache>,
     load: Arc<Load>,
+    /// The last step fed some sequence a single token: something is decoding.
+    decoding: bool,
 }
 
 impl<F: Forward> Worker<F> {
@@ -219,6 +227,10 @@ impl<F: Forward> Worker<F> {
 
     fn step(&mut self) {
         // 1. Every request says which forwards it needs.
+        // While something decodes, prompts share a small budget of tokens a step, oldest
+        // request first; otherwise each sequence prefills a whole chunk.
+        let mut budget = self.decoding.then_some(self.options.interleaved_prefill);
+        let mut decoding = false;
         for r in self.running.iter_mut() {
             if r.events.is_closed() {
                 r.done = true; // cancelled: the receiver is gone
@@ -233,10 +245,18 @@ impl<F: Forward> Worker<F> {
                 &r.events,
                 self.options.prefill_chunk,
             );
+            cx.prefill_budget = budget;
             if let Err(e) = guarded("the decoder", || r.decoder.plan(&mut cx)) {
                 r.failed = Some(EngineError::Decoder(format!("{e:#}")));
             }
+            for p in &r.planned {
+                match p.tokens.len() {
+                    1 => decoding = true,
+                    n => budget = budget.map(|b| b.saturating_sub(n)),
+                }
+            }
         }
+        self.decoding = decoding;
         // 2. One batched forward per model over all planned items.
         let mut outputs: Vec<ForwardOutput> = Vec::with_capacity(self.models.len());
         for (mid, model) in self.models.iter().enumerate() {
