@@ -54,4 +54,4 @@ while True:
     time.sleep(0.2)
 EOF
 
-TILT_URL="$url" PATH="$venv/bin:$PATH" "$venv/bin/python" -m pytest -q tests/compat
+TILT_URL="$url" TILT_BIN="$bin" PATH="$venv/bin:$PATH" "$venv/bin/python" -m pytest -q tests/compat
