@@ -214,6 +214,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// The server's shared state from its flags: API keys, the request deadline, the limits, and
+/// the metrics recorder (installed here, inside the runtime).
+fn app_state(args: &ServeArgs) -> Result<AppState> {
+    let mut keys = args.api_keys.clone();
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the API keys in {}", path.display()))?;
+        keys.extend(text.lines().map(String::from));
+    }
+    let keys = api::auth::Keys::new(keys, args.private_metrics);
+    if keys.is_empty() && (args.api_key_file.is_some() || !args.api_keys.is_empty()) {
+        anyhow::bail!("the API keys given are all blank");
+    }
+    let request_timeout = (args.request_timeout)
+        .map(|t| {
+            Duration::try_from_secs_f64(t)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .context("--request-timeout must be a number of seconds above 0")
+        })
+        .transpose()?;
+    let limits = api::Limits {
+        body_bytes: args.max_body_bytes,
+        prompt_tokens: args.max_prompt_tokens,
+        output_tokens: args.max_output_tokens,
+    };
+    if limits.prompt_tokens == Some(0) || limits.output_tokens == Some(0) {
+        anyhow::bail!("--max-prompt-tokens and --max-output-tokens must be at least 1");
+    }
+    Ok(AppState::new(api::metrics::install()?)
+        .with_keys(keys)
+        .with_request_timeout(request_timeout)
+        .with_limits(limits))
+}
+
 /// Bind first, so `/health` answers 503 while the model loads, then serve with the engine.
 fn serve(args: ServeArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -221,36 +256,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-        let mut keys = args.api_keys.clone();
-        if let Some(path) = &args.api_key_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the API keys in {}", path.display()))?;
-            keys.extend(text.lines().map(String::from));
-        }
-        let keys = api::auth::Keys::new(keys, args.private_metrics);
-        if keys.is_empty() && (args.api_key_file.is_some() || !args.api_keys.is_empty()) {
-            anyhow::bail!("the API keys given are all blank");
-        }
-        let request_timeout = (args.request_timeout)
-            .map(|t| {
-                Duration::try_from_secs_f64(t)
-                    .ok()
-                    .filter(|d| !d.is_zero())
-                    .context("--request-timeout must be a number of seconds above 0")
-            })
-            .transpose()?;
-        let limits = api::Limits {
-            body_bytes: args.max_body_bytes,
-            prompt_tokens: args.max_prompt_tokens,
-            output_tokens: args.max_output_tokens,
-        };
-        if limits.prompt_tokens == Some(0) || limits.output_tokens == Some(0) {
-            anyhow::bail!("--max-prompt-tokens and --max-output-tokens must be at least 1");
-        }
-        let state = AppState::new(api::metrics::install()?)
-            .with_keys(keys)
-            .with_request_timeout(request_timeout)
-            .with_limits(limits);
+        let state = app_state(&args)?;
         println!("tilt: listening on http://{}", listener.local_addr()?);
         std::io::stdout().flush()?;
         // The sender is dropped on the first signal; every receiver then sees the channel close.

@@ -30,7 +30,6 @@ pub struct Run {
     /// When each choice last produced a token.
     last_token: Vec<Option<Instant>>,
     first_token_seen: bool,
-    prompts_pending: usize,
     usage: Usage,
     reports: Vec<Option<Value>>,
     over: bool,
@@ -123,7 +122,6 @@ impl Run {
             arrived,
             last_token: vec![None; prompts * job.n],
             first_token_seen: false,
-            prompts_pending: prompts,
             usage: Usage::default(),
             reports: vec![None; prompts],
             over: false,
@@ -220,8 +218,7 @@ impl Run {
                     self.usage.completion_tokens += usage.completion_tokens;
                     self.reports[p] = report;
                     self.done[p] = true;
-                    self.prompts_pending -= 1;
-                    if self.prompts_pending == 0 {
+                    if self.done.iter().all(|&d| d) {
                         self.over = true;
                         self.metrics
                             .e2e

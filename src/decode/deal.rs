@@ -53,7 +53,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use serde_json::json;
 
-use super::lexical::Lexicon;
+use super::lexical::{Lexicon, State};
 use super::objectives::{
     self, active_arms, answer_text, stop_at, Constraints, KeywordSpec, Objective, Scoring, Source,
 };
@@ -297,12 +297,19 @@ impl DealDecoder {
         }
     }
 
-    /// The candidates after `tokens`, from the base's `row`: its `top_k` most likely tokens, then
-    /// the tokens that start or continue a missing keyword, with their log-probs.
-    fn candidates(&self, vocab: &Vocab, tokens: &[u32], row: &[f32]) -> Vec<(u32, f32)> {
+    /// Where `tokens` (an answer, with any lookahead) stands with the keywords, when the
+    /// request pulls toward them.
+    fn keyword_state(&self, vocab: &Vocab, tokens: &[u32]) -> Option<State> {
+        let lex = self.lexicon.as_ref()?;
+        Some(lex.state(vocab, tokens, &answer_text(vocab, &self.generation, tokens)))
+    }
+
+    /// The candidates from the base's `row`: its `top_k` most likely tokens, then the tokens
+    /// that start or continue a keyword the answer (standing at `keywords`) lacks, with their
+    /// log-probs.
+    fn candidates(&self, row: &[f32], keywords: Option<&State>) -> Vec<(u32, f32)> {
         let mut next = ranked(row, self.spec.top_k);
-        if let Some(lex) = &self.lexicon {
-            let state = lex.state(vocab, tokens, &answer_text(vocab, &self.generation, tokens));
+        if let Some(state) = keywords {
             let lse = log_sum_exp(row);
             for t in state.pulled() {
                 if (t as usize) < row.len() && next.iter().all(|&(n, _)| n != t) {
@@ -358,28 +365,24 @@ impl DealDecoder {
     }
 
     /// The least and the most λ·R can be for an unfinished expansion whatever its rollout: per
-    /// objective, its scorer's bounds (the keywords' heuristic lies in [0, 1]), and a reward
-    /// model's sum, which the rollout's log-probs can only lower, at most `arm_base`.
+    /// objective, its scorer's bounds (the keywords' heuristic, unended, lies in the keyword
+    /// scorer's [0, 1] too), and a reward model's sum, which the rollout's log-probs can only
+    /// lower, at most `arm_base`.
     fn reward_bounds(&self, arm_base: &[f64]) -> (f64, f64) {
         let lambda = f64::from(self.spec.lambda);
-        let keyword = self.spec.keywords.as_ref().and_then(|k| k.objective);
         let (mut lo, mut hi) = (0.0, 0.0);
         for (i, o) in self.scoring.objectives().iter().enumerate() {
-            let (a, b) = if keyword == Some(i) {
-                (0.0, 1.0)
-            } else {
-                match &o.source {
-                    Source::Text(s) => s
-                        .bounds()
-                        .map_or((f64::NEG_INFINITY, f64::INFINITY), |(a, b)| {
-                            (f64::from(a), f64::from(b))
-                        }),
-                    Source::Arm(_) => match self.arm_objectives.iter().position(|&x| x == i) {
-                        Some(lane) => (f64::NEG_INFINITY, arm_base[lane]),
-                        // Weighed by 0: no forward, no term.
-                        None => (0.0, 0.0),
-                    },
-                }
+            let (a, b) = match &o.source {
+                Source::Text(s) => s
+                    .bounds()
+                    .map_or((f64::NEG_INFINITY, f64::INFINITY), |(a, b)| {
+                        (f64::from(a), f64::from(b))
+                    }),
+                Source::Arm(_) => match self.arm_objectives.iter().position(|&x| x == i) {
+                    Some(lane) => (f64::NEG_INFINITY, arm_base[lane]),
+                    // Weighed by 0: no forward, no term.
+                    None => (0.0, 0.0),
+                },
             };
             let c = lambda * f64::from(o.weight);
             if c == 0.0 {
@@ -744,7 +747,8 @@ impl Decoder for DealDecoder {
             let (seq, logits) = self.first.take().context("no base prompt")?;
             // The first beam takes the ARMs' prompt caches themselves.
             let arms = self.arms.branch(cx, 1)?[0];
-            let next = self.candidates(&cx.model(BASE).vocab, &[], &logits);
+            let keywords = self.keyword_state(&cx.model(BASE).vocab, &[]);
+            let next = self.candidates(&logits, keywords.as_ref());
             self.beams.push(Beam {
                 seq: Some(cx.fork(seq)?),
                 tokens: Vec::new(),
@@ -765,21 +769,19 @@ impl Decoder for DealDecoder {
                 let Some(t) = e.ticket.take() else { continue };
                 let row = out.last(t)?;
                 let track = e.arms.context("a rollout without its reward models")?;
-                let mut read = self.beams[e.parent].tokens.clone();
-                read.push(e.token);
-                read.extend_from_slice(&e.lookahead);
+                let keywords = self.lexicon.is_some().then(|| {
+                    let parent = &self.beams[e.parent].tokens;
+                    let read = [parent.as_slice(), &[e.token], &e.lookahead].concat();
+                    self.keyword_state(&vocab, &read)
+                });
+                let keywords = keywords.flatten();
                 if e.lookahead.is_empty() {
-                    e.next = self.candidates(&vocab, &read, row);
+                    e.next = self.candidates(row, keywords.as_ref());
                     e.after_token = Some(self.arms.checkpoint(cx, track)?);
                 }
                 // A rollout finishes a keyword in progress, so that its score sees it.
-                let token = self
-                    .lexicon
-                    .as_ref()
-                    .and_then(|lex| {
-                        let text = answer_text(&vocab, &self.generation, &read);
-                        lex.state(&vocab, &read, &text).continuation()
-                    })
+                let token = (keywords.as_ref())
+                    .and_then(State::continuation)
                     .unwrap_or_else(|| argmax(row));
                 // Each ARM's row predicted the same token: its log-prob counts while scored.
                 if e.lookahead.len() < e.scored {

@@ -187,10 +187,6 @@ impl Tilt {
         &self.scores
     }
 
-    pub fn scores_mut(&mut self) -> &mut [f32] {
-        &mut self.scores
-    }
-
     /// scores = log_softmax(base) + Σ c_i·log_softmax(arm_i) + K over the first `vocab` ids
     /// (models may pad their output rows past the shared tokenizer), for a constant K: sampling
     /// and log-probs normalise anyway, and the ARMs' own normalisers are constants, never
@@ -243,20 +239,13 @@ impl Branch {
     /// The next token from the models' rows (the base's, then each ARM's, weighted by `coefs`),
     /// nudged toward the keywords.
     fn draw(&mut self, coefs: &[f32], rows: &[&[f32]], vocab: usize, pull: Option<&Pull>) -> Drawn {
-        let nudge = |branch: &Self, scores: &mut [f32]| {
-            if let Some(p) = pull {
-                let tokens = &branch.choice.tokens;
-                let state = p.lexicon.state(&p.vocab, tokens, &p.vocab.decode(tokens));
-                p.lexicon.nudge(&state, scores, &p.ending);
-            }
-        };
         if rows.len() == 1 {
-            if pull.is_none() {
+            let Some(pull) = pull else {
                 // No ARM: exactly plain decoding.
                 return (self.choice.sampler.sample(rows[0]), 0.0);
-            }
+            };
             let mut scores = rows[0].to_vec();
-            nudge(self, &mut scores);
+            pull.nudge(&self.choice.tokens, &mut scores);
             return (self.choice.sampler.sample(&scores), 0.0);
         }
         let arms: Vec<(f32, &[f32])> = coefs
@@ -265,10 +254,18 @@ impl Branch {
             .zip(rows[1..].iter().copied())
             .collect();
         let kl = self.tilt.combine(rows[0], &arms, vocab);
-        let mut scores = std::mem::take(&mut self.tilt.scores);
-        nudge(self, &mut scores);
-        self.tilt.scores = scores;
+        if let Some(pull) = pull {
+            pull.nudge(&self.choice.tokens, &mut self.tilt.scores);
+        }
         (self.choice.sampler.sample(&self.tilt.scores), kl)
+    }
+}
+
+impl Pull {
+    /// `scores` shaped toward the keywords the answer `tokens` lacks.
+    fn nudge(&self, tokens: &[u32], scores: &mut [f32]) {
+        let state = (self.lexicon).state(&self.vocab, tokens, &self.vocab.decode(tokens));
+        self.lexicon.nudge(&state, scores, &self.ending);
     }
 }
 

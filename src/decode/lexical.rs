@@ -136,19 +136,6 @@ impl Lexicon {
         }
     }
 
-    pub fn boost(&self) -> f32 {
-        self.boost
-    }
-
-    /// How many keywords there are.
-    pub fn len(&self) -> usize {
-        self.spellings.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.spellings.is_empty()
-    }
-
     /// Where the answer of `tokens`, which reads `text`, stands.
     pub fn state(&self, vocab: &Vocab, tokens: &[u32], text: &str) -> State {
         let present = self.scorer.present(text);

@@ -198,7 +198,7 @@ pub fn run_jobs(
     let mut streams = Vec::with_capacity(jobs.len());
     for job in jobs {
         let mut g = generation(engine, &job.spec, &job.prompt, decoding)?;
-        g.sampling.seed = Some(decoding.seed_for(&job.prompt) ^ job.salt);
+        g.sampling.seed = g.sampling.seed.map(|s| s ^ job.salt);
         let prompt_tokens = g.prompt.clone();
         let decoder = job.spec.build(g, engine.models())?;
         streams.push((engine.submit(decoder)?, prompt_tokens));
