@@ -411,7 +411,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                 break;
             }
             Event::Failed(msg) => bail!(msg),
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::Prompt(_) => {}
         }
         out.flush()?;
     }

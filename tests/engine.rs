@@ -78,7 +78,7 @@ fn run(engine: &Engine, decoder: Box<dyn Decoder>) -> Collected {
                 break;
             }
             Event::Failed(msg) => panic!("request failed: {msg}"),
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::Prompt(_) => {}
         }
     }
     c

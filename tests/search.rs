@@ -223,7 +223,7 @@ fn deal_streams_each_token_once_the_beams_agree() {
     loop {
         match rx.blocking_recv().expect("the engine answers") {
             Event::Token(_) => break,
-            Event::Started { .. } => {}
+            Event::Started { .. } | Event::Prompt(_) => {}
             other => panic!("{other:?} before the first token"),
         }
     }

@@ -13,7 +13,7 @@ use super::run::{Outcome, Run};
 use super::stream::{respond, Chunks};
 use super::wire::{CommonRequest, Completion, CompletionChoice, CompletionLogprobs, Usage};
 use super::{id, now, token_string, validate, AppState};
-use crate::engine::{FinishReason, TokenEvent};
+use crate::engine::{FinishReason, PromptLogprobs, TokenEvent};
 use crate::model::Vocab;
 
 pub async fn create(State(state): State<AppState>, body: JsonBody) -> Result<Response, ApiError> {
@@ -71,25 +71,80 @@ impl Writer {
     }
 
     /// Logprobs of `tokens`, the first one at character `offset` of the choice's text.
-    fn logprobs(&self, tokens: &[TokenEvent], mut offset: usize) -> Option<CompletionLogprobs> {
+    fn logprobs(&self, tokens: &[TokenEvent], offset: usize) -> Option<CompletionLogprobs> {
         if !self.logprobs {
             return None;
         }
         let mut out = CompletionLogprobs::default();
-        for t in tokens {
-            let text = token_string(&self.vocab, t.token);
+        let entries = tokens
+            .iter()
+            .map(|t| (t.token, t.logprob, Some(t.top.as_slice())));
+        self.extend(&mut out, entries, offset);
+        Some(out)
+    }
+
+    /// A prompt's own logprobs (OpenAI's `echo`): its first token has none, as it follows nothing.
+    fn prompt_logprobs(&self, prompt: &PromptLogprobs) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs::default();
+        let first = prompt.tokens.first().map(|&t| (t, None, None));
+        let rest = (prompt.tokens.iter().skip(1))
+            .zip(&prompt.entries)
+            .map(|(&t, (lp, top))| (t, Some(*lp), Some(top.as_slice())));
+        self.extend(&mut out, first.into_iter().chain(rest), 0);
+        out
+    }
+
+    /// Append (token, logprob, alternatives) entries, the first at character `offset`.
+    fn extend<'a>(
+        &self,
+        out: &mut CompletionLogprobs,
+        entries: impl Iterator<Item = (u32, Option<f32>, Option<&'a [(u32, f32)]>)>,
+        mut offset: usize,
+    ) {
+        for (token, logprob, top) in entries {
+            let text = token_string(&self.vocab, token);
             out.text_offset.push(offset);
             offset += text.chars().count();
             out.tokens.push(text);
-            out.token_logprobs.push(t.logprob);
-            out.top_logprobs.push(
-                t.top
-                    .iter()
+            out.token_logprobs.push(logprob);
+            out.top_logprobs.push(top.map(|top| {
+                top.iter()
                     .map(|&(id, lp)| (token_string(&self.vocab, id), lp))
-                    .collect(),
-            );
+                    .collect()
+            }));
+        }
+    }
+
+    /// The logprobs of choice `index`: its prompt's, when echoed with them, then its tokens'.
+    fn choice_logprobs(
+        &self,
+        index: usize,
+        prompts: &[Option<PromptLogprobs>],
+        tokens: &[TokenEvent],
+    ) -> Option<CompletionLogprobs> {
+        let echo = self.echo(index).chars().count();
+        let mut out = self.logprobs(tokens, echo)?;
+        if let Some(Some(prompt)) = prompts.get(index / self.n) {
+            let mut all = self.prompt_logprobs(prompt);
+            all.tokens.append(&mut out.tokens);
+            all.token_logprobs.append(&mut out.token_logprobs);
+            all.top_logprobs.append(&mut out.top_logprobs);
+            all.text_offset.append(&mut out.text_offset);
+            out = all;
         }
         Some(out)
+    }
+}
+
+impl Writer {
+    /// The chunk that streams choice `index`'s echoed prompt.
+    fn echo_chunk(&self, index: usize, logprobs: Option<CompletionLogprobs>) -> Completion {
+        self.object(vec![CompletionChoice {
+            index,
+            text: self.echo(index).to_string(),
+            logprobs,
+            finish_reason: None,
+        }])
     }
 }
 
@@ -106,7 +161,7 @@ impl Chunks for Writer {
                 let echo = self.echo(index);
                 CompletionChoice {
                     index,
-                    logprobs: self.logprobs(&c.tokens, echo.chars().count()),
+                    logprobs: self.choice_logprobs(index, &outcome.prompts, &c.tokens),
                     text: format!("{echo}{}", c.text),
                     finish_reason: Some(c.finish_reason.as_str()),
                 }
@@ -121,18 +176,23 @@ impl Chunks for Writer {
 
     fn start(&mut self, choices: usize) -> Vec<Completion> {
         self.offsets = (0..choices).map(|c| self.echo(c).chars().count()).collect();
-        if self.echo.is_none() {
+        // Echoed with logprobs, a prompt is sent once its logprobs are in (`prompt`).
+        if self.echo.is_none() || self.logprobs {
             return Vec::new();
         }
         (0..choices)
-            .map(|index| {
-                self.object(vec![CompletionChoice {
-                    index,
-                    text: self.echo(index).to_string(),
-                    logprobs: None,
-                    finish_reason: None,
-                }])
-            })
+            .map(|index| self.echo_chunk(index, None))
+            .collect()
+    }
+
+    fn prompt(&mut self, prompt: &PromptLogprobs) -> Vec<Completion> {
+        if self.echo.is_none() {
+            return Vec::new();
+        }
+        let logprobs = self.prompt_logprobs(prompt);
+        let first = prompt.prompt * self.n;
+        (first..first + self.n)
+            .map(|index| self.echo_chunk(index, Some(logprobs.clone())))
             .collect()
     }
 

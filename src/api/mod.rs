@@ -12,6 +12,7 @@ mod json;
 pub mod metrics;
 mod routes;
 mod run;
+mod score;
 mod stream;
 mod validate;
 mod wire;
@@ -113,9 +114,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::create))
         .route("/v1/models", get(routes::models))
         .route("/v1/rewards", get(routes::rewards))
+        .route("/v1/score", post(score::create))
         .route("/health", get(routes::health))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route("/tokenizer_info", get(routes::tokenizer_info))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)

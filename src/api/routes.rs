@@ -1,4 +1,5 @@
-//! The small routes: models, health, tokenize, detokenize, metrics, and the fallbacks.
+//! The small routes: models, health, tokenize, detokenize, tokenizer info, metrics, and the
+//! fallbacks.
 
 use axum::extract::State;
 use axum::http::{header, Uri};
@@ -9,7 +10,7 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use super::wire::{
     DetokenizeRequest, DetokenizeResponse, Health, ModelCard, ModelList, RewardList,
-    TokenizeRequest, TokenizeResponse,
+    TokenizeRequest, TokenizeResponse, TokenizerInfo,
 };
 use super::{metrics, validate, AppState};
 
@@ -40,6 +41,25 @@ pub async fn rewards(State(state): State<AppState>) -> Result<Json<RewardList>, 
     Ok(Json(RewardList {
         object: "list",
         data: engine.rewards().list(),
+    }))
+}
+
+/// What a client needs to tokenize as the server does (vLLM's route; lm-evaluation-harness's
+/// `tokenizer_backend=remote` reads it, then calls `/tokenize` and `/detokenize`).
+pub async fn tokenizer_info(
+    State(state): State<AppState>,
+) -> Result<Json<TokenizerInfo>, ApiError> {
+    let model = state.engine()?.base();
+    let vocab = &model.vocab;
+    let name = |id: Option<u32>| id.map(|t| vocab.text(t).to_string());
+    Ok(Json(TokenizerInfo {
+        bos_token: name(vocab.bos),
+        eos_token: name(vocab.eos),
+        pad_token: None,
+        add_bos_token: vocab.add_bos,
+        chat_template: model.chat.source().to_string(),
+        model_max_length: model.context_length(),
+        vocab_size: vocab.size(),
     }))
 }
 

@@ -17,7 +17,7 @@ use super::metrics::{
 };
 use super::validate::Job;
 use crate::decode::DecoderSpec;
-use crate::engine::{Engine, EngineError, Event, FinishReason, TokenEvent, Usage};
+use crate::engine::{Engine, EngineError, Event, FinishReason, PromptLogprobs, TokenEvent, Usage};
 
 pub struct Run {
     events: StreamMap<usize, UnboundedReceiverStream<Event>>,
@@ -77,6 +77,8 @@ pub struct ChoiceOutcome {
 /// A finished run.
 pub struct Outcome {
     pub choices: Vec<ChoiceOutcome>,
+    /// Per prompt, its own log-probs when asked for.
+    pub prompts: Vec<Option<PromptLogprobs>>,
     pub usage: Usage,
     pub alignment: Value,
 }
@@ -193,6 +195,10 @@ impl Run {
                         .prompt_tokens
                         .increment(self.prompt_lens[p] as u64);
                 }
+                Event::Prompt(mut logprobs) => {
+                    logprobs.prompt = p;
+                    return Some(Event::Prompt(logprobs));
+                }
                 Event::Token(mut token) => {
                     token.choice += p * self.n;
                     self.streamed[p] += 1;
@@ -258,8 +264,13 @@ impl Run {
         let mut texts = vec![String::new(); self.choices()];
         let mut tokens = vec![Vec::new(); self.choices()];
         let mut reasons = vec![None; self.choices()];
+        let mut prompts = vec![None; self.prompt_lens.len()];
         while let Some(event) = self.next().await {
             match event {
+                Event::Prompt(logprobs) => {
+                    let p = logprobs.prompt;
+                    prompts[p] = Some(logprobs);
+                }
                 Event::Token(t) => {
                     texts[t.choice].push_str(&t.text);
                     tokens[t.choice].push(t);
@@ -290,6 +301,7 @@ impl Run {
                         .collect::<Result<_, ApiError>>()?;
                     return Ok(Outcome {
                         choices,
+                        prompts,
                         usage,
                         alignment: report.unwrap_or_default(),
                     });

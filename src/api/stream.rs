@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::run::{Outcome, Run};
 use super::validate::Streaming;
-use crate::engine::{Event, FinishReason, TokenEvent, Usage};
+use crate::engine::{Event, FinishReason, PromptLogprobs, TokenEvent, Usage};
 
 /// How one endpoint writes a run: as chunks while streaming, or as one object at the end.
 pub trait Chunks: Send + 'static {
@@ -24,6 +24,10 @@ pub trait Chunks: Send + 'static {
     fn complete(self, outcome: Outcome) -> Self::Complete;
     /// What precedes the first token (the chat role, echoed prompts).
     fn start(&mut self, choices: usize) -> Vec<Self::Chunk>;
+    /// A prompt's own log-probs (asked for with `echo`), before its choices' tokens.
+    fn prompt(&mut self, _logprobs: &PromptLogprobs) -> Vec<Self::Chunk> {
+        Vec::new()
+    }
     /// A token; `None` when there is nothing to send (its text is held back, no logprobs asked).
     fn token(&mut self, token: &TokenEvent) -> Option<Self::Chunk>;
     /// The end of a choice, with its held-back text; the last one carries the `alignment` report.
@@ -100,6 +104,12 @@ impl<C: Chunks> State<C> {
                 return (Vec::new(), true);
             };
             match event {
+                Event::Prompt(logprobs) => {
+                    let chunks = self.chunks.prompt(&logprobs);
+                    if !chunks.is_empty() {
+                        return (chunks.iter().map(data).collect(), false);
+                    }
+                }
                 Event::Token(token) => {
                     if let Some(chunk) = self.chunks.token(&token) {
                         return (vec![data(&chunk)], false);

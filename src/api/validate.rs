@@ -3,19 +3,20 @@
 //! parameter.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::wire::{
-    ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, Stop,
+    ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, ScoreRequest, Stop,
 };
 use super::Limits;
 use crate::decode::{DecoderSpec, Generation};
 use crate::engine::Engine;
-use crate::model::{Message, ModelInfo, BASE};
-use crate::reward::Registry;
+use crate::model::{Message, ModelId, ModelInfo, BASE};
+use crate::reward::{self, scorers::Scorer, Registry};
 use crate::sampling::SamplingParams;
 
 /// Most choices per prompt (`n`).
@@ -167,7 +168,14 @@ pub fn completion(
         .logprobs
         .map(|k| count("logprobs", k, 0, Some(MAX_LOGPROBS)))
         .transpose()?;
-    let job = job(
+    let echo = request.echo.unwrap_or(false);
+    if common.max_tokens == Some(0) && !echo {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "`max_tokens: 0` generates nothing; it is accepted with `echo: true`, to score the prompt",
+        ));
+    }
+    let mut job = job(
         common,
         engine,
         model,
@@ -178,12 +186,18 @@ pub fn completion(
             param: "max_tokens",
             prompt_param: "prompt",
             default: Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
+            least: usize::from(!echo),
         },
         limits,
     )?;
+    if echo {
+        for g in &mut job.generations {
+            g.sampling.prompt_logprobs = logprobs;
+        }
+    }
     Ok(CompletionJob {
         job,
-        echo: request.echo.unwrap_or(false).then_some(texts),
+        echo: echo.then_some(texts),
     })
 }
 
@@ -249,9 +263,204 @@ pub fn chat(
             param,
             prompt_param: "messages",
             default: None,
+            least: 1,
         },
         limits,
     )
+}
+
+/// Most reward sources one `/v1/score` request may name.
+pub const MAX_SCORE_REWARDS: usize = 16;
+
+/// A checked `/v1/score` request.
+pub struct ScoreJob {
+    /// Each model that reads the responses, with the prompt in its own tokens and template: the
+    /// base first, then the reward models asked for.
+    pub prompts: Vec<(ModelId, Vec<u32>)>,
+    pub responses: Vec<Vec<u32>>,
+    /// Each response's text, as the programmatic scorers read it.
+    pub texts: Vec<String>,
+    /// The reward sources in the order asked, by name.
+    pub rewards: Vec<(String, Reading)>,
+}
+
+/// How a reward source reads a response.
+pub enum Reading {
+    /// Σ log π_r of the model at this index of `ScoreJob::prompts`.
+    Model(usize),
+    Text(Arc<dyn Scorer>),
+}
+
+pub fn score(
+    request: ScoreRequest,
+    engine: &Engine,
+    model: &ModelInfo,
+    limits: &Limits,
+) -> Result<ScoreJob, ApiError> {
+    let source = match (request.prompt, request.messages) {
+        (Some(Prompt::Text(text)), None) => Source::Text(text),
+        (Some(Prompt::Tokens(ids)), None) => Source::Tokens(ids),
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "`/v1/score` reads one prompt: a text or a list of token ids",
+            ))
+        }
+        (None, Some(messages)) => Source::Chat(chat_messages(messages)?),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "give `prompt` or `messages`, not both",
+            ))
+        }
+        (None, None) => return Err(ApiError::missing("prompt")),
+    };
+    let vocab = &model.vocab;
+    let in_range =
+        |param: &str, ids: &[u32]| match ids.iter().find(|&&t| t as usize >= vocab.size()) {
+            Some(bad) => Err(ApiError::invalid(
+                param,
+                format!(
+                    "token id {bad} is out of range: the vocabulary has {} tokens",
+                    vocab.size()
+                ),
+            )),
+            None => Ok(()),
+        };
+    let prompt_param = if matches!(source, Source::Chat(_)) {
+        "messages"
+    } else {
+        "prompt"
+    };
+    let prompt = source.tokens(model)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
+    }
+    in_range(prompt_param, &prompt)?;
+    if let Some(max) = limits.prompt_tokens.filter(|&max| prompt.len() > max) {
+        return Err(ApiError::invalid(
+            prompt_param,
+            format!(
+                "the prompt has {} tokens; this server takes at most {max} (--max-prompt-tokens)",
+                prompt.len()
+            ),
+        ));
+    }
+    let responses = match request
+        .responses
+        .ok_or_else(|| ApiError::missing("responses"))?
+    {
+        Prompt::Text(text) => vec![Err(text)],
+        Prompt::Texts(texts) => texts.into_iter().map(Err).collect(),
+        Prompt::Tokens(ids) => vec![Ok(ids)],
+        Prompt::TokenLists(lists) => lists.into_iter().map(Ok).collect(),
+    };
+    if responses.is_empty() || responses.len() > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "responses",
+            format!(
+                "`responses` must list 1 to {MAX_CHOICES} responses, got {}",
+                responses.len()
+            ),
+        ));
+    }
+    let eos = match request.eos {
+        Some(true) => Some(vocab.eos.ok_or_else(|| {
+            ApiError::invalid(
+                "eos",
+                "this model's vocabulary has no end-of-sequence token",
+            )
+        })?),
+        _ => None,
+    };
+    let (mut tokens, mut texts) = (Vec::new(), Vec::new());
+    for (i, response) in responses.into_iter().enumerate() {
+        let param = format!("responses[{i}]");
+        let (mut ids, text) = match response {
+            Err(text) => {
+                let ids = vocab
+                    .encode(&text, false)
+                    .map_err(|e| ApiError::invalid(&param, format!("{e:#}")))?;
+                (ids, text)
+            }
+            Ok(ids) => {
+                in_range(&param, &ids)?;
+                let text = answer(vocab, &ids);
+                (ids, text)
+            }
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid(param, "the response is empty"));
+        }
+        ids.extend(eos);
+        tokens.push(ids);
+        texts.push(text);
+    }
+    let registry = engine.rewards();
+    let names = request.rewards.unwrap_or_default();
+    if names.len() > MAX_SCORE_REWARDS {
+        return Err(ApiError::invalid(
+            "rewards",
+            format!(
+                "`rewards` names at most {MAX_SCORE_REWARDS} reward sources, got {}",
+                names.len()
+            ),
+        ));
+    }
+    let mut prompts = vec![(BASE, prompt)];
+    let mut rewards: Vec<(String, Reading)> = Vec::with_capacity(names.len());
+    for name in names {
+        if rewards.iter().any(|(n, _)| *n == name) {
+            return Err(ApiError::invalid(
+                "rewards",
+                format!("`{name}` is listed twice"),
+            ));
+        }
+        let reading = match registry.reward(&name, 1.0) {
+            Ok((reward::Source::Text(scorer), _)) => Reading::Text(scorer),
+            Ok((reward::Source::Arm(m), _)) => {
+                prompts.push((m, source.tokens(&engine.models()[m])?));
+                Reading::Model(prompts.len() - 1)
+            }
+            Err(e) => {
+                return Err(ApiError::invalid(
+                    "rewards",
+                    format!("{e}; available: {}", registry.names().join(", ")),
+                ))
+            }
+        };
+        rewards.push((name, reading));
+    }
+    let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
+    for (id, p) in &prompts {
+        let ctx = engine.models()[*id].context_length();
+        if p.len() + longest > ctx {
+            return Err(ApiError::context_length(
+                "responses",
+                format!(
+                    "this model's maximum context length is {ctx} tokens; the prompt ({}) and the longest response ({longest}) need {}",
+                    p.len(),
+                    p.len() + longest
+                ),
+            ));
+        }
+    }
+    Ok(ScoreJob {
+        prompts,
+        responses: tokens,
+        texts,
+        rewards,
+    })
+}
+
+/// The text of generated `tokens` as a client would read it: up to an end-of-generation token.
+fn answer(vocab: &crate::model::Vocab, tokens: &[u32]) -> String {
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .take_while(|t| !vocab.end_of_generation.contains(t))
+        .flat_map(|&t| vocab.bytes(t).iter().copied())
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// The prompt tokens of a chat: the model's template over the messages.
@@ -340,6 +549,8 @@ struct Budget {
     prompt_param: &'static str,
     /// When the request names no limit: this, or what the context leaves.
     default: Option<usize>,
+    /// The fewest it may ask for (0 only to score an echoed prompt).
+    least: usize,
 }
 
 /// `prompts`: each prompt in the base's tokens, with its source for the other models.
@@ -365,7 +576,7 @@ fn job(
     }
     let requested = common
         .max_tokens
-        .map(|m| count(budget.param, m, 1, limits.output_tokens))
+        .map(|m| count(budget.param, m, budget.least, limits.output_tokens))
         .transpose()?;
     if let Some(max) = limits.prompt_tokens {
         if let Some((p, _)) = prompts.iter().find(|(p, _)| p.len() > max) {
@@ -582,6 +793,7 @@ fn sampling(
         // OpenAI seeds are signed 64-bit; keep their bits.
         seed: c.seed.map(|s| s as u64),
         logprobs,
+        prompt_logprobs: None,
     })
 }
 

@@ -153,11 +153,12 @@ pub struct CompletionChoice {
 }
 
 /// The legacy completions logprobs format: parallel lists, one entry per token.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
+    /// `null` for an echoed prompt's first token, which follows nothing.
     pub token_logprobs: Vec<Option<f32>>,
-    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
     /// Character offset of each token in the choice's text.
     pub text_offset: Vec<usize>,
 }
@@ -257,6 +258,73 @@ pub struct ModelCard {
 pub struct RewardList {
     pub object: &'static str,
     pub data: Vec<crate::reward::RewardInfo>,
+}
+
+/// `POST /v1/score` (tilt's own): responses read after one prompt by the base and reward sources.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoreRequest {
+    pub model: Option<String>,
+    /// Exactly one of `prompt` (a text or token ids) and `messages`.
+    #[serde(default, deserialize_with = "not_null")]
+    pub prompt: Option<Prompt>,
+    #[serde(default, deserialize_with = "not_null")]
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Texts or token-id lists (one of either also goes).
+    pub responses: Option<Prompt>,
+    /// Reward sources by name (`/v1/rewards`): reward models and programmatic scorers.
+    pub rewards: Option<Vec<String>>,
+    /// Read each response as ended: the vocabulary's end-of-sequence token after it.
+    pub eos: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScoreResponse {
+    pub object: &'static str,
+    pub model: String,
+    pub data: Vec<ScoreData>,
+    pub usage: ScoreUsage,
+}
+
+/// One response's scores.
+#[derive(Debug, Serialize)]
+pub struct ScoreData {
+    pub index: usize,
+    /// Its tokens as read (with the end-of-sequence token when `eos`).
+    pub tokens: usize,
+    /// The base's Σ log π(y_t | prompt, y_<t), and each term.
+    pub logprob: f64,
+    pub token_logprobs: Vec<f32>,
+    pub rewards: BTreeMap<String, RewardScore>,
+}
+
+/// A reward source's score of one response: a reward model's Σ log π_r (with each term), or a
+/// programmatic scorer's value of the text.
+#[derive(Debug, Serialize)]
+pub struct RewardScore {
+    pub score: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_logprobs: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScoreUsage {
+    /// The prompt's tokens (read once, whatever the number of responses).
+    pub prompt_tokens: usize,
+    /// The responses' tokens, all of them.
+    pub response_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TokenizerInfo {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub add_bos_token: bool,
+    pub chat_template: String,
+    pub model_max_length: usize,
+    pub vocab_size: usize,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -121,7 +121,7 @@ impl Method for Adaptive {
         let cost = |m: ModelId| multiply_adds(&models[m].config) as f64;
         Ok(Box::new(AdaptiveDecoder {
             small: SharedPrompt::new(spec.draft, generation.prompt_for(spec.draft).to_vec()),
-            large: SharedPrompt::new(BASE, generation.prompt.clone()),
+            large: SharedPrompt::base(&generation),
             firsts: [None, None],
             cost_ratio: cost(spec.draft) / cost(BASE),
             spec: spec.clone(),
@@ -310,7 +310,7 @@ impl Decoder for AdaptiveDecoder {
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         if self.branches.is_empty() {
             for (i, prompt) in [&mut self.small, &mut self.large].into_iter().enumerate() {
-                if let Some((seq, row)) = prompt.absorb(out)? {
+                if let Some((seq, row)) = prompt.absorb(cx, out)? {
                     self.firsts[i] = Some((seq, row.to_vec()));
                 }
             }

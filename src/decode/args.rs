@@ -190,7 +190,7 @@ impl ArgsDecoder {
         Self {
             scoring: Scoring::new(&spec.objectives),
             lexicon,
-            prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
+            prompt: SharedPrompt::base(&generation),
             first: None,
             arms: Tracker::new(prompts, Rows::LogProbs),
             arm_objectives,
@@ -333,7 +333,7 @@ impl Decoder for ArgsDecoder {
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         if self.branches.is_empty() {
-            if let Some((seq, logits)) = self.prompt.absorb(out)? {
+            if let Some((seq, logits)) = self.prompt.absorb(cx, out)? {
                 self.first = Some((seq, logits.to_vec()));
             }
             if !self.arms.absorb_prompts(cx, out)? || self.first.is_none() {

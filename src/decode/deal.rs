@@ -282,7 +282,7 @@ impl DealDecoder {
         Self {
             scoring: Scoring::new(&spec.objectives),
             lexicon,
-            prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
+            prompt: SharedPrompt::base(&generation),
             first: None,
             arms: Tracker::new(prompts, Rows::LogProbs),
             arm_objectives,
@@ -738,7 +738,7 @@ impl Decoder for DealDecoder {
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         if self.choice.is_none() {
-            if let Some((seq, logits)) = self.prompt.absorb(out)? {
+            if let Some((seq, logits)) = self.prompt.absorb(cx, out)? {
                 self.first = Some((seq, logits.to_vec()));
             }
             if !self.arms.absorb_prompts(cx, out)? || self.first.is_none() {

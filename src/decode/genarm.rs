@@ -339,7 +339,7 @@ impl Guided {
             .active()
             .map(|a| (a.model, generation.prompt_for(a.model).to_vec()));
         Self {
-            prompt: SharedPrompt::new(BASE, generation.prompt.clone()),
+            prompt: SharedPrompt::base(&generation),
             first: None,
             arms: Tracker::new(arms, Rows::Raw),
             coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
@@ -442,7 +442,7 @@ impl Guided {
     /// Read this step's logits and advance every sequence planned; true once all are done.
     pub fn absorb(&mut self, cx: &mut Cx, out: &Outputs, g: &Generation) -> Result<bool> {
         if self.branches.is_empty() {
-            if let Some((seq, logits)) = self.prompt.absorb(out)? {
+            if let Some((seq, logits)) = self.prompt.absorb(cx, out)? {
                 self.first = Some((seq, logits.to_vec()));
             }
             if self.arms.absorb_prompts(cx, out)? && self.first.is_some() {

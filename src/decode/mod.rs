@@ -34,6 +34,7 @@ use crate::reward::Registry;
 use crate::sampling::SamplingParams;
 
 pub use choice::Choice;
+pub use score::Likelihoods;
 
 /// Every decoder a request may name, in the order they are listed.
 const DECODERS: &[&dyn Entry] = &[
@@ -160,12 +161,16 @@ impl DecoderSpec {
         self.0.check_choices(n)
     }
 
-    /// The decoder for one prompt, or why it cannot serve it (`models`: the engine's).
+    /// The decoder for one prompt, or why it cannot serve it (`models`: the engine's). With
+    /// `max_tokens` 0 nothing is decoded: the prompt alone is scored.
     pub fn build(
         &self,
         generation: Generation,
         models: &[ModelInfo],
     ) -> Result<Box<dyn Decoder>, ParamError> {
+        if generation.max_tokens == 0 {
+            return Ok(Box::new(prompt::PromptOnly::new(generation)));
+        }
         self.0.build(generation, models)
     }
 

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use super::prompt::{fork, plan_choices, SharedPrompt};
 use super::{typed, Choice, Generation, Method, ParamError, Params};
 use crate::engine::{Cx, Decoder, Event, Flow, Outputs, Usage};
-use crate::model::{for_each_mut, ModelInfo, BASE};
+use crate::model::{for_each_mut, ModelInfo};
 use crate::reward::Registry;
 use crate::sampling::Sampled;
 
@@ -49,7 +49,7 @@ pub struct SampleDecoder {
 
 impl SampleDecoder {
     pub fn new(generation: Generation) -> Self {
-        let prompt = SharedPrompt::new(BASE, generation.prompt.clone());
+        let prompt = SharedPrompt::base(&generation);
         Self {
             generation,
             prompt,
@@ -71,7 +71,7 @@ impl Decoder for SampleDecoder {
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
         let g = &self.generation;
         if self.choices.is_empty() {
-            let Some((seq, logits)) = self.prompt.absorb(out)? else {
+            let Some((seq, logits)) = self.prompt.absorb(cx, out)? else {
                 return Ok(Flow::Continue);
             };
             let seqs = fork(cx, seq, g.n)?;

@@ -9,13 +9,12 @@
 //! all of its rows or none.
 
 use anyhow::{bail, Context, Result};
+use tokio::sync::oneshot;
 
-use crate::engine::{Cx, Outputs, SeqId};
+use super::prompt::MAX_ROWS;
+use crate::engine::{Cx, Decoder, Event, Flow, Outputs, SeqId, Usage};
 use crate::math::log_sum_exp;
 use crate::model::{Logits, ModelId};
-
-/// Logit rows one request may ask for in a step: each is vocabulary-wide (~200 KB here).
-const MAX_ROWS: usize = 128;
 
 struct Item {
     tokens: Vec<u32>,
@@ -223,9 +222,82 @@ impl Scorer {
         self.items[i].logps.iter().map(|&l| f64::from(l)).sum()
     }
 
+    /// log π of each of item `i`'s continuation tokens.
+    pub fn logps(&self, i: usize) -> &[f32] {
+        &self.items[i].logps
+    }
+
     /// Tokens fed in all: each shared prefix counts once.
     pub fn fed_tokens(&self) -> usize {
         self.nodes.iter().map(|n| n.run.len()).sum()
+    }
+}
+
+/// Responses read by several models at once (`/v1/score`): the base's log-likelihood and reward
+/// models' Σ log π_r, each model reading the prompt in its own tokens, prefilled once per model
+/// and forked per response. Sends, per model in the order given, each response's per-token
+/// log-probs.
+pub struct Likelihoods {
+    scorers: Vec<Scorer>,
+    responses: usize,
+    result: Option<oneshot::Sender<Vec<Vec<Vec<f32>>>>>,
+}
+
+impl Likelihoods {
+    /// `prompts`: each model with the prompt in its tokens; every response is read after each.
+    pub fn new(
+        prompts: Vec<(ModelId, Vec<u32>)>,
+        responses: &[Vec<u32>],
+        result: oneshot::Sender<Vec<Vec<Vec<f32>>>>,
+    ) -> Result<Self> {
+        let scorers = prompts
+            .into_iter()
+            .map(|(model, prompt)| {
+                let items = responses
+                    .iter()
+                    .map(|r| (prompt.clone(), r.clone()))
+                    .collect();
+                Scorer::new(model, items)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            scorers,
+            responses: responses.len(),
+            result: Some(result),
+        })
+    }
+}
+
+impl Decoder for Likelihoods {
+    fn plan(&mut self, cx: &mut Cx) -> Result<()> {
+        for s in self.scorers.iter_mut().filter(|s| !s.is_done()) {
+            s.plan(cx)?;
+        }
+        Ok(())
+    }
+
+    fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
+        let mut done = true;
+        for s in &mut self.scorers {
+            done &= s.is_done() || s.absorb(cx, out)?;
+        }
+        if !done {
+            return Ok(Flow::Continue);
+        }
+        let logprobs = (self.scorers.iter())
+            .map(|s| (0..self.responses).map(|i| s.logps(i).to_vec()).collect())
+            .collect();
+        if let Some(result) = self.result.take() {
+            let _ = result.send(logprobs);
+        }
+        cx.emit(Event::Done {
+            usage: Usage {
+                prompt_tokens: self.scorers.iter().map(Scorer::fed_tokens).sum(),
+                completion_tokens: 0,
+            },
+            report: None,
+        });
+        Ok(Flow::Done)
     }
 }
 

@@ -108,7 +108,7 @@ impl Tracker {
             if lane.first.is_some() {
                 continue;
             }
-            if let Some((seq, row)) = lane.prompt.absorb(out)? {
+            if let Some((seq, row)) = lane.prompt.absorb(cx, out)? {
                 lane.root = Some(seq);
                 lane.first = Some(match self.rows {
                     Rows::Raw => row.into(),

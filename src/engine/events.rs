@@ -33,6 +33,17 @@ pub struct TokenEvent {
     pub top: Vec<(u32, f32)>,
 }
 
+/// The log-probability of each prompt token after the tokens before it, with the most likely
+/// alternatives there (`echo` with `logprobs`). Entry i is prompt token i + 1's: the first prompt
+/// token follows nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PromptLogprobs {
+    /// Which of the request's prompts (the engine runs one: 0).
+    pub prompt: usize,
+    pub tokens: Vec<u32>,
+    pub entries: Vec<(f32, Vec<(u32, f32)>)>,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
@@ -45,6 +56,8 @@ pub enum Event {
     Started {
         queue_time: Duration,
     },
+    /// The prompt's own log-probs, once it is prefilled (only when asked for).
+    Prompt(PromptLogprobs),
     Token(TokenEvent),
     /// A choice ended; `text` is what it still held back.
     Finished {

@@ -251,6 +251,8 @@ pub struct Streamed {
     pub usage: Option<Usage>,
     pub report: Option<serde_json::Value>,
     pub failure: Option<EngineError>,
+    /// The prompt's own log-probs, when asked for.
+    pub prompt: Option<super::PromptLogprobs>,
 }
 
 /// Submit `decoder` and collect its events until the request ends.
@@ -289,6 +291,7 @@ pub fn run(engine: &Engine, decoder: Box<dyn Decoder>) -> Streamed {
                 s.failure = Some(e);
                 break;
             }
+            Event::Prompt(p) => s.prompt = Some(p),
             Event::Started { .. } => {}
         }
     }

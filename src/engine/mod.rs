@@ -27,7 +27,7 @@ use decoder::Planned;
 use store::{SeqStore, Store};
 
 pub use decoder::{Cx, Decoder, Flow, Outputs};
-pub use events::{EngineError, Event, FinishReason, TokenEvent, Usage};
+pub use events::{EngineError, Event, FinishReason, PromptLogprobs, TokenEvent, Usage};
 pub use forward::{Cache, Forward};
 pub use store::SeqId;
 

@@ -222,7 +222,7 @@ pub fn run_jobs(
                     break;
                 }
                 Some(Event::Failed(msg)) => bail!("a request failed: {msg}"),
-                Some(Event::Started { .. }) => {}
+                Some(Event::Started { .. } | Event::Prompt(_)) => {}
                 None => bail!("the engine stopped"),
             }
         }

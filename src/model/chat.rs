@@ -13,6 +13,7 @@ pub struct Message {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos: String,
     eos: String,
 }
@@ -31,13 +32,20 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
-        env.add_template_owned("chat", source.unwrap_or(CHATML).to_string())
+        let source = source.unwrap_or(CHATML).to_string();
+        env.add_template_owned("chat", source.clone())
             .context("the model's chat template does not parse")?;
         Ok(Self {
             env,
+            source,
             bos: bos.to_string(),
             eos: eos.to_string(),
         })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opened.

@@ -31,6 +31,9 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Report the chosen token's log-probability and this many alternatives.
     pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability after the tokens before it, with this many
+    /// alternatives (`echo` with `logprobs`; vLLM's name).
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +49,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             seed: None,
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -130,12 +134,9 @@ impl Sampler {
     pub fn record(&mut self, token: u32, logits: &[f32]) -> Sampled {
         *self.counts.entry(token).or_insert(0) += 1;
         let (logprob, top) = match self.params.logprobs {
-            Some(_) => {
-                let lse = log_sum_exp(logits);
-                (
-                    Some(logits[token as usize] - lse),
-                    self.top_logprobs(logits, lse),
-                )
+            Some(k) => {
+                let (logprob, top) = logprobs(logits, token, k);
+                (Some(logprob), top)
             }
             None => (None, Vec::new()),
         };
@@ -170,17 +171,6 @@ impl Sampler {
         }
         let mut x = scores.to_vec();
         self.draw(&mut x) as usize
-    }
-
-    /// The most likely alternatives with their log-probabilities, when asked.
-    fn top_logprobs(&self, x: &[f32], lse: f32) -> Vec<(u32, f32)> {
-        match self.params.logprobs {
-            Some(n) if n > 0 => top_sorted(x, n)
-                .into_iter()
-                .map(|i| (i, x[i as usize] - lse))
-                .collect(),
-            _ => Vec::new(),
-        }
     }
 
     fn adjust(&self, x: &mut [f32]) {
@@ -346,6 +336,27 @@ fn pick(weights: impl Iterator<Item = (u32, f32)>, total: f32, u: f32) -> u32 {
         }
     }
     last
+}
+
+/// `token`'s log-probability under `logits` (one row), and the `k` most likely tokens with theirs,
+/// most likely first. Both come from one subtraction, so a token that is the most likely has
+/// exactly the top alternative's value (clients test greediness by equality).
+pub fn logprobs(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let lse = log_sum_exp(logits);
+    let of = |t: u32| {
+        logits
+            .get(t as usize)
+            .map_or(f32::NEG_INFINITY, |&x| x - lse)
+    };
+    let top = if k > 0 {
+        top_sorted(logits, k)
+            .into_iter()
+            .map(|t| (t, of(t)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (of(token), top)
 }
 
 pub fn argmax(x: &[f32]) -> u32 {

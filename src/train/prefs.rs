@@ -269,7 +269,7 @@ fn sample(
                     break;
                 }
                 Some(Event::Failed(msg)) => bail!(msg),
-                Some(Event::Started { .. }) => {}
+                Some(Event::Started { .. } | Event::Prompt(_)) => {}
                 None => bail!("the engine stopped"),
             }
         }

@@ -16,6 +16,7 @@ mod errors;
 mod genarm;
 mod lifecycle;
 mod openapi;
+mod scoring;
 mod search;
 mod server;
 mod soak;
@@ -76,6 +77,7 @@ fn main() -> ExitCode {
         ("search", search::cases()),
         ("equilibrium", equilibrium::cases()),
         ("adaptive", adaptive::cases()),
+        ("scoring", scoring::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {
