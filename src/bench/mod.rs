@@ -10,6 +10,7 @@
 
 mod client;
 mod load;
+pub(crate) mod plot;
 pub(crate) mod report;
 pub mod stats;
 mod workload;

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::mc::{self, Format, Question};
 use super::{cell, num, Decoding, Job, Output};
-use crate::bench::report::{xy_panels, Panel, XySeries};
+use crate::bench::plot::{xy_panels, Panel, XySeries};
 use crate::decode::DecoderSpec;
 use crate::engine::{Engine, EngineOptions};
 use crate::model::companions::{with_companions, Companions};

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{Decoding, Job, Output};
-use crate::bench::report::{xy_panels, Panel, XySeries};
+use crate::bench::plot::{xy_panels, Panel, XySeries};
 use crate::decode::{self, DecoderSpec};
 use crate::engine::{Engine, EngineOptions};
 
@@ -609,5 +609,38 @@ mod tests {
         for (_, c) in DEFAULT_METHODS {
             super::super::split_config(&serde_json::from_str(c).unwrap()).unwrap();
         }
+    }
+
+    #[test]
+    fn the_chart_has_a_point_per_method_and_panel() {
+        use crate::bench::plot::{assert_svg_with, texts};
+        let result = |name: &str, coverage: f64, forward: Option<f64>| MethodResult {
+            name: name.into(),
+            config: json!({}),
+            all_present: coverage / 2.0,
+            mean_coverage: coverage,
+            perplexity: 8.0 / coverage,
+            mean_tokens: 40.0,
+            generated_per_token: 1.0,
+            forward_per_token: forward,
+            wall_s: 1.0,
+            tokens_per_s: 10.0,
+            outputs: Vec::new(),
+        };
+        let svg = svg(&[result("sample", 0.4, None), result("deal", 0.9, Some(64.0))]);
+        assert_svg_with(
+            &svg,
+            &[
+                "Keyword share vs cost",
+                "All keywords present vs cost",
+                "Fluency vs cost (lower is more fluent)",
+                "cost: log2(tokens run per output token)",
+            ],
+        );
+        // Each method is named in the legend of each panel and drawn there as one point.
+        let texts = texts(&svg);
+        assert_eq!(texts.iter().filter(|t| **t == "sample").count(), 3);
+        assert_eq!(texts.iter().filter(|t| **t == "deal").count(), 3);
+        assert_eq!(svg.matches("<circle").count(), 6);
     }
 }

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::{Decoding, Job};
-use crate::bench::report::{xy_panels, Panel, XySeries};
+use crate::bench::plot::{xy_panels, Panel, XySeries};
 use crate::decode::equilibrium::{initial, RankParams, RankSpec};
 use crate::decode::DecoderSpec;
 use crate::engine::{Engine, EngineOptions};

@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
 use super::{Decoding, Job, Output};
-use crate::bench::report::{xy_panels, Panel, XySeries};
+use crate::bench::plot::{xy_panels, Panel, XySeries};
 use crate::decode::DecoderSpec;
 use crate::engine::{Engine, EngineOptions};
 use crate::reward::scorers::{Keywords, RegexMatch, Scorer, Sentiment};
@@ -520,33 +520,41 @@ impl Report<'_> {
     }
 
     fn svg(&self) -> String {
-        let lines = |value: &dyn Fn(usize, &Measured) -> f64| -> Vec<XySeries> {
-            (0..self.arms.len())
-                .map(|i| XySeries {
-                    label: self.objective_label(i),
-                    points: self
-                        .sweep(i, |m| value(i, m))
-                        .into_iter()
-                        .map(|(w, v)| (f64::from(w), v))
-                        .collect(),
-                    line: true,
-                })
-                .collect()
+        xy_panels(&self.panels())
+    }
+
+    /// Each objective's reward against its own weight, one panel each (their scales differ:
+    /// sentiment lies in 0…5, concise in −60…−20); KL per token of every sweep; the trade-off
+    /// over the grid.
+    fn panels(&self) -> Vec<Panel> {
+        let line = |i: usize, value: &dyn Fn(&Measured) -> f64| XySeries {
+            label: self.objective_label(i),
+            points: self
+                .sweep(i, value)
+                .into_iter()
+                .map(|(w, v)| (f64::from(w), v))
+                .collect(),
+            line: true,
         };
-        let mut panels = vec![
-            Panel {
-                title: "Own objective's mean reward vs its weight (others 0)".into(),
-                x_title: "weight".into(),
+        let mut panels: Vec<Panel> = (0..self.arms.len())
+            .map(|i| Panel {
+                title: format!(
+                    "{}: mean reward vs its weight (others 0)",
+                    self.objective_label(i)
+                ),
+                x_title: format!("weight of {}", self.arms[i]),
                 y_title: "mean reward".into(),
-                series: lines(&|i, m| m.rewards[i]),
-            },
-            Panel {
-                title: "KL to the base per token vs weight".into(),
-                x_title: "weight".into(),
-                y_title: "nats / token".into(),
-                series: lines(&|_, m| m.kl_per_token),
-            },
-        ];
+                series: vec![line(i, &|m| m.rewards[i])],
+            })
+            .collect();
+        panels.push(Panel {
+            title: "KL to the base per token vs weight".into(),
+            x_title: "weight".into(),
+            y_title: "nats / token".into(),
+            series: (0..self.arms.len())
+                .map(|i| line(i, &|m| m.kl_per_token))
+                .collect(),
+        });
         if self.arms.len() >= 2 {
             // One line per weight of the first ARM, through the weights of the second.
             // (first ARM's weight, [(second's weight, reward 1, reward 2)]).
@@ -604,7 +612,7 @@ impl Report<'_> {
                 });
             }
         }
-        xy_panels(&panels)
+        panels
     }
 
     fn json(&self, checks: &[Check], args: &SteerArgs, prompts: &[String]) -> Value {
@@ -677,6 +685,7 @@ impl Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::plot::{assert_svg_with, y_range};
 
     #[test]
     fn settings_cover_each_sweep_and_the_grid_once() {
@@ -705,6 +714,57 @@ mod tests {
         assert_eq!(
             pareto(&[(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]),
             [1, 2, 3]
+        );
+    }
+
+    #[test]
+    fn each_objective_gets_its_own_panel_and_y_range() {
+        let arms = vec!["positive".to_string(), "concise".to_string()];
+        let objectives = [ObjectiveScorer::Sentiment, ObjectiveScorer::Concise];
+        let settings = settings(&arms, &[0.0, 1.0, 2.0], &[0.0, 2.0]);
+        // Sentiment rises over 0…4 with its weight, concise over −60…−20.
+        let measured: Vec<Measured> = settings
+            .iter()
+            .map(|s| Measured {
+                rewards: vec![
+                    2.0 * f64::from(s.weights[0]),
+                    -60.0 + 20.0 * f64::from(s.weights[1]),
+                ],
+                kl_per_token: 0.1 * f64::from(s.weights[0] + s.weights[1]),
+                distinct_2: 0.9,
+                mean_tokens: 30.0,
+                tokens_per_s: 10.0,
+                wall_s: 1.0,
+                outputs: Vec::new(),
+            })
+            .collect();
+        let report = Report {
+            arms: &arms,
+            objectives: &objectives,
+            settings: &settings,
+            measured: &measured,
+        };
+        let panels = report.panels();
+        // positive, concise, KL, trade-off.
+        assert_eq!(panels.len(), 4);
+        let (positive, concise) = (&panels[0], &panels[1]);
+        assert_eq!(positive.series.len(), 1);
+        assert_eq!(positive.series[0].label, "positive (sentiment)");
+        assert_eq!(concise.series[0].label, "concise (concise)");
+        let (p, c) = (y_range(positive), y_range(concise));
+        assert!(p.start > -1.0 && p.end < 5.0, "{p:?}");
+        assert!(c.start > -65.0 && c.end < -15.0, "{c:?}");
+        assert_eq!(panels[2].series.len(), 2);
+
+        assert_svg_with(
+            &report.svg(),
+            &[
+                "positive (sentiment): mean reward vs its weight (others 0)",
+                "concise (concise): mean reward vs its weight (others 0)",
+                "KL to the base per token vs weight",
+                "Trade-off: positive (sentiment) vs concise (concise) over the grid",
+                "Pareto front",
+            ],
         );
     }
 
