@@ -246,7 +246,13 @@ pub fn chat(
         (false, _) => None,
     };
     let (max, param) = match request.max_completion_tokens {
-        Some(m) => (Some(m), "max_completion_tokens"),
+        Some(m) => {
+            // The alias wins, but a `max_tokens` beside it is still checked.
+            if let Some(other) = common.max_tokens {
+                count("max_tokens", other, 1, None)?;
+            }
+            (Some(m), "max_completion_tokens")
+        }
         None => (common.max_tokens, "max_tokens"),
     };
     job(
