@@ -133,6 +133,12 @@ async fn every_route_in_the_spec_answers_as_described(c: Client) {
         ("get", "/health", Value::Null),
         ("post", "/tokenize", json!({"prompt": "Hi"})),
         ("post", "/detokenize", json!({"tokens": [1, 2, 3]})),
+        ("get", "/tokenizer_info", Value::Null),
+        (
+            "post",
+            "/v1/score",
+            json!({"prompt": "Hi", "responses": [" there", " you"], "rewards": ["sentiment"]}),
+        ),
         ("get", "/metrics", Value::Null),
     ];
     let described: Vec<(String, String)> = SPEC["paths"]

@@ -16,6 +16,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
         score_reads_responses_with_the_base_and_rewards,
         score_arm_values_are_what_best_of_n_ranks_by,
         score_requests_are_checked,
+        tokenizer_info_describes_the_base_tokenizer,
     ]
 }
 
@@ -332,4 +333,28 @@ async fn score_requests_are_checked(c: Client) {
         "{:?}",
         r.body
     );
+}
+
+/// What remote tokenizers (lm-evaluation-harness's `tokenizer_backend=remote`) read.
+async fn tokenizer_info_describes_the_base_tokenizer(c: Client) {
+    let info = c.get("/tokenizer_info").await.body;
+    let eos = info["eos_token"]
+        .as_str()
+        .expect("the base has an end token");
+    // The end token's text tokenizes to itself, one token.
+    let ids = c
+        .ok(
+            "/tokenize",
+            &json!({"prompt": eos, "add_special_tokens": false}),
+        )
+        .await["tokens"]
+        .clone();
+    assert_eq!(ids.as_array().unwrap().len(), 1, "{eos}: {ids}");
+    let models = c.get("/v1/models").await.body;
+    assert_eq!(
+        info["model_max_length"],
+        models["data"][0]["context_length"]
+    );
+    assert!(info["chat_template"].as_str().unwrap().contains("messages"));
+    assert!(info["vocab_size"].as_u64().unwrap() > 1000);
 }
