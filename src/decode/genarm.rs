@@ -339,7 +339,7 @@ impl Guided {
             .active()
             .map(|a| (a.model, generation.prompt_for(a.model).to_vec()));
         Self {
-            prompt: SharedPrompt::base(&generation),
+            prompt: SharedPrompt::base(generation),
             first: None,
             arms: Tracker::new(arms, Rows::Raw),
             coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
