@@ -10,14 +10,15 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::wire::{
-    ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, ScoreRequest, Stop,
+    ChatMessage, ChatRequest, CommonRequest, CompletionRequest, Content, Prompt, ResponseFormat,
+    ScoreRequest, Stop,
 };
 use super::Limits;
 use crate::decode::{DecoderSpec, Generation};
 use crate::engine::Engine;
 use crate::model::{Message, ModelId, ModelInfo, BASE};
 use crate::reward::{self, scorers::Scorer, Registry};
-use crate::sampling::SamplingParams;
+use crate::sampling::{Grammar, SamplingParams};
 
 /// Most choices per prompt (`n`).
 pub const MAX_N: usize = 16;
@@ -195,6 +196,7 @@ pub fn completion(
             g.sampling.prompt_logprobs = logprobs;
         }
     }
+    constrain(&mut job, grammar(request.response_format, model)?)?;
     Ok(CompletionJob {
         job,
         echo: echo.then_some(texts),
@@ -214,17 +216,7 @@ pub fn chat(
             "tool calling is not supported",
         ));
     }
-    if let Some(format) = &request.response_format {
-        if format.kind != "text" {
-            return Err(ApiError::unsupported(
-                "response_format.type",
-                format!(
-                    "response format `{}` is not supported; only `text`",
-                    format.kind
-                ),
-            ));
-        }
-    }
+    let grammar = grammar(request.response_format, model)?;
     let messages = request
         .messages
         .ok_or_else(|| ApiError::missing("messages"))?;
@@ -255,7 +247,7 @@ pub fn chat(
         }
         None => (common.max_tokens, "max_tokens"),
     };
-    job(
+    let mut job = job(
         CommonRequest {
             max_tokens: max,
             ..common
@@ -272,7 +264,52 @@ pub fn chat(
             least: 1,
         },
         limits,
-    )
+    )?;
+    constrain(&mut job, grammar)?;
+    Ok(job)
+}
+
+/// The grammar `response_format` asks answers to keep to: none for `text`.
+fn grammar(format: Option<ResponseFormat>, model: &ModelInfo) -> Result<Option<Grammar>, ApiError> {
+    let Some(format) = format else {
+        return Ok(None);
+    };
+    match format.kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(Grammar::json_object(&model.vocab))),
+        "json_schema" => {
+            let schema = format
+                .json_schema
+                .and_then(|j| j.schema)
+                .ok_or_else(|| ApiError::missing("response_format.json_schema.schema"))?;
+            Grammar::json_schema(&model.vocab, &schema)
+                .map(Some)
+                .map_err(|why| {
+                    ApiError::invalid(
+                        "response_format.json_schema.schema",
+                        format!("the schema does not compile to a grammar: {why}"),
+                    )
+                })
+        }
+        other => Err(ApiError::unsupported(
+            "response_format.type",
+            format!("response format `{other}` is not supported; use `text`, `json_object` or `json_schema`"),
+        )),
+    }
+}
+
+/// Keep every answer of `job` to `grammar`, if the decoder can.
+fn constrain(job: &mut Job, grammar: Option<Grammar>) -> Result<(), ApiError> {
+    let Some(grammar) = grammar else {
+        return Ok(());
+    };
+    job.decoder
+        .check_grammar()
+        .map_err(|why| ApiError::unsupported("response_format", why))?;
+    for g in &mut job.generations {
+        g.sampling.grammar = Some(grammar.clone());
+    }
+    Ok(())
 }
 
 /// Most reward sources one `/v1/score` request may name.
@@ -800,6 +837,7 @@ fn sampling(
         seed: c.seed.map(|s| s as u64),
         logprobs,
         prompt_logprobs: None,
+        grammar: None,
     })
 }
 

@@ -59,6 +59,7 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
+    pub response_format: Option<ResponseFormat>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +112,19 @@ pub struct ContentPart {
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// OpenAI's `response_format.json_schema`.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    /// Accepted and ignored (OpenAI requires a name; the schema is what binds).
+    #[allow(dead_code)]
+    pub name: Option<String>,
+    pub schema: Option<Value>,
+    /// Accepted: tilt's grammars are always strict.
+    #[allow(dead_code)]
+    pub strict: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -221,6 +221,8 @@ impl ArgsDecoder {
             }
             (lex, state)
         });
+        // Tokens the request's grammar refuses are −∞ (and there is always one it allows).
+        candidates.retain(|&t| adjusted[t as usize] > f32::NEG_INFINITY);
         let keyword_objective = self.spec.keywords.as_ref().and_then(|k| k.objective);
         let mut scores = Vec::with_capacity(candidates.len());
         for v in &candidates {

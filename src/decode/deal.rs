@@ -123,6 +123,10 @@ impl Method for Deal {
         "deal"
     }
 
+    fn check_grammar(&self, _: &DealSpec) -> Result<(), String> {
+        Err("deal does not keep its beams and lookaheads to a `response_format` yet; sample, genarm, best_of_n, args, equilibrium (sampled candidates) and adaptive do".into())
+    }
+
     fn parse(&self, params: Params, rewards: &Registry) -> Result<DealSpec, ParamError> {
         let p: DealParams = typed(params)?;
         let lambda = finite("lambda", p.lambda)?;

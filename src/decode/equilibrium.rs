@@ -240,6 +240,13 @@ impl Method for Equilibrium {
         "equilibrium"
     }
 
+    fn check_grammar(&self, spec: &EquilibriumSpec) -> Result<(), String> {
+        match spec.candidates {
+            Candidates::Given(_) => Err("given candidates are not generated, so no `response_format` can shape them; sample the candidates with `n`".into()),
+            Candidates::Sampled(_) => Ok(()),
+        }
+    }
+
     fn parse(&self, mut params: Params, _: &Registry) -> Result<EquilibriumSpec, ParamError> {
         let given = params.remove("candidates");
         let n = params.remove("n");

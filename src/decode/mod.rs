@@ -111,6 +111,10 @@ pub trait Method: Copy + Send + Sync + 'static {
     fn check_choices(&self, _spec: &Self::Spec, _n: usize) -> Result<(), String> {
         Ok(())
     }
+    /// Whether the decoder keeps its answers to a grammar (`response_format`); if not, why.
+    fn check_grammar(&self, _spec: &Self::Spec) -> Result<(), String> {
+        Ok(())
+    }
     /// The decoder for one prompt, or why it cannot serve it (`models`: the engine's).
     fn build(
         &self,
@@ -159,6 +163,11 @@ impl DecoderSpec {
     /// Whether the decoder can give the request's `n` choices; if not, why.
     pub fn check_choices(&self, n: usize) -> Result<(), String> {
         self.0.check_choices(n)
+    }
+
+    /// Whether the decoder keeps its answers to a grammar (`response_format`); if not, why.
+    pub fn check_grammar(&self) -> Result<(), String> {
+        self.0.check_grammar()
     }
 
     /// The decoder for one prompt, or why it cannot serve it (`models`: the engine's). With
@@ -226,6 +235,7 @@ trait Checked: Send + Sync {
     fn name(&self) -> &'static str;
     fn models(&self) -> Vec<ModelId>;
     fn check_choices(&self, n: usize) -> Result<(), String>;
+    fn check_grammar(&self) -> Result<(), String>;
     fn build(
         &self,
         generation: Generation,
@@ -249,6 +259,10 @@ impl<M: Method> Checked for Bound<M> {
 
     fn check_choices(&self, n: usize) -> Result<(), String> {
         self.method.check_choices(&self.spec, n)
+    }
+
+    fn check_grammar(&self) -> Result<(), String> {
+        self.method.check_grammar(&self.spec)
     }
 
     fn build(

@@ -1,6 +1,7 @@
 //! Token sampling shared by every decoder: logit bias, penalties, temperature (0 = greedy), top-k,
 //! top-p, min-p, a seeded RNG, logprobs; and text streaming with stop strings (`text`).
 
+pub mod structured;
 pub mod text;
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::math;
 
 pub use crate::math::{log_softmax, log_sum_exp};
+pub use structured::{Constraint, Grammar};
 pub use text::TextStream;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +36,8 @@ pub struct SamplingParams {
     /// Report each prompt token's log-probability after the tokens before it, with this many
     /// alternatives (`echo` with `logprobs`; vLLM's name).
     pub prompt_logprobs: Option<usize>,
+    /// The grammar every answer must keep to (`response_format`).
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -50,6 +54,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             prompt_logprobs: None,
+            grammar: None,
         }
     }
 }
@@ -81,6 +86,8 @@ pub struct Sampler {
     /// Tokens of the prompt, for the repetition penalty.
     prompt_seen: Vec<u32>,
     scratch: Vec<f32>,
+    /// Where the answer stands in the request's grammar, if it has one.
+    constraint: Option<Constraint>,
 }
 
 impl Sampler {
@@ -96,12 +103,14 @@ impl Sampler {
         };
         prompt_seen.sort_unstable();
         prompt_seen.dedup();
+        let constraint = params.grammar.as_ref().map(Grammar::start);
         Self {
             params,
             rng,
             counts: HashMap::new(),
             prompt_seen,
             scratch: Vec::new(),
+            constraint,
         }
     }
 
@@ -111,21 +120,23 @@ impl Sampler {
 
     /// Draw the next token from `logits` (one row, vocabulary wide) and record it.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
-        let token = if self.params.temperature <= 1e-5 && !self.adjusts() {
-            argmax(logits)
-        } else {
-            let mut x = std::mem::take(&mut self.scratch);
-            x.clear();
-            x.extend_from_slice(logits);
-            self.adjust(&mut x);
-            let token = if self.params.temperature <= 1e-5 {
-                argmax(&x)
+        let token =
+            if self.params.temperature <= 1e-5 && !self.adjusts() && self.constraint.is_none() {
+                argmax(logits)
             } else {
-                self.draw(&mut x)
+                let mut x = std::mem::take(&mut self.scratch);
+                x.clear();
+                x.extend_from_slice(logits);
+                self.adjust(&mut x);
+                self.constrain(&mut x);
+                let token = if self.params.temperature <= 1e-5 {
+                    argmax(&x)
+                } else {
+                    self.draw(&mut x)
+                };
+                self.scratch = x;
+                token
             };
-            self.scratch = x;
-            token
-        };
         self.record(token, logits)
     }
 
@@ -133,6 +144,9 @@ impl Sampler {
     /// see it, and its logprobs are reported as a sampled token's would be.
     pub fn record(&mut self, token: u32, logits: &[f32]) -> Sampled {
         *self.counts.entry(token).or_insert(0) += 1;
+        if let Some(c) = &mut self.constraint {
+            c.commit(token);
+        }
         let (logprob, top) = match self.params.logprobs {
             Some(k) => {
                 let (logprob, top) = logprobs(logits, token, k);
@@ -156,11 +170,25 @@ impl Sampler {
             || p.frequency_penalty != 0.0
     }
 
-    /// `logits` as sampling sees them before temperature: logit bias and penalties applied.
-    pub fn adjusted(&self, logits: &[f32]) -> Vec<f32> {
+    /// `logits` as sampling sees them before temperature: logit bias and penalties applied,
+    /// and tokens the grammar refuses at −∞.
+    pub fn adjusted(&mut self, logits: &[f32]) -> Vec<f32> {
         let mut x = logits.to_vec();
         self.adjust(&mut x);
+        self.constrain(&mut x);
         x
+    }
+
+    /// Tokens the grammar refuses next to −∞ (nothing without a grammar).
+    fn constrain(&mut self, x: &mut [f32]) {
+        if let Some(c) = &mut self.constraint {
+            c.mask(x);
+        }
+    }
+
+    /// The answer's place in the request's grammar, if it has one.
+    pub fn constraint(&mut self) -> Option<&mut Constraint> {
+        self.constraint.as_mut()
     }
 
     /// An index into `scores` (a search decoder's candidates), drawn at the request's temperature

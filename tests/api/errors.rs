@@ -294,7 +294,7 @@ async fn unsupported_fields_are_rejected(c: Client) {
             "tools",
         ),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"response_format": {"type": "json_xml"}}),
             "response_format.type",
         ),
         (

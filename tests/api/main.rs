@@ -20,6 +20,7 @@ mod scoring;
 mod search;
 mod server;
 mod soak;
+mod structured;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
         ("equilibrium", equilibrium::cases()),
         ("adaptive", adaptive::cases()),
         ("scoring", scoring::cases()),
+        ("structured", structured::cases()),
     ];
     for (group, cases) in groups {
         for (name, case) in cases {

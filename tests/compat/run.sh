@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tests against a live server from outside: the official `openai` Python client, schemathesis
-# checking the server against openapi.yaml both ways (test_contract.py), and lm-evaluation-harness
-# running its tasks through tilt (test_lm_eval.py). Installs `openai`, `pytest`, `schemathesis` and
-# `lm-eval[api]` from PyPI into a virtual environment, starts `tilt serve` on a free
+# checking the server against openapi.yaml both ways (test_contract.py), lm-evaluation-harness
+# running its tasks through tilt (test_lm_eval.py), and LangChain's structured output
+# (test_structured.py). Installs `openai`, `pytest`, `schemathesis`, `lm-eval[api]` and
+# `langchain-openai` from PyPI into a virtual environment, starts `tilt serve` on a free
 # port, waits until it is ready, runs tests/compat, and stops the server. The server ends any
 # request after 2 s (--request-timeout), so that generated requests for thousands of tokens stay
 # cheap; the client tests ask for a few tokens each.
@@ -21,7 +22,7 @@ if [ ! -x "$bin" ]; then
 fi
 
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai pytest schemathesis==4.32.5 "lm-eval[api]==0.4.13"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai pytest schemathesis==4.32.5 "lm-eval[api]==0.4.13" langchain-openai==1.8.1
 
 out="$(mktemp)"
 RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --host 127.0.0.1 --port 0 --request-timeout 2 >"$out" &
