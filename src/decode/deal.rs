@@ -48,6 +48,7 @@
 //! changes. Once an expansion has every keyword and nothing else is weighed, no rollout can
 //! change its reward: it is fed its token alone (for the row after it), not rolled out.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
@@ -63,7 +64,7 @@ use super::{finite, typed, within, Choice, Generation, Method, ParamError, Param
 use crate::engine::{Cx, Decoder, Event, FinishReason, Flow, Outputs, SeqId, Usage};
 use crate::model::{Logits, ModelId, ModelInfo, Vocab, BASE};
 use crate::reward::Registry;
-use crate::sampling::{argmax, log_sum_exp, top_sorted, Sampled};
+use crate::sampling::{argmax, log_sum_exp, top_sorted, Constraint, Sampled};
 
 /// Most tokens expanded per beam.
 pub const MAX_TOP_K: usize = 16;
@@ -121,10 +122,6 @@ impl Method for Deal {
 
     fn name(&self) -> &'static str {
         "deal"
-    }
-
-    fn check_grammar(&self, _: &DealSpec) -> Result<(), String> {
-        Err("deal does not keep its beams and lookaheads to a `response_format` yet; sample, genarm, best_of_n, args, equilibrium (sampled candidates) and adaptive do".into())
     }
 
     fn parse(&self, params: Params, rewards: &Registry) -> Result<DealSpec, ParamError> {
@@ -212,6 +209,8 @@ struct Beam {
     arms: Option<TrackId>,
     /// Per reward model, Σ log π_r of the answer's tokens.
     arm_logps: Vec<f64>,
+    /// Where the answer stands in the request's grammar (`response_format`).
+    grammar: Option<Constraint>,
 }
 
 /// Beam `parent` plus `token`, being rolled out.
@@ -242,6 +241,10 @@ struct Expansion {
     /// lookahead.
     arm_base: Vec<f64>,
     arm_rollout: Vec<f64>,
+    /// In the request's grammar: the answer after `token` (a kept beam's), and the rollout's
+    /// place after its lookahead.
+    grammar: Option<Constraint>,
+    rollout_grammar: Option<Constraint>,
 }
 
 pub struct DealDecoder {
@@ -268,13 +271,27 @@ pub struct DealDecoder {
     pruned: usize,
 }
 
-/// The `k` most likely tokens of `logits` with their log-probs, most likely first.
-fn ranked(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+/// The `k` most likely tokens of `allowed` (the row with tokens a grammar refuses at −∞) with
+/// their log-probs under `logits` (the base's row), most likely first.
+fn ranked(logits: &[f32], allowed: &[f32], k: usize) -> Vec<(u32, f32)> {
     let lse = log_sum_exp(logits);
-    top_sorted(logits, k)
+    top_sorted(allowed, k)
         .into_iter()
+        .filter(|&t| allowed[t as usize] > f32::NEG_INFINITY)
         .map(|t| (t, logits[t as usize] - lse))
         .collect()
+}
+
+/// `row` with the tokens `grammar` refuses next at −∞ (the row itself without a grammar).
+fn allowed<'r>(row: &'r [f32], grammar: Option<&mut Constraint>) -> Cow<'r, [f32]> {
+    match grammar {
+        Some(g) => {
+            let mut masked = row.to_vec();
+            g.mask(&mut masked);
+            Cow::Owned(masked)
+        }
+        None => Cow::Borrowed(row),
+    }
 }
 
 impl DealDecoder {
@@ -311,12 +328,20 @@ impl DealDecoder {
     /// The candidates from the base's `row`: its `top_k` most likely tokens, then the tokens
     /// that start or continue a keyword the answer (standing at `keywords`) lacks, with their
     /// log-probs.
-    fn candidates(&self, row: &[f32], keywords: Option<&State>) -> Vec<(u32, f32)> {
-        let mut next = ranked(row, self.spec.top_k);
+    fn candidates(
+        &self,
+        row: &[f32],
+        allowed: &[f32],
+        keywords: Option<&State>,
+    ) -> Vec<(u32, f32)> {
+        let mut next = ranked(row, allowed, self.spec.top_k);
         if let Some(state) = keywords {
             let lse = log_sum_exp(row);
             for t in state.pulled() {
-                if (t as usize) < row.len() && next.iter().all(|&(n, _)| n != t) {
+                let ok = allowed
+                    .get(t as usize)
+                    .is_some_and(|&a| a > f32::NEG_INFINITY);
+                if ok && next.iter().all(|&(n, _)| n != t) {
                     next.push((t, row[t as usize] - lse));
                 }
             }
@@ -531,6 +556,11 @@ impl DealDecoder {
                     after_token: None,
                     arm_base,
                     arm_rollout: vec![0.0; lanes],
+                    grammar: beam.grammar.clone().map(|mut g| {
+                        g.commit(token);
+                        g
+                    }),
+                    rollout_grammar: None,
                 });
             }
         }
@@ -620,6 +650,7 @@ impl DealDecoder {
                 finished: e.finished,
                 arms,
                 arm_logps: e.arm_base,
+                grammar: e.grammar,
             });
         }
         pool.extend(old.into_iter().filter(|b| b.finished.is_some()));
@@ -752,7 +783,9 @@ impl Decoder for DealDecoder {
             // The first beam takes the ARMs' prompt caches themselves.
             let arms = self.arms.branch(cx, 1)?[0];
             let keywords = self.keyword_state(&cx.model(BASE).vocab, &[]);
-            let next = self.candidates(&logits, keywords.as_ref());
+            let mut grammar = self.generation.sampling.grammar.as_ref().map(|g| g.start());
+            let allowed = allowed(&logits, grammar.as_mut());
+            let next = self.candidates(&logits, &allowed, keywords.as_ref());
             self.beams.push(Beam {
                 seq: Some(cx.fork(seq)?),
                 tokens: Vec::new(),
@@ -762,6 +795,7 @@ impl Decoder for DealDecoder {
                 finished: None,
                 arms: Some(arms),
                 arm_logps: vec![0.0; self.arms.lanes()],
+                grammar,
             });
             self.choice = Some(Choice::new(0, seq, &self.generation));
         } else {
@@ -780,13 +814,25 @@ impl Decoder for DealDecoder {
                 });
                 let keywords = keywords.flatten();
                 if e.lookahead.is_empty() {
-                    e.next = self.candidates(row, keywords.as_ref());
+                    e.rollout_grammar = e.grammar.clone();
+                }
+                let allowed = allowed(row, e.rollout_grammar.as_mut());
+                if e.lookahead.is_empty() {
+                    e.next = self.candidates(row, &allowed, keywords.as_ref());
                     e.after_token = Some(self.arms.checkpoint(cx, track)?);
                 }
                 // A rollout finishes a keyword in progress, so that its score sees it.
                 let token = (keywords.as_ref())
                     .and_then(State::continuation)
-                    .unwrap_or_else(|| argmax(row));
+                    .filter(|&t| {
+                        allowed
+                            .get(t as usize)
+                            .is_some_and(|&a| a > f32::NEG_INFINITY)
+                    })
+                    .unwrap_or_else(|| argmax(&allowed));
+                if let Some(g) = &mut e.rollout_grammar {
+                    g.commit(token);
+                }
                 // Each ARM's row predicted the same token: its log-prob counts while scored.
                 if e.lookahead.len() < e.scored {
                     for (l, sum) in e.arm_rollout.iter_mut().enumerate() {

@@ -71,6 +71,14 @@ async fn answers_validate_against_the_schema_under_each_decoder(c: Client) {
             decoder("args", json!({"rewards": {"sentiment": 1}, "top_k": 4})),
             1,
         ),
+        (
+            "deal",
+            decoder(
+                "deal",
+                json!({"rewards": {"sentiment": 1}, "top_k": 3, "beam_width": 2, "lookahead": 4}),
+            ),
+            1,
+        ),
         ("equilibrium", decoder("equilibrium", json!({"n": 3})), 1),
         ("adaptive", decoder("adaptive", json!({})), 1),
     ];
@@ -158,7 +166,10 @@ async fn bad_formats_are_400s(c: Client) {
         ),
         (
             format(&person_schema()),
-            Some(decoder("deal", json!({"rewards": {"sentiment": 1}}))),
+            Some(decoder(
+                "equilibrium",
+                json!({"candidates": ["Paris", "Rome"]}),
+            )),
             "response_format",
         ),
     ];
