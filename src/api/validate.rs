@@ -291,9 +291,20 @@ fn grammar(format: Option<ResponseFormat>, model: &ModelInfo) -> Result<Option<G
                     )
                 })
         }
+        "grammar" => {
+            let grammar = format
+                .grammar
+                .ok_or_else(|| ApiError::missing("response_format.grammar"))?;
+            Grammar::lark(&model.vocab, &grammar).map(Some).map_err(|why| {
+                ApiError::invalid(
+                    "response_format.grammar",
+                    format!("the grammar does not compile: {why}"),
+                )
+            })
+        }
         other => Err(ApiError::unsupported(
             "response_format.type",
-            format!("response format `{other}` is not supported; use `text`, `json_object` or `json_schema`"),
+            format!("response format `{other}` is not supported; use `text`, `json_object`, `json_schema` or `grammar`"),
         )),
     }
 }

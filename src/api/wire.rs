@@ -113,6 +113,8 @@ pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: String,
     pub json_schema: Option<JsonSchemaFormat>,
+    /// tilt's type `grammar`: a Lark grammar.
+    pub grammar: Option<String>,
 }
 
 /// OpenAI's `response_format.json_schema`.

@@ -57,6 +57,12 @@ impl Grammar {
         )
     }
 
+    /// Answers in the language of a Lark grammar (llguidance's dialect, which also reads most
+    /// of llama.cpp's GBNF): tilt's `response_format` type `grammar`.
+    pub fn lark(vocab: &Vocab, grammar: &str) -> Result<Self, String> {
+        Self::compile(vocab, TopLevelGrammar::from_lark(grammar.to_string()))
+    }
+
     /// Any JSON object (OpenAI's `json_object`).
     pub fn json_object(vocab: &Vocab) -> Self {
         Self::json_schema(vocab, &json!({"type": "object"})).expect("a fixed schema compiles")

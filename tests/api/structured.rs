@@ -11,6 +11,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
         answers_validate_against_the_schema_under_each_decoder,
         an_enum_forces_one_of_its_values,
         json_object_and_completions_take_it_too,
+        a_lark_grammar_shapes_free_text,
         a_short_budget_ends_with_length,
         bad_formats_are_400s,
     ]
@@ -182,4 +183,31 @@ async fn bad_formats_are_400s(c: Client) {
         assert_eq!(r.status, 400, "{body}: {:?}", r.body);
         assert_eq!(r.body["error"]["param"], param, "{body}: {:?}", r.body);
     }
+}
+
+/// tilt's `grammar` type: a Lark grammar, here a date.
+async fn a_lark_grammar_shapes_free_text(c: Client) {
+    let grammar = r#"start: year "-" month "-" day
+year: /20[0-9][0-9]/
+month: /0[1-9]|1[0-2]/
+day: /0[1-9]|[12][0-9]|3[01]/"#;
+    let r = c
+        .ok("/v1/completions", &json!({"prompt": "The date of the meeting is", "max_tokens": 16,
+            "temperature": 0.9, "seed": 1, "n": 3, "response_format": {"type": "grammar", "grammar": grammar}}))
+        .await;
+    let date = regex::Regex::new(r"^20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$").unwrap();
+    for choice in r["choices"].as_array().unwrap() {
+        let text = choice["text"].as_str().unwrap();
+        assert!(date.is_match(text), "{text:?}");
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    let r = c
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "x", "max_tokens": 4,
+            "response_format": {"type": "grammar", "grammar": "start: undefined_rule"}}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert_eq!(r.body["error"]["param"], "response_format.grammar");
 }
