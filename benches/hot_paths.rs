@@ -1,10 +1,11 @@
-//! The numbers that catch regressions: one decode step, a prefill, the sampler, GenARM's combine.
+//! The numbers that catch regressions: one decode step, a prefill, the sampler, GenARM's combine,
+//! and structured output's mask over the vocabulary.
 //!
 //!     cargo bench --bench hot_paths
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use tilt::model::{fetch, ForwardItem, KvCache, Logits, Model, Role};
-use tilt::sampling::{Sampler, SamplingParams};
+use tilt::sampling::{Grammar, Sampler, SamplingParams};
 
 fn model() -> Model {
     let path = fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL).expect("default model");
@@ -139,5 +140,43 @@ fn genarm_combine(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, forward, sampler, genarm_combine);
+/// One mask of a JSON schema's state over the base's vocabulary (what each draw under
+/// `response_format` adds), at the value's start, inside a string and inside a number.
+fn structured_mask(c: &mut Criterion) {
+    let m = model();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"]
+    });
+    let grammar = Grammar::json_schema(&m.vocab, &schema).expect("the schema compiles");
+    let row = vec![0.0f32; m.vocab.size()];
+    let mut g = c.benchmark_group("structured");
+    for (name, prefix) in [
+        ("mask_at_start", ""),
+        ("mask_in_string", r#"{"name": "Ada Love"#),
+        ("mask_in_number", r#"{"name": "Ada", "age": 3"#),
+    ] {
+        let tokens = m.vocab.encode(prefix, false).unwrap();
+        let state = || {
+            let mut s = grammar.start();
+            tokens.iter().for_each(|&t| s.commit(t));
+            s
+        };
+        let mut check = (state(), row.clone());
+        check.0.mask(&mut check.1);
+        let allowed = check.1.iter().filter(|x| x.is_finite()).count();
+        assert!(allowed > 1, "{name}: the prefix left the grammar");
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || (state(), row.clone()),
+                |(s, row)| s.mask(row),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, forward, sampler, genarm_combine, structured_mask);
 criterion_main!(benches);

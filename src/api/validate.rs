@@ -274,6 +274,15 @@ fn grammar(format: Option<ResponseFormat>, model: &ModelInfo) -> Result<Option<G
     let Some(format) = format else {
         return Ok(None);
     };
+    // A `json_schema` is checked whatever the type: it is a mistake even where it is not used.
+    if let Some(j) = &format.json_schema {
+        if !j.schema.as_ref().is_some_and(Value::is_object) {
+            return Err(ApiError::invalid(
+                "response_format.json_schema.schema",
+                "`response_format.json_schema.schema` must be a JSON Schema object",
+            ));
+        }
+    }
     match format.kind.as_str() {
         "text" => Ok(None),
         "json_object" => Ok(Some(Grammar::json_object(&model.vocab))),

@@ -123,6 +123,9 @@ pub struct JsonSchemaFormat {
     /// Accepted and ignored (OpenAI requires a name; the schema is what binds).
     #[allow(dead_code)]
     pub name: Option<String>,
+    /// Accepted and ignored, typed as the contract says.
+    #[allow(dead_code)]
+    pub description: Option<String>,
     pub schema: Option<Value>,
     /// Accepted: tilt's grammars are always strict.
     #[allow(dead_code)]
