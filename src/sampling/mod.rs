@@ -186,10 +186,6 @@ impl Sampler {
         }
     }
 
-    /// The answer's place in the request's grammar, if it has one.
-    pub fn constraint(&mut self) -> Option<&mut Constraint> {
-        self.constraint.as_mut()
-    }
 
     /// An index into `scores` (a search decoder's candidates), drawn at the request's temperature
     /// with its top-k / top-p / min-p truncation, or the best at temperature 0. Records nothing.

@@ -1,7 +1,7 @@
 //! Structured output: a JSON schema compiled once per request (by llguidance, what llama.cpp and
 //! vLLM use) into a grammar whose state every choice carries; before each draw the state gives
 //! the tokens that keep the answer inside the grammar, and every other token's logit becomes −∞.
-//! The state forks with a choice (candidates, beams) and rewinds with it.
+//! The state is cloned where a sequence forks (DeAL's beams and rollouts).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -148,16 +148,6 @@ impl Constraint {
         }
         // A refused token leaves the state in error: `mask` then allows only ending.
         let _ = self.matcher.consume_token(token);
-    }
-
-    /// Forget the last `tokens` committed.
-    pub fn rewind(&mut self, tokens: usize) {
-        let _ = self.matcher.rollback(tokens);
-    }
-
-    /// Whether the answer so far is a whole value of the grammar.
-    pub fn is_complete(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
     }
 }
 
