@@ -120,3 +120,47 @@ fn prompt_longer_than_the_context() {
     ]);
     assert_clean_failure(&out, "context");
 }
+
+/// The first log line of `tilt serve` that says it is ready, in `format`, from a pipe.
+fn ready_line(format: &str) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args([
+            "--log-format",
+            format,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tilt serve starts");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let line = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("ready"))
+        .expect("a ready line");
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
+#[test]
+fn logs_are_plain_text_on_a_pipe_or_json_objects() {
+    let text = ready_line("text");
+    assert!(!text.contains('\x1b'), "colour codes on a pipe: {text:?}");
+    let json: serde_json::Value = serde_json::from_str(&ready_line("json")).expect("a JSON line");
+    assert_eq!(json["level"], "INFO");
+    assert!(
+        json["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ready"),
+        "{json}"
+    );
+}

@@ -10,6 +10,7 @@ mod completions;
 mod error;
 mod json;
 pub mod metrics;
+mod request_id;
 mod routes;
 mod run;
 mod score;
@@ -128,6 +129,7 @@ pub fn router(state: AppState) -> Router {
             auth::require_key,
         ))
         .layer(axum::middleware::from_fn(metrics::track_http))
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }
 

@@ -186,7 +186,6 @@ impl Sampler {
         }
     }
 
-
     /// An index into `scores` (a search decoder's candidates), drawn at the request's temperature
     /// with its top-k / top-p / min-p truncation, or the best at temperature 0. Records nothing.
     pub fn choose(&mut self, scores: &[f32]) -> usize {

@@ -16,6 +16,7 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
         unsupported_fields_are_rejected,
         unknown_route_and_method,
         tokenize_and_detokenize_errors,
+        request_ids_are_echoed_or_assigned,
     ]
 }
 
@@ -377,4 +378,33 @@ async fn tokenize_and_detokenize_errors(c: Client) {
         Some("n"),
         None,
     );
+}
+
+/// Every response carries `x-request-id`: the client's when usable, else a fresh UUID (errors
+/// included, so a client's report of one finds the server's logs).
+async fn request_ids_are_echoed_or_assigned(c: Client) {
+    let id = |r: &reqwest::Response| r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let given = c
+        .http
+        .get(c.url("/v1/models"))
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id(&given), "trace-42");
+    let (a, b) = (
+        c.http.get(c.url("/nowhere")).send().await.unwrap(),
+        c.http.get(c.url("/health")).send().await.unwrap(),
+    );
+    assert_eq!(a.status(), 404);
+    assert_eq!(id(&a).len(), 36);
+    assert_ne!(id(&a), id(&b));
+    let unusable = c
+        .http
+        .get(c.url("/health"))
+        .header("x-request-id", "x".repeat(500))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id(&unusable).len(), 36);
 }
