@@ -76,10 +76,7 @@ impl Writer {
             return None;
         }
         let mut out = CompletionLogprobs::default();
-        let entries = tokens
-            .iter()
-            .map(|t| (t.token, t.logprob, Some(t.top.as_slice())));
-        self.extend(&mut out, entries, offset);
+        self.extend(&mut out, entries(tokens), offset);
         Some(out)
     }
 
@@ -92,6 +89,16 @@ impl Writer {
             .map(|(&t, (lp, top))| (t, Some(*lp), Some(top.as_slice())));
         self.extend(&mut out, first.into_iter().chain(rest), 0);
         out
+    }
+
+    /// The chunk that streams choice `index`'s echoed prompt.
+    fn echo_chunk(&self, index: usize, logprobs: Option<CompletionLogprobs>) -> Completion {
+        self.object(vec![CompletionChoice {
+            index,
+            text: self.echo(index).to_string(),
+            logprobs,
+            finish_reason: None,
+        }])
     }
 
     /// Append (token, logprob, alternatives) entries, the first at character `offset`.
@@ -122,30 +129,25 @@ impl Writer {
         prompts: &[Option<PromptLogprobs>],
         tokens: &[TokenEvent],
     ) -> Option<CompletionLogprobs> {
-        let echo = self.echo(index).chars().count();
-        let mut out = self.logprobs(tokens, echo)?;
-        if let Some(Some(prompt)) = prompts.get(index / self.n) {
-            let mut all = self.prompt_logprobs(prompt);
-            all.tokens.append(&mut out.tokens);
-            all.token_logprobs.append(&mut out.token_logprobs);
-            all.top_logprobs.append(&mut out.top_logprobs);
-            all.text_offset.append(&mut out.text_offset);
-            out = all;
+        if !self.logprobs {
+            return None;
         }
+        let mut out = match prompts.get(index / self.n) {
+            Some(Some(prompt)) => self.prompt_logprobs(prompt),
+            _ => CompletionLogprobs::default(),
+        };
+        self.extend(&mut out, entries(tokens), self.echo(index).chars().count());
         Some(out)
     }
 }
 
-impl Writer {
-    /// The chunk that streams choice `index`'s echoed prompt.
-    fn echo_chunk(&self, index: usize, logprobs: Option<CompletionLogprobs>) -> Completion {
-        self.object(vec![CompletionChoice {
-            index,
-            text: self.echo(index).to_string(),
-            logprobs,
-            finish_reason: None,
-        }])
-    }
+/// Generated tokens as logprob entries: (token, logprob, alternatives).
+fn entries(
+    tokens: &[TokenEvent],
+) -> impl Iterator<Item = (u32, Option<f32>, Option<&[(u32, f32)]>)> {
+    tokens
+        .iter()
+        .map(|t| (t.token, t.logprob, Some(t.top.as_slice())))
 }
 
 impl Chunks for Writer {

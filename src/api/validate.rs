@@ -14,9 +14,10 @@ use super::wire::{
     ScoreRequest, Stop,
 };
 use super::Limits;
+use crate::decode::objectives::read_text;
 use crate::decode::{DecoderSpec, Generation};
 use crate::engine::Engine;
-use crate::model::{Message, ModelId, ModelInfo, BASE};
+use crate::model::{Message, ModelId, ModelInfo, Vocab, BASE};
 use crate::reward::{self, scorers::Scorer, Registry};
 use crate::sampling::{Grammar, SamplingParams};
 
@@ -155,15 +156,7 @@ pub fn completion(
         if p.is_empty() {
             return Err(ApiError::invalid("prompt", "the prompt is empty"));
         }
-        if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab.size()) {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!(
-                    "token id {bad} is out of range: the vocabulary has {} tokens",
-                    vocab.size()
-                ),
-            ));
-        }
+        in_vocabulary("prompt", p, vocab)?;
     }
     let logprobs = request
         .logprobs
@@ -379,17 +372,6 @@ pub fn score(
         (None, None) => return Err(ApiError::missing("prompt")),
     };
     let vocab = &model.vocab;
-    let in_range =
-        |param: &str, ids: &[u32]| match ids.iter().find(|&&t| t as usize >= vocab.size()) {
-            Some(bad) => Err(ApiError::invalid(
-                param,
-                format!(
-                    "token id {bad} is out of range: the vocabulary has {} tokens",
-                    vocab.size()
-                ),
-            )),
-            None => Ok(()),
-        };
     let prompt_param = if matches!(source, Source::Chat(_)) {
         "messages"
     } else {
@@ -399,16 +381,8 @@ pub fn score(
     if prompt.is_empty() {
         return Err(ApiError::invalid(prompt_param, "the prompt is empty"));
     }
-    in_range(prompt_param, &prompt)?;
-    if let Some(max) = limits.prompt_tokens.filter(|&max| prompt.len() > max) {
-        return Err(ApiError::invalid(
-            prompt_param,
-            format!(
-                "the prompt has {} tokens; this server takes at most {max} (--max-prompt-tokens)",
-                prompt.len()
-            ),
-        ));
-    }
+    in_vocabulary(prompt_param, &prompt, vocab)?;
+    within_prompt_limit(prompt_param, &prompt, limits)?;
     let responses = match request
         .responses
         .ok_or_else(|| ApiError::missing("responses"))?
@@ -447,8 +421,8 @@ pub fn score(
                 (ids, text)
             }
             Ok(ids) => {
-                in_range(&param, &ids)?;
-                let text = answer(vocab, &ids);
+                in_vocabulary(&param, &ids, vocab)?;
+                let text = read_text(vocab, &ids, false, &[]);
                 (ids, text)
             }
         };
@@ -516,14 +490,32 @@ pub fn score(
     })
 }
 
-/// The text of generated `tokens` as a client would read it: up to an end-of-generation token.
-fn answer(vocab: &crate::model::Vocab, tokens: &[u32]) -> String {
-    let bytes: Vec<u8> = tokens
-        .iter()
-        .take_while(|t| !vocab.end_of_generation.contains(t))
-        .flat_map(|&t| vocab.bytes(t).iter().copied())
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+/// A 400 naming `param` when one of `ids` is not a token of `vocab`.
+fn in_vocabulary(param: &str, ids: &[u32], vocab: &Vocab) -> Result<(), ApiError> {
+    match ids.iter().find(|&&t| t as usize >= vocab.size()) {
+        Some(bad) => Err(ApiError::invalid(
+            param,
+            format!(
+                "token id {bad} is out of range: the vocabulary has {} tokens",
+                vocab.size()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A 400 naming `param` when `prompt` is longer than the server takes (`--max-prompt-tokens`).
+fn within_prompt_limit(param: &str, prompt: &[u32], limits: &Limits) -> Result<(), ApiError> {
+    match limits.prompt_tokens {
+        Some(max) if prompt.len() > max => Err(ApiError::invalid(
+            param,
+            format!(
+                "the prompt has {} tokens; this server takes at most {max} (--max-prompt-tokens)",
+                prompt.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The prompt tokens of a chat: the model's template over the messages.
@@ -641,16 +633,8 @@ fn job(
         .max_tokens
         .map(|m| count(budget.param, m, budget.least, limits.output_tokens))
         .transpose()?;
-    if let Some(max) = limits.prompt_tokens {
-        if let Some((p, _)) = prompts.iter().find(|(p, _)| p.len() > max) {
-            return Err(ApiError::invalid(
-                budget.prompt_param,
-                format!(
-                    "the prompt has {} tokens; this server takes at most {max} (--max-prompt-tokens)",
-                    p.len()
-                ),
-            ));
-        }
+    for (p, _) in &prompts {
+        within_prompt_limit(budget.prompt_param, p, limits)?;
     }
     let sampling = sampling(&common, model, logprobs)?;
     let stop = stops(common.stop)?;

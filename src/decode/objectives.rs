@@ -246,15 +246,26 @@ pub fn answer_text<'t>(
     generation: &Generation,
     tokens: impl IntoIterator<Item = &'t u32>,
 ) -> String {
+    read_text(vocab, tokens, generation.ignore_eos, &generation.stop)
+}
+
+/// The text of `tokens` as a client reads it: up to an end-of-generation token (unless
+/// `ignore_eos`) and before the first of `stops`.
+pub fn read_text<'t>(
+    vocab: &Vocab,
+    tokens: impl IntoIterator<Item = &'t u32>,
+    ignore_eos: bool,
+    stops: &[String],
+) -> String {
     let mut bytes = Vec::new();
     for &t in tokens {
-        if !generation.ignore_eos && vocab.end_of_generation.contains(&t) {
+        if !ignore_eos && vocab.end_of_generation.contains(&t) {
             break;
         }
         bytes.extend_from_slice(vocab.bytes(t));
     }
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
-    if let Some(at) = stop_at(&text, &generation.stop) {
+    if let Some(at) = stop_at(&text, stops) {
         text.truncate(at);
     }
     text

@@ -19,8 +19,14 @@ use crate::model::Vocab;
 pub struct Grammar {
     /// The state before the first token, cloned for each choice.
     start: Arc<Mutex<Matcher>>,
-    /// The vocabulary's end-of-generation tokens: each ends an answer the grammar accepts.
-    ends: Arc<[u32]>,
+    ends: Arc<Ends>,
+}
+
+/// The vocabulary's end-of-generation tokens, each of which ends an answer the grammar accepts,
+/// and the one the grammar's own mask stands for them by.
+struct Ends {
+    tokens: Vec<u32>,
+    eos: u32,
 }
 
 impl fmt::Debug for Grammar {
@@ -79,10 +85,13 @@ impl Grammar {
         }
         // Compiling is lazy in places: the first mask finds what is left.
         start.compute_mask().map_err(|e| format!("{e:#}"))?;
-        let ends = vocab.end_of_generation.iter().copied().collect();
+        let ends = Ends {
+            tokens: vocab.end_of_generation.iter().copied().collect(),
+            eos: factory.tok_env().tok_trie().eos_token(),
+        };
         Ok(Self {
             start: Arc::new(Mutex::new(start)),
-            ends,
+            ends: Arc::new(ends),
         })
     }
 
@@ -99,7 +108,7 @@ impl Grammar {
 /// One answer's place in its grammar.
 pub struct Constraint {
     matcher: Matcher,
-    ends: Arc<[u32]>,
+    ends: Arc<Ends>,
 }
 
 impl Clone for Constraint {
@@ -119,15 +128,10 @@ impl Constraint {
             // An error state (a token the grammar refused was forced in): only ending is left.
             return self.only_ends(logits);
         };
-        let eos = self
-            .matcher
-            .tok_env()
-            .map(|e| e.tok_trie().eos_token())
-            .ok();
-        let ending = eos.is_some_and(|t| allowed.is_allowed(t));
+        let ending = allowed.is_allowed(self.ends.eos);
         for (t, x) in logits.iter_mut().enumerate() {
             let t = t as u32;
-            if !(allowed.is_allowed(t) || ending && self.ends.contains(&t)) {
+            if !(allowed.is_allowed(t) || ending && self.ends.tokens.contains(&t)) {
                 *x = f32::NEG_INFINITY;
             }
         }
@@ -135,7 +139,7 @@ impl Constraint {
 
     fn only_ends(&self, logits: &mut [f32]) {
         for (t, x) in logits.iter_mut().enumerate() {
-            if !self.ends.contains(&(t as u32)) {
+            if !self.ends.tokens.contains(&(t as u32)) {
                 *x = f32::NEG_INFINITY;
             }
         }
@@ -143,7 +147,7 @@ impl Constraint {
 
     /// Advance past `token` (an end-of-generation token ends the answer and changes nothing).
     pub fn commit(&mut self, token: u32) {
-        if self.ends.contains(&token) {
+        if self.ends.tokens.contains(&token) {
             return;
         }
         // A refused token leaves the state in error: `mask` then allows only ending.
