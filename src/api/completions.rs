@@ -105,7 +105,7 @@ impl Writer {
     fn extend<'a>(
         &self,
         out: &mut CompletionLogprobs,
-        entries: impl Iterator<Item = (u32, Option<f32>, Option<&'a [(u32, f32)]>)>,
+        entries: impl Iterator<Item = Entry<'a>>,
         mut offset: usize,
     ) {
         for (token, logprob, top) in entries {
@@ -141,10 +141,12 @@ impl Writer {
     }
 }
 
-/// Generated tokens as logprob entries: (token, logprob, alternatives).
-fn entries(
-    tokens: &[TokenEvent],
-) -> impl Iterator<Item = (u32, Option<f32>, Option<&[(u32, f32)]>)> {
+/// One token's logprobs: the token, its log-probability and its alternatives (both none for a
+/// prompt's first token).
+type Entry<'a> = (u32, Option<f32>, Option<&'a [(u32, f32)]>);
+
+/// Generated tokens as logprob entries.
+fn entries(tokens: &[TokenEvent]) -> impl Iterator<Item = Entry<'_>> {
     tokens
         .iter()
         .map(|t| (t.token, t.logprob, Some(t.top.as_slice())))
