@@ -1,5 +1,5 @@
-//! API keys: with any configured, every route but `/health` (and `/metrics`, unless it is made
-//! private) needs `Authorization: Bearer KEY`. Keys are compared in constant time and never
+//! API keys: with any configured, every route but the playground page `/`, `/health` (and
+//! `/metrics`, unless it is made private) needs `Authorization: Bearer KEY`. Keys are compared in constant time and never
 //! logged or echoed.
 
 use axum::extract::{Request, State};
@@ -35,7 +35,7 @@ impl Keys {
 
     /// Whether `path` answers without a key.
     fn public(&self, path: &str) -> bool {
-        path == "/health" || (path == "/metrics" && !self.private_metrics)
+        path == "/" || path == "/health" || (path == "/metrics" && !self.private_metrics)
     }
 
     /// Whether `given` is one of the keys; every key is compared, each in constant time.
@@ -75,7 +75,7 @@ mod tests {
         let keys = Keys::new(["alpha".to_string(), " beta\n".into(), "".into()], false);
         assert!(keys.accepts(b"alpha") && keys.accepts(b"beta"));
         assert!(!keys.accepts(b"alph") && !keys.accepts(b"") && !keys.accepts(b"alphaa"));
-        assert!(keys.public("/health") && keys.public("/metrics"));
+        assert!(keys.public("/") && keys.public("/health") && keys.public("/metrics"));
         assert!(!keys.public("/v1/models") && !keys.public("/tokenize"));
         assert!(!Keys::new(["k".to_string()], true).public("/metrics"));
         assert!(Keys::new(["\n".to_string()], false).is_empty());

@@ -1,9 +1,9 @@
-//! The small routes: models, health, tokenize, detokenize, tokenizer info, metrics, and the
-//! fallbacks.
+//! The small routes: the playground, models, health, tokenize, detokenize, tokenizer info,
+//! metrics, and the fallbacks.
 
 use axum::extract::State;
 use axum::http::{header, Uri};
-use axum::response::IntoResponse;
+use axum::response::{Html, IntoResponse};
 use axum::Json;
 
 use super::error::ApiError;
@@ -13,6 +13,12 @@ use super::wire::{
     TokenizeRequest, TokenizeResponse, TokenizerInfo,
 };
 use super::{metrics, validate, AppState};
+
+/// The playground: one static page bundled into the binary (nothing fetched from elsewhere); it
+/// calls the API from the browser, with the API key the user types in when the server needs one.
+pub async fn playground() -> Html<&'static str> {
+    Html(include_str!("playground.html"))
+}
 
 /// The base model and every auxiliary model, with its role.
 pub async fn models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {

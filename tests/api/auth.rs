@@ -1,5 +1,5 @@
-//! API keys, on a server of their own started with two keys: every route but `/health` and
-//! `/metrics` answers 401 in the OpenAI shape without one of them, and as usual with either.
+//! API keys, on a server of their own started with two keys: every route but the playground,
+//! `/health` and `/metrics` answers 401 in the OpenAI shape without one of them, and as usual with either.
 
 use serde_json::json;
 
@@ -30,6 +30,8 @@ async fn routes_need_one_of_the_keys() {
     }
     assert_eq!(c.get("/health").await.status, 200);
     assert_eq!(c.get("/metrics").await.status, 200);
+    // The page is public; the API calls it makes carry the key the user types into it.
+    assert_eq!(c.get("/").await.status, 200);
     let send = |key: &'static str| {
         let request = c
             .http

@@ -140,6 +140,7 @@ async fn every_route_in_the_spec_answers_as_described(c: Client) {
             json!({"prompt": "Hi", "responses": [" there", " you"], "rewards": ["sentiment"]}),
         ),
         ("get", "/metrics", Value::Null),
+        ("get", "/", Value::Null),
     ];
     let described: Vec<(String, String)> = SPEC["paths"]
         .as_object()

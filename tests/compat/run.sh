@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Tests against a live server from outside: the official `openai` Python client, schemathesis
 # checking the server against openapi.yaml both ways (test_contract.py), lm-evaluation-harness
-# running its tasks through tilt (test_lm_eval.py), and LangChain's structured output
-# (test_structured.py). Installs `openai`, `pytest`, `schemathesis`, `lm-eval[api]` and
-# `langchain-openai` from PyPI into a virtual environment, starts `tilt serve` on a free
+# running its tasks through tilt (test_lm_eval.py), LangChain's structured output
+# (test_structured.py), and the playground in headless Chromium (test_playground.py: needs
+# Debian's chromium and chromium-driver, which .ci/run installs). Installs `openai`, `pytest`,
+# `schemathesis`, `lm-eval[api]`, `langchain-openai` and `selenium` from PyPI into a virtual
+# environment, starts `tilt serve` on a free
 # port, waits until it is ready, runs tests/compat, and stops the server. The server ends any
 # request after 2 s (--request-timeout), so that generated requests for thousands of tokens stay
 # cheap; the client tests ask for a few tokens each.
@@ -22,7 +24,7 @@ if [ ! -x "$bin" ]; then
 fi
 
 python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai pytest schemathesis==4.32.5 "lm-eval[api]==0.4.13" langchain-openai==1.8.1
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check openai pytest schemathesis==4.32.5 "lm-eval[api]==0.4.13" langchain-openai==1.8.1 selenium==4.51.0
 
 out="$(mktemp)"
 RUST_LOG="${RUST_LOG:-warn}" "$bin" serve --host 127.0.0.1 --port 0 --request-timeout 2 >"$out" &
