@@ -11,6 +11,7 @@ mod bench;
 mod best_of_n;
 mod chat;
 mod completions;
+mod config;
 mod equilibrium;
 mod errors;
 mod genarm;
@@ -93,6 +94,7 @@ fn main() -> ExitCode {
     let own = [
         ("lifecycle", lifecycle::cases()),
         ("auth", auth::cases()),
+        ("config", config::cases()),
         ("soak", soak::cases()),
         ("genarm", genarm::own_cases()),
         ("best_of_n", best_of_n::own_cases()),

@@ -1,4 +1,6 @@
-//! The `tilt` command line: serve | generate | fetch | prefs | train-arm | bench | eval.
+//! The `tilt` command line: serve | generate | fetch | prefs | train-arm | distill | bench | eval.
+
+mod config;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use tilt::api::{self, AppState};
 use tilt::decode::{self, Generation};
@@ -64,12 +66,12 @@ enum Command {
 #[derive(Args, Clone)]
 struct ModelArgs {
     /// A llama-family GGUF file or a Hugging Face safetensors folder (default: the manifest's default model, fetched if missing).
-    #[arg(long)]
+    #[arg(long, env = "TILT_MODEL")]
     model: Option<PathBuf>,
     /// How weights run: `q8_0` quantizes dense weights (safetensors, f16/f32 GGUF tensors — the
     /// trained ARMs) to Q8_0 at load, four times less memory traffic than f32; `stored` runs them
     /// in f32; `f32` also expands quantized GGUF tensors (exact, slowest). Applies to reward models too.
-    #[arg(long, value_enum, default_value = "q8_0")]
+    #[arg(long, value_enum, default_value = "q8_0", env = "TILT_PRECISION")]
     precision: Precision,
 }
 
@@ -91,22 +93,29 @@ impl ModelArgs {
     }
 }
 
+/// Every flag of `tilt serve` also reads from `TILT_` plus its name (`--max-queue`:
+/// `TILT_MAX_QUEUE`) and from the `--config` file.
 #[derive(Args)]
 struct ServeArgs {
+    /// A TOML file of settings named as the flags (`max-queue = 64` or `max_queue = 64`; lists
+    /// for repeatable flags, `true` for switches). The command line wins over the environment,
+    /// which wins over the file.
+    #[arg(long, value_name = "PATH", env = "TILT_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", env = "TILT_HOST")]
     host: String,
     /// 0 picks a free port; the address is printed on stdout either way.
-    #[arg(long, default_value_t = 8080)]
+    #[arg(long, default_value_t = 8080, env = "TILT_PORT")]
     port: u16,
     /// Requests stepped together; later ones wait in the queue.
-    #[arg(long, default_value_t = EngineOptions::default().max_running)]
+    #[arg(long, default_value_t = EngineOptions::default().max_running, env = "TILT_MAX_RUNNING")]
     max_running: usize,
     /// Requests that may wait beyond the running ones; past it a request is refused at once
     /// with 429 and `Retry-After` (0: none wait, every request beyond the running ones is
     /// refused).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, env = "TILT_MAX_QUEUE")]
     max_queue: usize,
     /// Require `Authorization: Bearer KEY` with one of these keys on every route but `/health`
     /// and `/metrics` (repeatable; comma-separated in the environment variable). Without any,
@@ -120,45 +129,51 @@ struct ServeArgs {
     )]
     api_keys: Vec<String>,
     /// A file of API keys, one a line (added to `--api-key`).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "TILT_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// `/metrics` needs a key too.
-    #[arg(long)]
+    #[arg(long, env = "TILT_PRIVATE_METRICS")]
     private_metrics: bool,
     /// Seconds a generation request may take; then it ends with what it has produced
     /// (`finish_reason: "length"`, `alignment.deadline_exceeded`). A request's own `timeout`
     /// may ask for less. None by default.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", env = "TILT_REQUEST_TIMEOUT")]
     request_timeout: Option<f64>,
     /// Most tokens one prompt may have (400 beyond; default: the model's context).
-    #[arg(long, value_name = "TOKENS")]
+    #[arg(long, value_name = "TOKENS", env = "TILT_MAX_PROMPT_TOKENS")]
     max_prompt_tokens: Option<usize>,
     /// Most tokens one choice may generate: a larger `max_tokens` is a 400, and a request that
     /// names none gets at most this (default: what the context leaves).
-    #[arg(long, value_name = "TOKENS")]
+    #[arg(long, value_name = "TOKENS", env = "TILT_MAX_OUTPUT_TOKENS")]
     max_output_tokens: Option<usize>,
     /// Prompt tokens all requests together may prefill in one step while others decode: lower
     /// keeps streams flowing while a long prompt comes in, higher prefills it sooner.
-    #[arg(long, value_name = "TOKENS", default_value_t = EngineOptions::default().interleaved_prefill)]
+    #[arg(long, value_name = "TOKENS", default_value_t = EngineOptions::default().interleaved_prefill, env = "TILT_INTERLEAVED_PREFILL")]
     interleaved_prefill: usize,
     /// Largest request body (413 beyond).
-    #[arg(long, value_name = "BYTES", default_value_t = api::Limits::default().body_bytes)]
+    #[arg(long, value_name = "BYTES", default_value_t = api::Limits::default().body_bytes, env = "TILT_MAX_BODY_BYTES")]
     max_body_bytes: usize,
     /// Seconds that open requests may run on after SIGTERM or Ctrl-C, while no new connection
     /// is taken; then the server stops anyway. It exits 0 either way.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, env = "TILT_SHUTDOWN_GRACE")]
     shutdown_grace: f64,
     /// A reward model (ARM) for the `genarm` decoder, as NAME=PATH (GGUF file or safetensors
     /// folder; repeatable). It must share the base's tokenizer. Added to the reward models of
     /// models/models.toml; a flag replaces a manifest entry of the same name.
-    #[arg(long = "reward", value_name = "NAME=PATH", value_parser = tilt::reward::parse_flag)]
+    #[arg(
+        long = "reward",
+        value_name = "NAME=PATH",
+        value_parser = tilt::reward::parse_flag,
+        env = "TILT_REWARDS",
+        value_delimiter = ','
+    )]
     rewards: Vec<(String, PathBuf)>,
     /// Skip the reward models and the draft of models/models.toml (only flags' load).
-    #[arg(long)]
+    #[arg(long, env = "TILT_NO_DEFAULT_REWARDS")]
     no_default_rewards: bool,
     /// The small model of the `adaptive` decoder (GGUF file or safetensors folder): it must
     /// share the base's tokenizer. Replaces the draft of models/models.toml.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "TILT_DRAFT_MODEL")]
     draft_model: Option<PathBuf>,
 }
 
@@ -191,7 +206,24 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = Cli::command();
+    let (args, file) = match config::with_config_file(&command, std::env::args_os().collect()) {
+        Ok(read) => read,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let parsed = command.try_get_matches_from(args);
+    let cli = match parsed.and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(file) = file.filter(|_| e.use_stderr()) {
+                eprintln!("(the settings of {} are read as flags)", file.display());
+            }
+            e.exit()
+        }
+    };
     if let Some(n) = cli.threads {
         // Read by candle's thread pools on first use; nothing else runs yet.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
