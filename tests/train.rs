@@ -52,7 +52,15 @@ fn loss_decreases_and_flips_the_ranking() {
         batch: 2,
         seed: 0,
     };
-    let reports = train::train(&arm, &pairs, &[], &opts, |_| {}).unwrap();
+    let reports = train::train(
+        &arm,
+        &pairs,
+        &[],
+        &opts,
+        &indicatif::ProgressBar::hidden(),
+        |_| {},
+    )
+    .unwrap();
     let (first, last) = (reports[0].train_loss, reports.last().unwrap().train_loss);
     assert!(last < first / 10.0, "loss {first} -> {last}");
     assert!(

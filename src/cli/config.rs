@@ -51,9 +51,10 @@ pub fn with_config_file(
             )
         });
         if !given {
-            args.extend(as_flags(&name, flag, &value).with_context(|| {
-                format!("{}: the setting `{key}`", path.display())
-            })?);
+            args.extend(
+                as_flags(&name, flag, &value)
+                    .with_context(|| format!("{}: the setting `{key}`", path.display()))?,
+            );
         }
     }
     Ok((args, Some(path.clone())))
@@ -71,9 +72,11 @@ fn as_flags(name: &str, flag: &Arg, value: &toml::Value) -> Result<Vec<OsString>
         Ok(format!("--{name}={text}").into())
     };
     match (flag.get_action(), value) {
-        (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
-            Ok(if *on { vec![format!("--{name}").into()] } else { Vec::new() })
-        }
+        (ArgAction::SetTrue, toml::Value::Boolean(on)) => Ok(if *on {
+            vec![format!("--{name}").into()]
+        } else {
+            Vec::new()
+        }),
         (ArgAction::SetTrue, other) => bail!("expected true or false, got {}", other.type_str()),
         (ArgAction::Append, toml::Value::Array(items)) => items.iter().map(scalar).collect(),
         (_, toml::Value::Array(_)) => bail!("takes one value, not a list"),
@@ -90,6 +93,13 @@ mod tests {
 
     /// `tilt serve ARGS` with `toml` as its config file.
     fn serve(toml: &str, args: &[&str]) -> Result<ServeArgs> {
+        Ok(match parse(toml, args)?.command {
+            Sub::Serve(args) => args,
+            _ => unreachable!(),
+        })
+    }
+
+    fn parse(toml: &str, args: &[&str]) -> Result<Cli> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("tilt.toml");
         std::fs::write(&file, toml)?;
@@ -98,11 +108,7 @@ mod tests {
         argv.extend(args.iter().map(OsString::from));
         let command = Cli::command();
         let (argv, _) = with_config_file(&command, argv)?;
-        let cli = Cli::from_arg_matches(&command.try_get_matches_from(argv)?)?;
-        match cli.command {
-            Sub::Serve(args) => Ok(args),
-            _ => unreachable!(),
-        }
+        Ok(Cli::from_arg_matches(&command.try_get_matches_from(argv)?)?)
     }
 
     #[test]
@@ -114,11 +120,21 @@ mod tests {
             &["--port", "7000"],
         )
         .unwrap();
-        assert_eq!((args.port, args.max_queue, args.host.as_str()), (7000, 3, "0.0.0.0"));
+        assert_eq!(
+            (args.port, args.max_queue, args.host.as_str()),
+            (7000, 3, "0.0.0.0")
+        );
         assert_eq!(args.shutdown_grace, 0.5);
         assert!(args.no_default_rewards && !args.private_metrics);
         assert_eq!(args.api_keys, ["k1", "k2"]);
         assert_eq!(args.rewards, [("a".to_string(), PathBuf::from("x.gguf"))]);
+    }
+
+    #[test]
+    fn global_flags_are_settings_too() {
+        let cli = parse("threads = 1\nlog-format = \"json\"\n", &[]).unwrap();
+        assert_eq!(cli.threads, Some(1));
+        assert!(matches!(cli.log_format, crate::LogFormat::Json));
     }
 
     #[test]
@@ -134,7 +150,10 @@ mod tests {
     fn mistakes_name_the_file_and_the_setting() {
         let error = |toml: &str| format!("{:#}", serve(toml, &[]).err().expect("an error"));
         let unknown = error("prot = 1\n");
-        assert!(unknown.contains("`prot` is not a setting") && unknown.contains("port"), "{unknown}");
+        assert!(
+            unknown.contains("`prot` is not a setting") && unknown.contains("port"),
+            "{unknown}"
+        );
         assert!(error("port = [1]\n").contains("takes one value"));
         assert!(error("private_metrics = 1\n").contains("true or false"));
         assert!(error("host = { a = 1 }\n").contains("a string or a number"));
@@ -146,7 +165,10 @@ mod tests {
     fn every_flag_of_serve_reads_the_environment_too() {
         let command = Cli::command();
         let serve = command.find_subcommand("serve").unwrap();
-        for arg in serve.get_arguments().filter(|a| a.get_long() != Some("help")) {
+        for arg in serve
+            .get_arguments()
+            .filter(|a| a.get_long() != Some("help"))
+        {
             let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
             assert!(
                 env.as_deref().is_some_and(|e| e.starts_with("TILT_")),

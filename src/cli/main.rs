@@ -155,7 +155,12 @@ struct ServeArgs {
     max_body_bytes: usize,
     /// Seconds that open requests may run on after SIGTERM or Ctrl-C, while no new connection
     /// is taken; then the server stops anyway. It exits 0 either way.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5.0, env = "TILT_SHUTDOWN_GRACE")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5.0,
+        env = "TILT_SHUTDOWN_GRACE"
+    )]
     shutdown_grace: f64,
     /// A reward model (ARM) for the `genarm` decoder, as NAME=PATH (GGUF file or safetensors
     /// folder; repeatable). It must share the base's tokenizer. Added to the reward models of

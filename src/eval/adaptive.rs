@@ -199,7 +199,7 @@ pub fn run(args: AdaptiveArgs) -> Result<()> {
         })
         .collect();
     let hidden = indicatif::ProgressBar::hidden();
-    let bar = super::progress(
+    let bar = crate::progress::bar(
         (args.repeats * settings.len()) as u64,
         "eval adaptive: passes",
     );
@@ -231,7 +231,7 @@ pub fn run(args: AdaptiveArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     if !questions.is_empty() {
-        let bar = super::progress(
+        let bar = crate::progress::bar(
             (questions.len() * settings.len()) as u64,
             "eval adaptive: MMLU",
         );

@@ -343,7 +343,7 @@ pub fn run(args: KeywordsArgs) -> Result<()> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let bar = super::progress(jobs.len() as u64, &name);
+        let bar = crate::progress::bar(jobs.len() as u64, &name);
         let start = Instant::now();
         let outputs = super::run_jobs(&engine, &jobs, &decoding, &bar)?;
         let wall_s = start.elapsed().as_secs_f64();

@@ -255,7 +255,7 @@ pub fn run(args: McArgs) -> Result<()> {
                 top_p: 1.0,
                 seed: 0,
             };
-            let bar = super::progress(jobs.len() as u64, "eval mc");
+            let bar = crate::progress::bar(jobs.len() as u64, "eval mc");
             let outputs = super::run_jobs(&engine, &jobs, &decoding, &bar)?;
             bar.finish_and_clear();
             outputs
@@ -304,7 +304,7 @@ fn over_http(
     let runtime = tokio::runtime::Runtime::new()?;
     let client = reqwest::Client::new();
     let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
-    let bar = super::progress(questions.len() as u64, "eval mc");
+    let bar = crate::progress::bar(questions.len() as u64, "eval mc");
     let mut out = Vec::with_capacity(questions.len());
     for q in questions {
         let mut a = alignment(q);

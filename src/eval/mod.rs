@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::{Map, Value};
 
 use crate::decode::{DecoderSpec, Generation};
@@ -230,17 +230,6 @@ pub fn run_jobs(
         bar.inc(1);
     }
     Ok(outputs)
-}
-
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn progress(len: u64, what: &str) -> ProgressBar {
-    ProgressBar::new(len).with_style(
-        ProgressStyle::with_template(&format!(
-            "{what} [{{bar:30}}] {{pos}}/{{len}} {{elapsed}} (eta {{eta}})"
-        ))
-        .expect("a valid template")
-        .progress_chars("=> "),
-    )
 }
 
 /// Lowercase words: letters, digits and inner apostrophes.

@@ -120,7 +120,7 @@ pub fn run(args: SpeculativeArgs) -> Result<()> {
         args.repeats,
         args.n
     );
-    let bar = super::progress(
+    let bar = crate::progress::bar(
         (settings.len() * prompts.len() * args.repeats) as u64,
         "speculative",
     );

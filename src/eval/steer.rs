@@ -317,7 +317,7 @@ pub fn run(args: SteerArgs) -> Result<()> {
         prompts.len(),
         arms.join(", ")
     );
-    let bar = super::progress((settings.len() * prompts.len()) as u64, "steer");
+    let bar = crate::progress::bar((settings.len() * prompts.len()) as u64, "steer");
     let mut measured = Vec::with_capacity(settings.len());
     for setting in &settings {
         let rewards: serde_json::Map<String, Value> = arms

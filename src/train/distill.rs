@@ -308,6 +308,13 @@ pub fn run(args: DistillArgs) -> Result<()> {
     let budget = args.minutes * 60.0;
     let (mut steps, mut seen, mut curve) = (0usize, 0usize, Vec::new());
     let mut recent = Vec::new();
+    // Steps when they bound the run, else the seconds of the time budget.
+    let by_steps = args.max_steps > 0;
+    let bar = if by_steps {
+        crate::progress::bar(args.max_steps as u64, "steps")
+    } else {
+        crate::progress::bar(budget.ceil() as u64, "seconds")
+    };
     'epochs: loop {
         order.shuffle(&mut rng);
         for chunk in order.chunks(args.batch) {
@@ -327,17 +334,26 @@ pub fn run(args: DistillArgs) -> Result<()> {
             steps += 1;
             seen += rows;
             recent.push(loss);
+            bar.set_position(if by_steps {
+                steps as u64
+            } else {
+                start.elapsed().as_secs()
+            });
             if steps.is_multiple_of(20) {
                 let mean = recent.iter().sum::<f32>() / recent.len() as f32;
                 curve.push((steps, mean));
                 recent.clear();
-                eprintln!(
-                    "distill: step {steps}, {seen} tokens, {:.0} s: loss {mean:.4}",
-                    start.elapsed().as_secs_f64()
-                );
+                bar.set_message(format!("loss {mean:.4}"));
+                bar.suspend(|| {
+                    eprintln!(
+                        "distill: step {steps}, {seen} tokens, {:.0} s: loss {mean:.4}",
+                        start.elapsed().as_secs_f64()
+                    )
+                });
             }
         }
     }
+    bar.finish_and_clear();
     let train_seconds = start.elapsed().as_secs_f64();
     save(&args.out)?;
     let draft = Model::load(&args.out, "draft", Role::Draft)?;

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use indicatif::ProgressBar;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -167,12 +168,14 @@ pub fn evaluate(arm: &Arm, pairs: &[Pair], beta_r: f64, batch: usize) -> Result<
     })
 }
 
-/// AdamW on the GenARM loss; `on_epoch` sees each epoch's report as it finishes.
+/// AdamW on the GenARM loss; `progress` advances per batch, and `on_epoch` sees each epoch's
+/// report as it finishes.
 pub fn train(
     arm: &Arm,
     pairs: &[Pair],
     heldout: &[Pair],
     opts: &TrainOptions,
+    progress: &ProgressBar,
     mut on_epoch: impl FnMut(&EpochReport),
 ) -> Result<Vec<EpochReport>> {
     let params = ParamsAdamW {
@@ -191,6 +194,7 @@ pub fn train(
             let loss = genarm_loss(&margins(arm, &batch, opts.beta_r)?)?;
             opt.backward_step(&loss)?;
             losses.push(loss.to_scalar::<f32>()?);
+            progress.inc(1);
         }
         let heldout = if heldout.is_empty() {
             None
@@ -361,16 +365,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         heldout.len(),
         skipped
     );
-    let epochs = train(&arm, train_set, heldout, &opts, |r| match &r.heldout {
-        Some(h) => println!(
-            "epoch {}: train loss {:.4}, held-out loss {:.4}, accuracy {:.1}%",
-            r.epoch,
-            r.train_loss,
-            h.loss,
-            100.0 * h.accuracy
-        ),
-        None => println!("epoch {}: train loss {:.4}", r.epoch, r.train_loss),
+    let batches = train_set.len().div_ceil(opts.batch.max(1)) * opts.epochs;
+    let bar = crate::progress::bar(batches as u64, "batches");
+    let epochs = train(&arm, train_set, heldout, &opts, &bar, |r| {
+        bar.suspend(|| match &r.heldout {
+            Some(h) => println!(
+                "epoch {}: train loss {:.4}, held-out loss {:.4}, accuracy {:.1}%",
+                r.epoch,
+                r.train_loss,
+                h.loss,
+                100.0 * h.accuracy
+            ),
+            None => println!("epoch {}: train loss {:.4}", r.epoch, r.train_loss),
+        })
     })?;
+    bar.finish_and_clear();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let dtype = if args.f32 { DType::F32 } else { DType::F16 };

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 
 use super::prompts::{self, Split};
@@ -328,11 +328,7 @@ fn sample_all(args: &PrefsArgs) -> Result<Sampled> {
         ..EngineOptions::default()
     };
     let engine = Engine::start(vec![base], options);
-    let bar = ProgressBar::new(prompts.len() as u64).with_style(
-        ProgressStyle::with_template("prompts [{bar:30}] {pos}/{len} {elapsed} (eta {eta})")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
+    let bar = crate::progress::bar(prompts.len() as u64, "prompts");
     let start = Instant::now();
     let mut sampled = sample(&engine, prompts, args, &bar)?;
     sampled.seconds = start.elapsed().as_secs_f64();

@@ -21,14 +21,21 @@ async fn a_config_file_sets_keys_rewards_and_limits() {
     let c = server.client();
     assert_eq!(c.get("/v1/rewards").await.status, 401);
     let keyed = |path: &'static str| {
-        c.send("GET", path, c.http.get(c.url(path)).bearer_auth("sk-from-file"))
+        c.send(
+            "GET",
+            path,
+            c.http.get(c.url(path)).bearer_auth("sk-from-file"),
+        )
     };
     let rewards = keyed("/v1/rewards").await;
     assert_eq!(rewards.status, 200);
     let kinds: Vec<&str> = (rewards.body["data"].as_array().unwrap().iter())
         .map(|r| r["kind"].as_str().unwrap())
         .collect();
-    assert!(!kinds.is_empty() && kinds.iter().all(|&k| k == "programmatic"), "{kinds:?}");
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|&k| k == "programmatic"),
+        "{kinds:?}"
+    );
     let big = json!({"prompt": "x".repeat(4096), "max_tokens": 1});
     let request = (c.http.post(c.url("/v1/completions")))
         .bearer_auth("sk-from-file")
