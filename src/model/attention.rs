@@ -1,7 +1,7 @@
 //! Causal attention of a ragged batch's new rows against their sequences' caches. A task is one
 //! row and one KV head with the (up to four) query heads that share it, so a cached key or value
 //! is loaded and converted from f16 once for all of them; a layer's tasks of all items run in one
-//! pass over candle's pool. A task sweeps its visible positions three times: scores q·k, an
+//! pass over the pool. A task sweeps its visible positions three times: scores q·k, an
 //! in-place softmax, and the weighted sum of values. With AVX2 the two dot-product sweeps use
 //! explicit vectors: scores eight positions at a time with one transposing reduction per query,
 //! values four 8-wide accumulators per query, so that no score is a serial chain of adds ending
@@ -101,7 +101,7 @@ pub(super) fn attention(
         let heads = first..(first + QUERIES).min((kv_head + 1) * group);
         let run = |kv: &[KvHead], len: usize| {
             // SAFETY: positions below `visible` are cached or were written by `prepare` (by
-            // this task, or before the pool's barrier).
+            // this task, or before the pool's prologue ends).
             unsafe {
                 (
                     std::slice::from_raw_parts(kv[kv_head].keys.cast_const(), len * hd),
@@ -124,7 +124,7 @@ pub(super) fn attention(
             visible,
         };
         // SAFETY: task `i` alone writes row r's outputs for `heads`; the queries it reads are
-        // rotated (by `prepare`, above or before the barrier) and written by no one after.
+        // rotated (by `prepare`, above or in the pool's prologue) and written by no one after.
         let (q, o) = unsafe {
             (
                 std::slice::from_raw_parts(

@@ -42,7 +42,7 @@ pub(crate) struct KvHead {
 }
 
 // SAFETY: attention's tasks write disjoint rows (their own position and head) and read only rows
-// written before the pool call or its barrier; the cache outlives the forward that opened it.
+// written before the pool call or in its prologue; the cache outlives the forward that opened it.
 unsafe impl Send for KvHead {}
 unsafe impl Sync for KvHead {}
 

@@ -146,7 +146,7 @@ impl Llama {
                 Sink::Store(&mut qkv),
             )?;
             // Open every item's cache for its new rows, then attend all rows of all items in one
-            // pass over the pool (a pool call per item made batched decode pay a barrier per
+            // pass over the pool (a pool call per item made batched decode pay a join per
             // sequence); the tasks rotate and store the new keys and values themselves.
             kv_heads.clear();
             for it in items.iter_mut() {

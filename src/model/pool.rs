@@ -1,11 +1,23 @@
-//! How a matmul's or attention's work items are spread over candle's barrier pool: each thread
-//! owns a contiguous share and takes it from the front, a quarter of what is left at a time,
-//! with a CAS on its own cache line; a thread that runs out steals from the back of another's
-//! share. One shared atomic cursor for every chunk (candle's `execute_chunked`) would bounce its
-//! cache line between the cores on each of a step's ~150 pool calls; a plain static split would
-//! leave a thread the OS delays holding up the step.
+//! tilt's own thread pool, and how a matmul's or attention's work items are spread over it.
+//!
+//! The pool never waits for a worker that has not started: a worker joins a job only while it is
+//! open, and the calling thread, which works too, closes it once every item is taken and then
+//! waits only for the workers inside. On a machine shared with another busy process, a
+//! descheduled worker so costs a step nothing (its share is stolen) instead of holding up each
+//! of the step's ~150 pool calls until the OS runs it again, as a barrier pool does. Idle
+//! workers spin briefly, then sleep until the next job.
+//!
+//! Items: each thread owns a contiguous share and takes it from the front, a quarter of what is
+//! left at a time, with a CAS on its own cache line; a thread that runs out steals from the back
+//! of another's share. One shared atomic cursor for every chunk would bounce its cache line
+//! between the cores on each pool call; a plain static split would leave the step to a thread
+//! the OS delays.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 /// Threads past a prologue, on a cache line of its own.
 #[repr(align(64))]
@@ -68,20 +80,19 @@ pub(super) fn split_after(
     n: usize,
     f: impl Fn(std::ops::Range<usize>) + Sync,
 ) {
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
     assert!(n.max(units) < u32::MAX as usize, "too many work items");
-    let (before, items) = (Shares::new(units, threads), Shares::new(n, threads));
-    let done = Arrivals(AtomicUsize::new(0));
-    pool.execute(|tid| {
-        if units > 0 {
-            let ran = before.drain(tid, |r| r.for_each(&prologue));
-            done.0.fetch_add(ran, Ordering::AcqRel);
-            while done.0.load(Ordering::Acquire) < units {
-                std::hint::spin_loop();
+    let pool = Pool::global();
+    pool.run(|threads| {
+        let (before, items) = (Shares::new(units, threads), Shares::new(n, threads));
+        let done = Arrivals(AtomicUsize::new(0));
+        move |tid| {
+            if units > 0 {
+                let ran = before.drain(tid, |r| r.for_each(&prologue));
+                done.0.fetch_add(ran, Ordering::AcqRel);
+                pool.wait_until(|| done.0.load(Ordering::Acquire) >= units);
             }
+            items.drain(tid, &f);
         }
-        items.drain(tid, &f);
     });
 }
 
@@ -100,6 +111,243 @@ pub(crate) fn for_each_mut<T: Send>(items: &mut [T], f: impl Fn(&mut T) + Sync) 
             f(unsafe { &mut *base.get().add(i) })
         }
     });
+}
+
+/// How long an idle worker spins for the next job before it sleeps (and a waiting thread
+/// before it yields its core): the gaps between a step's pool calls are microseconds; between
+/// steps (sampling, the engine's bookkeeping) longer.
+const SPIN: Duration = Duration::from_micros(200);
+
+/// A wait on another thread past this means it was descheduled in the middle of its work (a
+/// piece of a job takes microseconds).
+const LATE: Duration = Duration::from_micros(50);
+
+/// The job's state in one word: its generation (high 32 bits), whether it is closed, and how
+/// many workers are inside it (low bits).
+const CLOSED: u64 = 1 << 31;
+const INSIDE: u64 = CLOSED - 1;
+
+/// The job being run: `f(tid)` erased to a pointer, valid while the job's caller waits in
+/// `Pool::run`.
+#[derive(Clone, Copy)]
+struct Job {
+    call: unsafe fn(*const (), usize),
+    data: *const (),
+}
+
+unsafe fn call<F: Fn(usize) + Sync>(data: *const (), tid: usize) {
+    // SAFETY: `data` is the `&F` of the `run` that published this job and is still waiting.
+    unsafe { (*(data as *const F))(tid) }
+}
+
+struct Board {
+    /// Generation, closed flag and workers inside (see `CLOSED`).
+    state: AtomicU64,
+    job: UnsafeCell<Job>,
+    /// Workers asleep, to wake with the next job.
+    asleep: AtomicUsize,
+    panicked: AtomicBool,
+    /// A thread waited on another longer than the spin in the current job.
+    late: AtomicBool,
+}
+
+// SAFETY: `job` is written only by the caller holding `Pool::calls` while no worker is inside
+// a job (the previous one closed and emptied), and read by workers only once inside one.
+unsafe impl Sync for Board {}
+
+pub(crate) struct Pool {
+    shared: &'static Board,
+    workers: Vec<Thread>,
+    /// One job at a time (the engine's thread calls; tests may call from several threads).
+    calls: Mutex<Calls>,
+}
+
+/// The caller's side of the jobs, with the pacing that keeps a pool from waiting on a machine
+/// too busy to run its workers: after a job in which a thread waited on another for longer
+/// than the spin (the other was descheduled in the middle of a piece of work), the next jobs
+/// run on the caller alone, the workers asleep, for a while that doubles each time trying
+/// again fails and resets when it succeeds.
+struct Calls {
+    generation: u32,
+    count: u64,
+    alone_until: u64,
+    alone_for: u64,
+}
+
+/// Jobs run alone after the first late worker (about a decode step's worth), and at most.
+const ALONE_FIRST: u64 = 256;
+const ALONE_MOST: u64 = 65_536;
+
+thread_local! {
+    /// Set on the pool's workers and while a thread runs a job: a nested call runs inline.
+    static IN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Pool {
+    /// The process's pool: `RAYON_NUM_THREADS` (or `CANDLE_NUM_THREADS`, or every core)
+    /// threads, the caller included.
+    pub(crate) fn global() -> &'static Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| Pool::new(candle_core::utils::get_num_threads().max(1) - 1))
+    }
+
+    fn new(workers: usize) -> Self {
+        let shared: &'static Board = Box::leak(Box::new(Board {
+            state: AtomicU64::new(CLOSED),
+            job: UnsafeCell::new(Job {
+                call: call::<fn(usize)>,
+                data: std::ptr::null(),
+            }),
+            asleep: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            late: AtomicBool::new(false),
+        }));
+        let workers = (0..workers)
+            .map(|tid| {
+                std::thread::Builder::new()
+                    .name(format!("tilt-pool-{tid}"))
+                    .spawn(move || work(shared, tid))
+                    .expect("spawning a pool thread")
+                    .thread()
+                    .clone()
+            })
+            .collect();
+        Self {
+            shared,
+            workers,
+            calls: Mutex::new(Calls {
+                generation: 0,
+                count: 0,
+                alone_until: 0,
+                alone_for: ALONE_FIRST,
+            }),
+        }
+    }
+
+    /// `f = job(threads)`, then `f(tid)` on the calling thread (tid `threads - 1`) and on every
+    /// worker that joins before the caller's own `f` returns; returns once no worker is still
+    /// inside `f`. `f` must let any subset of the threads finish the work (as `Shares::drain`
+    /// does). `threads` is 1 when the caller runs the job alone.
+    pub(crate) fn run<F: Fn(usize) + Sync>(&self, job: impl FnOnce(usize) -> F) {
+        if self.workers.is_empty() || IN_POOL.get() {
+            return job(1)(0);
+        }
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.count += 1;
+        if calls.count < calls.alone_until {
+            IN_POOL.set(true);
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(1)(0)));
+            IN_POOL.set(false);
+            return outcome.unwrap_or_else(|payload| std::panic::resume_unwind(payload));
+        }
+        let me = self.workers.len();
+        let f = job(me + 1);
+        calls.generation = calls.generation.wrapping_add(1).max(1);
+        let shared = self.shared;
+        // SAFETY: the previous job is closed with no worker inside, and none can enter until
+        // the state below names this generation.
+        unsafe {
+            *shared.job.get() = Job {
+                call: call::<F>,
+                data: &f as *const F as *const (),
+            }
+        };
+        // SeqCst, as is the load of `asleep` after it, against a worker's announcing its sleep
+        // and checking the state (in `work`): one of the two sees the other.
+        (shared.state).store((calls.generation as u64) << 32, Ordering::SeqCst);
+        if shared.asleep.load(Ordering::SeqCst) > 0 {
+            self.workers.iter().for_each(Thread::unpark);
+        }
+        IN_POOL.set(true);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(me)));
+        IN_POOL.set(false);
+        // Close: latecomers stay out; wait for those inside (each is finishing a piece it took).
+        shared.state.fetch_or(CLOSED, Ordering::AcqRel);
+        self.wait_until(|| shared.state.load(Ordering::Acquire) & INSIDE == 0);
+        if shared.late.swap(false, Ordering::Relaxed) {
+            calls.alone_until = calls.count + calls.alone_for;
+            calls.alone_for = (calls.alone_for * 2).min(ALONE_MOST);
+        } else if calls.count > calls.alone_until + ALONE_FIRST {
+            calls.alone_for = ALONE_FIRST;
+        }
+        if let Err(payload) = outcome {
+            std::panic::resume_unwind(payload);
+        }
+        if shared.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a pool thread panicked in a job");
+        }
+    }
+}
+
+impl Pool {
+    /// Spin until `ready`, then yield the core to whichever thread we wait on; a wait past the
+    /// spin marks the job late (see `Calls`).
+    fn wait_until(&self, ready: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !ready() {
+            let waited = start.elapsed();
+            if waited > LATE {
+                self.shared.late.store(true, Ordering::Relaxed);
+            }
+            if waited < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// A worker: wait for a job (spin, then sleep), join it if it is still open, run it, leave.
+fn work(shared: &'static Board, tid: usize) {
+    IN_POOL.set(true);
+    let mut last = 0u64;
+    loop {
+        let mut state = shared.state.load(Ordering::Acquire);
+        let start = Instant::now();
+        while state >> 32 == last || state & CLOSED != 0 {
+            if start.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                shared.asleep.fetch_add(1, Ordering::SeqCst);
+                // Checked again after announcing the sleep: a job published in between has
+                // either seen `asleep` (and unparks us) or is visible here.
+                let now = shared.state.load(Ordering::SeqCst);
+                if now >> 32 == last || now & CLOSED != 0 {
+                    std::thread::park_timeout(Duration::from_millis(100));
+                }
+                shared.asleep.fetch_sub(1, Ordering::SeqCst);
+            }
+            state = shared.state.load(Ordering::Acquire);
+        }
+        last = state >> 32;
+        // Enter only the generation seen, while it is open.
+        let entered = loop {
+            if state >> 32 != last || state & CLOSED != 0 {
+                break false;
+            }
+            match shared.state.compare_exchange_weak(
+                state,
+                state + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break true,
+                Err(now) => state = now,
+            }
+        };
+        if entered {
+            // SAFETY: inside an open job, whose caller waits for us before its `f` goes.
+            let job = unsafe { *shared.job.get() };
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+                (job.call)(job.data, tid)
+            }));
+            if ran.is_err() {
+                shared.panicked.store(true, Ordering::Release);
+            }
+            shared.state.fetch_sub(1, Ordering::Release);
+        }
+    }
 }
 
 /// `0..n` cut into one contiguous share per thread.
@@ -138,7 +386,7 @@ impl Shares {
 /// A buffer shared by pool workers that each write their own disjoint elements.
 pub(crate) struct Shared<T>(pub(crate) *mut T);
 // SAFETY: users guarantee disjoint writes (see `matmul_into`, `llama::attention`,
-// `pool::for_each_mut`), and the pool joins every worker (or passes a barrier) before the buffer
+// `pool::for_each_mut`), and the pool waits for every thread inside a job (or past its prologue) before the buffer
 // is read.
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
@@ -183,6 +431,70 @@ mod tests {
             for_each_mut(&mut items, |x| *x = *x * 10 + 1);
             assert_eq!(items, (0..n).map(|x| x * 10 + 1).collect::<Vec<_>>());
         }
+    }
+
+    /// Items of one job over `threads` shares, each marked once, with `during` run in each piece.
+    fn marked(pool: &Pool, during: impl Fn(usize, usize) + Sync) -> Vec<usize> {
+        let seen: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+        let inside = AtomicUsize::new(0);
+        pool.run(|threads| {
+            let shares = Shares::new(seen.len(), threads);
+            let (seen, inside, during) = (&seen, &inside, &during);
+            move |tid| {
+                inside.fetch_add(1, Ordering::SeqCst);
+                shares.drain(tid, |r| {
+                    during(tid, threads);
+                    r.for_each(|i| {
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    })
+                });
+                inside.fetch_sub(1, Ordering::SeqCst);
+            }
+        });
+        // `run` returned: nothing may still be running the job.
+        assert_eq!(inside.load(Ordering::SeqCst), 0);
+        seen.iter().map(|s| s.load(Ordering::Relaxed)).collect()
+    }
+
+    #[test]
+    fn a_job_is_done_once_whoever_joins_and_run_waits_for_those_inside() {
+        let pool = Pool::new(3);
+        for round in 0..3000 {
+            let seen = marked(&pool, |tid, threads| {
+                // Workers that dawdle in some rounds: the others take their shares.
+                if round % 5 == 0 && tid + 1 < threads {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+            });
+            assert!(seen.iter().all(|&s| s == 1), "round {round}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn after_a_late_worker_the_caller_runs_jobs_alone_for_a_while() {
+        let pool = Pool::new(1);
+        let entered = AtomicBool::new(false);
+        // The worker joins, then stalls inside its piece, as a descheduled thread would.
+        marked(&pool, |tid, threads| {
+            if tid + 1 < threads {
+                entered.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            } else {
+                while !entered.load(Ordering::SeqCst) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let threads = || {
+            let seen = AtomicUsize::new(0);
+            pool.run(|threads| {
+                seen.store(threads, Ordering::Relaxed);
+                |_| {}
+            });
+            seen.into_inner()
+        };
+        assert!((0..ALONE_FIRST - 1).all(|_| threads() == 1));
+        assert_eq!((0..4).map(|_| threads()).max(), Some(2));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!   sums, and each added activation row costs only those eight. Panels are sixteen rows with
 //!   AVX-512 (`quant/zmm.rs`), eight with AVX2 (`quant/ymm.rs`, VNNI or `maddubs`);
 //! - one pass over a panel serves up to four activation rows (prefill, batched decode);
-//! - output panels are spread over candle's thread pool (`pool::split`).
+//! - output panels are spread over tilt's thread pool (`pool::split_after`).
 //!
 //! `formats` holds the weight layouts, `activations` the int8 rows they multiply, `matmul` the
 //! driver that spreads a product over the pool and applies its sink.
