@@ -146,10 +146,14 @@ struct ServeArgs {
     /// names none gets at most this (default: what the context leaves).
     #[arg(long, value_name = "TOKENS", env = "TILT_MAX_OUTPUT_TOKENS")]
     max_output_tokens: Option<usize>,
-    /// Prompt tokens all requests together may prefill in one step while others decode: lower
-    /// keeps streams flowing while a long prompt comes in, higher prefills it sooner.
+    /// Most prompt tokens all requests together may prefill in one step while others decode.
     #[arg(long, value_name = "TOKENS", default_value_t = EngineOptions::default().interleaved_prefill, env = "TILT_INTERLEAVED_PREFILL")]
     interleaved_prefill: usize,
+    /// While requests decode, a step that also prefills prompts may take at most this many
+    /// times a decode-only step (measured as the server runs): lower keeps streams flowing
+    /// while a long prompt comes in, higher prefills it sooner.
+    #[arg(long, value_name = "FACTOR", default_value_t = EngineOptions::default().prefill_stretch, env = "TILT_PREFILL_STRETCH")]
+    prefill_stretch: f64,
     /// Largest request body (413 beyond).
     #[arg(long, value_name = "BYTES", default_value_t = api::Limits::default().body_bytes, env = "TILT_MAX_BODY_BYTES")]
     max_body_bytes: usize,
@@ -292,6 +296,9 @@ fn app_state(args: &ServeArgs) -> Result<AppState> {
         prompt_tokens: args.max_prompt_tokens,
         output_tokens: args.max_output_tokens,
     };
+    if !(args.prefill_stretch.is_finite() && args.prefill_stretch >= 1.0) {
+        anyhow::bail!("--prefill-stretch must be a number, 1 or more");
+    }
     if limits.prompt_tokens == Some(0) || limits.output_tokens == Some(0) {
         anyhow::bail!("--max-prompt-tokens and --max-output-tokens must be at least 1");
     }
@@ -350,6 +357,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             max_running: args.max_running.max(1),
             max_queue: Some(args.max_queue),
             interleaved_prefill: args.interleaved_prefill.max(1),
+            prefill_stretch: args.prefill_stretch,
             ..EngineOptions::default()
         };
         tracing::info!("{} loaded; ready", models[0].name);

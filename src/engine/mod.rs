@@ -8,6 +8,7 @@ mod events;
 #[cfg(test)]
 pub mod fake;
 mod forward;
+mod pacer;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use crate::model::{ForwardItem, ForwardOutput, ModelInfo};
 use crate::reward::Registry;
 use decoder::Planned;
+use pacer::Pacer;
 use store::{SeqStore, Store};
 
 pub use decoder::{Cx, Decoder, Flow, Outputs};
@@ -37,10 +39,12 @@ pub struct EngineOptions {
     pub max_running: usize,
     /// Prompt tokens a sequence may prefill in one step, so long prompts do not stall others.
     pub prefill_chunk: usize,
-    /// Prompt tokens all sequences together may prefill in a step while others decode: a long
-    /// prompt then costs the streams a few milliseconds a token, not a whole chunk's prefill
-    /// (docs/reliability.md has the trade-off measured).
+    /// Prompt tokens all sequences together may prefill at most in a step while others decode.
     pub interleaved_prefill: usize,
+    /// While others decode, a step that also prefills may take at most this many times a
+    /// decode-only step (`pacer`): a long prompt slows the streams by a bounded factor
+    /// (docs/reliability.md has the trade-off measured).
+    pub prefill_stretch: f64,
     /// Requests that may wait beyond the running ones; past it `submit` refuses (`Busy`), so a
     /// flood costs bounded memory. None: no bound (in-process evaluations queue everything).
     pub max_queue: Option<usize>,
@@ -52,6 +56,7 @@ impl Default for EngineOptions {
             max_running: 16,
             prefill_chunk: 256,
             interleaved_prefill: 64,
+            prefill_stretch: 3.0,
             max_queue: None,
         }
     }
@@ -88,6 +93,7 @@ impl Engine {
         let load = Arc::new(Load::default());
         let (tx, rx) = std_mpsc::channel();
         let limits = (options.max_running, options.max_queue);
+        let pacer = Pacer::new(options.prefill_stretch, options.interleaved_prefill);
         let worker = Worker {
             models,
             infos: infos.clone(),
@@ -98,6 +104,7 @@ impl Engine {
             store: SeqStore::default(),
             load: load.clone(),
             decoding: false,
+            pacer,
         };
         std::thread::Builder::new()
             .name("tilt-engine".into())
@@ -180,6 +187,7 @@ struct Worker<F: Forward> {
     load: Arc<Load>,
     /// The last step fed some sequence a single token: something is decoding.
     decoding: bool,
+    pacer: Pacer,
 }
 
 impl<F: Forward> Worker<F> {
@@ -229,7 +237,7 @@ impl<F: Forward> Worker<F> {
         // 1. Every request says which forwards it needs.
         // While something decodes, prompts share a small budget of tokens a step, oldest
         // request first; otherwise each sequence prefills a whole chunk.
-        let mut budget = self.decoding.then_some(self.options.interleaved_prefill);
+        let mut budget = self.decoding.then(|| self.pacer.budget());
         let mut decoding = false;
         for r in self.running.iter_mut() {
             if r.events.is_closed() {
@@ -257,6 +265,12 @@ impl<F: Forward> Worker<F> {
             }
         }
         self.decoding = decoding;
+        let prompt_tokens: usize = (self.running.iter())
+            .flat_map(|r| &r.planned)
+            .map(|p| p.tokens.len())
+            .filter(|&n| n > 1)
+            .sum();
+        let forwards = Instant::now();
         // 2. One batched forward per model over all planned items.
         let mut outputs: Vec<ForwardOutput> = Vec::with_capacity(self.models.len());
         for (mid, model) in self.models.iter().enumerate() {
@@ -316,6 +330,9 @@ impl<F: Forward> Worker<F> {
                     outputs.push(ForwardOutput::default());
                 }
             }
+        }
+        if decoding {
+            self.pacer.record(forwards.elapsed(), prompt_tokens);
         }
         // 3. Every request reads its logits and advances.
         for r in self.running.iter_mut() {

@@ -147,8 +147,8 @@ struct Board {
     /// Workers asleep, to wake with the next job.
     asleep: AtomicUsize,
     panicked: AtomicBool,
-    /// A thread waited on another longer than the spin in the current job.
-    late: AtomicBool,
+    /// Nanoseconds threads waited on others past `LATE` in the current job.
+    late: AtomicU64,
 }
 
 // SAFETY: `job` is written only by the caller holding `Pool::calls` while no worker is inside
@@ -162,21 +162,51 @@ pub(crate) struct Pool {
     calls: Mutex<Calls>,
 }
 
-/// The caller's side of the jobs, with the pacing that keeps a pool from waiting on a machine
-/// too busy to run its workers: after a job in which a thread waited on another for longer
-/// than the spin (the other was descheduled in the middle of a piece of work), the next jobs
-/// run on the caller alone, the workers asleep, for a while that doubles each time trying
-/// again fails and resets when it succeeds.
+/// The caller's side of the jobs, with the pacing that keeps the pool from waiting on a machine
+/// too busy to run its workers. Over each window of jobs run together it adds up the time
+/// threads spent waiting on another past `LATE` (the other was descheduled in the middle of a
+/// piece of work); when that is a large share of the window's time, the next jobs run on the
+/// caller alone, the workers asleep, for a while that doubles each time trying again fails and
+/// resets when it succeeds. A process sharing the cores now and then (the server's own HTTP
+/// threads) costs a few percent and keeps the workers; a busy neighbour costs tens of percent.
 struct Calls {
     generation: u32,
     count: u64,
     alone_until: u64,
     alone_for: u64,
+    /// Jobs run together in this window, their time, and the late waits in them.
+    window: u32,
+    window_time: Duration,
+    window_late: Duration,
 }
 
-/// Jobs run alone after the first late worker (about a decode step's worth), and at most.
+/// Jobs run together per decision (a few decode steps).
+const WINDOW: u32 = 512;
+/// Share of a window's time lost to late waits past which the caller goes alone.
+const LOST: f64 = 0.1;
+/// Jobs run alone after the first bad window, and at most.
 const ALONE_FIRST: u64 = 256;
 const ALONE_MOST: u64 = 65_536;
+
+impl Calls {
+    /// A job run together took `took`, `late` of it waiting on descheduled threads.
+    fn record(&mut self, took: Duration, late: Duration) {
+        self.window += 1;
+        self.window_time += took;
+        self.window_late += late;
+        if self.window < WINDOW {
+            return;
+        }
+        let lost = self.window_late.as_secs_f64() / self.window_time.as_secs_f64().max(1e-9);
+        if lost > LOST {
+            self.alone_until = self.count + self.alone_for;
+            self.alone_for = (self.alone_for * 2).min(ALONE_MOST);
+        } else {
+            self.alone_for = ALONE_FIRST;
+        }
+        (self.window, self.window_time, self.window_late) = (0, Duration::ZERO, Duration::ZERO);
+    }
+}
 
 thread_local! {
     /// Set on the pool's workers and while a thread runs a job: a nested call runs inline.
@@ -200,7 +230,7 @@ impl Pool {
             }),
             asleep: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
-            late: AtomicBool::new(false),
+            late: AtomicU64::new(0),
         }));
         let workers = (0..workers)
             .map(|tid| {
@@ -220,6 +250,9 @@ impl Pool {
                 count: 0,
                 alone_until: 0,
                 alone_for: ALONE_FIRST,
+                window: 0,
+                window_time: Duration::ZERO,
+                window_late: Duration::ZERO,
             }),
         }
     }
@@ -259,17 +292,14 @@ impl Pool {
             self.workers.iter().for_each(Thread::unpark);
         }
         IN_POOL.set(true);
+        let started = Instant::now();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(me)));
         IN_POOL.set(false);
         // Close: latecomers stay out; wait for those inside (each is finishing a piece it took).
         shared.state.fetch_or(CLOSED, Ordering::AcqRel);
         self.wait_until(|| shared.state.load(Ordering::Acquire) & INSIDE == 0);
-        if shared.late.swap(false, Ordering::Relaxed) {
-            calls.alone_until = calls.count + calls.alone_for;
-            calls.alone_for = (calls.alone_for * 2).min(ALONE_MOST);
-        } else if calls.count > calls.alone_until + ALONE_FIRST {
-            calls.alone_for = ALONE_FIRST;
-        }
+        let late = Duration::from_nanos(shared.late.swap(0, Ordering::Relaxed));
+        calls.record(started.elapsed(), late);
         if let Err(payload) = outcome {
             std::panic::resume_unwind(payload);
         }
@@ -280,20 +310,22 @@ impl Pool {
 }
 
 impl Pool {
-    /// Spin until `ready`, then yield the core to whichever thread we wait on; a wait past the
-    /// spin marks the job late (see `Calls`).
+    /// Spin until `ready`, then yield the core to whichever thread we wait on; a wait past
+    /// `LATE` counts against the job (see `Calls`).
     fn wait_until(&self, ready: impl Fn() -> bool) {
         let start = Instant::now();
+        let mut waited = Duration::ZERO;
         while !ready() {
-            let waited = start.elapsed();
-            if waited > LATE {
-                self.shared.late.store(true, Ordering::Relaxed);
-            }
+            waited = start.elapsed();
             if waited < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
+        }
+        if waited > LATE {
+            let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+            self.shared.late.fetch_add(nanos, Ordering::Relaxed);
         }
     }
 }
@@ -471,20 +503,8 @@ mod tests {
     }
 
     #[test]
-    fn after_a_late_worker_the_caller_runs_jobs_alone_for_a_while() {
+    fn after_a_window_of_late_workers_the_caller_runs_jobs_alone_for_a_while() {
         let pool = Pool::new(1);
-        let entered = AtomicBool::new(false);
-        // The worker joins, then stalls inside its piece, as a descheduled thread would.
-        marked(&pool, |tid, threads| {
-            if tid + 1 < threads {
-                entered.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(2));
-            } else {
-                while !entered.load(Ordering::SeqCst) {
-                    std::hint::spin_loop();
-                }
-            }
-        });
         let threads = || {
             let seen = AtomicUsize::new(0);
             pool.run(|threads| {
@@ -493,8 +513,30 @@ mod tests {
             });
             seen.into_inner()
         };
-        assert!((0..ALONE_FIRST - 1).all(|_| threads() == 1));
-        assert_eq!((0..4).map(|_| threads()).max(), Some(2));
+        // A window of quick jobs together keeps the worker.
+        assert!((0..WINDOW).all(|_| threads() == 2));
+        assert_eq!(threads(), 2);
+        // Then jobs in which the worker joins and stalls inside its piece, as a descheduled
+        // thread would, until the window closes.
+        let stalls = AtomicUsize::new(0);
+        while threads() == 2 {
+            let entered = AtomicBool::new(false);
+            marked(&pool, |tid, threads| {
+                if tid + 1 < threads {
+                    entered.store(true, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_micros(300));
+                } else {
+                    while threads > 1 && !entered.load(Ordering::SeqCst) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(stalls.into_inner() < WINDOW as usize);
+        // Alone for the first stretch (give or take the jobs the loop above ran), then together.
+        let alone = (0..2 * ALONE_FIRST).take_while(|_| threads() == 1).count() as u64;
+        assert!((ALONE_FIRST - 4..ALONE_FIRST).contains(&alone), "{alone}");
     }
 
     #[test]
