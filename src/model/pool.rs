@@ -156,7 +156,7 @@ struct Board {
 unsafe impl Sync for Board {}
 
 pub(crate) struct Pool {
-    shared: &'static Board,
+    board: &'static Board,
     workers: Vec<Thread>,
     /// One job at a time (the engine's thread calls; tests may call from several threads).
     calls: Mutex<Calls>,
@@ -222,7 +222,7 @@ impl Pool {
     }
 
     fn new(workers: usize) -> Self {
-        let shared: &'static Board = Box::leak(Box::new(Board {
+        let board: &'static Board = Box::leak(Box::new(Board {
             state: AtomicU64::new(CLOSED),
             job: UnsafeCell::new(Job {
                 call: call::<fn(usize)>,
@@ -236,14 +236,14 @@ impl Pool {
             .map(|tid| {
                 std::thread::Builder::new()
                     .name(format!("tilt-pool-{tid}"))
-                    .spawn(move || work(shared, tid))
+                    .spawn(move || work(board, tid))
                     .expect("spawning a pool thread")
                     .thread()
                     .clone()
             })
             .collect();
         Self {
-            shared,
+            board,
             workers,
             calls: Mutex::new(Calls {
                 generation: 0,
@@ -276,19 +276,19 @@ impl Pool {
         let me = self.workers.len();
         let f = job(me + 1);
         calls.generation = calls.generation.wrapping_add(1).max(1);
-        let shared = self.shared;
+        let board = self.board;
         // SAFETY: the previous job is closed with no worker inside, and none can enter until
         // the state below names this generation.
         unsafe {
-            *shared.job.get() = Job {
+            *board.job.get() = Job {
                 call: call::<F>,
                 data: &f as *const F as *const (),
             }
         };
         // SeqCst, as is the load of `asleep` after it, against a worker's announcing its sleep
         // and checking the state (in `work`): one of the two sees the other.
-        (shared.state).store((calls.generation as u64) << 32, Ordering::SeqCst);
-        if shared.asleep.load(Ordering::SeqCst) > 0 {
+        (board.state).store((calls.generation as u64) << 32, Ordering::SeqCst);
+        if board.asleep.load(Ordering::SeqCst) > 0 {
             self.workers.iter().for_each(Thread::unpark);
         }
         IN_POOL.set(true);
@@ -296,20 +296,18 @@ impl Pool {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(me)));
         IN_POOL.set(false);
         // Close: latecomers stay out; wait for those inside (each is finishing a piece it took).
-        shared.state.fetch_or(CLOSED, Ordering::AcqRel);
-        self.wait_until(|| shared.state.load(Ordering::Acquire) & INSIDE == 0);
-        let late = Duration::from_nanos(shared.late.swap(0, Ordering::Relaxed));
+        board.state.fetch_or(CLOSED, Ordering::AcqRel);
+        self.wait_until(|| board.state.load(Ordering::Acquire) & INSIDE == 0);
+        let late = Duration::from_nanos(board.late.swap(0, Ordering::Relaxed));
         calls.record(started.elapsed(), late);
         if let Err(payload) = outcome {
             std::panic::resume_unwind(payload);
         }
-        if shared.panicked.swap(false, Ordering::AcqRel) {
+        if board.panicked.swap(false, Ordering::AcqRel) {
             panic!("a pool thread panicked in a job");
         }
     }
-}
 
-impl Pool {
     /// Spin until `ready`, then yield the core to whichever thread we wait on; a wait past
     /// `LATE` counts against the job (see `Calls`).
     fn wait_until(&self, ready: impl Fn() -> bool) {
@@ -325,32 +323,32 @@ impl Pool {
         }
         if waited > LATE {
             let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
-            self.shared.late.fetch_add(nanos, Ordering::Relaxed);
+            self.board.late.fetch_add(nanos, Ordering::Relaxed);
         }
     }
 }
 
 /// A worker: wait for a job (spin, then sleep), join it if it is still open, run it, leave.
-fn work(shared: &'static Board, tid: usize) {
+fn work(board: &'static Board, tid: usize) {
     IN_POOL.set(true);
     let mut last = 0u64;
     loop {
-        let mut state = shared.state.load(Ordering::Acquire);
+        let mut state = board.state.load(Ordering::Acquire);
         let start = Instant::now();
         while state >> 32 == last || state & CLOSED != 0 {
             if start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
-                shared.asleep.fetch_add(1, Ordering::SeqCst);
+                board.asleep.fetch_add(1, Ordering::SeqCst);
                 // Checked again after announcing the sleep: a job published in between has
                 // either seen `asleep` (and unparks us) or is visible here.
-                let now = shared.state.load(Ordering::SeqCst);
+                let now = board.state.load(Ordering::SeqCst);
                 if now >> 32 == last || now & CLOSED != 0 {
                     std::thread::park_timeout(Duration::from_millis(100));
                 }
-                shared.asleep.fetch_sub(1, Ordering::SeqCst);
+                board.asleep.fetch_sub(1, Ordering::SeqCst);
             }
-            state = shared.state.load(Ordering::Acquire);
+            state = board.state.load(Ordering::Acquire);
         }
         last = state >> 32;
         // Enter only the generation seen, while it is open.
@@ -358,7 +356,7 @@ fn work(shared: &'static Board, tid: usize) {
             if state >> 32 != last || state & CLOSED != 0 {
                 break false;
             }
-            match shared.state.compare_exchange_weak(
+            match board.state.compare_exchange_weak(
                 state,
                 state + 1,
                 Ordering::AcqRel,
@@ -370,14 +368,14 @@ fn work(shared: &'static Board, tid: usize) {
         };
         if entered {
             // SAFETY: inside an open job, whose caller waits for us before its `f` goes.
-            let job = unsafe { *shared.job.get() };
+            let job = unsafe { *board.job.get() };
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
                 (job.call)(job.data, tid)
             }));
             if ran.is_err() {
-                shared.panicked.store(true, Ordering::Release);
+                board.panicked.store(true, Ordering::Release);
             }
-            shared.state.fetch_sub(1, Ordering::Release);
+            board.state.fetch_sub(1, Ordering::Release);
         }
     }
 }
