@@ -1,5 +1,6 @@
-//! Decode-step cost for batch 1 vs batch 4 (cache length ~200, or `CTX`), and the sampler per row, in one
-//! process, interleaved so machine noise hits both alike; prints medians. `--e2e` instead times
+//! Decode-step cost at batch 1, 4, 8, 16 and 32 (cache length ~200, or `CTX`) beside the
+//! roofline (the weights streamed once a step at this machine's read bandwidth), and the sampler
+//! per row, in one process, interleaved so machine noise hits all alike; prints medians. `--e2e` instead times
 //! whole requests through the engine: one 128-token sample against best-of-4 × 128 and against
 //! GenARM with the shipped `positive` ARM, then with both shipped ARMs.
 //!
@@ -12,6 +13,27 @@ use tilt::decode::{DecoderSpec, Generation};
 use tilt::engine::{Engine, EngineOptions, Event};
 use tilt::model::{fetch, ForwardItem, KvCache, Logits, Model, Role};
 use tilt::sampling::{Sampler, SamplingParams};
+
+/// Batch sizes timed side by side.
+const BATCHES: [usize; 5] = [1, 4, 8, 16, 32];
+
+/// Bytes a second that all cores read from a 1 GiB buffer, summing it (the best of three).
+fn read_bandwidth() -> f64 {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let words = vec![1u64; (1 << 30) / 8];
+    let chunk = words.len().div_ceil(threads);
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for part in words.chunks(chunk) {
+                    s.spawn(move || std::hint::black_box(part.iter().fold(0u64, |a, &w| a ^ w)));
+                }
+            });
+            (words.len() * 8) as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -43,7 +65,9 @@ fn main() {
         }])
         .unwrap();
     let len = primed.len();
-    let mut caches: Vec<KvCache> = (0..4).map(|_| primed.fork()).collect();
+    let mut caches: Vec<KvCache> = (0..BATCHES[BATCHES.len() - 1])
+        .map(|_| primed.fork())
+        .collect();
     let step = |caches: &mut [KvCache]| -> (f64, Vec<f32>) {
         let t = Instant::now();
         let mut items: Vec<ForwardItem> = caches
@@ -72,19 +96,37 @@ fn main() {
         println!("batch {b}: {:.2} ms", median(times));
         return;
     }
-    let (mut one, mut four) = (Vec::new(), Vec::new());
+    let mut times = vec![Vec::new(); BATCHES.len()];
     let mut logits = Vec::new();
     for _ in 0..rounds {
-        one.push(step(&mut caches[..1]).0);
-        let (dt, l) = step(&mut caches);
-        four.push(dt);
-        logits = l;
+        for (t, &b) in times.iter_mut().zip(&BATCHES) {
+            let (dt, l) = step(&mut caches[..b]);
+            t.push(dt);
+            logits = l;
+        }
     }
-    let (one, four) = (median(one), median(four));
+    // The roofline: every step streams the weights (about the GGUF file) from memory.
+    let weights = std::fs::metadata(&path).map_or(0, |m| m.len()) as f64;
+    let bandwidth = read_bandwidth();
+    let floor = weights / bandwidth * 1e3;
     println!(
-        "decode step at {len}: batch 1 {one:.2} ms, batch 4 {four:.2} ms, ratio {:.2}",
-        four / one
+        "decode step at {len} cached positions; weights {:.0} MB, a plain read at {:.1} GB/s: \
+         floor {floor:.2} ms a step at any batch size",
+        weights / 1e6,
+        bandwidth / 1e9
     );
+    println!("| batch | step ms | × batch 1 | × floor | tokens/s |");
+    println!("|---|---|---|---|---|");
+    let one = median(times[0].clone());
+    for (t, &b) in times.into_iter().zip(&BATCHES) {
+        let ms = median(t);
+        println!(
+            "| {b} | {ms:.2} | {:.2} | {:.2} | {:.0} |",
+            ms / one,
+            ms / floor,
+            b as f64 / ms * 1e3
+        );
+    }
     let row = &logits[..m.llama.cfg.vocab_size];
     for (name, params) in [
         ("default", SamplingParams::default()),
