@@ -311,20 +311,45 @@ impl Pool {
     /// Spin until `ready`, then yield the core to whichever thread we wait on; a wait past
     /// `LATE` counts against the job (see `Calls`).
     fn wait_until(&self, ready: impl Fn() -> bool) {
-        let start = Instant::now();
-        let mut waited = Duration::ZERO;
+        let mut spin = Spin::default();
         while !ready() {
-            waited = start.elapsed();
-            if waited < SPIN {
+            if spin.turn() < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
         }
+        let waited = spin.total();
         if waited > LATE {
             let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
             self.board.late.fetch_add(nanos, Ordering::Relaxed);
         }
+    }
+}
+
+/// The time a thread has waited, read off the clock from its first turn and then every 64th:
+/// a clock read costs as much as dozens of spins, and most waits end within a few.
+#[derive(Default)]
+struct Spin {
+    start: Option<Instant>,
+    turns: u32,
+    waited: Duration,
+}
+
+impl Spin {
+    /// One more turn of waiting; the time waited as last read.
+    fn turn(&mut self) -> Duration {
+        let start = *self.start.get_or_insert_with(Instant::now);
+        self.turns = self.turns.wrapping_add(1);
+        if self.turns.is_multiple_of(64) {
+            self.waited = start.elapsed();
+        }
+        self.waited
+    }
+
+    /// The whole wait, read now (zero if it never turned).
+    fn total(&self) -> Duration {
+        self.start.map_or(Duration::ZERO, |s| s.elapsed())
     }
 }
 
@@ -334,9 +359,9 @@ fn work(board: &'static Board, tid: usize) {
     let mut last = 0u64;
     loop {
         let mut state = board.state.load(Ordering::Acquire);
-        let start = Instant::now();
+        let mut spin = Spin::default();
         while state >> 32 == last || state & CLOSED != 0 {
-            if start.elapsed() < SPIN {
+            if spin.turn() < SPIN {
                 std::hint::spin_loop();
             } else {
                 board.asleep.fetch_add(1, Ordering::SeqCst);
