@@ -234,7 +234,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(n) = cli.threads {
-        // Read by candle's thread pools on first use; nothing else runs yet.
+        // Read by tilt's and candle's thread pools on first use; nothing else runs yet.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
