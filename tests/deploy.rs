@@ -16,13 +16,17 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The long flags `tilt serve --help` documents (the global ones included).
-fn serve_flags() -> BTreeSet<String> {
+fn serve_help() -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tilt"))
         .args(["serve", "--help"])
         .output()
         .expect("tilt runs");
-    let help = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The long flags `tilt serve --help` documents (the global ones included).
+fn serve_flags() -> BTreeSet<String> {
+    let help = serve_help();
     let flag = regex::Regex::new(r"(?m)^\s+(?:-\w, )?--([a-z][a-z0-9-]*)").unwrap();
     flag.captures_iter(&help)
         .map(|c| c[1].to_string())
@@ -217,14 +221,7 @@ fn the_dockerfile_runs_tilt_serve_as_a_user_on_its_port() {
         .unwrap()[1]
         .to_string();
     assert_eq!(last("EXPOSE "), port);
-    let help = String::from_utf8(
-        Command::new(env!("CARGO_BIN_EXE_tilt"))
-            .args(["serve", "--help"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let help = serve_help();
     for var in regex::Regex::new(r"(TILT_[A-Z_]+)=")
         .unwrap()
         .captures_iter(env)

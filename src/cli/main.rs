@@ -117,8 +117,9 @@ struct ServeArgs {
     /// refused).
     #[arg(long, default_value_t = 256, env = "TILT_MAX_QUEUE")]
     max_queue: usize,
-    /// Require `Authorization: Bearer KEY` with one of these keys on every route but `/health`
-    /// and `/metrics` (repeatable; comma-separated in the environment variable). Without any,
+    /// Require `Authorization: Bearer KEY` with one of these keys on every route but the
+    /// playground `/`, `/health` and `/metrics` (repeatable; comma-separated in the environment
+    /// variable). Without any,
     /// the server is open to whoever reaches its port.
     #[arg(
         long = "api-key",

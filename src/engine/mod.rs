@@ -238,7 +238,7 @@ impl<F: Forward> Worker<F> {
         // While something decodes, prompts share a small budget of tokens a step, oldest
         // request first; otherwise each sequence prefills a whole chunk.
         let mut budget = self.decoding.then(|| self.pacer.budget());
-        let mut decoding = false;
+        let (mut decoding, mut prompt_tokens) = (false, 0);
         for r in self.running.iter_mut() {
             if r.events.is_closed() {
                 r.done = true; // cancelled: the receiver is gone
@@ -260,16 +260,14 @@ impl<F: Forward> Worker<F> {
             for p in &r.planned {
                 match p.tokens.len() {
                     1 => decoding = true,
-                    n => budget = budget.map(|b| b.saturating_sub(n)),
+                    n => {
+                        prompt_tokens += n;
+                        budget = budget.map(|b| b.saturating_sub(n));
+                    }
                 }
             }
         }
         self.decoding = decoding;
-        let prompt_tokens: usize = (self.running.iter())
-            .flat_map(|r| &r.planned)
-            .map(|p| p.tokens.len())
-            .filter(|&n| n > 1)
-            .sum();
         let forwards = Instant::now();
         // 2. One batched forward per model over all planned items.
         let mut outputs: Vec<ForwardOutput> = Vec::with_capacity(self.models.len());

@@ -20,22 +20,6 @@ pub fn cases() -> Vec<(&'static str, crate::Case)> {
     ]
 }
 
-/// Token ids of `text` without special tokens (as responses and answers are read).
-async fn bare_tokens(c: &Client, text: &str) -> Vec<u64> {
-    let r = c
-        .ok(
-            "/tokenize",
-            &json!({"prompt": text, "add_special_tokens": false}),
-        )
-        .await;
-    r["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap())
-        .collect()
-}
-
 fn floats(v: &Value) -> Vec<Option<f64>> {
     v.as_array().unwrap().iter().map(Value::as_f64).collect()
 }
@@ -272,7 +256,7 @@ async fn score_arm_values_are_what_best_of_n_ranks_by(c: Client) {
     let mut compared = 0;
     for cand in r["alignment"]["candidates"].as_array().unwrap() {
         let text = cand["text"].as_str().unwrap();
-        let ids = bare_tokens(&c, text).await;
+        let ids = c.tokens_with(text, false).await;
         if ids.len() != cand["tokens"].as_u64().unwrap() as usize {
             continue; // the text does not give back its tokens (e.g. an end token in it)
         }
@@ -352,7 +336,7 @@ async fn tokenizer_info_describes_the_base_tokenizer(c: Client) {
         .as_str()
         .expect("the base has an end token");
     // The end token's text tokenizes to itself, one token.
-    let ids = bare_tokens(&c, eos).await;
+    let ids = c.tokens_with(eos, false).await;
     assert_eq!(ids.len(), 1, "{eos}: {ids:?}");
     let models = c.get("/v1/models").await.body;
     assert_eq!(

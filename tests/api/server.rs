@@ -212,9 +212,13 @@ impl Client {
 
     /// Token ids of a plain prompt, as the server counts them.
     pub async fn tokens(&self, prompt: &str) -> Vec<u64> {
-        let body = self
-            .ok("/tokenize", &serde_json::json!({ "prompt": prompt }))
-            .await;
+        self.tokens_with(prompt, true).await
+    }
+
+    /// Token ids of `prompt`, with the special tokens a prompt starts with or without.
+    pub async fn tokens_with(&self, prompt: &str, special: bool) -> Vec<u64> {
+        let request = serde_json::json!({"prompt": prompt, "add_special_tokens": special});
+        let body = self.ok("/tokenize", &request).await;
         body["tokens"]
             .as_array()
             .unwrap()
