@@ -136,31 +136,35 @@ pub fn silu_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
     }
 }
 
-/// (Σu, Σu·(t − b)) for u = e^(t − m): the normaliser of scores `t` and their weighted
-/// difference to `b`, in one pass (GenARM's KL). Pairs with u = 0 are skipped: there t − b may
-/// be −∞ or NaN (a token the tilt excludes).
-pub fn tilt_sums(t: &[f32], b: &[f32], m: f32) -> (f32, f32) {
+/// (Σu, Σu·x, Σu·x²) for u = e^(t − m) and x = t − b: the normaliser of scores `t` and the
+/// first two moments of their difference to `b`, in one pass (GenARM's KL and its slope in the
+/// tilt's scale). Pairs with u = 0 are skipped: there t − b may be −∞ or NaN (a token the tilt
+/// excludes).
+pub fn tilt_moments(t: &[f32], b: &[f32], m: f32) -> (f32, f32, f32) {
     assert_eq!(t.len(), b.len());
     #[cfg(target_feature = "avx512f")]
     // SAFETY: AVX-512F is enabled for the whole crate; the lengths are checked above.
     unsafe {
-        wide::tilt_sums(t, b, m)
+        wide::tilt_moments(t, b, m)
     }
     #[cfg(not(target_feature = "avx512f"))]
     {
         const L: usize = 16;
-        let (mut total, mut weighted) = ([0f32; L], [0f32; L]);
+        let (mut total, mut first, mut second) = ([0f32; L], [0f32; L], [0f32; L]);
         let mut add = |i: usize, t: f32, b: f32| {
             let u = exp(t - m);
             if u > 0.0 {
+                let ux = u * (t - b);
                 total[i % L] += u;
-                weighted[i % L] += u * (t - b);
+                first[i % L] += ux;
+                second[i % L] += ux * (t - b);
             }
         };
         for (i, (&t, &b)) in t.iter().zip(b).enumerate() {
             add(i, t, b);
         }
-        (total.iter().sum(), weighted.iter().sum())
+        let sum = |a: [f32; L]| a.iter().sum();
+        (sum(total), sum(first), sum(second))
     }
 }
 
@@ -237,28 +241,36 @@ mod wide {
         }
     }
 
-    pub unsafe fn tilt_sums(t: &[f32], b: &[f32], m: f32) -> (f32, f32) {
+    pub unsafe fn tilt_moments(t: &[f32], b: &[f32], m: f32) -> (f32, f32, f32) {
         let mv = _mm512_set1_ps(m);
-        let (mut total, mut weighted) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let zero = _mm512_setzero_ps();
+        let (mut total, mut first, mut second) = (zero, zero, zero);
         let whole = t.len() / 16 * 16;
         for i in (0..whole).step_by(16) {
             let tv = _mm512_loadu_ps(t.as_ptr().add(i));
             let u = exp16(_mm512_sub_ps(tv, mv));
             let d = _mm512_sub_ps(tv, _mm512_loadu_ps(b.as_ptr().add(i)));
-            let live = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(u, _mm512_setzero_ps());
+            let live = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(u, zero);
             total = _mm512_add_ps(total, u);
-            weighted = _mm512_mask3_fmadd_ps(u, d, weighted, live);
+            let ud = _mm512_maskz_mul_ps(live, u, d);
+            first = _mm512_add_ps(first, ud);
+            second = _mm512_mask3_fmadd_ps(ud, d, second, live);
         }
-        let (mut total, mut weighted) =
-            (_mm512_reduce_add_ps(total), _mm512_reduce_add_ps(weighted));
+        let (mut total, mut first, mut second) = (
+            _mm512_reduce_add_ps(total),
+            _mm512_reduce_add_ps(first),
+            _mm512_reduce_add_ps(second),
+        );
         for i in whole..t.len() {
             let u = super::exp(t[i] - m);
             if u > 0.0 {
+                let ud = u * (t[i] - b[i]);
                 total += u;
-                weighted += u * (t[i] - b[i]);
+                first += ud;
+                second += ud * (t[i] - b[i]);
             }
         }
-        (total, weighted)
+        (total, first, second)
     }
 
     /// Lanes of `x` past its whole vectors: a mask for the rest (fewer than sixteen values).

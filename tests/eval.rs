@@ -65,6 +65,10 @@ fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
         "0,0.6,1.2",
         "--grid",
         "0,1",
+        "--max-kl",
+        "0.3",
+        "--best-of",
+        "2",
         "--max-tokens",
         "8",
         "--seed",
@@ -76,7 +80,10 @@ fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
         assert!(out.path().join(f).exists(), "{f} missing");
     }
     let report = read_json(&out.path().join("steer.json"));
-    let settings = report["settings"].as_array().unwrap();
+    let all = report["settings"].as_array().unwrap();
+    let method = |m: &str| -> Vec<&Value> { all.iter().filter(|s| s["method"] == m).collect() };
+    let mut settings = method("plain");
+    settings.extend(method("genarm"));
     // paris 0, 0.6, 1.2; london 0.6, 1.2 (0 shared); grid (0,1), (1,0), (1,1).
     let weights: Vec<(f64, f64)> = settings
         .iter()
@@ -104,8 +111,29 @@ fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
             "{w:?} missing from {weights:?}"
         );
     }
+    // Each ARM's nonzero weights again under the budget, which holds every step; best-of-2
+    // ranked by each ARM, generating two answers' tokens for each.
+    let budgeted = method("genarm, KL ≤ 0.3");
+    assert_eq!(budgeted.len(), 4);
+    for s in &budgeted {
+        assert!(s["kl_per_token"].as_f64().unwrap() <= 0.3 + 1e-3, "{s}");
+        let scale = &s["kl_scale"];
+        assert!(scale["min"].as_f64().unwrap() <= scale["mean"].as_f64().unwrap());
+    }
+    for by in ["paris", "london"] {
+        let s = method(&format!("best-of-2 by {by}"));
+        assert_eq!(s.len(), 1);
+        let per_answer = s[0]["generated_per_answer"].as_f64().unwrap();
+        assert!(per_answer > s[0]["mean_tokens"].as_f64().unwrap(), "{}", s[0]);
+    }
+    let plain_perplexity = report["fluency"]["plain_perplexity"].as_f64().unwrap();
+    assert!(plain_perplexity > 1.0, "{}", report["fluency"]);
+    for s in all {
+        assert!(s["perplexity"].as_f64().unwrap() >= 1.0, "{s}");
+    }
     let md = std::fs::read_to_string(out.path().join("steer.md")).unwrap();
-    assert_eq!(table_rows(&md).len(), want.len(), "{md}");
+    assert_eq!(table_rows(&md).len(), all.len(), "{md}");
+    assert!(md.contains("Best fluent setting per objective"), "{md}");
     assert_eq!(stdout.trim(), md.trim());
     let svg = std::fs::read_to_string(out.path().join("steer.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("Trade-off"));
@@ -141,7 +169,7 @@ fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
     assert_eq!(mono[0]["arm"], "paris");
     assert_eq!(mono[0]["monotone"], true);
     assert!(md.contains("Monotonicity"));
-    for s in settings {
+    for s in all {
         assert_eq!(s["outputs"].as_array().unwrap().len(), 2);
         let d = s["distinct_2"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&d));

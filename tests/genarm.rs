@@ -94,6 +94,41 @@ fn the_favoured_token_appears_with_a_positive_weight_and_vanishes_with_a_negativ
 }
 
 #[test]
+fn a_kl_budget_bounds_every_step_and_changes_nothing_when_loose() {
+    let (e, _dir) = common::engine_with_toy_arm(common::single_token(" Paris"));
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        seed: Some(3),
+        ..Default::default()
+    };
+    let g = generation(&e, "Write one sentence about the sea:", 2, sampling);
+    let steer = |budget: Option<f64>| {
+        let mut params = json!({"rewards": {"toy": 6}});
+        if let Some(b) = budget {
+            params["max_kl_per_token"] = b.into();
+        }
+        let (tokens, report) = run(&e, &genarm(&e, params), g.clone());
+        (tokens, report.unwrap())
+    };
+    let (free, report) = steer(None);
+    let unbounded = report["kl_per_token"].as_f64().unwrap();
+    assert!(unbounded > 1.0, "{report}");
+    let (loose, report) = steer(Some(1e6));
+    assert_eq!(loose, free);
+    assert_eq!(report["kl_scale"], json!({"mean": 1.0, "min": 1.0}));
+    for budget in [0.05, 0.5] {
+        let (_, report) = steer(Some(budget));
+        // Each step's KL is within the budget, so their mean is too; a binding budget is met.
+        let kl = report["kl_per_token"].as_f64().unwrap();
+        assert!(kl <= budget + 1e-3 && kl > budget * 0.5, "{report}");
+        let min = report["kl_scale"]["min"].as_f64().unwrap();
+        assert!(min > 0.0 && min < 1.0, "{report}");
+    }
+    let plain = run(&e, &DecoderSpec::sample(), g.clone()).0;
+    assert_eq!(steer(Some(0.0)).0, plain);
+}
+
+#[test]
 fn each_model_reads_the_prompt_through_its_own_template() {
     // A per-model prompt reaches the ARM: generation still runs and the tilt still applies.
     let paris = common::single_token(" Paris");

@@ -603,11 +603,7 @@ impl BestOfNDecoder {
         report["calibrate"] = self.spec.calibrate.into();
         report["generated_tokens"] = generated.into();
         if self.spec.guide.active().next().is_some() {
-            report["guide"] = json!({
-                "weights": self.spec.guide.weights(),
-                "beta": self.spec.guide.beta,
-                "kl_per_token": self.guided.kl_per_token(),
-            });
+            report["guide"] = self.guided.report(&self.spec.guide);
         }
         match self.spec.selection {
             Selection::Hard => report["selection"] = "hard".into(),

@@ -41,6 +41,9 @@ pub struct GenArmParams {
     #[serde(default)]
     rewards: BTreeMap<String, f64>,
     beta: Option<f64>,
+    /// The most KL(tilted ‖ base) a step may take, in nats; each step scales the weights down
+    /// to fit.
+    max_kl_per_token: Option<f64>,
     /// Keywords to pull toward (`keywords`, `keyword_boost`).
     #[serde(default)]
     constraints: Constraints,
@@ -89,6 +92,8 @@ pub struct GenArmSpec {
     pub rewards: Vec<ArmWeight>,
     /// Strength of the KL regulariser: each ARM's log-probs count w/β.
     pub beta: f32,
+    /// Each step's KL budget, in nats (none: the weights apply as given).
+    pub max_kl: Option<f32>,
     /// Keywords the sampled tokens are pulled toward.
     pub keywords: Option<KeywordSpec>,
 }
@@ -99,6 +104,7 @@ impl GenArmSpec {
         Self {
             rewards: Vec::new(),
             beta: 1.0,
+            max_kl: None,
             keywords: None,
         }
     }
@@ -123,6 +129,18 @@ impl GenArmSpec {
                 ),
             ));
         }
+        let max_kl = match params.max_kl_per_token {
+            None => None,
+            Some(b) if b.is_finite() && b >= 0.0 => Some(b as f32),
+            Some(b) => {
+                return Err(invalid(
+                    "max_kl_per_token",
+                    format!(
+                        "`max_kl_per_token` must be a finite number of nats, at least 0, got {b}"
+                    ),
+                ))
+            }
+        };
         let mut rewards = Vec::with_capacity(params.rewards.len());
         for (name, w) in params.rewards {
             let Some(model) = registry.arm(&name) else {
@@ -165,6 +183,7 @@ impl GenArmSpec {
         Ok(Self {
             rewards,
             beta,
+            max_kl,
             keywords,
         })
     }
@@ -179,7 +198,14 @@ impl GenArmSpec {
 #[derive(Default)]
 pub struct Tilt {
     scores: Vec<f32>,
+    /// Σ c_i·log_softmax(arm_i) (up to a constant), kept while a KL budget is searched.
+    pull: Vec<f32>,
 }
+
+/// How close below the budget the scale search stops, in nats: a step's KL ends in
+/// [budget − KL_TOLERANCE, budget] unless the scale reaches 1 or a bracket of SCALE_TOLERANCE.
+const KL_TOLERANCE: f32 = 1e-4;
+const SCALE_TOLERANCE: f32 = 1e-5;
 
 impl Tilt {
     /// The scores of the last `combine`.
@@ -206,14 +232,97 @@ impl Tilt {
                 *s += c * a;
             }
         }
-        // With u = e^(s − m) and S = Σu: p = u/S, log p = s − m − log S, and the base's
-        // log-prob is base − lse(base), so KL = Σ u·(s − base)/S − m − log S + lse(base).
-        let m = math::max(&self.scores);
-        if !m.is_finite() {
-            return 0.0;
+        Self::divergence(&self.scores, base, 1.0).0
+    }
+
+    /// `combine` with the ARMs' pull scaled by the largest s ∈ [0, 1] whose KL(tilted ‖ base)
+    /// stays within `budget`: (KL, s). KL grows with s (its slope is s·Var(pull) under the
+    /// tilted distribution), so a Newton search toward the budget, kept inside a bracket that
+    /// bisects when a step would leave it, finds s in a few passes over the row.
+    pub fn combine_within(
+        &mut self,
+        base: &[f32],
+        arms: &[(f32, &[f32])],
+        vocab: usize,
+        budget: f32,
+    ) -> (f32, f32) {
+        let kl = self.combine(base, arms, vocab);
+        if kl <= budget {
+            return (kl, 1.0);
         }
-        let (total, weighted) = math::tilt_sums(&self.scores, base, m);
-        (weighted / total - m - total.ln() + log_sum_exp(base)).max(0.0)
+        let base = &base[..self.scores.len()];
+        if budget <= 0.0 {
+            // Exactly the base: a search would stop at a scale whose KL rounds to 0 in f32.
+            self.scores.copy_from_slice(base);
+            return (0.0, 0.0);
+        }
+        self.pull.clear();
+        self.pull
+            .extend(self.scores.iter().zip(base).map(|(s, b)| s - b));
+        let (mut lo, mut lo_kl, mut hi) = (0.0f32, 0.0f32, 1.0f32);
+        // Aim a little under the budget so that Newton's steps, which come down from above on
+        // a convex KL, land inside it.
+        let target = budget - KL_TOLERANCE / 2.0;
+        let (mut s, mut at) = (1.0f32, (kl, Self::divergence(&self.scores, base, 1.0).1));
+        let mut scored = 1.0f32;
+        for _ in 0..40 {
+            let (kl, slope) = at;
+            if kl <= budget {
+                (lo, lo_kl) = (s, kl);
+                if budget - kl <= KL_TOLERANCE {
+                    break;
+                }
+            } else {
+                hi = s;
+            }
+            if hi - lo <= SCALE_TOLERANCE {
+                break;
+            }
+            // Newton on log KL against log s: KL grows as s² near 0 and flattens where the
+            // tilt saturates, both nearly straight lines in those axes.
+            // Where it has flattened the step down is long: it stops at 1/16 of the way to `lo`.
+            let newton = s * ((target.ln() - kl.ln()) * kl / (s * slope)).exp();
+            s = if slope > 0.0 && kl > 0.0 && newton < hi {
+                newton.max(lo + (s - lo) / 16.0)
+            } else {
+                (lo + hi) / 2.0
+            };
+            self.scale(base, s);
+            scored = s;
+            at = Self::divergence(&self.scores, base, s);
+        }
+        if scored != lo {
+            self.scale(base, lo);
+        }
+        (lo_kl, lo)
+    }
+
+    /// scores = base + s·pull.
+    fn scale(&mut self, base: &[f32], s: f32) {
+        if s == 0.0 {
+            // Not 0·pull: a token an ARM excludes has a pull of −∞.
+            self.scores.copy_from_slice(base);
+            return;
+        }
+        for ((t, b), p) in self.scores.iter_mut().zip(base).zip(&self.pull) {
+            *t = b + s * p;
+        }
+    }
+
+    /// KL(softmax(scores) ‖ softmax(base)) and its slope in the pull's scale `s` (> 0), where
+    /// scores = base + s·pull: d KL/ds = s·Var(pull) = Var(scores − base)/s under softmax(scores).
+    fn divergence(scores: &[f32], base: &[f32], s: f32) -> (f32, f32) {
+        // With u = e^(t − m), S = Σu and x = t − base: p = u/S, log p = t − m − log S, and the
+        // base's log-prob is base − lse(base), so KL = E[x] − m − log S + lse(base).
+        let m = math::max(scores);
+        if !m.is_finite() {
+            return (0.0, 0.0);
+        }
+        let (total, first, second) = math::tilt_moments(scores, base, m);
+        let mean = first / total;
+        let kl = (mean - m - total.ln() + log_sum_exp(base)).max(0.0);
+        let var = (second / total - mean * mean).max(0.0);
+        (kl, var / s)
     }
 }
 
@@ -224,8 +333,9 @@ struct Branch {
     tilt: Tilt,
 }
 
-/// A sampled token and KL(tilted ‖ base) of the distribution it was drawn from.
-type Drawn = (Sampled, f32);
+/// A sampled token, KL(tilted ‖ base) of the distribution it was drawn from and the scale the
+/// ARMs' weights took in it (1 without a KL budget).
+type Drawn = (Sampled, f32, f32);
 
 /// The keywords a [`Guided`] pulls toward, with what it needs to see where each answer stands.
 struct Pull {
@@ -236,28 +346,29 @@ struct Pull {
 }
 
 impl Branch {
-    /// The next token from the models' rows (the base's, then each ARM's, weighted by `coefs`),
-    /// nudged toward the keywords.
-    fn draw(&mut self, coefs: &[f32], rows: &[&[f32]], vocab: usize, pull: Option<&Pull>) -> Drawn {
+    /// The next token from the models' rows (the base's, then each ARM's, weighted by `coefs`
+    /// and scaled to fit `max_kl`), nudged toward the keywords.
+    fn draw(&mut self, guide: &Guide, rows: &[&[f32]], vocab: usize) -> Drawn {
         if rows.len() == 1 {
-            let Some(pull) = pull else {
+            let Some(pull) = &guide.pull else {
                 // No ARM: exactly plain decoding.
-                return (self.choice.sampler.sample(rows[0]), 0.0);
+                return (self.choice.sampler.sample(rows[0]), 0.0, 1.0);
             };
             let mut scores = rows[0].to_vec();
             pull.nudge(&self.choice.tokens, &mut scores);
-            return (self.choice.sampler.sample(&scores), 0.0);
+            return (self.choice.sampler.sample(&scores), 0.0, 1.0);
         }
-        let arms: Vec<(f32, &[f32])> = coefs
-            .iter()
-            .copied()
+        let arms: Vec<(f32, &[f32])> = (guide.coefs.iter().copied())
             .zip(rows[1..].iter().copied())
             .collect();
-        let kl = self.tilt.combine(rows[0], &arms, vocab);
-        if let Some(pull) = pull {
+        let (kl, scale) = match guide.max_kl {
+            Some(budget) => self.tilt.combine_within(rows[0], &arms, vocab, budget),
+            None => (self.tilt.combine(rows[0], &arms, vocab), 1.0),
+        };
+        if let Some(pull) = &guide.pull {
             pull.nudge(&self.choice.tokens, &mut self.tilt.scores);
         }
-        (self.choice.sampler.sample(&self.tilt.scores), kl)
+        (self.choice.sampler.sample(&self.tilt.scores), kl, scale)
     }
 }
 
@@ -306,16 +417,25 @@ pub struct Guided {
     first: Option<(SeqId, Vec<f32>)>,
     /// The active ARMs, reading every branch's tokens.
     arms: Tracker,
-    /// What each ARM's log-probs are multiplied by: w/β.
-    coefs: Vec<f32>,
+    guide: Guide,
     sequences: Sequences,
-    /// The keywords, when the request has them and a nonzero boost.
-    pull: Option<Pull>,
     branches: Vec<Branch>,
     /// (branch, base ticket) planned this step.
     tickets: Vec<(usize, usize)>,
     kl_sum: f64,
+    /// The sum and least of the scales the KL budget gave the weights.
+    scale_sum: f64,
+    scale_min: f32,
     tokens: usize,
+}
+
+/// How every branch of a [`Guided`] turns the models' rows into scores.
+struct Guide {
+    /// What each ARM's log-probs are multiplied by: w/β.
+    coefs: Vec<f32>,
+    max_kl: Option<f32>,
+    /// The keywords, when the request has them and a nonzero boost.
+    pull: Option<Pull>,
 }
 
 impl Guided {
@@ -342,12 +462,17 @@ impl Guided {
             prompt: SharedPrompt::base(generation),
             first: None,
             arms: Tracker::new(arms, Rows::Raw),
-            coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
+            guide: Guide {
+                coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
+                max_kl: spec.max_kl,
+                pull,
+            },
             sequences,
-            pull,
             branches: Vec::new(),
             tickets: Vec::new(),
             kl_sum: 0.0,
+            scale_sum: 0.0,
+            scale_min: 1.0,
             tokens: 0,
         }
     }
@@ -381,10 +506,30 @@ impl Guided {
         self.kl_sum / self.tokens.max(1) as f64
     }
 
+    /// The guidance's part of a report: `spec`'s weights, β, the mean KL per token and, under a
+    /// KL budget, the mean and least scale it gave the weights.
+    pub fn report(&self, spec: &GenArmSpec) -> serde_json::Value {
+        let mut report = json!({
+            "weights": spec.weights(),
+            "beta": spec.beta,
+            "kl_per_token": self.kl_per_token(),
+        });
+        if let Some(budget) = spec.max_kl {
+            report["max_kl_per_token"] = budget.into();
+            report["kl_scale"] = json!({
+                "mean": if self.tokens == 0 { 1.0 } else { self.scale_sum / self.tokens as f64 },
+                "min": self.scale_min,
+            });
+        }
+        report
+    }
+
     /// Record branch `b`'s drawn token (and the KL of the distribution it came from).
     fn record(&mut self, cx: &mut Cx, g: &Generation, b: usize, drawn: Drawn) -> Result<()> {
         let branch = &mut self.branches[b];
         self.kl_sum += f64::from(drawn.1);
+        self.scale_sum += f64::from(drawn.2);
+        self.scale_min = self.scale_min.min(drawn.2);
         self.tokens += 1;
         branch.choice.accept(cx, g, drawn.0)?;
         // An ARM with a shorter context ends the choice as the base's would.
@@ -415,7 +560,7 @@ impl Guided {
                 arms,
                 tilt: Tilt::default(),
             };
-            let drawn = branch.draw(&self.coefs, &rows, vocab, self.pull.as_ref());
+            let drawn = branch.draw(&self.guide, &rows, vocab);
             self.branches.push(branch);
             self.record(cx, g, i, drawn)?;
         }
@@ -467,9 +612,9 @@ impl Guided {
                 .context("a ticket out of order")?;
             draws.push((b, branch, rows, None));
         }
-        let (coefs, pull) = (&self.coefs, self.pull.as_ref());
+        let guide = &self.guide;
         for_each_mut(&mut draws, |(_, branch, rows, drawn)| {
-            *drawn = Some(branch.draw(coefs, rows, vocab, pull))
+            *drawn = Some(branch.draw(guide, rows, vocab))
         });
         let drawn = draws
             .into_iter()
@@ -525,11 +670,7 @@ impl Decoder for GenArmDecoder {
                 completion_tokens,
             },
             report: Some({
-                let mut report = json!({
-                    "weights": self.spec.weights(),
-                    "beta": self.spec.beta,
-                    "kl_per_token": self.guided.kl_per_token(),
-                });
+                let mut report = self.guided.report(&self.spec);
                 if let Some(k) = &self.spec.keywords {
                     report["keywords"] = k.keywords.clone().into();
                     report["keyword_boost"] = k.boost.into();
@@ -667,6 +808,139 @@ mod tests {
         t.combine(&base, &[(-1.0, &arm)], 2);
         let z = log_sum_exp(&t.scores);
         assert!(((t.scores[1] - z).exp() - 0.8).abs() < 1e-6);
+    }
+
+    /// KL(softmax(scores) ‖ softmax(base)) in f64, independently of the fused pass.
+    fn kl64(scores: &[f32], base: &[f32]) -> f64 {
+        let lse = |x: &[f32]| {
+            let m = x
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+            m + x
+                .iter()
+                .map(|&v| (f64::from(v) - m).exp())
+                .sum::<f64>()
+                .ln()
+        };
+        let (zs, zb) = (lse(scores), lse(base));
+        scores
+            .iter()
+            .zip(base)
+            .map(|(&s, &b)| {
+                let p = (f64::from(s) - zs).exp();
+                if p > 0.0 {
+                    p * ((f64::from(s) - zs) - (f64::from(b) - zb))
+                } else {
+                    0.0
+                }
+            })
+            .sum()
+    }
+
+    /// A vocabulary-sized row of deterministic noise with a few strong tokens.
+    fn row(seed: u32, v: usize, spread: f32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..v)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let noise = (x % 10_000) as f32 / 10_000.0 * spread;
+                if i % 97 == seed as usize % 97 {
+                    noise + 8.0
+                } else {
+                    noise
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_kl_budget_holds_each_step_within_it_and_is_plain_genarm_when_not_binding() {
+        let v = 4096;
+        for seed in 1..6u32 {
+            let base = row(seed, v, 6.0);
+            let (a, b) = (row(seed + 100, v, 6.0), row(seed + 200, v, 3.0));
+            let arms = [(4.0f32, &a[..]), (-1.5f32, &b[..])];
+            let mut full = Tilt::default();
+            let unbounded = full.combine(&base, &arms, v);
+            assert!(unbounded > 1.0, "{unbounded}");
+            for budget in [0.0f32, 0.01, 0.1, 0.5, 1.0] {
+                let mut t = Tilt::default();
+                let (kl, scale) = t.combine_within(&base, &arms, v, budget);
+                let measured = kl64(t.scores(), &base);
+                assert!(
+                    measured <= f64::from(budget) + 1e-3,
+                    "{measured} > {budget}"
+                );
+                assert!(
+                    (measured - f64::from(kl)).abs() < 1e-3,
+                    "{measured} vs {kl}"
+                );
+                assert!((0.0..1.0).contains(&scale), "{scale}");
+                // The largest scale within it: the budget is met, not just respected.
+                assert!(
+                    measured >= f64::from(budget) - 1e-3,
+                    "{measured} < {budget}"
+                );
+                // The weights' pull scaled, nothing else: scores = base + s·(full − base).
+                for i in (0..v).step_by(257) {
+                    let expected = base[i] + scale * (full.scores()[i] - base[i]);
+                    assert!((t.scores()[i] - expected).abs() < 1e-3);
+                }
+            }
+            // Not binding: the very scores of unbudgeted GenARM.
+            let mut t = Tilt::default();
+            let (kl, scale) = t.combine_within(&base, &arms, v, unbounded + 0.01);
+            assert_eq!((kl, scale), (unbounded, 1.0));
+            assert_eq!(t.scores(), full.scores());
+        }
+        // A budget of 0 is the base itself, even where an ARM excludes a token.
+        let base = [1.0, 2.0, 0.5];
+        let mut t = Tilt::default();
+        let (kl, scale) = t.combine_within(&base, &[(1.0, &[0.0, f32::NEG_INFINITY, 0.0])], 3, 0.0);
+        assert_eq!((kl, scale, t.scores()), (0.0, 0.0, &base[..]));
+    }
+
+    #[test]
+    fn genarm_under_a_kl_budget_reports_its_scale() {
+        let e = engine(base_and_sea());
+        let g = generation(&[id("sun")], 3, SamplingParams::greedy());
+        let steer = |extra: serde_json::Value| {
+            let mut p = json!({"rewards": {"sea": 1.0}});
+            p.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            run(&e, "genarm", p, g.clone())
+        };
+        let free = steer(json!({}));
+        // A loose budget changes nothing; a budget of 0 is plain decoding.
+        let loose = steer(json!({"max_kl_per_token": 100.0}));
+        assert_eq!(loose.tokens, free.tokens);
+        let report = loose.report.unwrap();
+        assert_eq!(report["kl_scale"], json!({"mean": 1.0, "min": 1.0}));
+        assert_eq!(report["kl_per_token"], free.report.unwrap()["kl_per_token"]);
+        let plain = run(&e, "sample", json!({}), g.clone());
+        let none = steer(json!({"max_kl_per_token": 0.0}));
+        assert_eq!(none.tokens, plain.tokens);
+        assert_eq!(none.report.unwrap()["kl_scale"]["min"], 0.0);
+        let tight = steer(json!({"max_kl_per_token": 0.3})).report.unwrap();
+        assert!(
+            tight["kl_per_token"].as_f64().unwrap() <= 0.3 + 1e-3,
+            "{tight}"
+        );
+        let min = tight["kl_scale"]["min"].as_f64().unwrap();
+        assert!(min > 0.0 && min < 1.0, "{tight}");
+        for bad in [json!(-1.0), json!("a")] {
+            let params = json!({"rewards": {"sea": 1.0}, "max_kl_per_token": bad});
+            let err = GenArm.parse(params.as_object().cloned().unwrap(), e.rewards());
+            assert!(err.is_err());
+        }
+        let params = json!({"rewards": {"sea": 1.0}, "max_kl_per_token": -1});
+        let err = GenArm
+            .parse(params.as_object().cloned().unwrap(), e.rewards())
+            .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("max_kl_per_token"));
     }
 
     #[test]

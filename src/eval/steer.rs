@@ -1,9 +1,11 @@
 //! `tilt eval steer`: how GenARM's reward weights steer the base. Each ARM is paired with a
 //! programmatic scorer of what it was trained for (its *objective*). The sweep runs every ARM's
-//! weight over a list alone (the others at 0), and a grid over the first two ARMs together; per
-//! setting it reports each objective's mean reward, the mean per-token KL to the base (from the
-//! decoder's report), distinct-2 and tokens/s, and checks that each weight moves its own
-//! objective monotonically along its 1-D sweep.
+//! weight over a list alone (the others at 0), again under each KL budget, and a grid over the
+//! first two ARMs together, and best-of-N ranked by each ARM (and by the objective's own scorer
+//! where the server has it as a reward); per setting it reports each objective's mean reward, the
+//! mean per-token KL to the base (from the decoder's report), distinct-2, the base's perplexity of
+//! the answers and tokens/s, marks per objective the best setting that stays fluent, and checks
+//! that each weight moves its own objective monotonically along its 1-D sweep.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -85,6 +87,14 @@ impl ObjectiveScorer {
         }
     }
 
+    /// The server's programmatic reward that scores the same thing, where it has one.
+    pub fn reward_name(&self) -> Option<&'static str> {
+        match self {
+            Self::Sentiment => Some("sentiment"),
+            _ => None,
+        }
+    }
+
     pub fn label(&self) -> String {
         match self {
             Self::Sentiment => "sentiment".into(),
@@ -147,6 +157,20 @@ pub struct SteerArgs {
     /// GenARM's β: each ARM's log-probs count weight/β.
     #[arg(long, default_value_t = 1.0)]
     pub beta: f32,
+    /// KL budgets (`max_kl_per_token`, nats): each runs every ARM's 1-D sweep again under it
+    /// (its nonzero weights); empty for none.
+    #[arg(long, default_value = "0.5", value_parser = parse_weights)]
+    pub max_kl: Weights,
+    /// N of the best-of-N settings, ranked by each ARM (and by its objective's scorer where the
+    /// server has one of that name); 0 for none.
+    #[arg(long, default_value_t = 4)]
+    pub best_of: usize,
+    /// A fluent setting keeps distinct-2 at least this…
+    #[arg(long, default_value_t = 0.8)]
+    pub min_distinct_2: f64,
+    /// …and the base's perplexity of its answers within this multiple of plain decoding's.
+    #[arg(long, default_value_t = 1.5)]
+    pub max_perplexity_ratio: f64,
     /// Prompts, one {"prompt": …} per line (default: the built-in held-out `eval` split).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -168,11 +192,67 @@ pub struct SteerArgs {
     pub max_running: usize,
 }
 
-/// One weight vector (an entry per ARM, in load order) and the sweeps it belongs to.
+/// How a setting decodes.
+#[derive(Debug, Clone, PartialEq)]
+enum Method {
+    /// GenARM at the setting's weights, under a KL budget or not.
+    GenArm { max_kl: Option<f32> },
+    /// Best-of-N of plain samples, ranked by a reward (an ARM or a programmatic scorer).
+    BestOf { n: usize, by: String },
+}
+
+impl Method {
+    fn label(&self) -> String {
+        match self {
+            Self::GenArm { max_kl: None } => "genarm".into(),
+            Self::GenArm { max_kl: Some(b) } => format!("genarm, KL ≤ {b}"),
+            Self::BestOf { n, by } => format!("best-of-{n} by {by}"),
+        }
+    }
+
+    /// The decoder config of this method at `weights` (an entry per ARM of `arms`).
+    fn config(&self, arms: &[String], weights: &[f32], beta: f32) -> Value {
+        match self {
+            Self::GenArm { max_kl } => {
+                let rewards: serde_json::Map<String, Value> = arms
+                    .iter()
+                    .zip(weights)
+                    .map(|(a, &w)| (a.clone(), json!(w)))
+                    .collect();
+                let mut config = json!({"decoder": "genarm", "rewards": rewards, "beta": beta});
+                if let Some(b) = max_kl {
+                    config["max_kl_per_token"] = json!(b);
+                }
+                config
+            }
+            Self::BestOf { n, by } => {
+                json!({"decoder": "best_of_n", "n": n, "rewards": {by.as_str(): 1.0}})
+            }
+        }
+    }
+}
+
+/// One way of decoding (GenARM weights, an entry per ARM in load order, or best-of-N) and the
+/// sweeps it belongs to.
 #[derive(Debug, Clone)]
 struct Setting {
     weights: Vec<f32>,
+    method: Method,
     sweeps: Vec<String>,
+}
+
+impl Setting {
+    fn label(&self) -> String {
+        match self.is_plain() {
+            true => "plain".into(),
+            false => self.method.label(),
+        }
+    }
+
+    /// Plain decoding: every weight 0, no budget.
+    fn is_plain(&self) -> bool {
+        self.method == (Method::GenArm { max_kl: None }) && self.weights.iter().all(|&w| w == 0.0)
+    }
 }
 
 /// What one setting measured.
@@ -181,37 +261,90 @@ struct Measured {
     /// Mean reward per objective (ARM order).
     rewards: Vec<f64>,
     kl_per_token: f64,
+    /// The mean and least scale a KL budget gave the weights.
+    kl_scale: Option<(f64, f64)>,
     distinct_2: f64,
+    /// The base's perplexity of the answers (teacher-forced, answer tokens pooled).
+    perplexity: f64,
     mean_tokens: f64,
+    /// Tokens generated per answer (every candidate of best-of-N).
+    generated_per_answer: f64,
     tokens_per_s: f64,
     wall_s: f64,
     outputs: Vec<Output>,
 }
 
-/// Every setting once: each ARM's sweep, then the grid over the first two.
-fn settings(arms: &[String], weights: &[f32], grid: &[f32]) -> Vec<Setting> {
+/// The name of ARM `arm`'s sweep under KL budget `budget`.
+fn budget_sweep(arm: &str, budget: f32) -> String {
+    format!("{arm}, KL ≤ {budget}")
+}
+
+/// What the settings cover beyond the 1-D sweeps and the grid.
+struct Plan<'a> {
+    weights: &'a [f32],
+    grid: &'a [f32],
+    budgets: &'a [f32],
+    best_of: usize,
+    /// Per ARM, the rewards its best-of-N settings rank by: itself, and its objective's scorer
+    /// where the server has one.
+    rankers: Vec<Vec<String>>,
+}
+
+/// Every setting once: plain decoding, each ARM's sweep, the grid over the first two, each ARM's
+/// sweep under each budget, then best-of-N per ARM and ranker.
+fn settings(arms: &[String], plan: &Plan) -> Vec<Setting> {
     let mut out: Vec<Setting> = Vec::new();
-    let mut add = |w: Vec<f32>, sweep: String| match out.iter_mut().find(|s| s.weights == w) {
+    let mut add = |w: Vec<f32>, method: Method, sweep: String| match out
+        .iter_mut()
+        .find(|s| s.weights == w && s.method == method)
+    {
         Some(s) => s.sweeps.push(sweep),
         None => out.push(Setting {
             weights: w,
+            method,
             sweeps: vec![sweep],
         }),
     };
+    let genarm = Method::GenArm { max_kl: None };
+    let along = |i: usize, w: f32| {
+        let mut v = vec![0.0; arms.len()];
+        v[i] = w;
+        v
+    };
+    add(vec![0.0; arms.len()], genarm.clone(), "plain".into());
     for (i, arm) in arms.iter().enumerate() {
-        for &w in weights {
-            let mut v = vec![0.0; arms.len()];
-            v[i] = w;
-            add(v, arm.clone());
+        for &w in plan.weights {
+            add(along(i, w), genarm.clone(), arm.clone());
         }
     }
     if arms.len() >= 2 {
-        for &a in grid {
-            for &b in grid {
+        for &a in plan.grid {
+            for &b in plan.grid {
                 let mut v = vec![0.0; arms.len()];
                 v[0] = a;
                 v[1] = b;
-                add(v, "grid".into());
+                add(v, genarm.clone(), "grid".into());
+            }
+        }
+    }
+    for &budget in plan.budgets {
+        let method = Method::GenArm {
+            max_kl: Some(budget),
+        };
+        for (i, arm) in arms.iter().enumerate() {
+            for &w in plan.weights.iter().filter(|&&w| w != 0.0) {
+                add(along(i, w), method.clone(), budget_sweep(arm, budget));
+            }
+        }
+    }
+    if plan.best_of > 0 {
+        for (i, arm) in arms.iter().enumerate() {
+            for by in &plan.rankers[i] {
+                let method = Method::BestOf {
+                    n: plan.best_of,
+                    by: by.clone(),
+                };
+                add(vec![0.0; arms.len()], method, format!("{arm}, best-of"));
             }
         }
     }
@@ -267,8 +400,19 @@ pub fn run(args: SteerArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)?;
 
+    for &b in &args.max_kl.0 {
+        if !(b.is_finite() && b >= 0.0) {
+            bail!("--max-kl takes budgets of at least 0 nats, got {b}");
+        }
+    }
     let models = args.models.load()?;
-    let arms: Vec<String> = models[1..].iter().map(|m| m.name.clone()).collect();
+    // A second copy of the base for teacher-forced perplexity; the engine owns the first.
+    let judge = super::load_base(args.models.model.as_deref())?;
+    // The reward models (the manifest's draft loads beside them).
+    let arms: Vec<String> = (models[1..].iter())
+        .filter(|m| m.role == crate::model::Role::Reward)
+        .map(|m| m.name.clone())
+        .collect();
     if arms.is_empty() {
         bail!(
             "no reward models to sweep: the manifest lists none that are present; add --reward NAME=PATH"
@@ -310,7 +454,28 @@ pub fn run(args: SteerArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     };
-    let settings = settings(&arms, &args.weights.0, &args.grid.0);
+    let rankers = arms
+        .iter()
+        .zip(&objectives)
+        .map(|(arm, objective)| {
+            let mut by = vec![arm.clone()];
+            by.extend(
+                objective
+                    .reward_name()
+                    .filter(|name| engine.rewards().scorer(name).is_some())
+                    .map(String::from),
+            );
+            by
+        })
+        .collect();
+    let plan = Plan {
+        weights: &args.weights.0,
+        grid: &args.grid.0,
+        budgets: &args.max_kl.0,
+        best_of: args.best_of,
+        rankers,
+    };
+    let settings = settings(&arms, &plan);
     eprintln!(
         "eval steer: {} settings × {} prompts, ARMs {}",
         settings.len(),
@@ -320,15 +485,10 @@ pub fn run(args: SteerArgs) -> Result<()> {
     let bar = crate::progress::bar((settings.len() * prompts.len()) as u64, "steer");
     let mut measured = Vec::with_capacity(settings.len());
     for setting in &settings {
-        let rewards: serde_json::Map<String, Value> = arms
-            .iter()
-            .zip(&setting.weights)
-            .map(|(a, &w)| (a.clone(), json!(w)))
-            .collect();
-        let config = json!({"decoder": "genarm", "rewards": rewards, "beta": args.beta});
+        let config = setting.method.config(&arms, &setting.weights, args.beta);
         let (name, params) = super::split_config(&config)?;
         let spec = DecoderSpec::parse(&name, params, engine.rewards())
-            .map_err(|e| anyhow::anyhow!("genarm {config}: {}", e.message))?;
+            .map_err(|e| anyhow::anyhow!("{config}: {}", e.message))?;
         let jobs: Vec<Job> = prompts
             .iter()
             .map(|p| Job {
@@ -340,7 +500,12 @@ pub fn run(args: SteerArgs) -> Result<()> {
         let start = Instant::now();
         let outputs = super::run_jobs(&engine, &jobs, &decoding, &bar)?;
         let wall_s = start.elapsed().as_secs_f64();
-        measured.push(measure(&objectives, outputs, wall_s));
+        let items: Vec<(&[u32], &[u32])> = outputs
+            .iter()
+            .map(|o| (o.prompt_tokens.as_slice(), o.tokens.as_slice()))
+            .collect();
+        let nll = super::response_nll(&judge, &items)?;
+        measured.push(measure(&objectives, outputs, &nll, wall_s));
     }
     bar.finish_and_clear();
 
@@ -349,6 +514,10 @@ pub fn run(args: SteerArgs) -> Result<()> {
         objectives: &objectives,
         settings: &settings,
         measured: &measured,
+        fluency: Fluency {
+            min_distinct_2: args.min_distinct_2,
+            max_perplexity_ratio: args.max_perplexity_ratio,
+        },
     };
     let checks = report.monotonicity();
     let files = super::write_files(
@@ -369,7 +538,12 @@ pub fn run(args: SteerArgs) -> Result<()> {
     Ok(())
 }
 
-fn measure(objectives: &[ObjectiveScorer], outputs: Vec<Output>, wall_s: f64) -> Measured {
+fn measure(
+    objectives: &[ObjectiveScorer],
+    outputs: Vec<Output>,
+    nll: &[(f64, usize)],
+    wall_s: f64,
+) -> Measured {
     let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
     let rewards = objectives
         .iter()
@@ -385,10 +559,27 @@ fn measure(objectives: &[ObjectiveScorer], outputs: Vec<Output>, wall_s: f64) ->
         (kl + k * o.generated as f64, n + o.generated)
     });
     let generated: usize = outputs.iter().map(|o| o.generated).sum();
+    // A budget's scales, pooled over tokens like the KL; the least over every answer.
+    let scales: Vec<(f64, f64, usize)> = outputs
+        .iter()
+        .filter_map(|o| {
+            let scale = &o.report.as_ref()?["kl_scale"];
+            Some((scale["mean"].as_f64()?, scale["min"].as_f64()?, o.generated))
+        })
+        .collect();
+    let kl_scale = (!scales.is_empty()).then(|| {
+        let n: usize = scales.iter().map(|s| s.2).sum();
+        let mean = scales.iter().map(|s| s.0 * s.2 as f64).sum::<f64>() / n.max(1) as f64;
+        let min = scales.iter().map(|s| s.1).fold(1.0, f64::min);
+        (mean, min)
+    });
     Measured {
         rewards,
         kl_per_token: if tokens == 0 { 0.0 } else { kl / tokens as f64 },
+        kl_scale,
         distinct_2: super::distinct_2(&texts),
+        perplexity: super::perplexity(nll),
+        generated_per_answer: generated as f64 / outputs.len().max(1) as f64,
         mean_tokens: super::mean(outputs.iter().map(|o| o.tokens.len() as f64)),
         tokens_per_s: generated as f64 / wall_s.max(1e-9),
         wall_s,
@@ -403,25 +594,91 @@ struct Check {
     drops: Vec<(f32, f32, f64)>,
 }
 
+/// What a fluent setting keeps: diversity, and the base's perplexity of its answers against
+/// plain decoding's.
+#[derive(Debug, Clone, Copy)]
+struct Fluency {
+    min_distinct_2: f64,
+    max_perplexity_ratio: f64,
+}
+
 struct Report<'a> {
     arms: &'a [String],
     objectives: &'a [ObjectiveScorer],
     settings: &'a [Setting],
     measured: &'a [Measured],
+    fluency: Fluency,
 }
 
 impl Report<'_> {
-    /// (weight, own objective's mean) along ARM `i`'s sweep, by weight.
+    /// (weight, value) along ARM `i`'s 1-D sweep, by weight.
     fn sweep(&self, i: usize, value: impl Fn(&Measured) -> f64) -> Vec<(f32, f64)> {
+        self.sweep_named(i, &self.arms[i], value)
+    }
+
+    /// (ARM `i`'s weight, value) over the settings of sweep `name`, by weight.
+    fn sweep_named(
+        &self,
+        i: usize,
+        name: &str,
+        value: impl Fn(&Measured) -> f64,
+    ) -> Vec<(f32, f64)> {
         let mut points: Vec<(f32, f64)> = self
             .settings
             .iter()
             .zip(self.measured)
-            .filter(|(s, _)| s.sweeps.contains(&self.arms[i]))
+            .filter(|(s, _)| s.sweeps.iter().any(|w| w == name))
             .map(|(s, m)| (s.weights[i], value(m)))
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         points
+    }
+
+    /// The names of ARM `i`'s sweeps under a KL budget.
+    fn budget_sweeps(&self, i: usize) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for s in self.settings {
+            if let Method::GenArm { max_kl: Some(b) } = s.method {
+                let name = budget_sweep(&self.arms[i], b);
+                if s.sweeps.contains(&name) && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+    }
+
+    /// Plain decoding's perplexity, the yardstick of fluency.
+    fn plain_perplexity(&self) -> f64 {
+        (self.settings.iter().zip(self.measured))
+            .find(|(s, _)| s.is_plain())
+            .map_or(f64::NAN, |(_, m)| m.perplexity)
+    }
+
+    fn is_fluent(&self, m: &Measured) -> bool {
+        m.distinct_2 >= self.fluency.min_distinct_2
+            && m.perplexity <= self.fluency.max_perplexity_ratio * self.plain_perplexity()
+    }
+
+    /// Per objective, the fluent setting among its ARM's own (its sweeps, under any budget, its
+    /// best-of-N, and plain decoding) with the highest mean of that objective.
+    fn best(&self) -> Vec<Option<usize>> {
+        (0..self.arms.len())
+            .map(|i| {
+                let arm = &self.arms[i];
+                let own = |s: &Setting| {
+                    s.is_plain()
+                        || s.sweeps
+                            .iter()
+                            .any(|w| w == arm || w.starts_with(&format!("{arm}, ")))
+                };
+                (0..self.settings.len())
+                    .filter(|&k| own(&self.settings[k]) && self.is_fluent(&self.measured[k]))
+                    .max_by(|&a, &b| {
+                        self.measured[a].rewards[i].total_cmp(&self.measured[b].rewards[i])
+                    })
+            })
+            .collect()
     }
 
     fn monotonicity(&self) -> Vec<Check> {
@@ -458,25 +715,53 @@ impl Report<'_> {
 
     fn markdown(&self, checks: &[Check]) -> String {
         let front = self.front();
-        let mut header: Vec<String> = self.arms.iter().map(|a| format!("w {a}")).collect();
+        let best = self.best();
+        let mut header = vec!["method".to_string()];
+        header.extend(self.arms.iter().map(|a| format!("w {a}")));
         header.extend((0..self.arms.len()).map(|i| format!("reward {}", self.objective_label(i))));
-        header.extend(["KL/token", "distinct-2", "tokens", "tok/s", "sweeps"].map(String::from));
+        header.extend(
+            [
+                "KL/token",
+                "KL scale mean / min",
+                "distinct-2",
+                "perplexity",
+                "tokens",
+                "generated / answer",
+                "tok/s",
+                "sweeps",
+            ]
+            .map(String::from),
+        );
         let rows: Vec<Vec<String>> = self
             .settings
             .iter()
             .zip(self.measured)
             .enumerate()
             .map(|(k, (s, m))| {
-                let mut row: Vec<String> = s.weights.iter().map(|&w| fmt_weight(w)).collect();
+                let mut row = vec![s.label()];
+                row.extend(s.weights.iter().map(|&w| match s.method {
+                    Method::BestOf { .. } => "—".to_string(),
+                    Method::GenArm { .. } => fmt_weight(w),
+                }));
                 row.extend(m.rewards.iter().map(|&r| super::cell(r, 3)));
-                let mut sweeps = s.sweeps.join(", ");
+                let mut sweeps = s.sweeps.join("; ");
                 if front.contains(&k) {
                     sweeps.push_str(" (front)");
                 }
+                for (i, b) in best.iter().enumerate() {
+                    if *b == Some(k) {
+                        sweeps.push_str(&format!(" (**best fluent {}**)", self.arms[i]));
+                    }
+                }
                 row.extend([
                     super::cell(m.kl_per_token, 4),
+                    m.kl_scale.map_or("—".into(), |(mean, min)| {
+                        format!("{} / {}", super::cell(mean, 3), super::cell(min, 3))
+                    }),
                     super::cell(m.distinct_2, 3),
+                    super::cell(m.perplexity, 2),
                     super::cell(m.mean_tokens, 1),
+                    super::cell(m.generated_per_answer, 1),
                     super::cell(m.tokens_per_s, 1),
                     sweeps,
                 ]);
@@ -485,6 +770,41 @@ impl Report<'_> {
             .collect();
         let mut md = String::from("## GenARM steering sweep\n\n");
         md.push_str(&super::table(&header, &rows));
+        md.push_str(&format!(
+            "\n### Best fluent setting per objective\n\nFluent: distinct-2 ≥ {} and perplexity ≤ {}× plain decoding's ({}).\n\n",
+            self.fluency.min_distinct_2,
+            self.fluency.max_perplexity_ratio,
+            super::cell(self.plain_perplexity(), 2),
+        ));
+        let plain = (self.settings.iter().position(Setting::is_plain)).map(|k| &self.measured[k]);
+        for (i, b) in best.iter().enumerate() {
+            let line = match (b, plain) {
+                (Some(k), Some(p)) => {
+                    let (s, m) = (&self.settings[*k], &self.measured[*k]);
+                    let weights = match s.method {
+                        Method::GenArm { .. } if !s.is_plain() => {
+                            format!(" at w {}", fmt_weight(s.weights[i]))
+                        }
+                        _ => String::new(),
+                    };
+                    format!(
+                        "{}{weights}: {} against plain {} ({:+.3}); distinct-2 {}, perplexity {}× plain",
+                        s.label(),
+                        super::cell(m.rewards[i], 3),
+                        super::cell(p.rewards[i], 3),
+                        m.rewards[i] - p.rewards[i],
+                        super::cell(m.distinct_2, 3),
+                        super::cell(m.perplexity / p.perplexity, 2),
+                    )
+                }
+                _ => "no setting stays fluent".into(),
+            };
+            md.push_str(&format!(
+                "- `{}` ({}): {line}\n",
+                self.arms[i],
+                self.objectives[i].label()
+            ));
+        }
         md.push_str("\n### Monotonicity of each weight's own objective (1-D sweeps)\n\n");
         for c in checks {
             let path: Vec<String> = c
@@ -536,6 +856,26 @@ impl Report<'_> {
                 .collect(),
             line: true,
         };
+        // ARM i's sweeps under each budget, labelled by it.
+        let budgeted = |i: usize, value: &dyn Fn(&Measured) -> f64| -> Vec<XySeries> {
+            self.budget_sweeps(i)
+                .into_iter()
+                .map(|name| XySeries {
+                    points: self
+                        .sweep_named(i, &name, value)
+                        .into_iter()
+                        .map(|(w, v)| (f64::from(w), v))
+                        .collect(),
+                    label: name.replacen(&self.arms[i], &self.objective_label(i), 1),
+                    line: true,
+                })
+                .collect()
+        };
+        let both = |i: usize, value: &dyn Fn(&Measured) -> f64| {
+            let mut series = vec![line(i, value)];
+            series.extend(budgeted(i, value));
+            series
+        };
         let mut panels: Vec<Panel> = (0..self.arms.len())
             .map(|i| Panel {
                 title: format!(
@@ -544,7 +884,7 @@ impl Report<'_> {
                 ),
                 x_title: format!("weight of {}", self.arms[i]),
                 y_title: "mean reward".into(),
-                series: vec![line(i, &|m| m.rewards[i])],
+                series: both(i, &|m| m.rewards[i]),
             })
             .collect();
         panels.push(Panel {
@@ -552,7 +892,15 @@ impl Report<'_> {
             x_title: "weight".into(),
             y_title: "nats / token".into(),
             series: (0..self.arms.len())
-                .map(|i| line(i, &|m| m.kl_per_token))
+                .flat_map(|i| both(i, &|m| m.kl_per_token))
+                .collect(),
+        });
+        panels.push(Panel {
+            title: "distinct-2 vs weight".into(),
+            x_title: "weight".into(),
+            y_title: "distinct-2".into(),
+            series: (0..self.arms.len())
+                .flat_map(|i| both(i, &|m| m.distinct_2))
                 .collect(),
         });
         if self.arms.len() >= 2 {
@@ -617,6 +965,7 @@ impl Report<'_> {
 
     fn json(&self, checks: &[Check], args: &SteerArgs, prompts: &[String]) -> Value {
         let front = self.front();
+        let best = self.best();
         let settings: Vec<Value> = self
             .settings
             .iter()
@@ -635,13 +984,24 @@ impl Report<'_> {
                     .zip(&m.rewards)
                     .map(|(a, &r)| (a.clone(), super::num(r)))
                     .collect();
+                let best_for: Vec<&String> = (self.arms.iter().zip(&best))
+                    .filter(|(_, b)| **b == Some(k))
+                    .map(|(a, _)| a)
+                    .collect();
                 json!({
+                    "method": s.label(),
+                    "config": s.method.config(self.arms, &s.weights, args.beta),
                     "weights": weights,
                     "sweeps": s.sweeps,
                     "front": front.contains(&k),
+                    "fluent": self.is_fluent(m),
+                    "best_fluent_for": best_for,
                     "rewards": rewards,
                     "kl_per_token": super::num(m.kl_per_token),
+                    "kl_scale": m.kl_scale.map(|(mean, min)| json!({"mean": mean, "min": min})),
                     "distinct_2": super::num(m.distinct_2),
+                    "perplexity": super::num(m.perplexity),
+                    "generated_per_answer": super::num(m.generated_per_answer),
                     "mean_tokens": super::num(m.mean_tokens),
                     "tokens_per_s": super::num(m.tokens_per_s),
                     "wall_s": super::num(m.wall_s),
@@ -671,6 +1031,11 @@ impl Report<'_> {
         json!({
             "objectives": objectives,
             "beta": args.beta,
+            "fluency": {
+                "min_distinct_2": self.fluency.min_distinct_2,
+                "max_perplexity_ratio": self.fluency.max_perplexity_ratio,
+                "plain_perplexity": super::num(self.plain_perplexity()),
+            },
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
             "top_p": args.top_p,
@@ -687,10 +1052,25 @@ mod tests {
     use super::*;
     use crate::bench::plot::{assert_svg_with, y_range};
 
+    fn plan<'a>(
+        weights: &'a [f32],
+        grid: &'a [f32],
+        budgets: &'a [f32],
+        best_of: usize,
+    ) -> Plan<'a> {
+        Plan {
+            weights,
+            grid,
+            budgets,
+            best_of,
+            rankers: vec![vec!["a".into(), "sentiment".into()], vec!["b".into()]],
+        }
+    }
+
     #[test]
     fn settings_cover_each_sweep_and_the_grid_once() {
         let arms = vec!["a".to_string(), "b".to_string()];
-        let s = settings(&arms, &[0.0, 1.0], &[0.0, 1.0]);
+        let s = settings(&arms, &plan(&[0.0, 1.0], &[0.0, 1.0], &[], 0));
         // a: (0,0) (1,0); b: (0,0) dup, (0,1); grid adds (1,1).
         let w: Vec<Vec<f32>> = s.iter().map(|s| s.weights.clone()).collect();
         assert_eq!(
@@ -702,9 +1082,39 @@ mod tests {
                 vec![1.0, 1.0]
             ]
         );
-        assert_eq!(s[0].sweeps, ["a", "b", "grid"]);
-        // One ARM: no grid.
-        assert_eq!(settings(&arms[..1], &[0.0, 2.0], &[0.0, 1.0]).len(), 2);
+        assert_eq!(s[0].sweeps, ["plain", "a", "b", "grid"]);
+        assert!(s[0].is_plain() && !s[1].is_plain());
+        // One ARM: no grid; plain decoding even when the weights leave out 0.
+        assert_eq!(
+            settings(&arms[..1], &plan(&[0.0, 2.0], &[0.0, 1.0], &[], 0)).len(),
+            2
+        );
+        assert_eq!(settings(&arms[..1], &plan(&[2.0], &[], &[], 0)).len(), 2);
+        // Budgets repeat each ARM's nonzero weights; best-of ranks by each ranker.
+        let s = settings(&arms, &plan(&[0.0, 1.0, 4.0], &[], &[0.5], 4));
+        let budgeted: Vec<&Setting> = s
+            .iter()
+            .filter(|s| s.method == Method::GenArm { max_kl: Some(0.5) })
+            .collect();
+        assert_eq!(budgeted.len(), 4);
+        assert_eq!(budgeted[0].sweeps, ["a, KL ≤ 0.5"]);
+        let labels: Vec<String> = s
+            .iter()
+            .filter(|s| matches!(s.method, Method::BestOf { .. }))
+            .map(|s| s.method.label())
+            .collect();
+        assert_eq!(
+            labels,
+            ["best-of-4 by a", "best-of-4 by sentiment", "best-of-4 by b"]
+        );
+        assert_eq!(
+            s.last().unwrap().method.config(&arms, &[0.0, 0.0], 1.0),
+            json!({"decoder": "best_of_n", "n": 4, "rewards": {"b": 1.0}})
+        );
+        assert_eq!(
+            budgeted[0].method.config(&arms, &budgeted[0].weights, 2.0),
+            json!({"decoder": "genarm", "rewards": {"a": 1.0, "b": 0.0}, "beta": 2.0, "max_kl_per_token": 0.5})
+        );
     }
 
     #[test]
@@ -721,21 +1131,22 @@ mod tests {
     fn each_objective_gets_its_own_panel_and_y_range() {
         let arms = vec!["positive".to_string(), "concise".to_string()];
         let objectives = [ObjectiveScorer::Sentiment, ObjectiveScorer::Concise];
-        let settings = settings(&arms, &[0.0, 1.0, 2.0], &[0.0, 2.0]);
-        // Sentiment rises over 0…4 with its weight, concise over −60…−20.
+        let plan = Plan {
+            rankers: vec![vec!["positive".into()], vec!["concise".into()]],
+            ..plan(&[0.0, 1.0, 2.0], &[0.0, 2.0], &[0.5], 0)
+        };
+        let settings = settings(&arms, &plan);
+        // Sentiment rises over 0…4 with its weight, concise over −60…−20; a budget halves both.
         let measured: Vec<Measured> = settings
             .iter()
-            .map(|s| Measured {
-                rewards: vec![
-                    2.0 * f64::from(s.weights[0]),
-                    -60.0 + 20.0 * f64::from(s.weights[1]),
-                ],
-                kl_per_token: 0.1 * f64::from(s.weights[0] + s.weights[1]),
-                distinct_2: 0.9,
-                mean_tokens: 30.0,
-                tokens_per_s: 10.0,
-                wall_s: 1.0,
-                outputs: Vec::new(),
+            .map(|s| {
+                let k = if s.method == (Method::GenArm { max_kl: None }) {
+                    1.0
+                } else {
+                    0.5
+                };
+                let (a, b) = (f64::from(s.weights[0]) * k, f64::from(s.weights[1]) * k);
+                measured(vec![2.0 * a, -60.0 + 20.0 * b], 0.9, 8.0)
             })
             .collect();
         let report = Report {
@@ -743,18 +1154,23 @@ mod tests {
             objectives: &objectives,
             settings: &settings,
             measured: &measured,
+            fluency: Fluency {
+                min_distinct_2: 0.8,
+                max_perplexity_ratio: 1.5,
+            },
         };
         let panels = report.panels();
-        // positive, concise, KL, trade-off.
-        assert_eq!(panels.len(), 4);
+        // positive, concise, KL, distinct-2, trade-off.
+        assert_eq!(panels.len(), 5);
         let (positive, concise) = (&panels[0], &panels[1]);
-        assert_eq!(positive.series.len(), 1);
+        assert_eq!(positive.series.len(), 2);
         assert_eq!(positive.series[0].label, "positive (sentiment)");
+        assert_eq!(positive.series[1].label, "positive (sentiment), KL ≤ 0.5");
         assert_eq!(concise.series[0].label, "concise (concise)");
         let (p, c) = (y_range(positive), y_range(concise));
         assert!(p.start > -1.0 && p.end < 5.0, "{p:?}");
         assert!(c.start > -65.0 && c.end < -15.0, "{c:?}");
-        assert_eq!(panels[2].series.len(), 2);
+        assert_eq!(panels[2].series.len(), 4);
 
         assert_svg_with(
             &report.svg(),
@@ -762,10 +1178,77 @@ mod tests {
                 "positive (sentiment): mean reward vs its weight (others 0)",
                 "concise (concise): mean reward vs its weight (others 0)",
                 "KL to the base per token vs weight",
+                "distinct-2 vs weight",
                 "Trade-off: positive (sentiment) vs concise (concise) over the grid",
                 "Pareto front",
             ],
         );
+    }
+
+    fn measured(rewards: Vec<f64>, distinct_2: f64, perplexity: f64) -> Measured {
+        Measured {
+            rewards,
+            kl_per_token: 0.1,
+            kl_scale: None,
+            distinct_2,
+            perplexity,
+            mean_tokens: 30.0,
+            generated_per_answer: 30.0,
+            tokens_per_s: 10.0,
+            wall_s: 1.0,
+            outputs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_best_setting_is_the_most_rewarded_that_stays_fluent() {
+        let arms = vec!["a".to_string(), "b".to_string()];
+        let objectives = [ObjectiveScorer::Sentiment, ObjectiveScorer::Concise];
+        let settings = settings(&arms, &plan(&[0.0, 1.0, 4.0], &[], &[0.5], 4));
+        let labels: Vec<String> = settings
+            .iter()
+            .map(|s| format!("{} {:?}", s.method.label(), s.weights))
+            .collect();
+        // plain, a 1, a 4, b 1, b 4, a 1 ≤, a 4 ≤, b 1 ≤, b 4 ≤, best-of by a, sentiment, b.
+        assert_eq!(settings.len(), 12, "{labels:?}");
+        let m = vec![
+            measured(vec![0.0, -50.0], 0.9, 8.0),   // plain
+            measured(vec![1.0, -50.0], 0.85, 9.0),  // a 1
+            measured(vec![5.0, -50.0], 0.3, 8.0),   // a 4: repetitive
+            measured(vec![0.0, -40.0], 0.9, 8.0),   // b 1
+            measured(vec![0.0, -20.0], 0.9, 13.0),  // b 4: perplexity 1.62× plain
+            measured(vec![1.5, -50.0], 0.9, 8.0),   // a 1 ≤ 0.5
+            measured(vec![2.0, -50.0], 0.82, 11.9), // a 4 ≤ 0.5: the best fluent a
+            measured(vec![0.0, -40.0], 0.9, 8.0),   // b 1 ≤ 0.5
+            measured(vec![0.0, -30.0], 0.9, 8.0),   // b 4 ≤ 0.5
+            measured(vec![1.8, -50.0], 0.9, 8.0),   // best-of by a
+            measured(vec![1.9, -50.0], 0.9, 8.0),   // best-of by sentiment
+            measured(vec![9.0, -10.0], 0.9, 8.0),   // best-of by b: the best fluent b, not a
+        ];
+        let report = Report {
+            arms: &arms,
+            objectives: &objectives,
+            settings: &settings,
+            measured: &m,
+            fluency: Fluency {
+                min_distinct_2: 0.8,
+                max_perplexity_ratio: 1.5,
+            },
+        };
+        assert_eq!(report.best(), [Some(6), Some(11)]);
+        let md = report.markdown(&report.monotonicity());
+        assert!(md.contains("(**best fluent a**)"), "{md}");
+        assert!(md.contains("- `a` (sentiment): genarm, KL ≤ 0.5 at w 4: 2.000 against plain 0.000 (+2.000); distinct-2 0.820, perplexity 1.49× plain"), "{md}");
+        // Nothing fluent: said so.
+        let report = Report {
+            fluency: Fluency {
+                min_distinct_2: 0.99,
+                max_perplexity_ratio: 1.5,
+            },
+            ..report
+        };
+        assert_eq!(report.best(), [None, None]);
+        assert!(report.markdown(&[]).contains("no setting stays fluent"));
     }
 
     #[test]
