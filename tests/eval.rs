@@ -124,12 +124,18 @@ fn steer_sweeps_every_setting_and_weight_raises_the_favoured_word() {
         let s = method(&format!("best-of-2 by {by}"));
         assert_eq!(s.len(), 1);
         let per_answer = s[0]["generated_per_answer"].as_f64().unwrap();
-        assert!(per_answer > s[0]["mean_tokens"].as_f64().unwrap(), "{}", s[0]);
+        assert!(
+            per_answer > s[0]["mean_tokens"].as_f64().unwrap(),
+            "{}",
+            s[0]
+        );
     }
     let plain_perplexity = report["fluency"]["plain_perplexity"].as_f64().unwrap();
     assert!(plain_perplexity > 1.0, "{}", report["fluency"]);
     for s in all {
         assert!(s["perplexity"].as_f64().unwrap() >= 1.0, "{s}");
+        let words = s["word_tokens"].as_f64().unwrap();
+        assert!(words > 0.0 && words <= 1.0, "{s}");
     }
     let md = std::fs::read_to_string(out.path().join("steer.md")).unwrap();
     assert_eq!(table_rows(&md).len(), all.len(), "{md}");

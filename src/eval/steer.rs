@@ -264,6 +264,8 @@ struct Measured {
     /// The mean and least scale a KL budget gave the weights.
     kl_scale: Option<(f64, f64)>,
     distinct_2: f64,
+    /// The share of answer tokens with a letter in them.
+    word_tokens: f64,
     /// The base's perplexity of the answers (teacher-forced, answer tokens pooled).
     perplexity: f64,
     mean_tokens: f64,
@@ -505,7 +507,8 @@ pub fn run(args: SteerArgs) -> Result<()> {
             .map(|o| (o.prompt_tokens.as_slice(), o.tokens.as_slice()))
             .collect();
         let nll = super::response_nll(&judge, &items)?;
-        measured.push(measure(&objectives, outputs, &nll, wall_s));
+        let vocab = &engine.base().vocab;
+        measured.push(measure(&objectives, outputs, &nll, vocab, wall_s));
     }
     bar.finish_and_clear();
 
@@ -542,8 +545,17 @@ fn measure(
     objectives: &[ObjectiveScorer],
     outputs: Vec<Output>,
     nll: &[(f64, usize)],
+    vocab: &crate::model::Vocab,
     wall_s: f64,
 ) -> Measured {
+    // Tokens with a letter in them, pooled: what a length objective cannot win by symbols.
+    let (wordy, answered) = outputs
+        .iter()
+        .flat_map(|o| &o.tokens)
+        .fold((0, 0), |(w, n), &t| {
+            let wordy = vocab.decode(&[t]).chars().any(char::is_alphabetic);
+            (w + usize::from(wordy), n + 1)
+        });
     let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
     let rewards = objectives
         .iter()
@@ -578,6 +590,11 @@ fn measure(
         kl_per_token: if tokens == 0 { 0.0 } else { kl / tokens as f64 },
         kl_scale,
         distinct_2: super::distinct_2(&texts),
+        word_tokens: if answered == 0 {
+            f64::NAN
+        } else {
+            wordy as f64 / answered as f64
+        },
         perplexity: super::perplexity(nll),
         generated_per_answer: generated as f64 / outputs.len().max(1) as f64,
         mean_tokens: super::mean(outputs.iter().map(|o| o.tokens.len() as f64)),
@@ -724,6 +741,7 @@ impl Report<'_> {
                 "KL/token",
                 "KL scale mean / min",
                 "distinct-2",
+                "word tokens",
                 "perplexity",
                 "tokens",
                 "generated / answer",
@@ -759,6 +777,7 @@ impl Report<'_> {
                         format!("{} / {}", super::cell(mean, 3), super::cell(min, 3))
                     }),
                     super::cell(m.distinct_2, 3),
+                    super::cell(m.word_tokens, 3),
                     super::cell(m.perplexity, 2),
                     super::cell(m.mean_tokens, 1),
                     super::cell(m.generated_per_answer, 1),
@@ -1000,6 +1019,7 @@ impl Report<'_> {
                     "kl_per_token": super::num(m.kl_per_token),
                     "kl_scale": m.kl_scale.map(|(mean, min)| json!({"mean": mean, "min": min})),
                     "distinct_2": super::num(m.distinct_2),
+                    "word_tokens": super::num(m.word_tokens),
                     "perplexity": super::num(m.perplexity),
                     "generated_per_answer": super::num(m.generated_per_answer),
                     "mean_tokens": super::num(m.mean_tokens),
@@ -1191,6 +1211,7 @@ mod tests {
             kl_per_token: 0.1,
             kl_scale: None,
             distinct_2,
+            word_tokens: 0.95,
             perplexity,
             mean_tokens: 30.0,
             generated_per_answer: 30.0,
