@@ -168,9 +168,13 @@ pub struct SteerArgs {
     /// A fluent setting keeps distinct-2 at least this…
     #[arg(long, default_value_t = 0.8)]
     pub min_distinct_2: f64,
-    /// …and the base's perplexity of its answers within this multiple of plain decoding's.
+    /// …and the base's perplexity of its answers within this multiple of plain decoding's…
     #[arg(long, default_value_t = 1.5)]
     pub max_perplexity_ratio: f64,
+    /// …and its share of word tokens (with a letter) at least this fraction of plain decoding's:
+    /// a length objective must not be won with digits and symbols.
+    #[arg(long, default_value_t = 0.9)]
+    pub min_word_share: f64,
     /// Prompts, one {"prompt": …} per line (default: the built-in held-out `eval` split).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -520,6 +524,7 @@ pub fn run(args: SteerArgs) -> Result<()> {
         fluency: Fluency {
             min_distinct_2: args.min_distinct_2,
             max_perplexity_ratio: args.max_perplexity_ratio,
+            min_word_share: args.min_word_share,
         },
     };
     let checks = report.monotonicity();
@@ -611,12 +616,13 @@ struct Check {
     drops: Vec<(f32, f32, f64)>,
 }
 
-/// What a fluent setting keeps: diversity, and the base's perplexity of its answers against
-/// plain decoding's.
+/// What a fluent setting keeps: diversity, and the base's perplexity of its answers and their
+/// share of word tokens against plain decoding's.
 #[derive(Debug, Clone, Copy)]
 struct Fluency {
     min_distinct_2: f64,
     max_perplexity_ratio: f64,
+    min_word_share: f64,
 }
 
 struct Report<'a> {
@@ -665,16 +671,25 @@ impl Report<'_> {
         names
     }
 
-    /// Plain decoding's perplexity, the yardstick of fluency.
-    fn plain_perplexity(&self) -> f64 {
+    /// Plain decoding's measures, the yardstick of fluency.
+    fn plain(&self) -> Option<&Measured> {
         (self.settings.iter().zip(self.measured))
             .find(|(s, _)| s.is_plain())
-            .map_or(f64::NAN, |(_, m)| m.perplexity)
+            .map(|(_, m)| m)
+    }
+
+    fn plain_perplexity(&self) -> f64 {
+        self.plain().map_or(f64::NAN, |m| m.perplexity)
     }
 
     fn is_fluent(&self, m: &Measured) -> bool {
-        m.distinct_2 >= self.fluency.min_distinct_2
-            && m.perplexity <= self.fluency.max_perplexity_ratio * self.plain_perplexity()
+        let Some(plain) = self.plain() else {
+            return false;
+        };
+        let f = self.fluency;
+        m.distinct_2 >= f.min_distinct_2
+            && m.perplexity <= f.max_perplexity_ratio * plain.perplexity
+            && m.word_tokens >= f.min_word_share * plain.word_tokens
     }
 
     /// Per objective, the fluent setting among its ARM's own (its sweeps, under any budget, its
@@ -790,12 +805,14 @@ impl Report<'_> {
         let mut md = String::from("## GenARM steering sweep\n\n");
         md.push_str(&super::table(&header, &rows));
         md.push_str(&format!(
-            "\n### Best fluent setting per objective\n\nFluent: distinct-2 ≥ {} and perplexity ≤ {}× plain decoding's ({}).\n\n",
+            "\n### Best fluent setting per objective\n\nFluent: distinct-2 ≥ {}, perplexity ≤ {}× plain decoding's ({}) and word tokens ≥ {}× plain decoding's ({}).\n\n",
             self.fluency.min_distinct_2,
             self.fluency.max_perplexity_ratio,
             super::cell(self.plain_perplexity(), 2),
+            self.fluency.min_word_share,
+            super::cell(self.plain().map_or(f64::NAN, |m| m.word_tokens), 3),
         ));
-        let plain = (self.settings.iter().position(Setting::is_plain)).map(|k| &self.measured[k]);
+        let plain = self.plain();
         for (i, b) in best.iter().enumerate() {
             let line = match (b, plain) {
                 (Some(k), Some(p)) => {
@@ -807,13 +824,14 @@ impl Report<'_> {
                         _ => String::new(),
                     };
                     format!(
-                        "{}{weights}: {} against plain {} ({:+.3}); distinct-2 {}, perplexity {}× plain",
+                        "{}{weights}: {} against plain {} ({:+.3}); distinct-2 {}, perplexity {}× plain, word tokens {}",
                         s.label(),
                         super::cell(m.rewards[i], 3),
                         super::cell(p.rewards[i], 3),
                         m.rewards[i] - p.rewards[i],
                         super::cell(m.distinct_2, 3),
                         super::cell(m.perplexity / p.perplexity, 2),
+                        super::cell(m.word_tokens, 3),
                     )
                 }
                 _ => "no setting stays fluent".into(),
@@ -1054,6 +1072,7 @@ impl Report<'_> {
             "fluency": {
                 "min_distinct_2": self.fluency.min_distinct_2,
                 "max_perplexity_ratio": self.fluency.max_perplexity_ratio,
+                "min_word_share": self.fluency.min_word_share,
                 "plain_perplexity": super::num(self.plain_perplexity()),
             },
             "max_tokens": args.max_tokens,
@@ -1177,6 +1196,7 @@ mod tests {
             fluency: Fluency {
                 min_distinct_2: 0.8,
                 max_perplexity_ratio: 1.5,
+                min_word_share: 0.9,
             },
         };
         let panels = report.panels();
@@ -1241,11 +1261,13 @@ mod tests {
             measured(vec![1.5, -50.0], 0.9, 8.0),   // a 1 ≤ 0.5
             measured(vec![2.0, -50.0], 0.82, 11.9), // a 4 ≤ 0.5: the best fluent a
             measured(vec![0.0, -40.0], 0.9, 8.0),   // b 1 ≤ 0.5
-            measured(vec![0.0, -30.0], 0.9, 8.0),   // b 4 ≤ 0.5
+            measured(vec![0.0, -30.0], 0.9, 8.0),   // b 4 ≤ 0.5: the best fluent b
             measured(vec![1.8, -50.0], 0.9, 8.0),   // best-of by a
             measured(vec![1.9, -50.0], 0.9, 8.0),   // best-of by sentiment
-            measured(vec![9.0, -10.0], 0.9, 8.0),   // best-of by b: the best fluent b, not a
+            measured(vec![9.0, -10.0], 0.9, 8.0),   // best-of by b: symbols
         ];
+        let mut m = m;
+        m[11].word_tokens = 0.5;
         let report = Report {
             arms: &arms,
             objectives: &objectives,
@@ -1254,17 +1276,19 @@ mod tests {
             fluency: Fluency {
                 min_distinct_2: 0.8,
                 max_perplexity_ratio: 1.5,
+                min_word_share: 0.9,
             },
         };
-        assert_eq!(report.best(), [Some(6), Some(11)]);
+        // b's best-of loses to its budgeted weight 4 on word tokens (0.5 against plain's 0.95).
+        assert_eq!(report.best(), [Some(6), Some(8)]);
         let md = report.markdown(&report.monotonicity());
         assert!(md.contains("(**best fluent a**)"), "{md}");
-        assert!(md.contains("- `a` (sentiment): genarm, KL ≤ 0.5 at w 4: 2.000 against plain 0.000 (+2.000); distinct-2 0.820, perplexity 1.49× plain"), "{md}");
+        assert!(md.contains("- `a` (sentiment): genarm, KL ≤ 0.5 at w 4: 2.000 against plain 0.000 (+2.000); distinct-2 0.820, perplexity 1.49× plain, word tokens 0.950"), "{md}");
         // Nothing fluent: said so.
         let report = Report {
             fluency: Fluency {
                 min_distinct_2: 0.99,
-                max_perplexity_ratio: 1.5,
+                ..report.fluency
             },
             ..report
         };

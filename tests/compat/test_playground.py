@@ -1,7 +1,7 @@
 """The playground at `/`, in headless Chromium driven by Selenium through chromedriver (Debian's
 `chromium` and `chromium-driver`, which .ci/run installs): a person's path through the page —
 type a prompt, move a reward slider, send, watch both answers stream in with their reports,
-move the slider again and see the steered answer rerun, switch decoders.
+move the slider again and see the steered answer rerun, give it a KL budget, switch decoders.
 
 Screenshots go to $TILT_ARTIFACTS (default target/artifacts).
 """
@@ -110,6 +110,18 @@ def test_steering_from_the_page(browser):
         and finished(d, "steered"),
     )
     assert d.find_element(By.CSS_SELECTOR, "#plain .text").text == before
+
+    # A KL budget reruns it under the budget; the report shows the scale the weights took.
+    budget = d.find_element(By.CSS_SELECTOR, "[data-param=max_kl_per_token]")
+    budget.send_keys("0.3", Keys.ENTER)
+    wait_for(
+        d,
+        lambda d: "kl_scale" in d.find_element(By.CSS_SELECTOR, "#steered .report").text
+        and finished(d, "steered"),
+    )
+    report = d.find_element(By.CSS_SELECTOR, "#steered .report").text
+    assert "max_kl_per_token: 0.3" in report, report
+    screenshot(d, "playground-kl-budget.png")
 
     # Another decoder, set up with live reruns off, then sent: best-of-N's candidates as a
     # table, the chosen one marked.
