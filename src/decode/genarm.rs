@@ -219,6 +219,11 @@ impl Tilt {
     /// computed. Returns KL(softmax(scores) ‖ base), the divergence of the tilted distribution
     /// from the base at temperature 1, which no constant changes.
     pub fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
+        self.tilt(base, arms, vocab).0
+    }
+
+    /// `combine`'s scores, and their KL with its slope in the weights' scale (`divergence`).
+    fn tilt(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> (f32, f32) {
         let v = arms
             .iter()
             .map(|(_, row)| row.len())
@@ -232,13 +237,13 @@ impl Tilt {
                 *s += c * a;
             }
         }
-        Self::divergence(&self.scores, base, 1.0).0
+        Self::divergence(&self.scores, base, 1.0)
     }
 
     /// `combine` with the ARMs' pull scaled by the largest s ∈ [0, 1] whose KL(tilted ‖ base)
     /// stays within `budget`: (KL, s). KL grows with s (its slope is s·Var(pull) under the
-    /// tilted distribution), so a Newton search toward the budget, kept inside a bracket that
-    /// bisects when a step would leave it, finds s in a few passes over the row.
+    /// tilted distribution), so Newton's steps toward the budget, kept inside a bracket that
+    /// bisects when a step would leave it, find s in about four passes over the row.
     pub fn combine_within(
         &mut self,
         base: &[f32],
@@ -246,9 +251,9 @@ impl Tilt {
         vocab: usize,
         budget: f32,
     ) -> (f32, f32) {
-        let kl = self.combine(base, arms, vocab);
-        if kl <= budget {
-            return (kl, 1.0);
+        let at = self.tilt(base, arms, vocab);
+        if at.0 <= budget {
+            return (at.0, 1.0);
         }
         let base = &base[..self.scores.len()];
         if budget <= 0.0 {
@@ -263,7 +268,7 @@ impl Tilt {
         // Aim a little under the budget so that Newton's steps, which come down from above on
         // a convex KL, land inside it.
         let target = budget - KL_TOLERANCE / 2.0;
-        let (mut s, mut at) = (1.0f32, (kl, Self::divergence(&self.scores, base, 1.0).1));
+        let (mut s, mut at) = (1.0f32, at);
         let mut scored = 1.0f32;
         for _ in 0..40 {
             let (kl, slope) = at;
@@ -279,8 +284,8 @@ impl Tilt {
                 break;
             }
             // Newton on log KL against log s: KL grows as s² near 0 and flattens where the
-            // tilt saturates, both nearly straight lines in those axes.
-            // Where it has flattened the step down is long: it stops at 1/16 of the way to `lo`.
+            // tilt saturates, both nearly straight lines in those axes. Where it has flattened
+            // the step down is long: it stops 1/16 of the way from `lo`.
             let newton = s * ((target.ln() - kl.ln()) * kl / (s * slope)).exp();
             s = if slope > 0.0 && kl > 0.0 && newton < hi {
                 newton.max(lo + (s - lo) / 16.0)
