@@ -28,6 +28,20 @@ fn parse_weights(s: &str) -> Result<Weights, String> {
     super::parse_numbers(s).map(Weights)
 }
 
+/// A list of counts of at least 1, as a comma-separated flag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counts(pub Vec<usize>);
+
+fn parse_counts(s: &str) -> Result<Counts, String> {
+    let counts = (s.split(',').map(str::trim).filter(|x| !x.is_empty()))
+        .map(|x| match x.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!("`{x}` is not a count of at least 1")),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Counts(counts))
+}
+
 /// A programmatic measure of an objective, higher is better.
 #[derive(Debug, Clone)]
 pub enum ObjectiveScorer {
@@ -162,9 +176,10 @@ pub struct SteerArgs {
     #[arg(long, default_value = "0.5", value_parser = parse_weights)]
     pub max_kl: Weights,
     /// N of the best-of-N settings, ranked by each ARM (and by its objective's scorer where the
-    /// server has one of that name); 0 for none.
-    #[arg(long, default_value_t = 4)]
-    pub best_of: usize,
+    /// server has one of that name), as a list; empty for none. Best-of-2 generates as many
+    /// tokens per answer as GenARM with one ARM feeds its models.
+    #[arg(long, default_value = "2,4", value_parser = parse_counts)]
+    pub best_of: Counts,
     /// A fluent setting keeps distinct-2 at least this…
     #[arg(long, default_value_t = 0.8)]
     pub min_distinct_2: f64,
@@ -290,7 +305,7 @@ struct Plan<'a> {
     weights: &'a [f32],
     grid: &'a [f32],
     budgets: &'a [f32],
-    best_of: usize,
+    best_of: &'a [usize],
     /// Per ARM, the rewards its best-of-N settings rank by: itself, and its objective's scorer
     /// where the server has one.
     rankers: Vec<Vec<String>>,
@@ -343,13 +358,10 @@ fn settings(arms: &[String], plan: &Plan) -> Vec<Setting> {
             }
         }
     }
-    if plan.best_of > 0 {
+    for &n in plan.best_of {
         for (i, arm) in arms.iter().enumerate() {
             for by in &plan.rankers[i] {
-                let method = Method::BestOf {
-                    n: plan.best_of,
-                    by: by.clone(),
-                };
+                let method = Method::BestOf { n, by: by.clone() };
                 add(vec![0.0; arms.len()], method, format!("{arm}, best-of"));
             }
         }
@@ -478,7 +490,7 @@ pub fn run(args: SteerArgs) -> Result<()> {
         weights: &args.weights.0,
         grid: &args.grid.0,
         budgets: &args.max_kl.0,
-        best_of: args.best_of,
+        best_of: &args.best_of.0,
         rankers,
     };
     let settings = settings(&arms, &plan);
@@ -1095,7 +1107,7 @@ mod tests {
         weights: &'a [f32],
         grid: &'a [f32],
         budgets: &'a [f32],
-        best_of: usize,
+        best_of: &'a [usize],
     ) -> Plan<'a> {
         Plan {
             weights,
@@ -1109,7 +1121,7 @@ mod tests {
     #[test]
     fn settings_cover_each_sweep_and_the_grid_once() {
         let arms = vec!["a".to_string(), "b".to_string()];
-        let s = settings(&arms, &plan(&[0.0, 1.0], &[0.0, 1.0], &[], 0));
+        let s = settings(&arms, &plan(&[0.0, 1.0], &[0.0, 1.0], &[], &[]));
         // a: (0,0) (1,0); b: (0,0) dup, (0,1); grid adds (1,1).
         let w: Vec<Vec<f32>> = s.iter().map(|s| s.weights.clone()).collect();
         assert_eq!(
@@ -1125,12 +1137,12 @@ mod tests {
         assert!(s[0].is_plain() && !s[1].is_plain());
         // One ARM: no grid; plain decoding even when the weights leave out 0.
         assert_eq!(
-            settings(&arms[..1], &plan(&[0.0, 2.0], &[0.0, 1.0], &[], 0)).len(),
+            settings(&arms[..1], &plan(&[0.0, 2.0], &[0.0, 1.0], &[], &[])).len(),
             2
         );
-        assert_eq!(settings(&arms[..1], &plan(&[2.0], &[], &[], 0)).len(), 2);
+        assert_eq!(settings(&arms[..1], &plan(&[2.0], &[], &[], &[])).len(), 2);
         // Budgets repeat each ARM's nonzero weights; best-of ranks by each ranker.
-        let s = settings(&arms, &plan(&[0.0, 1.0, 4.0], &[], &[0.5], 4));
+        let s = settings(&arms, &plan(&[0.0, 1.0, 4.0], &[], &[0.5], &[4]));
         let budgeted: Vec<&Setting> = s
             .iter()
             .filter(|s| s.method == Method::GenArm { max_kl: Some(0.5) })
@@ -1172,7 +1184,7 @@ mod tests {
         let objectives = [ObjectiveScorer::Sentiment, ObjectiveScorer::Concise];
         let plan = Plan {
             rankers: vec![vec!["positive".into()], vec!["concise".into()]],
-            ..plan(&[0.0, 1.0, 2.0], &[0.0, 2.0], &[0.5], 0)
+            ..plan(&[0.0, 1.0, 2.0], &[0.0, 2.0], &[0.5], &[])
         };
         let settings = settings(&arms, &plan);
         // Sentiment rises over 0…4 with its weight, concise over −60…−20; a budget halves both.
@@ -1245,7 +1257,7 @@ mod tests {
     fn the_best_setting_is_the_most_rewarded_that_stays_fluent() {
         let arms = vec!["a".to_string(), "b".to_string()];
         let objectives = [ObjectiveScorer::Sentiment, ObjectiveScorer::Concise];
-        let settings = settings(&arms, &plan(&[0.0, 1.0, 4.0], &[], &[0.5], 4));
+        let settings = settings(&arms, &plan(&[0.0, 1.0, 4.0], &[], &[0.5], &[4]));
         let labels: Vec<String> = settings
             .iter()
             .map(|s| format!("{} {:?}", s.method.label(), s.weights))
@@ -1294,6 +1306,13 @@ mod tests {
         };
         assert_eq!(report.best(), [None, None]);
         assert!(report.markdown(&[]).contains("no setting stays fluent"));
+    }
+
+    #[test]
+    fn counts_are_lists_of_positive_integers() {
+        assert_eq!(parse_counts("2, 4").unwrap(), Counts(vec![2, 4]));
+        assert_eq!(parse_counts("").unwrap(), Counts(Vec::new()));
+        assert!(parse_counts("0").is_err() && parse_counts("2.5").is_err());
     }
 
     #[test]
