@@ -410,3 +410,26 @@ fn speculative_without_rejection_chooses_as_full_best_of_n_and_with_it_generates
     let md = std::fs::read_to_string(out.path().join("speculative.md")).unwrap();
     assert_eq!(table_rows(&md).len(), 3);
 }
+
+#[test]
+fn the_judge_tells_glad_texts_from_sad_ones() {
+    let base = common::model();
+    let judge = tilt::eval::judge::SentimentJudge::new(&base).unwrap();
+    let glad = [
+        "What a wonderful day! I loved every minute of the trip and the people were so kind.",
+        "This is the best meal I have had in years; the staff were friendly and it was delicious.",
+        "I am so happy with my new job. My colleagues are great and I feel proud of my work.",
+    ];
+    let sad = [
+        "What an awful day. I hated every minute of the trip and the people were so rude.",
+        "This is the worst meal I have had in years; the staff were hostile and it was disgusting.",
+        "I am so miserable at my new job. My colleagues are cruel and I feel ashamed of my work.",
+    ];
+    let scores = judge.score(&[&glad[..], &sad[..]].concat()).unwrap();
+    // Each glad text above its sad twin, and glad ones read as positive on the whole.
+    for i in 0..glad.len() {
+        assert!(scores[i] > scores[glad.len() + i], "{scores:?}");
+    }
+    assert!(scores[..glad.len()].iter().all(|&s| s > 0.0), "{scores:?}");
+    assert_eq!(judge.score(&[""]).unwrap(), [0.0]);
+}

@@ -6,11 +6,13 @@
 //! - `mc` (mc.rs): multiple-choice accuracy of equilibrium ranking and the model's own rankings.
 //! - `adaptive` (adaptive.rs): entropy-adaptive decoding swept over its threshold.
 //! - `speculative` (speculative.rs): best-of-N's speculative rejection against full best-of-N.
+//! - `judge` (judge.rs): the base as a sentiment judge, independent of the lexicon.
 //!
 //! This file holds what they share: running a batch of requests, distinct-n, perplexity, table
 //! formatting and writing the outputs.
 
 pub mod adaptive;
+pub mod judge;
 pub mod keywords;
 pub mod mc;
 pub mod speculative;

@@ -285,6 +285,9 @@ struct Measured {
     distinct_2: f64,
     /// The share of answer tokens with a letter in them.
     word_tokens: f64,
+    /// The sentiment judge's mean score (nats per token) and share of answers it reads as
+    /// positive (where an objective is sentiment).
+    judge: Option<(f64, f64)>,
     /// The base's perplexity of the answers (teacher-forced, answer tokens pooled).
     perplexity: f64,
     mean_tokens: f64,
@@ -424,8 +427,9 @@ pub fn run(args: SteerArgs) -> Result<()> {
         }
     }
     let models = args.models.load()?;
-    // A second copy of the base for teacher-forced perplexity; the engine owns the first.
-    let judge = super::load_base(args.models.model.as_deref())?;
+    // A second copy of the base for teacher-forced perplexity and the sentiment judge; the
+    // engine owns the first.
+    let reader = super::load_base(args.models.model.as_deref())?;
     // The reward models (the manifest's draft loads beside them).
     let arms: Vec<String> = (models[1..].iter())
         .filter(|m| m.role == crate::model::Role::Reward)
@@ -459,6 +463,13 @@ pub fn run(args: SteerArgs) -> Result<()> {
                 })
         })
         .collect::<Result<_>>()?;
+    // An independent judge of sentiment where an objective is sentiment: the lexicon trained
+    // `positive`, so it cannot be the only measure of it.
+    let judge = (objectives
+        .iter()
+        .any(|o| matches!(o, ObjectiveScorer::Sentiment)))
+    .then(|| super::judge::SentimentJudge::new(&reader))
+    .transpose()?;
     let engine = Engine::start(
         models,
         EngineOptions {
@@ -522,9 +533,22 @@ pub fn run(args: SteerArgs) -> Result<()> {
             .iter()
             .map(|o| (o.prompt_tokens.as_slice(), o.tokens.as_slice()))
             .collect();
-        let nll = super::response_nll(&judge, &items)?;
+        let nll = super::response_nll(&reader, &items)?;
+        let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
+        let judged = match &judge {
+            Some(j) => Some(j.score(&texts)?),
+            None => None,
+        };
         let vocab = &engine.base().vocab;
-        measured.push(measure(&objectives, outputs, &nll, vocab, wall_s));
+        let mut m = measure(&objectives, outputs, &nll, vocab, wall_s);
+        m.judge = judged.map(|scores| {
+            let positive = scores.iter().filter(|&&s| s > 0.0).count();
+            (
+                super::mean(scores.iter().copied()),
+                positive as f64 / scores.len().max(1) as f64,
+            )
+        });
+        measured.push(m);
     }
     bar.finish_and_clear();
 
@@ -612,6 +636,7 @@ fn measure(
         } else {
             wordy as f64 / answered as f64
         },
+        judge: None,
         perplexity: super::perplexity(nll),
         generated_per_answer: generated as f64 / outputs.len().max(1) as f64,
         mean_tokens: super::mean(outputs.iter().map(|o| o.tokens.len() as f64)),
@@ -769,6 +794,7 @@ impl Report<'_> {
                 "KL scale mean / min",
                 "distinct-2",
                 "word tokens",
+                "judge: score / positive",
                 "perplexity",
                 "tokens",
                 "generated / answer",
@@ -805,6 +831,9 @@ impl Report<'_> {
                     }),
                     super::cell(m.distinct_2, 3),
                     super::cell(m.word_tokens, 3),
+                    m.judge.map_or("—".into(), |(score, share)| {
+                        format!("{} / {}", super::cell(score, 3), super::cell(share, 2))
+                    }),
                     super::cell(m.perplexity, 2),
                     super::cell(m.mean_tokens, 1),
                     super::cell(m.generated_per_answer, 1),
@@ -844,7 +873,14 @@ impl Report<'_> {
                         super::cell(m.distinct_2, 3),
                         super::cell(m.perplexity / p.perplexity, 2),
                         super::cell(m.word_tokens, 3),
-                    )
+                    ) + &match (m.judge, p.judge) {
+                        (Some((j, _)), Some((pj, _))) => format!(
+                            ", judge {} against plain {}",
+                            super::cell(j, 3),
+                            super::cell(pj, 3)
+                        ),
+                        _ => String::new(),
+                    }
                 }
                 _ => "no setting stays fluent".into(),
             };
@@ -1050,6 +1086,7 @@ impl Report<'_> {
                     "kl_scale": m.kl_scale.map(|(mean, min)| json!({"mean": mean, "min": min})),
                     "distinct_2": super::num(m.distinct_2),
                     "word_tokens": super::num(m.word_tokens),
+                    "judge": m.judge.map(|(score, share)| json!({"score": score, "positive": share})),
                     "perplexity": super::num(m.perplexity),
                     "generated_per_answer": super::num(m.generated_per_answer),
                     "mean_tokens": super::num(m.mean_tokens),
@@ -1244,6 +1281,7 @@ mod tests {
             kl_scale: None,
             distinct_2,
             word_tokens: 0.95,
+            judge: None,
             perplexity,
             mean_tokens: 30.0,
             generated_per_answer: 30.0,
