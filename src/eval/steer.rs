@@ -288,6 +288,8 @@ struct Measured {
     /// The sentiment judge's mean score (nats per token) and share of answers it reads as
     /// positive (where an objective is sentiment).
     judge: Option<(f64, f64)>,
+    /// The judge's score of each answer, in prompt order (empty without the judge).
+    judge_scores: Vec<f64>,
     /// The base's perplexity of the answers (teacher-forced, answer tokens pooled).
     perplexity: f64,
     mean_tokens: f64,
@@ -541,13 +543,14 @@ pub fn run(args: SteerArgs) -> Result<()> {
         };
         let vocab = &engine.base().vocab;
         let mut m = measure(&objectives, outputs, &nll, vocab, wall_s);
-        m.judge = judged.map(|scores| {
+        if let Some(scores) = judged {
             let positive = scores.iter().filter(|&&s| s > 0.0).count();
-            (
+            m.judge = Some((
                 super::mean(scores.iter().copied()),
                 positive as f64 / scores.len().max(1) as f64,
-            )
-        });
+            ));
+            m.judge_scores = scores;
+        }
         measured.push(m);
     }
     bar.finish_and_clear();
@@ -637,6 +640,7 @@ fn measure(
             wordy as f64 / answered as f64
         },
         judge: None,
+        judge_scores: Vec::new(),
         perplexity: super::perplexity(nll),
         generated_per_answer: generated as f64 / outputs.len().max(1) as f64,
         mean_tokens: super::mean(outputs.iter().map(|o| o.tokens.len() as f64)),
@@ -651,6 +655,32 @@ struct Check {
     arm: String,
     points: Vec<(f32, f64)>,
     drops: Vec<(f32, f32, f64)>,
+}
+
+/// Two settings read by the judge prompt by prompt: the mean of a − b, the prompts where a is
+/// ahead and behind, and a 95 % bootstrap interval of the mean (2,000 resamples, seed 0).
+#[derive(Debug, Clone, PartialEq)]
+struct Paired {
+    mean: f64,
+    wins: usize,
+    losses: usize,
+    interval: (f64, f64),
+}
+
+fn paired(a: &[f64], b: &[f64]) -> Paired {
+    use rand::{Rng, SeedableRng};
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut means: Vec<f64> = (0..2000)
+        .map(|_| super::mean((0..d.len()).map(|_| d[rng.random_range(0..d.len())])))
+        .collect();
+    means.sort_by(f64::total_cmp);
+    Paired {
+        mean: super::mean(d.iter().copied()),
+        wins: d.iter().filter(|&&x| x > 0.0).count(),
+        losses: d.iter().filter(|&&x| x < 0.0).count(),
+        interval: (means[50], means[1949]),
+    }
 }
 
 /// What a fluent setting keeps: diversity, and the base's perplexity of its answers and their
@@ -727,6 +757,45 @@ impl Report<'_> {
         m.distinct_2 >= f.min_distinct_2
             && m.perplexity <= f.max_perplexity_ratio * plain.perplexity
             && m.word_tokens >= f.min_word_share * plain.word_tokens
+    }
+
+    /// Best-of-N ranked by an ARM against best-of-N ranked by its objective's own scorer, both
+    /// read by the judge: (ARM, N, the setting ranked by the ARM, the one ranked by the scorer).
+    fn rankers(&self) -> Vec<(usize, usize, usize, usize)> {
+        let find = |n: usize, by: &str| {
+            (self.settings.iter()).position(|s| {
+                s.method
+                    == Method::BestOf {
+                        n,
+                        by: by.to_string(),
+                    }
+            })
+        };
+        let mut out = Vec::new();
+        for (i, objective) in self.objectives.iter().enumerate() {
+            let Some(scorer) = objective.reward_name() else {
+                continue;
+            };
+            let mut ns: Vec<usize> = (self.settings.iter())
+                .filter_map(|s| match s.method {
+                    Method::BestOf { n, .. } => Some(n),
+                    _ => None,
+                })
+                .collect();
+            ns.dedup();
+            for n in ns {
+                if let (Some(a), Some(b)) = (find(n, &self.arms[i]), find(n, scorer)) {
+                    let (x, y) = (
+                        &self.measured[a].judge_scores,
+                        &self.measured[b].judge_scores,
+                    );
+                    if !x.is_empty() && x.len() == y.len() {
+                        out.push((i, n, a, b));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Per objective, the fluent setting among its ARM's own (its sweeps, under any budget, its
@@ -889,6 +958,29 @@ impl Report<'_> {
                 self.arms[i],
                 self.objectives[i].label()
             ));
+        }
+        let rankers = self.rankers();
+        if !rankers.is_empty() {
+            md.push_str(
+                "\n### Ranked by the ARM or by its objective's scorer, read by the judge\n\n",
+            );
+            for (i, n, a, b) in rankers {
+                let (x, y) = (&self.measured[a], &self.measured[b]);
+                let p = paired(&x.judge_scores, &y.judge_scores);
+                md.push_str(&format!(
+                    "- best-of-{n}: ranked by `{}` {} against ranked by `{}` {}: {:+.4} a prompt (95 % interval {:+.4} … {:+.4}), ahead on {} prompts and behind on {} of {}\n",
+                    self.arms[i],
+                    super::cell(x.judge.map_or(f64::NAN, |j| j.0), 4),
+                    self.objectives[i].reward_name().unwrap_or_default(),
+                    super::cell(y.judge.map_or(f64::NAN, |j| j.0), 4),
+                    p.mean,
+                    p.interval.0,
+                    p.interval.1,
+                    p.wins,
+                    p.losses,
+                    x.judge_scores.len(),
+                ));
+            }
         }
         md.push_str("\n### Monotonicity of each weight's own objective (1-D sweeps)\n\n");
         for c in checks {
@@ -1092,8 +1184,9 @@ impl Report<'_> {
                     "mean_tokens": super::num(m.mean_tokens),
                     "tokens_per_s": super::num(m.tokens_per_s),
                     "wall_s": super::num(m.wall_s),
-                    "outputs": m.outputs.iter().zip(prompts).map(|(o, p)| json!({
+                    "outputs": m.outputs.iter().zip(prompts).enumerate().map(|(k, (o, p))| json!({
                         "prompt": p, "text": o.text, "tokens": o.tokens.len(),
+                        "judge": m.judge_scores.get(k),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -1130,6 +1223,15 @@ impl Report<'_> {
             "seed": args.seed,
             "prompts": prompts.len(),
             "settings": settings,
+            "rankers": self.rankers().into_iter().map(|(i, n, a, b)| {
+                let p = paired(&self.measured[a].judge_scores, &self.measured[b].judge_scores);
+                json!({
+                    "arm": self.arms[i], "n": n,
+                    "scorer": self.objectives[i].reward_name(),
+                    "judge_difference": p.mean, "ahead": p.wins, "behind": p.losses,
+                    "interval_95": [p.interval.0, p.interval.1],
+                })
+            }).collect::<Vec<_>>(),
             "monotonicity": monotonicity,
         })
     }
@@ -1282,6 +1384,7 @@ mod tests {
             distinct_2,
             word_tokens: 0.95,
             judge: None,
+            judge_scores: Vec::new(),
             perplexity,
             mean_tokens: 30.0,
             generated_per_answer: 30.0,
@@ -1344,6 +1447,17 @@ mod tests {
         };
         assert_eq!(report.best(), [None, None]);
         assert!(report.markdown(&[]).contains("no setting stays fluent"));
+    }
+
+    #[test]
+    fn paired_differences_count_wins_and_bound_the_mean() {
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let b = [0.0, 2.0, 4.0, 2.0];
+        let p = paired(&a, &b);
+        assert_eq!((p.mean, p.wins, p.losses), (0.5, 2, 1));
+        assert!(p.interval.0 <= p.mean && p.mean <= p.interval.1, "{p:?}");
+        assert!(p.interval.0 >= -1.0 && p.interval.1 <= 2.0, "{p:?}");
+        assert_eq!(paired(&a, &a).interval, (0.0, 0.0));
     }
 
     #[test]

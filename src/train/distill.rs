@@ -133,6 +133,57 @@ fn teacher(base: &Model, seqs: &[Sequence]) -> Result<Tensor> {
 
 /// GGUF rows of attention heads interleave each head's two halves (llama.cpp's permutation for
 /// its RoPE); Hugging Face's, which the trainer uses, keep them apart.
+/// A model of the base's `layers` (in order) over its embeddings and final norm: its config and
+/// its weights under Hugging Face names (RoPE in halves, as `Arm` computes it), read from the
+/// base's GGUF `content` in `file` and dequantized. Where a draft or an ARM starts from the base.
+pub fn base_layers(
+    file: &mut std::fs::File,
+    content: &gguf_file::Content,
+    base: &Model,
+    layers: &[usize],
+) -> Result<(ArmConfig, HashMap<String, Tensor>)> {
+    let cfg = &base.llama.cfg;
+    if layers.is_empty() || layers.iter().any(|&l| l >= cfg.n_layers) {
+        bail!("layers must be among the base's 0..{}", cfg.n_layers);
+    }
+    let arm_cfg = ArmConfig {
+        vocab_size: cfg.vocab_size,
+        hidden: cfg.hidden,
+        n_layers: layers.len(),
+        n_heads: cfg.n_heads,
+        n_kv_heads: cfg.n_kv_heads,
+        ffn: cfg.ffn,
+        rope_theta: cfg.rope_theta,
+        rms_eps: cfg.rms_eps,
+        context_length: cfg.context_length,
+    };
+    let dev = Device::Cpu;
+    let mut get = |name: &str| -> Result<Tensor> {
+        let q = content
+            .tensor(file, name, &dev)
+            .with_context(|| format!("the base has no tensor `{name}`"))?;
+        Ok(q.dequantize(&dev)?)
+    };
+    let mut init = HashMap::new();
+    init.insert(
+        "model.embed_tokens.weight".to_string(),
+        get("token_embd.weight")?,
+    );
+    init.insert("model.norm.weight".to_string(), get("output_norm.weight")?);
+    for (i, &l) in layers.iter().enumerate() {
+        for &(hf, gg) in LAYER_TENSORS {
+            let mut w = get(&format!("blk.{l}.{gg}.weight"))?;
+            match gg {
+                "attn_q" => w = halves_from_interleaved(&w, cfg.n_heads)?,
+                "attn_k" => w = halves_from_interleaved(&w, cfg.n_kv_heads)?,
+                _ => {}
+            }
+            init.insert(format!("model.layers.{i}.{hf}.weight"), w);
+        }
+    }
+    Ok((arm_cfg, init))
+}
+
 fn halves_from_interleaved(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, cols) = w.dims2()?;
     let hd = out / heads;
@@ -231,44 +282,9 @@ pub fn run(args: DistillArgs) -> Result<()> {
     }
     let train: Vec<Sequence> = read_sequences(&args.responses, &base)?;
     let heldout: Vec<Sequence> = read_sequences(&args.heldout, &base)?;
-    let student_cfg = ArmConfig {
-        vocab_size: cfg.vocab_size,
-        hidden: cfg.hidden,
-        n_layers: args.layers.len(),
-        n_heads: cfg.n_heads,
-        n_kv_heads: cfg.n_kv_heads,
-        ffn: cfg.ffn,
-        rope_theta: cfg.rope_theta,
-        rms_eps: cfg.rms_eps,
-        context_length: cfg.context_length,
-    };
+    let (student_cfg, init) = base_layers(&mut file, &content, &base, &args.layers)?;
     let mut student = Arm::new(student_cfg.clone(), args.seed)?;
     student.freeze_embeddings();
-    // The kept layers, as the base has them.
-    let dev = Device::Cpu;
-    let mut get = |name: &str| -> Result<Tensor> {
-        let q = content
-            .tensor(&mut file, name, &dev)
-            .with_context(|| format!("the base has no tensor `{name}`"))?;
-        Ok(q.dequantize(&dev)?)
-    };
-    let mut init = HashMap::new();
-    init.insert(
-        "model.embed_tokens.weight".to_string(),
-        get("token_embd.weight")?,
-    );
-    init.insert("model.norm.weight".to_string(), get("output_norm.weight")?);
-    for (i, &l) in args.layers.iter().enumerate() {
-        for &(hf, gg) in LAYER_TENSORS {
-            let mut w = get(&format!("blk.{l}.{gg}.weight"))?;
-            match gg {
-                "attn_q" => w = halves_from_interleaved(&w, cfg.n_heads)?,
-                "attn_k" => w = halves_from_interleaved(&w, cfg.n_kv_heads)?,
-                _ => {}
-            }
-            init.insert(format!("model.layers.{i}.{hf}.weight"), w);
-        }
-    }
     student.set_weights(&init)?;
     let save = |path: &Path| save_gguf(&student, &content, &args.layers, path);
     // The untrained student through tilt's own loader.

@@ -269,6 +269,11 @@ pub struct TrainArgs {
     /// The base model whose vocabulary and chat template the ARM shares (default: the manifest's default model).
     #[arg(long)]
     pub base: Option<PathBuf>,
+    /// Start from these layers of the base (a GGUF), in order, over its embeddings, which stay
+    /// frozen: an ARM that begins as a language model. `--layers`, `--hidden`, `--heads`,
+    /// `--kv-heads` and `--ffn` then come from the base.
+    #[arg(long, value_delimiter = ',')]
+    pub from_layers: Vec<usize>,
     #[arg(long, default_value_t = 2)]
     pub layers: usize,
     #[arg(long, default_value_t = 128)]
@@ -340,18 +345,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     let (heldout, train_set) = pairs.split_at(n_heldout);
-    let cfg = ArmConfig {
-        vocab_size: base.llama.cfg.vocab_size,
-        hidden: args.hidden,
-        n_layers: args.layers,
-        n_heads: args.heads,
-        n_kv_heads: args.kv_heads,
-        ffn: args.ffn,
-        rope_theta: 10_000.0,
-        rms_eps: 1e-5,
-        context_length: base.context_length(),
+    let (cfg, arm) = if args.from_layers.is_empty() {
+        let cfg = ArmConfig {
+            vocab_size: base.llama.cfg.vocab_size,
+            hidden: args.hidden,
+            n_layers: args.layers,
+            n_heads: args.heads,
+            n_kv_heads: args.kv_heads,
+            ffn: args.ffn,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            context_length: base.context_length(),
+        };
+        (cfg.clone(), Arm::new(cfg, args.seed)?)
+    } else {
+        let mut file = std::fs::File::open(&base_path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| anyhow::anyhow!("--from-layers needs a GGUF base: {e}"))?;
+        let (cfg, init) = distill::base_layers(&mut file, &content, &base, &args.from_layers)?;
+        let mut arm = Arm::new(cfg.clone(), args.seed)?;
+        arm.freeze_embeddings();
+        arm.set_weights(&init)?;
+        (cfg, arm)
     };
-    let arm = Arm::new(cfg.clone(), args.seed)?;
     let opts = TrainOptions {
         epochs: args.epochs,
         lr: args.lr,
