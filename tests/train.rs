@@ -351,3 +351,79 @@ fn distill_writes_a_draft_that_learns_and_loads_beside_the_base() {
     assert_eq!(draft.llama.cfg.n_layers, 2);
     assert_eq!(draft.vocab.digest, base.vocab.digest);
 }
+
+/// `train-arm --from-layers` with every layer of the base and a learning rate of 0: the saved ARM
+/// is the base itself, so it predicts as the base does (the ARM in f32 from f16 weights, the base
+/// on its Q4_1 kernels).
+#[test]
+fn an_arm_from_all_the_base_layers_untrained_predicts_as_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let pair = serde_json::json!({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."});
+    std::fs::write(&data, format!("{pair}\n{pair}\n")).unwrap();
+    let out_dir = dir.path().join("arm");
+    let base = common::model();
+    let all: Vec<String> = (0..base.llama.cfg.n_layers)
+        .map(|l| l.to_string())
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["train-arm", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir)
+        .args(["--base"])
+        .arg(common::model_path())
+        .args([
+            "--from-layers",
+            &all.join(","),
+            "--epochs",
+            "1",
+            "--lr",
+            "0",
+        ])
+        .args(["--heldout", "0", "--max-len", "96"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let arm = tilt::model::companions::load(
+        &base,
+        "arm",
+        &out_dir,
+        tilt::model::Role::Reward,
+        Precision::F32,
+    )
+    .unwrap();
+    assert_eq!(arm.llama.cfg.hidden, base.llama.cfg.hidden);
+    let tokens = base
+        .vocab
+        .encode(
+            "The capital of France is Paris, and the capital of Italy is Rome.",
+            false,
+        )
+        .unwrap();
+    let (a, b) = (
+        served_log_probs(&arm, &tokens),
+        served_log_probs(&base, &tokens),
+    );
+    let argmax = |row: &Vec<f32>| (0..row.len()).max_by(|&i, &j| row[i].total_cmp(&row[j]));
+    let agree = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    eprintln!(
+        "top-1 agreement {agree}/{}, max |Δ log p| {}",
+        a.len(),
+        max_diff(&a, &b)
+    );
+    assert!(agree * 10 >= a.len() * 9, "{agree} of {}", a.len());
+    // Q4_1 kernels against f32: small differences in every log-prob, no more.
+    let top: f32 = (a.iter().zip(&b))
+        .map(|(x, y)| (x[argmax(y).unwrap()] - y[argmax(y).unwrap()]).abs())
+        .fold(0.0, f32::max);
+    assert!(top < 0.5, "{top}");
+}
