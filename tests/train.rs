@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 use tilt::model::config::RopeStyle;
 use tilt::model::{ForwardItem, KvCache, Logits, Precision};
@@ -250,6 +252,21 @@ fn bad_data_gives_clear_errors() {
     assert!(!dir.path().join("arm").exists());
 }
 
+/// `tilt train-arm --data DATA --out OUT --base <the test model>` with `flags`, then `more`.
+fn train_arm(data: &Path, out: &Path, flags: &[&str], more: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
+        .args(["train-arm", "--data"])
+        .arg(data)
+        .arg("--out")
+        .arg(out)
+        .args(["--base"])
+        .arg(common::model_path())
+        .args(flags)
+        .args(more)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn train_arm_command_writes_a_loadable_model_and_report() {
     let dir = tempfile::tempdir().unwrap();
@@ -263,19 +280,14 @@ fn train_arm_command_writes_a_loadable_model_and_report() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out_dir = dir.path().join("arm");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
-        .args(["train-arm", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out_dir)
-        .args(["--base"])
-        .arg(common::model_path())
-        .args([
+    let out = train_arm(
+        &data,
+        &out_dir,
+        &[
             "--layers", "1", "--hidden", "32", "--ffn", "64", "--epochs", "2",
-        ])
-        .args(["--heldout", "0.5", "--lr", "1e-2"])
-        .output()
-        .unwrap();
+        ],
+        &["--heldout", "0.5", "--lr", "1e-2"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -366,24 +378,13 @@ fn an_arm_from_all_the_base_layers_untrained_predicts_as_the_base() {
     let all: Vec<String> = (0..base.llama.cfg.n_layers)
         .map(|l| l.to_string())
         .collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
-        .args(["train-arm", "--data"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out_dir)
-        .args(["--base"])
-        .arg(common::model_path())
-        .args([
-            "--from-layers",
-            &all.join(","),
-            "--epochs",
-            "1",
-            "--lr",
-            "0",
-        ])
-        .args(["--heldout", "0", "--max-len", "96"])
-        .output()
-        .unwrap();
+    let layers = all.join(",");
+    let out = train_arm(
+        &data,
+        &out_dir,
+        &["--from-layers", &layers, "--epochs", "1", "--lr", "0"],
+        &["--heldout", "0", "--max-len", "96"],
+    );
     assert!(
         out.status.success(),
         "{}",
