@@ -219,11 +219,12 @@ impl Tilt {
     /// computed. Returns KL(softmax(scores) ‖ base), the divergence of the tilted distribution
     /// from the base at temperature 1, which no constant changes.
     pub fn combine(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> f32 {
-        self.tilt(base, arms, vocab).0
+        let base = self.tilt(base, arms, vocab);
+        Self::divergence(&self.scores, base, log_sum_exp(base), 1.0).0
     }
 
-    /// `combine`'s scores, and their KL with its slope in the weights' scale (`divergence`).
-    fn tilt(&mut self, base: &[f32], arms: &[(f32, &[f32])], vocab: usize) -> (f32, f32) {
+    /// Fill `scores` as `combine` does; returns `base` cut to the shared vocabulary.
+    fn tilt<'b>(&mut self, base: &'b [f32], arms: &[(f32, &[f32])], vocab: usize) -> &'b [f32] {
         let v = arms
             .iter()
             .map(|(_, row)| row.len())
@@ -237,7 +238,7 @@ impl Tilt {
                 *s += c * a;
             }
         }
-        Self::divergence(&self.scores, base, 1.0)
+        base
     }
 
     /// `combine` with the ARMs' pull scaled by the largest s ∈ [0, 1] whose KL(tilted ‖ base)
@@ -251,11 +252,13 @@ impl Tilt {
         vocab: usize,
         budget: f32,
     ) -> (f32, f32) {
-        let at = self.tilt(base, arms, vocab);
+        let base = self.tilt(base, arms, vocab);
+        // The base's normaliser, once: every scale's KL needs it.
+        let base_lse = log_sum_exp(base);
+        let at = Self::divergence(&self.scores, base, base_lse, 1.0);
         if at.0 <= budget {
             return (at.0, 1.0);
         }
-        let base = &base[..self.scores.len()];
         if budget <= 0.0 {
             // Exactly the base: a search would stop at a scale whose KL rounds to 0 in f32.
             self.scores.copy_from_slice(base);
@@ -294,7 +297,7 @@ impl Tilt {
             };
             self.scale(base, s);
             scored = s;
-            at = Self::divergence(&self.scores, base, s);
+            at = Self::divergence(&self.scores, base, base_lse, s);
         }
         if scored != lo {
             self.scale(base, lo);
@@ -316,7 +319,8 @@ impl Tilt {
 
     /// KL(softmax(scores) ‖ softmax(base)) and its slope in the pull's scale `s` (> 0), where
     /// scores = base + s·pull: d KL/ds = s·Var(pull) = Var(scores − base)/s under softmax(scores).
-    fn divergence(scores: &[f32], base: &[f32], s: f32) -> (f32, f32) {
+    /// `base_lse` is log Σ e^base.
+    fn divergence(scores: &[f32], base: &[f32], base_lse: f32, s: f32) -> (f32, f32) {
         // With u = e^(t − m), S = Σu and x = t − base: p = u/S, log p = t − m − log S, and the
         // base's log-prob is base − lse(base), so KL = E[x] − m − log S + lse(base).
         let m = math::max(scores);
@@ -325,7 +329,7 @@ impl Tilt {
         }
         let (total, first, second) = math::tilt_moments(scores, base, m);
         let mean = first / total;
-        let kl = (mean - m - total.ln() + log_sum_exp(base)).max(0.0);
+        let kl = (mean - m - total.ln() + base_lse).max(0.0);
         let var = (second / total - mean * mean).max(0.0);
         (kl, var / s)
     }

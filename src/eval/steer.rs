@@ -285,10 +285,8 @@ struct Measured {
     distinct_2: f64,
     /// The share of answer tokens with a letter in them.
     word_tokens: f64,
-    /// The sentiment judge's mean score (nats per token) and share of answers it reads as
-    /// positive (where an objective is sentiment).
-    judge: Option<(f64, f64)>,
-    /// The judge's score of each answer, in prompt order (empty without the judge).
+    /// The sentiment judge's score of each answer, in prompt order (empty without the judge:
+    /// where no objective is sentiment).
     judge_scores: Vec<f64>,
     /// The base's perplexity of the answers (teacher-forced, answer tokens pooled).
     perplexity: f64,
@@ -314,6 +312,20 @@ struct Plan<'a> {
     /// Per ARM, the rewards its best-of-N settings rank by: itself, and its objective's scorer
     /// where the server has one.
     rankers: Vec<Vec<String>>,
+}
+
+impl Measured {
+    /// The judge's mean score and the share of answers it reads as positive (above 0).
+    fn judge(&self) -> Option<(f64, f64)> {
+        let scores = &self.judge_scores;
+        (!scores.is_empty()).then(|| {
+            let positive = scores.iter().filter(|&&s| s > 0.0).count();
+            (
+                super::mean(scores.iter().copied()),
+                positive as f64 / scores.len() as f64,
+            )
+        })
+    }
 }
 
 /// Every setting once: plain decoding, each ARM's sweep, the grid over the first two, each ARM's
@@ -538,19 +550,12 @@ pub fn run(args: SteerArgs) -> Result<()> {
         let nll = super::response_nll(&reader, &items)?;
         let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
         let judged = match &judge {
-            Some(j) => Some(j.score(&texts)?),
-            None => None,
+            Some(j) => j.score(&texts)?,
+            None => Vec::new(),
         };
         let vocab = &engine.base().vocab;
         let mut m = measure(&objectives, outputs, &nll, vocab, wall_s);
-        if let Some(scores) = judged {
-            let positive = scores.iter().filter(|&&s| s > 0.0).count();
-            m.judge = Some((
-                super::mean(scores.iter().copied()),
-                positive as f64 / scores.len().max(1) as f64,
-            ));
-            m.judge_scores = scores;
-        }
+        m.judge_scores = judged;
         measured.push(m);
     }
     bar.finish_and_clear();
@@ -639,7 +644,6 @@ fn measure(
         } else {
             wordy as f64 / answered as f64
         },
-        judge: None,
         judge_scores: Vec::new(),
         perplexity: super::perplexity(nll),
         generated_per_answer: generated as f64 / outputs.len().max(1) as f64,
@@ -782,6 +786,7 @@ impl Report<'_> {
                     _ => None,
                 })
                 .collect();
+            ns.sort_unstable();
             ns.dedup();
             for n in ns {
                 if let (Some(a), Some(b)) = (find(n, &self.arms[i]), find(n, scorer)) {
@@ -900,7 +905,7 @@ impl Report<'_> {
                     }),
                     super::cell(m.distinct_2, 3),
                     super::cell(m.word_tokens, 3),
-                    m.judge.map_or("—".into(), |(score, share)| {
+                    m.judge().map_or("—".into(), |(score, share)| {
                         format!("{} / {}", super::cell(score, 3), super::cell(share, 2))
                     }),
                     super::cell(m.perplexity, 2),
@@ -942,7 +947,7 @@ impl Report<'_> {
                         super::cell(m.distinct_2, 3),
                         super::cell(m.perplexity / p.perplexity, 2),
                         super::cell(m.word_tokens, 3),
-                    ) + &match (m.judge, p.judge) {
+                    ) + &match (m.judge(), p.judge()) {
                         (Some((j, _)), Some((pj, _))) => format!(
                             ", judge {} against plain {}",
                             super::cell(j, 3),
@@ -970,9 +975,9 @@ impl Report<'_> {
                 md.push_str(&format!(
                     "- best-of-{n}: ranked by `{}` {} against ranked by `{}` {}: {:+.4} a prompt (95 % interval {:+.4} … {:+.4}), ahead on {} prompts and behind on {} of {}\n",
                     self.arms[i],
-                    super::cell(x.judge.map_or(f64::NAN, |j| j.0), 4),
+                    super::cell(x.judge().map_or(f64::NAN, |j| j.0), 4),
                     self.objectives[i].reward_name().unwrap_or_default(),
-                    super::cell(y.judge.map_or(f64::NAN, |j| j.0), 4),
+                    super::cell(y.judge().map_or(f64::NAN, |j| j.0), 4),
                     p.mean,
                     p.interval.0,
                     p.interval.1,
@@ -1064,22 +1069,21 @@ impl Report<'_> {
                 series: both(i, &|m| m.rewards[i]),
             })
             .collect();
-        panels.push(Panel {
-            title: "KL to the base per token vs weight".into(),
+        // One measure against the weight, every ARM's sweeps in one panel.
+        let every_arm = |title: &str, y_title: &str, value: &dyn Fn(&Measured) -> f64| Panel {
+            title: title.into(),
             x_title: "weight".into(),
-            y_title: "nats / token".into(),
-            series: (0..self.arms.len())
-                .flat_map(|i| both(i, &|m| m.kl_per_token))
-                .collect(),
-        });
-        panels.push(Panel {
-            title: "distinct-2 vs weight".into(),
-            x_title: "weight".into(),
-            y_title: "distinct-2".into(),
-            series: (0..self.arms.len())
-                .flat_map(|i| both(i, &|m| m.distinct_2))
-                .collect(),
-        });
+            y_title: y_title.into(),
+            series: (0..self.arms.len()).flat_map(|i| both(i, value)).collect(),
+        };
+        panels.push(every_arm(
+            "KL to the base per token vs weight",
+            "nats / token",
+            &|m| m.kl_per_token,
+        ));
+        panels.push(every_arm("distinct-2 vs weight", "distinct-2", &|m| {
+            m.distinct_2
+        }));
         if self.arms.len() >= 2 {
             // One line per weight of the first ARM, through the weights of the second.
             // (first ARM's weight, [(second's weight, reward 1, reward 2)]).
@@ -1178,7 +1182,7 @@ impl Report<'_> {
                     "kl_scale": m.kl_scale.map(|(mean, min)| json!({"mean": mean, "min": min})),
                     "distinct_2": super::num(m.distinct_2),
                     "word_tokens": super::num(m.word_tokens),
-                    "judge": m.judge.map(|(score, share)| json!({"score": score, "positive": share})),
+                    "judge": m.judge().map(|(score, share)| json!({"score": score, "positive": share})),
                     "perplexity": super::num(m.perplexity),
                     "generated_per_answer": super::num(m.generated_per_answer),
                     "mean_tokens": super::num(m.mean_tokens),
@@ -1383,7 +1387,6 @@ mod tests {
             kl_scale: None,
             distinct_2,
             word_tokens: 0.95,
-            judge: None,
             judge_scores: Vec::new(),
             perplexity,
             mean_tokens: 30.0,
