@@ -28,16 +28,8 @@ fn tiny(vocab_size: usize, context_length: usize) -> ArmConfig {
 fn loss_decreases_and_flips_the_ranking() {
     // Chosen responses are longer, so an untrained (near-uniform) ARM ranks them lower.
     let pairs = vec![
-        Pair {
-            prompt: vec![1, 2],
-            chosen: vec![3, 4, 5, 6, 7],
-            rejected: vec![8],
-        },
-        Pair {
-            prompt: vec![2, 9],
-            chosen: vec![10, 11, 12],
-            rejected: vec![13],
-        },
+        Pair::new(vec![1, 2], vec![3, 4, 5, 6, 7], vec![8]),
+        Pair::new(vec![2, 9], vec![10, 11, 12], vec![13]),
     ];
     let arm = Arm::new(tiny(16, 32), 1).unwrap();
     let margins =
@@ -427,4 +419,129 @@ fn an_arm_from_all_the_base_layers_untrained_predicts_as_the_base() {
         .map(|(x, y)| (x[argmax(y).unwrap()] - y[argmax(y).unwrap()]).abs())
         .fold(0.0, f32::max);
     assert!(top < 0.5, "{top}");
+}
+
+/// The base's top two layers as a LoRA ARM of rank 4, adapters drawn large (B too), so they
+/// move the log-probs by whole nats.
+fn lora_arm(base: &tilt::model::Model) -> Arm {
+    let path = common::model_path();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let n = base.llama.cfg.n_layers;
+    let layers = vec![n - 2, n - 1];
+    let (cfg, init) = train::distill::base_layers(&mut file, &content, base, &layers).unwrap();
+    let mut arm = Arm::new(cfg, 3).unwrap();
+    arm.set_weights(&init).unwrap();
+    let lora = train::LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        layers,
+        base: "test".into(),
+    };
+    arm.add_lora(lora, 3).unwrap();
+    for var in arm.varmap.all_vars() {
+        let bound: f32 = if var.dim(0).unwrap() == 4 { 0.2 } else { 0.1 };
+        var.set(&Tensor::rand(-bound, bound, var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    arm
+}
+
+/// The training forward's log-probs of `arm` after every token of `tokens` but the last, from
+/// the base's hidden states below its layers.
+fn lora_log_probs(arm: &Arm, base: &tilt::model::Model, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let below = arm.lora.as_ref().unwrap().layers[0];
+    let start = base.llama.hidden_states(tokens, below).unwrap();
+    let batch = Batch::with_starts(&[(tokens.to_vec(), 1)], &[&start], base.llama.cfg.hidden).unwrap();
+    arm.row_log_probs(&batch).unwrap().to_vec2().unwrap()
+}
+
+/// A LoRA ARM saves its adapters alone, loads as a model on the base's own weights and serves
+/// the log-probs it trained with; its rows in one forward with the base's change nothing of
+/// the base's.
+#[test]
+fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
+    use tilt::model::{companions, Llama, Role};
+    let tokens = common::model()
+        .vocab
+        .encode("<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nYes, on a clear day it is.", false)
+        .unwrap();
+    // In f32 only the f16 KV cache rounds; on the Q4_1 kernels int8 activations move logits by
+    // about half a nat (as they move the base's), where a wrong layout moves them by the adapters' all.
+    for (base, tolerance) in [(common::exact_model(), 0.05), (common::model(), 1.0)] {
+        let arm = lora_arm(&base);
+        let trained = lora_log_probs(&arm, &base, &tokens);
+        let dir = tempfile::tempdir().unwrap();
+        arm.save(dir.path(), DType::F32, None, None).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.contains(&"adapter_model.safetensors".to_string()), "{names:?}");
+        let served = companions::load(&base, "lora", dir.path(), Role::Reward, Precision::Q8_0).unwrap();
+        assert!(served.llama.shares_weights(&base.llama));
+        let served_lp = served_log_probs(&served, &tokens);
+        let base_lp = served_log_probs(&base, &tokens);
+        let n = tokens.len() - 1;
+        // The adapters move the log-probs by whole nats; served and trained agree far closer.
+        let moved = max_diff(&served_lp[..n], &base_lp[..n]);
+        let diff = max_diff(&served_lp[..n], &trained);
+        eprintln!("adapters move log-probs by up to {moved}; served vs trained {diff}");
+        assert!(moved > 2.0, "the adapters barely move the log-probs: {moved}");
+        assert!(diff < tolerance, "served and trained log-probs differ by {diff}");
+
+        // One forward over base and ARM rows gives each what its own forward gives.
+        let (mut c1, mut c2) = (KvCache::new(), KvCache::new());
+        let mut items = [
+            ForwardItem { cache: &mut c1, tokens: &tokens, logits: Logits::All },
+            ForwardItem { cache: &mut c2, tokens: &tokens, logits: Logits::All },
+        ];
+        let out = Llama::forward_shared(&[&base.llama, &served.llama], &mut items, &[1, 1]).unwrap();
+        let lsm = |rows: Vec<&[f32]>| -> Vec<Vec<f32>> {
+            rows.into_iter()
+                .map(|r| {
+                    let lse = r.iter().map(|x| (x - r[0]).exp()).sum::<f32>().ln() + r[0];
+                    r.iter().map(|x| x - lse).collect()
+                })
+                .collect()
+        };
+        let joint_base = lsm(out[0].item(0).collect());
+        let joint_arm = lsm(out[1].item(0).collect());
+        assert!(max_diff(&joint_base, &base_lp) < 1e-4);
+        assert!(max_diff(&joint_arm, &served_lp) < 1e-4);
+    }
+}
+
+/// `train-arm --lora` with a learning rate of 0 leaves B at zero: the saved adapters change
+/// nothing, and the ARM predicts exactly as the base does.
+#[test]
+fn a_lora_arm_with_zero_adapters_predicts_exactly_as_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    let pair = serde_json::json!({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."});
+    std::fs::write(&data, format!("{pair}\n{pair}\n")).unwrap();
+    let out_dir = dir.path().join("arm");
+    let out = train_arm(
+        &data,
+        &out_dir,
+        &["--lora", "4", "--lora-layers", "3", "--epochs", "1", "--lr", "0"],
+        &["--heldout", "0", "--max-len", "96"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["lora"]["rank"], 4);
+    assert_eq!(report["lora"]["layers"], serde_json::json!([27, 28, 29]));
+    // Untrained, the ARM is the base: its margins are the reference, the loss is log 2.
+    let loss = report["epochs"][0]["train_loss"].as_f64().unwrap();
+    assert!((loss - std::f64::consts::LN_2).abs() < 1e-3, "{loss}");
+    let base = common::model();
+    let arm = tilt::model::companions::load(&base, "arm", &out_dir, tilt::model::Role::Reward, Precision::Q8_0)
+        .unwrap();
+    let tokens = base
+        .vocab
+        .encode("The capital of France is Paris, and the capital of Italy is Rome.", false)
+        .unwrap();
+    assert_eq!(served_log_probs(&arm, &tokens), served_log_probs(&base, &tokens));
 }

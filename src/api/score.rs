@@ -53,10 +53,19 @@ pub async fn create(
             let base = &logprobs[0][i];
             let scores = rewards.iter().map(|(name, reading)| {
                 let score = match reading {
-                    Reading::Model(m) => RewardScore {
-                        score: sum(&logprobs[*m][i]),
-                        token_logprobs: Some(logprobs[*m][i].clone()),
-                    },
+                    Reading::Model(m) => {
+                        // A relative reward model scores log π_r − log π_base, token by token.
+                        let mut terms = logprobs[*m][i].clone();
+                        if engine.models()[*m].relative {
+                            for (t, b) in terms.iter_mut().zip(base) {
+                                *t -= b;
+                            }
+                        }
+                        RewardScore {
+                            score: sum(&terms),
+                            token_logprobs: Some(terms),
+                        }
+                    }
                     Reading::Text(scorer) => RewardScore {
                         score: f64::from(scorer.score(&texts[i])),
                         token_logprobs: None,

@@ -367,9 +367,13 @@ impl Branch {
             pull.nudge(&self.choice.tokens, &mut scores);
             return (self.choice.sampler.sample(&scores), 0.0, 1.0);
         }
-        let arms: Vec<(f32, &[f32])> = (guide.coefs.iter().copied())
+        let mut arms: Vec<(f32, &[f32])> = (guide.coefs.iter().copied())
             .zip(rows[1..].iter().copied())
             .collect();
+        // A relative ARM pulls by log π_r − log π_base.
+        if guide.base_coef != 0.0 {
+            arms.push((guide.base_coef, rows[0]));
+        }
         let (kl, scale) = match guide.max_kl {
             Some(budget) => self.tilt.combine_within(rows[0], &arms, vocab, budget),
             None => (self.tilt.combine(rows[0], &arms, vocab), 1.0),
@@ -442,6 +446,11 @@ pub struct Guided {
 struct Guide {
     /// What each ARM's log-probs are multiplied by: w/β.
     coefs: Vec<f32>,
+    /// Each ARM's model.
+    models: Vec<ModelId>,
+    /// What the base's log-probs are multiplied by besides their own 1: minus the coefficients
+    /// of the ARMs read relative to the base (`ModelInfo::relative`), known at the first plan.
+    base_coef: f32,
     max_kl: Option<f32>,
     /// The keywords, when the request has them and a nonzero boost.
     pull: Option<Pull>,
@@ -473,6 +482,8 @@ impl Guided {
             arms: Tracker::new(arms, Rows::Raw),
             guide: Guide {
                 coefs: spec.active().map(|a| a.weight / spec.beta).collect(),
+                models: spec.active().map(|a| a.model).collect(),
+                base_coef: 0.0,
                 max_kl: spec.max_kl,
                 pull,
             },
@@ -579,6 +590,11 @@ impl Guided {
     pub fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         self.tickets.clear();
         if self.branches.is_empty() {
+            let g = &mut self.guide;
+            g.base_coef = -(g.coefs.iter().zip(&g.models))
+                .filter(|&(_, &m)| cx.model(m).relative)
+                .map(|(c, _)| c)
+                .sum::<f32>();
             self.prompt.plan(cx)?;
             return self.arms.plan_prompts(cx);
         }
@@ -743,6 +759,47 @@ mod tests {
         assert_eq!(toward.text, [" sea sea sea"]);
         assert!(toward.report.unwrap()["kl_per_token"].as_f64().unwrap() > 1.0);
         assert!(!steer(-1.0).tokens[0].contains(&id("sea")));
+    }
+
+    /// A reward model read relative to the base (an adapter) rewards what it adds to the base:
+    /// one that predicts exactly as the base does pulls nothing at any weight, token by token or
+    /// as a whole answer, where the same model read on its own sharpens the base.
+    #[test]
+    fn a_relative_arm_rewards_only_what_it_adds_to_the_base() {
+        let copy = |relative: bool| {
+            let arm = FakeModel::new("copy", Role::Reward, fake::counting);
+            if relative {
+                arm.relative()
+            } else {
+                arm
+            }
+        };
+        let g = generation(&[id("the")], 8, crate::decode::testing::seeded(7));
+        let e = engine(vec![FakeModel::counting(), copy(true)]);
+        let plain = run(&e, "sample", json!({}), g.clone());
+        for w in [1.0, 4.0, -2.0] {
+            let out = run(&e, "genarm", json!({"rewards": {"copy": w}}), g.clone());
+            assert_eq!(out.tokens, plain.tokens, "weight {w}");
+            let kl = out.report.unwrap()["kl_per_token"].as_f64().unwrap();
+            assert!(kl < 1e-6, "weight {w}: KL {kl}");
+        }
+        let bon = json!({"n": 4, "rewards": {"copy": 1.0}, "return_candidates": true});
+        let report = run(&e, "best_of_n", bon.clone(), g.clone()).report.unwrap();
+        for c in report["candidates"].as_array().unwrap() {
+            assert_eq!(c["reward"], 0.0, "{c}");
+        }
+        // Read on its own, the copy's log-probs double the base's: sharper, other samples.
+        let e = engine(vec![FakeModel::counting(), copy(false)]);
+        let out = run(&e, "genarm", json!({"rewards": {"copy": 4.0}}), g.clone());
+        assert!(out.report.unwrap()["kl_per_token"].as_f64().unwrap() > 0.01);
+        let report = run(&e, "best_of_n", bon, g).report.unwrap();
+        assert!(report["candidates"][0]["reward"].as_f64().unwrap() < -0.5);
+        // A relative ARM that favours `sea` still pulls toward it.
+        let sea = FakeModel::new("sea", Role::Reward, |_| fake::favour(id("sea"), 10.0));
+        let e = engine(vec![FakeModel::counting(), sea.relative()]);
+        let g = generation(&[id("sun")], 3, SamplingParams::greedy());
+        let out = run(&e, "genarm", json!({"rewards": {"sea": 1.0}}), g);
+        assert_eq!(out.text, [" sea sea sea"]);
     }
 
     #[test]

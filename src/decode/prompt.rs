@@ -52,6 +52,10 @@ impl SharedPrompt {
         prompt
     }
 
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Schedule the next chunk, if any is left.
     pub fn plan(&mut self, cx: &mut Cx) -> Result<()> {
         if self.tokens.is_empty() {

@@ -32,10 +32,14 @@ pub type TrackId = usize;
 
 /// One model's part: its prompt, then the prompt's sequence and row until tracks branch off.
 struct Lane {
+    model: ModelId,
     prompt: SharedPrompt,
     root: Option<SeqId>,
     /// The row after the prompt (raw, or log-probs).
     first: Option<Arc<[f32]>>,
+    /// With `Rows::LogProbs`, for a model read relative to the base (`ModelInfo::relative`):
+    /// the lane of the base under the same prompt, whose log-probs its own are counted against.
+    reference: Option<usize>,
 }
 
 struct Track {
@@ -58,7 +62,14 @@ pub struct Checkpoint {
 }
 
 pub struct Tracker {
+    /// The decoder's lanes, then any base lanes that relative ones are read against.
     lanes: Vec<Lane>,
+    /// The decoder's lanes (`lanes` may add references after them).
+    asked: usize,
+    /// References added (once, at the first plan).
+    resolved: bool,
+    /// Relative lanes' rows after the prompt made differences (once, when all are in).
+    relative_firsts: bool,
     rows: Rows,
     tracks: Vec<Option<Track>>,
     free: Vec<TrackId>,
@@ -69,15 +80,14 @@ pub struct Tracker {
 impl Tracker {
     /// A tracker over the models of `prompts`, each with the prompt in its own tokens.
     pub fn new(prompts: impl IntoIterator<Item = (ModelId, Vec<u32>)>, rows: Rows) -> Self {
-        let lanes = prompts
+        let lanes: Vec<Lane> = prompts
             .into_iter()
-            .map(|(model, tokens)| Lane {
-                prompt: SharedPrompt::new(model, tokens),
-                root: None,
-                first: None,
-            })
+            .map(|(model, tokens)| Lane::new(model, tokens))
             .collect();
         Self {
+            asked: lanes.len(),
+            resolved: false,
+            relative_firsts: false,
             lanes,
             rows,
             tracks: Vec::new(),
@@ -86,13 +96,41 @@ impl Tracker {
         }
     }
 
-    /// Models followed.
+    /// Models followed (each a forward per fed token), the base lanes that relative ones are
+    /// read against included; the decoder's own lanes come first.
     pub fn lanes(&self) -> usize {
         self.lanes.len()
     }
 
+    /// Give every relative lane a base lane under the same prompt to be read against (sharing
+    /// one where prompts agree); log-probs and sums of a relative lane are then differences.
+    fn resolve(&mut self, cx: &Cx) {
+        self.resolved = true;
+        if self.rows != Rows::LogProbs {
+            return;
+        }
+        for l in 0..self.asked {
+            if !cx.model(self.lanes[l].model).relative {
+                continue;
+            }
+            let tokens = self.lanes[l].prompt.tokens().to_vec();
+            let same = |x: &Lane| x.model == BASE && x.prompt.tokens() == tokens.as_slice();
+            let r = match self.lanes.iter().position(same) {
+                Some(r) => r,
+                None => {
+                    self.lanes.push(Lane::new(BASE, tokens));
+                    self.lanes.len() - 1
+                }
+            };
+            self.lanes[l].reference = Some(r);
+        }
+    }
+
     /// Plan the next chunk of every lane's prompt (nothing once prefilled).
     pub fn plan_prompts(&mut self, cx: &mut Cx) -> Result<()> {
+        if !self.resolved {
+            self.resolve(cx);
+        }
         for lane in &mut self.lanes {
             if lane.first.is_none() {
                 lane.prompt.plan(cx)?;
@@ -116,7 +154,21 @@ impl Tracker {
                 });
             }
         }
-        Ok(self.ready())
+        if !self.ready() {
+            return Ok(false);
+        }
+        // Once all are in, relative lanes' rows become differences, once.
+        if !self.relative_firsts {
+            self.relative_firsts = true;
+            for l in 0..self.asked {
+                if let Some(r) = self.lanes[l].reference {
+                    let reference = self.lanes[r].first.clone().context("a prompt not prefilled")?;
+                    let own = self.lanes[l].first.as_deref().context("a prompt not prefilled")?;
+                    self.lanes[l].first = Some(difference(own, &reference));
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Every lane's prompt is in.
@@ -258,17 +310,31 @@ impl Tracker {
             return Ok(());
         }
         let vocab = cx.model(BASE).vocab.size();
+        let references: Vec<Option<usize>> = self.lanes.iter().map(|l| l.reference).collect();
         for id in planned {
             let t = self.track_mut(id)?;
             let (tokens, tickets) = t.fed.take().context("a planned track without its feed")?;
+            let mut gains = Vec::with_capacity(tickets.len());
             for (l, &ticket) in tickets.iter().enumerate() {
                 let rows = out.rows(ticket)?;
                 // Row i predicts the token after tokens[i].
-                for (row, &next) in rows.iter().zip(&tokens[1..]) {
-                    t.logps[l] += f64::from(logprob_in(row, next, vocab));
-                }
+                let gain: f64 = (rows.iter().zip(&tokens[1..]))
+                    .map(|(row, &next)| f64::from(logprob_in(row, next, vocab)))
+                    .sum();
+                gains.push(gain);
                 let last = rows.last().context("a feed without logits")?;
                 t.next[l] = log_probs(last, vocab);
+            }
+            for (l, gain) in gains.iter().enumerate() {
+                t.logps[l] += match references[l] {
+                    Some(r) => gain - gains[r],
+                    None => *gain,
+                };
+            }
+            for (l, r) in references.iter().enumerate() {
+                if let Some(r) = *r {
+                    t.next[l] = difference(&t.next[l], &t.next[r]);
+                }
             }
         }
         Ok(())
@@ -323,6 +389,23 @@ impl Tracker {
         t.next = checkpoint.next;
         Ok(())
     }
+}
+
+impl Lane {
+    fn new(model: ModelId, tokens: Vec<u32>) -> Self {
+        Self {
+            model,
+            prompt: SharedPrompt::new(model, tokens),
+            root: None,
+            first: None,
+            reference: None,
+        }
+    }
+}
+
+/// `own − reference`, entry by entry: a relative model's log-prob gains over the base's.
+fn difference(own: &[f32], reference: &[f32]) -> Arc<[f32]> {
+    own.iter().zip(reference).map(|(a, b)| a - b).collect()
 }
 
 /// log_softmax of `row` over the shared vocabulary (models may pad their rows past it).

@@ -59,6 +59,7 @@ pub struct FakeModel {
     context: usize,
     script: Script,
     pub batches: Batches,
+    relative: bool,
 }
 
 /// The forwards a fake model ran, shared with the test that made it.
@@ -107,6 +108,7 @@ impl FakeModel {
             context: 64,
             script: Arc::new(script),
             batches: Batches::default(),
+            relative: false,
         }
     }
 
@@ -118,6 +120,12 @@ impl FakeModel {
 
     pub fn with_context(mut self, context: usize) -> Self {
         self.context = context;
+        self
+    }
+
+    /// A reward model read relative to the base (as an adapter is: `ModelInfo::relative`).
+    pub fn relative(mut self) -> Self {
+        self.relative = true;
         self
     }
 }
@@ -193,6 +201,7 @@ impl Forward for FakeModel {
             config: LlamaConfig::tiny(WORDS.len(), self.context),
             vocab: Arc::new(vocab),
             chat: Arc::new(ChatTemplate::new(None, &bos, &eos).expect("ChatML parses")),
+            relative: self.relative,
         }
     }
 

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::Result;
 use tokio::sync::mpsc;
 
-use crate::model::{ForwardItem, ForwardOutput, ModelInfo};
+use crate::model::{ForwardItem, ForwardOutput, ModelId, ModelInfo};
 use crate::reward::Registry;
 use decoder::Planned;
 use pacer::Pacer;
@@ -94,7 +94,16 @@ impl Engine {
         let (tx, rx) = std_mpsc::channel();
         let limits = (options.max_running, options.max_queue);
         let pacer = Pacer::new(options.prefill_stretch, options.interleaved_prefill);
+        // Models that share weights run as one forward, in the order they were given.
+        let mut groups: Vec<Vec<ModelId>> = Vec::new();
+        for (mid, m) in models.iter().enumerate() {
+            match groups.iter_mut().find(|g| models[g[0]].shares_weights(m)) {
+                Some(g) => g.push(mid),
+                None => groups.push(vec![mid]),
+            }
+        }
         let worker = Worker {
+            groups,
             models,
             infos: infos.clone(),
             options,
@@ -178,6 +187,8 @@ struct Running {
 
 struct Worker<F: Forward> {
     models: Vec<F>,
+    /// Models by the weights they share, each group one forward a step.
+    groups: Vec<Vec<ModelId>>,
     infos: Arc<Vec<ModelInfo>>,
     options: EngineOptions,
     jobs: std_mpsc::Receiver<Job>,
@@ -269,30 +280,43 @@ impl<F: Forward> Worker<F> {
         }
         self.decoding = decoding;
         let forwards = Instant::now();
-        // 2. One batched forward per model over all planned items.
-        let mut outputs: Vec<ForwardOutput> = Vec::with_capacity(self.models.len());
-        for (mid, model) in self.models.iter().enumerate() {
+        // 2. One batched forward per group of models that share weights (a base and its
+        // adapters), over all planned items.
+        let mut outputs: Vec<ForwardOutput> = self.models.iter().map(|_| Default::default()).collect();
+        for group in &self.groups {
             let mut owners = Vec::new();
             let mut caches = Vec::new();
-            for (ri, r) in self.running.iter_mut().enumerate() {
-                if r.done || r.failed.is_some() {
-                    continue;
-                }
-                r.landed.resize(r.planned.len(), (usize::MAX, 0));
-                for (pi, p) in r.planned.iter().enumerate() {
-                    match self.store.get_mut(p.seq) {
-                        Some((m, cache)) if *m == mid => {
-                            r.landed[pi] = (mid, caches.len());
-                            caches.push(std::mem::take(cache));
-                            owners.push((ri, pi));
+            let mut counts = Vec::with_capacity(group.len());
+            for &mid in group {
+                let before = owners.len();
+                for (ri, r) in self.running.iter_mut().enumerate() {
+                    if r.done || r.failed.is_some() {
+                        continue;
+                    }
+                    r.landed.resize(r.planned.len(), (usize::MAX, 0));
+                    for (pi, p) in r.planned.iter().enumerate() {
+                        match self.store.get_mut(p.seq) {
+                            Some((m, cache)) if *m == mid => {
+                                r.landed[pi] = (mid, owners.len() - before);
+                                caches.push(std::mem::take(cache));
+                                owners.push((ri, pi));
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
+                counts.push(owners.len() - before);
             }
             if owners.is_empty() {
-                outputs.push(ForwardOutput::default());
                 continue;
+            }
+            // Models without items this step stay out of the forward.
+            let (mut models, mut nonzero) = (Vec::new(), Vec::new());
+            for (&mid, &count) in group.iter().zip(&counts) {
+                if count > 0 {
+                    models.push(&self.models[mid]);
+                    nonzero.push(count);
+                }
             }
             let result = {
                 let mut items: Vec<ForwardItem<F::Cache>> = caches
@@ -307,7 +331,9 @@ impl<F: Forward> Worker<F> {
                         }
                     })
                     .collect();
-                guarded("the forward", || Ok(model.forward(&mut items)?))
+                guarded("the forward", || {
+                    Ok(F::forward_shared(&models, &mut items, &nonzero)?)
+                })
             };
             for (cache, &(ri, pi)) in caches.into_iter().zip(&owners) {
                 let seq = self.running[ri].planned[pi].seq;
@@ -316,16 +342,21 @@ impl<F: Forward> Worker<F> {
                 }
             }
             match result {
-                Ok(out) => outputs.push(out),
+                Ok(outs) => {
+                    let with_items = group.iter().zip(&counts).filter(|(_, &c)| c > 0);
+                    for ((&mid, _), out) in with_items.zip(outs) {
+                        outputs[mid] = out;
+                    }
+                }
                 Err(e) => {
+                    let names: Vec<&str> = group.iter().map(|&m| self.infos[m].name.as_str()).collect();
                     let failure = EngineError::Forward {
-                        model: self.infos[mid].name.clone(),
+                        model: names.join("+"),
                         message: format!("{e:#}"),
                     };
                     for &(ri, _) in &owners {
                         self.running[ri].failed = Some(failure.clone());
                     }
-                    outputs.push(ForwardOutput::default());
                 }
             }
         }

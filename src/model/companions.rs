@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::adapter::{self, Adapter};
 use super::fetch::{models_dir, Manifest};
 use super::{Model, Precision, Role};
 
@@ -33,7 +34,8 @@ pub fn check_tokenizer(base: &Model, other: &Model) -> Result<()> {
     Ok(())
 }
 
-/// Load `name` from `path` in `role` and check it against `base`.
+/// Load `name` from `path` in `role` and check it against `base`. An adapter folder becomes a
+/// model on the base's own weights.
 pub fn load(
     base: &Model,
     name: &str,
@@ -41,6 +43,17 @@ pub fn load(
     role: Role,
     precision: Precision,
 ) -> Result<Model> {
+    if adapter::is_adapter(path) {
+        let adapter = Adapter::load(path, &base.llama.cfg)
+            .with_context(|| format!("loading {} model `{name}`", role.name()))?;
+        return Ok(Model {
+            name: name.to_string(),
+            role,
+            llama: base.llama.with_adapter(adapter),
+            vocab: base.vocab.clone(),
+            chat: base.chat.clone(),
+        });
+    }
     let model = Model::load_with(path, name, role, precision)
         .with_context(|| format!("loading {} model `{name}`", role.name()))?;
     check_tokenizer(base, &model)?;

@@ -5,12 +5,15 @@
 //! over f32 rows, with no tensor allocations on the decode path.
 
 use std::ops::Range;
+use std::sync::Arc;
 
+use super::adapter::{self, Adapter};
 use super::attention::{attention, Span};
 use super::config::{LlamaConfig, RopeStyle};
 use super::kv::KvCache;
 use super::linear::Linear;
 use super::quant::{self, Input, Q8Rows, Sink};
+use crate::math;
 
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub enum ForwardError {
     PastContext { positions: usize, context: usize },
     #[error("token id {token} is outside the vocabulary ({vocab})")]
     Token { token: u32, vocab: usize },
+    #[error("models of one forward must share their weights")]
+    Unshared,
     #[error(transparent)]
     Kernel(#[from] candle_core::Error),
 }
@@ -79,8 +84,8 @@ pub(super) struct Layer {
     pub(super) down: Linear,
 }
 
-pub struct Llama {
-    pub cfg: LlamaConfig,
+/// A model's weights, shared by the base and every adapter over it.
+pub(super) struct Weights {
     /// `(vocab, hidden)` row-major.
     pub(super) embed: Vec<f32>,
     pub(super) layers: Vec<Layer>,
@@ -91,10 +96,128 @@ pub struct Llama {
     pub(super) sin: Vec<f32>,
 }
 
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub(super) weights: Arc<Weights>,
+    /// Low-rank deltas over `weights` (a LoRA model on a base's weights).
+    pub(super) adapter: Option<Arc<Adapter>>,
+}
+
 impl Llama {
     /// Run a ragged batch: each item's tokens are appended to its cache; logits come back as asked.
     pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<ForwardOutput, ForwardError> {
+        let n = items.len();
+        let mut out = Self::forward_shared(&[self], items, &[n])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// This model over the same weights with `adapter`'s deltas: it costs no weight memory, and
+    /// its rows ride in the base's matmuls (`forward_shared`).
+    pub fn with_adapter(&self, adapter: Adapter) -> Llama {
+        Llama {
+            cfg: self.cfg.clone(),
+            weights: self.weights.clone(),
+            adapter: Some(Arc::new(adapter)),
+        }
+    }
+
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_deref()
+    }
+
+    /// Whether `self` and `other` run on the same weights, so their items can share a forward.
+    pub fn shares_weights(&self, other: &Llama) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+    }
+
+    /// One forward over several models of the same weights (a base and adapters over it):
+    /// `items` holds `counts[k]` items of `models[k]`, in that order; each model gets its own
+    /// output. Every weight is read once for all their rows; an adapter adds its low-rank
+    /// deltas to its own rows only.
+    pub fn forward_shared(
+        models: &[&Llama],
+        items: &mut [ForwardItem<'_>],
+        counts: &[usize],
+    ) -> Result<Vec<ForwardOutput>, ForwardError> {
+        let Some(first) = models.first() else {
+            return Ok(Vec::new());
+        };
+        if models.len() != counts.len()
+            || counts.iter().sum::<usize>() != items.len()
+            || models.iter().any(|m| !m.shares_weights(first))
+        {
+            return Err(ForwardError::Unshared);
+        }
+        let cfg = &first.cfg;
+        let hidden = cfg.hidden;
+        let x = first.run_layers(models, items, counts, cfg.n_layers)?;
+        // Each model's wanted rows, in item order, then one pass of the output layer for all.
+        let mut wanted = Vec::new();
+        let mut per_model = Vec::with_capacity(models.len());
+        let (mut row, mut item) = (0, 0);
+        for &count in counts {
+            let mut rows = Vec::with_capacity(count);
+            let start = wanted.len();
+            for it in &items[item..item + count] {
+                let t = it.tokens.len();
+                let first = wanted.len() - start;
+                match it.logits {
+                    Logits::None => {}
+                    Logits::Last => wanted.push(row + t - 1),
+                    Logits::All => wanted.extend(row..row + t),
+                }
+                rows.push(first..wanted.len() - start);
+                row += t;
+            }
+            per_model.push((start..wanted.len(), rows));
+            item += count;
+        }
+        let vocab = cfg.vocab_size;
+        let mut data = vec![0f32; wanted.len() * vocab];
+        if !wanted.is_empty() {
+            let sel: Vec<f32> = wanted
+                .iter()
+                .flat_map(|&r| &x[r * hidden..(r + 1) * hidden])
+                .copied()
+                .collect();
+            let w = &first.weights;
+            let input = Input::normed(&sel, &w.norm, cfg.rms_eps as f32);
+            w.output
+                .forward(input, wanted.len(), Sink::Store(&mut data))?;
+        }
+        Ok(per_model
+            .into_iter()
+            .map(|(span, rows)| ForwardOutput {
+                data: data[span.start * vocab..span.end * vocab].to_vec(),
+                vocab,
+                rows,
+            })
+            .collect())
+    }
+
+    /// The hidden states after the first `layers` layers for every token of `tokens`, from an
+    /// empty cache: `(tokens, hidden)`. What an adapter over the layers above them starts from.
+    pub fn hidden_states(&self, tokens: &[u32], layers: usize) -> Result<Vec<f32>, ForwardError> {
+        let mut cache = KvCache::new();
+        let mut items = [ForwardItem {
+            cache: &mut cache,
+            tokens,
+            logits: Logits::None,
+        }];
+        self.run_layers(&[self], &mut items, &[1], layers.min(self.cfg.n_layers))
+    }
+
+    /// Run `items` (`counts[k]` of `models[k]`) through the first `stop` layers; returns the
+    /// hidden rows and advances every cache.
+    fn run_layers(
+        &self,
+        models: &[&Llama],
+        items: &mut [ForwardItem<'_>],
+        counts: &[usize],
+        stop: usize,
+    ) -> Result<Vec<f32>, ForwardError> {
         let cfg = &self.cfg;
+        let w = &*self.weights;
         let (hidden, hd) = (cfg.hidden, cfg.head_dim);
         let (qw, kvw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         for it in items.iter() {
@@ -120,8 +243,19 @@ impl Llama {
         let mut x = Vec::with_capacity(n * hidden);
         for it in items.iter() {
             for &t in it.tokens {
-                x.extend_from_slice(&self.embed[t as usize * hidden..(t as usize + 1) * hidden]);
+                x.extend_from_slice(&w.embed[t as usize * hidden..(t as usize + 1) * hidden]);
             }
+        }
+        // The rows of each adapted model: (rows, its adapter).
+        let mut adapted = Vec::new();
+        let (mut row, mut item) = (0, 0);
+        for (m, &count) in models.iter().zip(counts) {
+            let rows: usize = items[item..item + count].iter().map(|it| it.tokens.len()).sum();
+            if let Some(a) = m.adapter.as_deref() {
+                adapted.push((row..row + rows, a));
+            }
+            row += rows;
+            item += count;
         }
         // Items forked from an earlier item of the batch read their shared prefix of keys and
         // values from that item's copy: (its index, the positions they share).
@@ -139,12 +273,20 @@ impl Llama {
         let mut act = vec![0f32; n * cfg.ffn];
         let (mut q8_attn, mut q8_act) = (Q8Rows::new(), Q8Rows::new());
         let mut kv_heads = Vec::with_capacity(items.len() * cfg.n_kv_heads);
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in w.layers[..stop].iter().enumerate() {
             layer.qkv.forward(
                 Input::normed(&x, &layer.attn_norm, eps),
                 n,
                 Sink::Store(&mut qkv),
             )?;
+            for (rows, a) in &adapted {
+                let parts = &a.layers[li].qkv;
+                if !parts.is_empty() {
+                    let normed = rms_normed(&x[rows.start * hidden..rows.end * hidden], &layer.attn_norm, eps);
+                    let y = &mut qkv[rows.start * width..rows.end * width];
+                    adapter::add(parts, &normed, y, width, a.scale);
+                }
+            }
             // Open every item's cache for its new rows, then attend all rows of all items in one
             // pass over the pool (a pool call per item made batched decode pay a join per
             // sequence); the tasks rotate and store the new keys and values themselves.
@@ -180,6 +322,11 @@ impl Llama {
                 None => Input::plain(&attn),
             };
             layer.wo.forward(input, n, Sink::Add(&mut x))?;
+            for (rows, a) in &adapted {
+                let parts = &a.layers[li].wo;
+                let y = &mut x[rows.start * hidden..rows.end * hidden];
+                adapter::add(parts, &attn[rows.start * qw..rows.end * qw], y, hidden, a.scale);
+            }
             let act_blocks = layer.down.takes_blocks().then(|| q8_act.writer(n, cfg.ffn));
             layer.gate_up.forward(
                 Input::normed(&x, &layer.ffn_norm, eps),
@@ -191,48 +338,25 @@ impl Llama {
                 None => Input::plain(&act),
             };
             layer.down.forward(input, n, Sink::Add(&mut x))?;
-        }
-        let mut wanted = Vec::new();
-        let mut rows = Vec::with_capacity(items.len());
-        let mut row = 0;
-        for it in items.iter_mut() {
-            let t = it.tokens.len();
-            let first = wanted.len();
-            match it.logits {
-                Logits::None => {}
-                Logits::Last => wanted.push(row + t - 1),
-                Logits::All => wanted.extend(row..row + t),
+            for (rows, a) in &adapted {
+                let parts = &a.layers[li].down;
+                let y = &mut x[rows.start * hidden..rows.end * hidden];
+                let f = cfg.ffn;
+                adapter::add(parts, &act[rows.start * f..rows.end * f], y, hidden, a.scale);
             }
-            rows.push(first..wanted.len());
+        }
+        for it in items.iter_mut() {
             // SAFETY: every layer opened this cache for its t rows, and its attention wrote them.
-            unsafe { it.cache.advance(t) };
-            row += t;
+            unsafe { it.cache.advance(it.tokens.len()) };
         }
-        let vocab = cfg.vocab_size;
-        if wanted.is_empty() {
-            return Ok(ForwardOutput {
-                data: Vec::new(),
-                vocab,
-                rows,
-            });
-        }
-        let sel: Vec<f32> = wanted
-            .iter()
-            .flat_map(|&r| &x[r * hidden..(r + 1) * hidden])
-            .copied()
-            .collect();
-        let mut data = vec![0f32; wanted.len() * vocab];
-        let input = Input::normed(&sel, &self.norm, eps);
-        self.output
-            .forward(input, wanted.len(), Sink::Store(&mut data))?;
-        Ok(ForwardOutput { data, vocab, rows })
+        Ok(x)
     }
 
     /// Rotate every head of `x` (one row) for position `pos`.
     fn rope(&self, x: &mut [f32], pos: usize) {
         let half = self.cfg.head_dim / 2;
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let cos = &self.weights.cos[pos * half..(pos + 1) * half];
+        let sin = &self.weights.sin[pos * half..(pos + 1) * half];
         for head in x.chunks_exact_mut(self.cfg.head_dim) {
             match self.cfg.rope_style {
                 // Zipped iterators, not indices: free of bounds checks, the loops vectorise.
@@ -254,4 +378,16 @@ impl Llama {
             }
         }
     }
+}
+
+/// `x`'s rows RMS-normalised and scaled by `weight`, as `Input::normed` feeds a matmul.
+fn rms_normed(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_exact_mut(weight.len()) {
+        let s = math::inv_rms(row, eps);
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v *= s * w;
+        }
+    }
+    out
 }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
 use super::linear::Linear;
-use super::llama::{Layer, Llama};
+use super::llama::{Layer, Llama, Weights};
 use super::{ChatTemplate, Model, Precision, Role, Vocab};
 
 fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
@@ -182,12 +182,15 @@ impl Llama {
         }
         Ok(Llama {
             cfg,
-            embed,
-            layers,
-            norm,
-            output,
-            cos,
-            sin,
+            weights: Arc::new(Weights {
+                embed,
+                layers,
+                norm,
+                output,
+                cos,
+                sin,
+            }),
+            adapter: None,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The model layer: llama-family forward with our int8 kernels, tokenizer, chat template, KV
 //! cache, and the model files (manifest, provisioning). It imports nothing of the layers above.
 
+pub mod adapter;
 mod attention;
 pub mod chat;
 pub mod companions;
@@ -85,6 +86,11 @@ pub struct ModelInfo {
     pub config: LlamaConfig,
     pub vocab: Arc<Vocab>,
     pub chat: Arc<ChatTemplate>,
+    /// An adapter over the base's weights. As a reward model, what it rewards is its log-probs
+    /// relative to the base's, log π_r − log π_base (as DPO reads a policy against its
+    /// reference): an adapter that changes nothing rewards nothing, and weight 1 in GenARM
+    /// samples from the adapted model itself.
+    pub relative: bool,
 }
 
 impl ModelInfo {

@@ -10,6 +10,7 @@ pub mod prompts;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{fetch, vocab, ChatTemplate, Message, Model, Role, Vocab};
-pub use model::{Arm, ArmConfig, Batch};
+pub use model::{Arm, ArmConfig, Batch, LoraConfig};
 
 /// One line of the training data.
 #[derive(Debug, Deserialize)]
@@ -63,9 +64,25 @@ pub struct Pair {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
+    /// For a LoRA ARM: the base's hidden states below its layers for the chosen and the
+    /// rejected sequence (`with_starts`).
+    pub starts: Option<Arc<[Vec<f32>; 2]>>,
+    /// log π_ref(y_w|x) − log π_ref(y_l|x) of the model the ARM is read against: the base for
+    /// a LoRA ARM (whose reward is its log-ratio to the base, as in DPO), none (0) otherwise.
+    pub reference: f32,
 }
 
 impl Pair {
+    pub fn new(prompt: Vec<u32>, chosen: Vec<u32>, rejected: Vec<u32>) -> Self {
+        Self {
+            prompt,
+            chosen,
+            rejected,
+            starts: None,
+            reference: 0.0,
+        }
+    }
+
     /// Both sequences truncated to `max_len`, or `None` when the prompt leaves no room for a response.
     fn fit(mut self, max_len: usize) -> Option<Self> {
         let room = max_len.checked_sub(self.prompt.len()).filter(|&r| r > 0)?;
@@ -102,11 +119,11 @@ pub fn encode(base: &Model, pairs: &[TextPair], max_len: usize) -> Result<(Vec<P
     };
     let mut encoded = Vec::with_capacity(pairs.len());
     for p in pairs {
-        encoded.push(Pair {
-            prompt: render_prompt(&base.chat, &base.vocab, &p.prompt)?,
-            chosen: response(&p.chosen)?,
-            rejected: response(&p.rejected)?,
-        });
+        encoded.push(Pair::new(
+            render_prompt(&base.chat, &base.vocab, &p.prompt)?,
+            response(&p.chosen)?,
+            response(&p.rejected)?,
+        ));
     }
     let total = encoded.len();
     let fitted: Vec<Pair> = encoded.into_iter().filter_map(|p| p.fit(max_len)).collect();
@@ -114,13 +131,51 @@ pub fn encode(base: &Model, pairs: &[TextPair], max_len: usize) -> Result<(Vec<P
     Ok((fitted, skipped))
 }
 
-/// β_r · (log π_r(y_w|x) − log π_r(y_l|x)) per pair: `(pairs,)`.
+/// Each pair's sequences with the base's hidden states after its first `layers` layers (on the
+/// serving forward, as the server will feed a LoRA ARM on them).
+pub fn with_starts(base: &Model, pairs: Vec<Pair>, layers: usize, progress: &ProgressBar) -> Result<Vec<Pair>> {
+    pairs
+        .into_iter()
+        .map(|mut p| {
+            let [(c, _), (r, _)] = p.sequences();
+            let c = base.llama.hidden_states(&c, layers)?;
+            let r = base.llama.hidden_states(&r, layers)?;
+            p.starts = Some(Arc::new([c, r]));
+            progress.inc(1);
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Set each pair's `reference` to the ARM's margin as it is now (an untrained LoRA ARM: the base).
+pub fn set_reference(arm: &Arm, pairs: &mut [Pair], batch: usize, progress: &ProgressBar) -> Result<()> {
+    for chunk in pairs.chunks_mut(batch.max(1)) {
+        let m: Vec<f32> = margins(arm, chunk, 1.0)?.detach().to_vec1()?;
+        for (p, m) in chunk.iter_mut().zip(m) {
+            p.reference = m;
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    Ok(())
+}
+
+/// β_r · (log π_r(y_w|x) − log π_r(y_l|x) − the pair's reference margin) per pair: `(pairs,)`.
 pub fn margins(arm: &Arm, pairs: &[Pair], beta_r: f64) -> Result<Tensor> {
     let seqs: Vec<_> = pairs.iter().flat_map(Pair::sequences).collect();
+    let batch = match pairs.iter().map(|p| p.starts.as_deref()).collect::<Option<Vec<_>>>() {
+        Some(starts) => {
+            let starts: Vec<&[f32]> = starts.iter().flat_map(|s| s.iter().map(Vec::as_slice)).collect();
+            Batch::with_starts(&seqs, &starts, arm.cfg.hidden)?
+        }
+        None => Batch::new(&seqs)?,
+    };
     let lp = arm
-        .response_log_probs(&Batch::new(&seqs)?)?
+        .response_log_probs(&batch)?
         .reshape((pairs.len(), 2))?;
-    Ok(((lp.narrow(1, 0, 1)? - lp.narrow(1, 1, 1)?)?.squeeze(1)? * beta_r)?)
+    let reference: Vec<f32> = pairs.iter().map(|p| p.reference).collect();
+    let reference = Tensor::new(reference.as_slice(), &candle_core::Device::Cpu)?;
+    let margin = ((lp.narrow(1, 0, 1)? - lp.narrow(1, 1, 1)?)?.squeeze(1)? - reference)?;
+    Ok((margin * beta_r)?)
 }
 
 /// Mean of −log σ(m), written as relu(−m) + log(1 + e^−|m|) so large margins neither overflow nor
@@ -274,6 +329,17 @@ pub struct TrainArgs {
     /// `--kv-heads` and `--ffn` then come from the base.
     #[arg(long, value_delimiter = ',')]
     pub from_layers: Vec<usize>,
+    /// Train low-rank adapters of this rank on the base's top `--lora-layers` layers instead
+    /// (q, k, v, o and down projections). The saved ARM is the adapters alone: the server runs
+    /// it on the base's own weights, its rows in the base's matmuls.
+    #[arg(long, value_name = "RANK")]
+    pub lora: Option<usize>,
+    /// How many of the base's top layers the adapters change (with `--lora`).
+    #[arg(long, default_value_t = 4)]
+    pub lora_layers: usize,
+    /// LoRA's alpha: the adapters' product is scaled by alpha / rank (default: the rank).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
     #[arg(long, default_value_t = 2)]
     pub layers: usize,
     #[arg(long, default_value_t = 128)]
@@ -316,9 +382,23 @@ struct Report {
     skipped_pairs: usize,
     response_tokens: usize,
     config: ArmConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lora: Option<LoraConfig>,
     epochs: Vec<EpochReport>,
     heldout_accuracy: Option<f32>,
     wall_seconds: f64,
+}
+
+/// `layers` of the GGUF base at `path`, as an ARM's config and weights.
+fn gguf_layers(
+    path: &Path,
+    base: &Model,
+    layers: &[usize],
+) -> Result<(ArmConfig, std::collections::HashMap<String, Tensor>)> {
+    let mut file = std::fs::File::open(path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("an ARM from the base's layers needs a GGUF base: {e}"))?;
+    distill::base_layers(&mut file, &content, base, layers)
 }
 
 /// The `tilt train-arm` command.
@@ -344,8 +424,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.max_len
         );
     }
-    let (heldout, train_set) = pairs.split_at(n_heldout);
-    let (cfg, arm) = if args.from_layers.is_empty() {
+    let (cfg, arm) = if let Some(rank) = args.lora {
+        let n = base.llama.cfg.n_layers;
+        if rank == 0 || args.lora_layers == 0 || args.lora_layers > n {
+            bail!("--lora needs a positive rank and --lora-layers within the base's {n} layers");
+        }
+        if !args.from_layers.is_empty() {
+            bail!("--lora and --from-layers are two kinds of ARM; choose one");
+        }
+        let below = n - args.lora_layers;
+        let layers: Vec<usize> = (below..n).collect();
+        let (cfg, init) = gguf_layers(&base_path, &base, &layers)?;
+        let mut arm = Arm::new(cfg.clone(), args.seed)?;
+        arm.set_weights(&init)?;
+        let lora = LoraConfig {
+            rank,
+            alpha: args.lora_alpha.unwrap_or(rank as f64),
+            layers,
+            base: base_path
+                .file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
+        };
+        arm.add_lora(lora, args.seed)?;
+        println!("reading the pairs with the base (hidden states below layer {below}, log-probs)");
+        let bar = crate::progress::bar(2 * pairs.len() as u64, "pairs");
+        pairs = with_starts(&base, pairs, below, &bar)?;
+        set_reference(&arm, &mut pairs, args.batch, &bar)?;
+        bar.finish_and_clear();
+        (cfg, arm)
+    } else if args.from_layers.is_empty() {
         let cfg = ArmConfig {
             vocab_size: base.llama.cfg.vocab_size,
             hidden: args.hidden,
@@ -359,15 +466,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         };
         (cfg.clone(), Arm::new(cfg, args.seed)?)
     } else {
-        let mut file = std::fs::File::open(&base_path)?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
-            .map_err(|e| anyhow::anyhow!("--from-layers needs a GGUF base: {e}"))?;
-        let (cfg, init) = distill::base_layers(&mut file, &content, &base, &args.from_layers)?;
+        let (cfg, init) = gguf_layers(&base_path, &base, &args.from_layers)?;
         let mut arm = Arm::new(cfg.clone(), args.seed)?;
         arm.freeze_embeddings();
         arm.set_weights(&init)?;
         (cfg, arm)
     };
+    let (heldout, train_set) = pairs.split_at(n_heldout);
     let opts = TrainOptions {
         epochs: args.epochs,
         lr: args.lr,
@@ -400,7 +505,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let dtype = if args.f32 { DType::F32 } else { DType::F16 };
     arm.save(&args.out, dtype, base.vocab.bos, base.vocab.eos)?;
-    write_tokenizer(&base_path, &base, &args.out)?;
+    if arm.lora.is_none() {
+        write_tokenizer(&base_path, &base, &args.out)?;
+    }
     let report = Report {
         data: args.data.display().to_string(),
         pairs: texts.len(),
@@ -412,6 +519,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .map(|p| p.chosen.len() + p.rejected.len())
             .sum(),
         config: cfg,
+        lora: arm.lora.clone(),
         heldout_accuracy: epochs
             .last()
             .and_then(|e| e.heldout.as_ref())

@@ -71,17 +71,63 @@ impl ArmConfig {
     }
 }
 
+/// A linear layer, plus `scale · B·A` once low-rank adapters are added (`Arm::add_lora`).
+struct Proj {
+    w: Linear,
+    lora: Option<(Tensor, Tensor)>,
+    scale: f64,
+}
+
+impl Proj {
+    fn new(w: Linear) -> Self {
+        Self {
+            w,
+            lora: None,
+            scale: 0.0,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.lora {
+            None => y,
+            Some((a, b)) => {
+                let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                (y + (delta * self.scale)?)?
+            }
+        })
+    }
+
+    fn freeze(&mut self) {
+        self.w = Linear::new(self.w.weight().detach(), None);
+    }
+}
+
 struct Block {
     attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     mlp_norm: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
+
+/// Low-rank adapters over a base's layers: what `Arm::add_lora` made and `save` writes.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    /// The base layer each of the ARM's layers is.
+    pub layers: Vec<usize>,
+    /// The base model's file name, for the record.
+    pub base: String,
+}
+
+/// The projections `add_lora` adapts (the serving forward fuses gate and up into SwiGLU).
+pub const LORA_TARGETS: [&str; 5] = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"];
 
 /// A trainable llama: its variables live in `varmap` (what the optimiser updates and `save` writes).
 pub struct Arm {
@@ -90,6 +136,7 @@ pub struct Arm {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
+    pub lora: Option<LoraConfig>,
 }
 
 /// Standard deviation of the initial weights (Hugging Face llama's `initializer_range`).
@@ -108,16 +155,17 @@ impl Arm {
             .map(|i| {
                 let vb = vb.pp(format!("model.layers.{i}"));
                 let (attn, mlp) = (vb.pp("self_attn"), vb.pp("mlp"));
+                let proj = |i, o, vb| -> Result<Proj> { Ok(Proj::new(linear_no_bias(i, o, vb)?)) };
                 Ok(Block {
                     attn_norm: vb.get_with_hints(h, "input_layernorm.weight", ones)?,
-                    q: linear_no_bias(h, cfg.n_heads * hd, attn.pp("q_proj"))?,
-                    k: linear_no_bias(h, cfg.n_kv_heads * hd, attn.pp("k_proj"))?,
-                    v: linear_no_bias(h, cfg.n_kv_heads * hd, attn.pp("v_proj"))?,
-                    o: linear_no_bias(cfg.n_heads * hd, h, attn.pp("o_proj"))?,
+                    q: proj(h, cfg.n_heads * hd, attn.pp("q_proj"))?,
+                    k: proj(h, cfg.n_kv_heads * hd, attn.pp("k_proj"))?,
+                    v: proj(h, cfg.n_kv_heads * hd, attn.pp("v_proj"))?,
+                    o: proj(cfg.n_heads * hd, h, attn.pp("o_proj"))?,
                     mlp_norm: vb.get_with_hints(h, "post_attention_layernorm.weight", ones)?,
-                    gate: linear_no_bias(h, cfg.ffn, mlp.pp("gate_proj"))?,
-                    up: linear_no_bias(h, cfg.ffn, mlp.pp("up_proj"))?,
-                    down: linear_no_bias(cfg.ffn, h, mlp.pp("down_proj"))?,
+                    gate: proj(h, cfg.ffn, mlp.pp("gate_proj"))?,
+                    up: proj(h, cfg.ffn, mlp.pp("up_proj"))?,
+                    down: proj(cfg.ffn, h, mlp.pp("down_proj"))?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -128,6 +176,7 @@ impl Arm {
             embed,
             blocks,
             norm,
+            lora: None,
         };
         arm.randomize(seed, INIT_STD)?;
         Ok(arm)
@@ -157,14 +206,19 @@ impl Arm {
     }
 
     /// Final hidden states `(batch, len, hidden)` of right-padded `tokens` `(batch, len)`; padding
-    /// at the end never reaches earlier positions through causal attention.
-    fn hidden(&self, tokens: &Tensor) -> Result<Tensor> {
+    /// at the end never reaches earlier positions through causal attention. `start`: the input
+    /// to the first layer `(batch, len, hidden)` instead of the token embeddings (a LoRA ARM's
+    /// layers start from the base's hidden states below them).
+    fn hidden(&self, tokens: &Tensor, start: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let cfg = &self.cfg;
-        let mut x = self
-            .embed
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, cfg.hidden))?;
+        let mut x = match start {
+            Some(x) => x.clone(),
+            None => self
+                .embed
+                .index_select(&tokens.flatten_all()?, 0)?
+                .reshape((b, t, cfg.hidden))?,
+        };
         let (cos, sin) = self.rope_tables(t)?;
         let mask: Vec<f32> = (0..t * t)
             .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
@@ -193,7 +247,7 @@ impl Arm {
         let cfg = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let hd = cfg.head_dim();
-        let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+        let heads = |lin: &Proj, n: usize| -> Result<Tensor> {
             Ok(lin
                 .forward(x)?
                 .reshape((b, t, n, hd))?
@@ -242,7 +296,9 @@ impl Arm {
 
     /// Log-probabilities of every next token after every position: `(batch, len, vocab)`.
     pub fn log_probs(&self, tokens: &Tensor) -> Result<Tensor> {
-        let logits = self.hidden(tokens)?.broadcast_matmul(&self.embed.t()?)?;
+        let logits = self
+            .hidden(tokens, None)?
+            .broadcast_matmul(&self.embed.t()?)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 
@@ -259,7 +315,7 @@ impl Arm {
     pub fn row_log_probs(&self, batch: &Batch) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
         let hidden = self
-            .hidden(&batch.tokens)?
+            .hidden(&batch.tokens, batch.start.as_ref())?
             .reshape((b * t, self.cfg.hidden))?;
         let logits = hidden
             .index_select(&batch.rows, 0)?
@@ -272,6 +328,60 @@ impl Arm {
     /// variable still holds them, so `set_weights` and `save` see them.
     pub fn freeze_embeddings(&mut self) {
         self.embed = self.embed.detach();
+    }
+
+    /// Freeze every weight and train low-rank adapters of `rank` on q, k, v, o and down of each
+    /// layer instead: A drawn small, B zero, so the adapted model starts as the unadapted one.
+    /// `varmap` then holds the adapters alone (what the optimiser updates and `save` writes).
+    pub fn add_lora(&mut self, lora: LoraConfig, seed: u64) -> Result<()> {
+        if lora.layers.len() != self.blocks.len() {
+            bail!("a LoRA ARM names one base layer per layer");
+        }
+        self.embed = self.embed.detach();
+        self.norm = self.norm.detach();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let scale = lora.alpha / lora.rank as f64;
+        for (i, blk) in self.blocks.iter_mut().enumerate() {
+            blk.attn_norm = blk.attn_norm.detach();
+            blk.mlp_norm = blk.mlp_norm.detach();
+            for p in [&mut blk.gate, &mut blk.up] {
+                p.freeze();
+            }
+            let targets = [
+                (&mut blk.q, "self_attn.q_proj"),
+                (&mut blk.k, "self_attn.k_proj"),
+                (&mut blk.v, "self_attn.v_proj"),
+                (&mut blk.o, "self_attn.o_proj"),
+                (&mut blk.down, "mlp.down_proj"),
+            ];
+            for (p, name) in targets {
+                p.freeze();
+                let (out, inp) = p.w.weight().dims2()?;
+                let vb = vb.pp(format!("model.layers.{i}.{name}"));
+                let a = vb.get_with_hints((lora.rank, inp), "lora_A.weight", candle_nn::Init::Const(0.0))?;
+                let b = vb.get_with_hints((out, lora.rank), "lora_B.weight", candle_nn::Init::Const(0.0))?;
+                p.lora = Some((a, b));
+                p.scale = scale;
+            }
+        }
+        // A ~ U(±1/√in), as PEFT draws it; B stays zero.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let vars = varmap.data().lock().unwrap();
+        let mut names: Vec<&String> = vars.keys().filter(|n| n.contains("lora_A")).collect();
+        names.sort();
+        for name in names {
+            let var = &vars[name];
+            let bound = 1.0 / (var.dim(1)? as f32).sqrt();
+            let values: Vec<f32> = (0..var.elem_count())
+                .map(|_| bound * (2.0 * rng.random::<f32>() - 1.0))
+                .collect();
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
+        }
+        drop(vars);
+        self.varmap = varmap;
+        self.lora = Some(lora);
+        Ok(())
     }
 
     /// Set the variables named in `tensors` (Hugging Face names) to their values.
@@ -294,8 +404,13 @@ impl Arm {
             .collect()
     }
 
-    /// Write `model.safetensors` (weights in `dtype`) and `config.json`.
+    /// Write `model.safetensors` (weights in `dtype`) and `config.json`; for a LoRA ARM, the
+    /// adapters alone (`adapter_model.safetensors`, in f32, named by their base layers, and
+    /// `adapter_config.json`), which the server runs on the base's weights.
     pub fn save(&self, dir: &Path, dtype: DType, bos: Option<u32>, eos: Option<u32>) -> Result<()> {
+        if let Some(lora) = &self.lora {
+            return self.save_lora(dir, lora);
+        }
         let tensors = self
             .varmap
             .data()
@@ -314,6 +429,36 @@ impl Arm {
     }
 }
 
+impl Arm {
+    fn save_lora(&self, dir: &Path, lora: &LoraConfig) -> Result<()> {
+        let vars = self.varmap.data().lock().unwrap();
+        let mut tensors = HashMap::new();
+        for (name, var) in vars.iter() {
+            // model.layers.{i}.… → base_model.model.model.layers.{base layer}.…
+            let rest = name.strip_prefix("model.layers.").unwrap_or(name);
+            let (i, rest) = rest.split_once('.').unwrap_or(("0", rest));
+            let layer = lora.layers[i.parse::<usize>()?];
+            let key = format!("base_model.model.model.layers.{layer}.{rest}");
+            tensors.insert(key, var.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": lora.rank,
+            "lora_alpha": lora.alpha,
+            "target_modules": LORA_TARGETS,
+            "layers_to_transform": lora.layers,
+            "base_model_name_or_path": lora.base,
+        });
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        Ok(())
+    }
+}
+
 /// Token sequences, each a prompt then a response, laid out for `Arm::response_log_probs`.
 pub struct Batch {
     /// `(batch, len)`, right-padded with token 0.
@@ -324,6 +469,8 @@ pub struct Batch {
     targets: Tensor,
     /// `(batch, rows)`: 1 where the row belongs to the sequence, to sum rows per sequence.
     owner: Tensor,
+    /// `(batch, len, hidden)`: each sequence's input to the ARM's first layer (a LoRA ARM).
+    start: Option<Tensor>,
 }
 
 impl Batch {
@@ -354,6 +501,22 @@ impl Batch {
             rows: Tensor::from_vec(rows, n, dev)?,
             targets: Tensor::from_vec(targets, n, dev)?,
             owner: Tensor::from_vec(owner, (seqs.len(), n), dev)?,
+            start: None,
         })
+    }
+
+    /// `seqs` with each one's hidden states below the ARM's layers, `(len, hidden)` row-major.
+    pub fn with_starts(seqs: &[(Vec<u32>, usize)], starts: &[&[f32]], hidden: usize) -> Result<Self> {
+        let mut batch = Self::new(seqs)?;
+        let (b, len) = batch.tokens.dims2()?;
+        let mut x = vec![0f32; b * len * hidden];
+        for (i, (s, (seq, _))) in starts.iter().zip(seqs).enumerate() {
+            if s.len() != seq.len() * hidden {
+                bail!("a sequence's hidden states do not match its tokens");
+            }
+            x[i * len * hidden..i * len * hidden + s.len()].copy_from_slice(s);
+        }
+        batch.start = Some(Tensor::from_vec(x, (b, len, hidden), &Device::Cpu)?);
+        Ok(batch)
     }
 }
