@@ -2,9 +2,10 @@
 //! roofline (the weights streamed once a step at this machine's read bandwidth), and the sampler
 //! per row, in one process, interleaved so machine noise hits all alike; prints medians. `--e2e` instead times
 //! whole requests through the engine: one 128-token sample against best-of-4 × 128 and against
-//! GenARM with the shipped `positive` ARM, then with both shipped ARMs.
+//! GenARM with the shipped `positive` ARM, then with both shipped ARMs, then with each reward
+//! model named after `--e2e` as NAME=PATH (a LoRA ARM's folder, say).
 //!
-//!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e]]
+//!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e [NAME=PATH ...]]]
 
 use std::time::Instant;
 
@@ -52,7 +53,11 @@ fn main() {
     let path = fetch::ensure(&fetch::models_dir(), fetch::DEFAULT_MODEL).expect("default model");
     let m = Model::load(&path, "smollm2", Role::Base).expect("model loads");
     if args.get(1).map(String::as_str) == Some("--e2e") {
-        return end_to_end(m, rounds);
+        let rewards = args[2..]
+            .iter()
+            .map(|a| tilt::reward::parse_flag(a).expect("NAME=PATH"))
+            .collect();
+        return end_to_end(m, rounds, rewards);
     }
     let ctx: u32 = std::env::var("CTX").map_or(200, |v| v.parse().expect("CTX"));
     let prompt: Vec<u32> = (0..ctx).map(|i| 1000 + i * 37).collect();
@@ -181,9 +186,10 @@ fn request(engine: &Engine, spec: &DecoderSpec, seed: u64) -> f64 {
     panic!("the engine stopped");
 }
 
-fn end_to_end(m: Model, rounds: usize) {
+fn end_to_end(m: Model, rounds: usize, rewards: Vec<(String, std::path::PathBuf)>) {
     let companions = tilt::model::companions::Companions {
         manifest: true,
+        rewards: rewards.clone(),
         ..Default::default()
     };
     let models =
@@ -199,23 +205,27 @@ fn end_to_end(m: Model, rounds: usize) {
         .unwrap()
     };
     let sample = spec("sample", json!({}));
-    let others = [
+    let mut others = vec![
         (
-            "best-of-4",
+            "best-of-4".to_string(),
             spec("best_of_n", json!({"n": 4, "rewards": {"sentiment": 1.0}})),
         ),
         (
-            "genarm +1 ARM",
+            "genarm +1 ARM".to_string(),
             spec("genarm", json!({"rewards": {"positive": 1.0}})),
         ),
         (
-            "genarm +2 ARMs",
+            "genarm +2 ARMs".to_string(),
             spec(
                 "genarm",
                 json!({"rewards": {"positive": 1.0, "concise": 1.0}}),
             ),
         ),
     ];
+    for (name, _) in &rewards {
+        let params = json!({"rewards": {name.as_str(): 1.0}});
+        others.push((format!("genarm +{name}"), spec("genarm", params)));
+    }
     let mut one = Vec::new();
     let mut times = vec![Vec::new(); others.len()];
     for r in 0..rounds as u64 {

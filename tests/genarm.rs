@@ -344,3 +344,74 @@ fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
     .unwrap_err();
     assert_eq!(err.param.as_deref(), Some("guide.rewards"));
 }
+
+/// An adapter folder over the last layer's value and down projections, rank 4: `b` 0 leaves the
+/// base as it is; otherwise A and B are drawn (seeded) with B up to ±`b`.
+fn write_adapter(dir: &std::path::Path, b: f32) {
+    use candle_core::{Device, Tensor};
+    let cfg = &common::model().llama.cfg;
+    let last = cfg.n_layers - 1;
+    let kv = cfg.n_kv_heads * cfg.head_dim;
+    let draw = |shape: (usize, usize), bound: f32, seed: u64| {
+        let n = shape.0 * shape.1;
+        let values: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let x = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed)
+                    .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                bound * ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    };
+    let name =
+        |p: &str, ab: &str| format!("base_model.model.model.layers.{last}.{p}.lora_{ab}.weight");
+    let tensors = std::collections::HashMap::from([
+        (name("self_attn.v_proj", "A"), draw((4, cfg.hidden), 0.1, 1)),
+        (name("self_attn.v_proj", "B"), draw((kv, 4), b, 2)),
+        (name("mlp.down_proj", "A"), draw((4, cfg.ffn), 0.1, 3)),
+        (name("mlp.down_proj", "B"), draw((cfg.hidden, 4), b, 4)),
+    ]);
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        r#"{"r": 4, "lora_alpha": 4}"#,
+    )
+    .unwrap();
+}
+
+/// A LoRA ARM served beside its base: its rows run in the base's forwards, and it is read
+/// relative to the base, so with zero adapters every weight decodes exactly like `sample`, and
+/// with real ones it steers.
+#[test]
+fn a_lora_arm_steers_by_what_it_adds_to_the_base() {
+    use tilt::model::{companions, Model, Role};
+    let (zero, drawn) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_adapter(zero.path(), 0.0);
+    write_adapter(drawn.path(), 2.0);
+    let base = Model::load(&common::model_path(), "smollm2", Role::Base).unwrap();
+    let load = |name: &str, dir: &tempfile::TempDir| {
+        companions::load(&base, name, dir.path(), Role::Reward, Precision::Q8_0).unwrap()
+    };
+    let (zero_arm, drawn_arm) = (load("zero", &zero), load("drawn", &drawn));
+    let e = Engine::start(vec![base, zero_arm, drawn_arm], Default::default());
+    assert!(e.models()[1].relative && e.models()[2].relative);
+    let listed = serde_json::to_string(&e.rewards().list()).unwrap();
+    assert!(listed.contains("relative to the base"), "{listed}");
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let g = generation(&e, "Tell me about the sea.", 2, sampling);
+    let plain = run(&e, &DecoderSpec::sample(), g.clone()).0;
+    for w in [1.0, 3.0] {
+        let (tokens, report) = run(&e, &genarm(&e, json!({"rewards": {"zero": w}})), g.clone());
+        assert_eq!(tokens, plain, "weight {w}");
+        let kl = report.unwrap()["kl_per_token"].as_f64().unwrap();
+        assert!(kl < 1e-5, "weight {w}: KL {kl}");
+    }
+    let (tokens, report) = run(&e, &genarm(&e, json!({"rewards": {"drawn": 3.0}})), g);
+    assert_ne!(tokens, plain);
+    let kl = report.unwrap()["kl_per_token"].as_f64().unwrap();
+    assert!(kl > 0.01, "KL {kl}");
+}

@@ -452,7 +452,8 @@ fn lora_arm(base: &tilt::model::Model) -> Arm {
 fn lora_log_probs(arm: &Arm, base: &tilt::model::Model, tokens: &[u32]) -> Vec<Vec<f32>> {
     let below = arm.lora.as_ref().unwrap().layers[0];
     let start = base.llama.hidden_states(tokens, below).unwrap();
-    let batch = Batch::with_starts(&[(tokens.to_vec(), 1)], &[&start], base.llama.cfg.hidden).unwrap();
+    let batch =
+        Batch::with_starts(&[(tokens.to_vec(), 1)], &[&start], base.llama.cfg.hidden).unwrap();
     arm.row_log_probs(&batch).unwrap().to_vec2().unwrap()
 }
 
@@ -477,8 +478,12 @@ fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(names.contains(&"adapter_model.safetensors".to_string()), "{names:?}");
-        let served = companions::load(&base, "lora", dir.path(), Role::Reward, Precision::Q8_0).unwrap();
+        assert!(
+            names.contains(&"adapter_model.safetensors".to_string()),
+            "{names:?}"
+        );
+        let served =
+            companions::load(&base, "lora", dir.path(), Role::Reward, Precision::Q8_0).unwrap();
         assert!(served.llama.shares_weights(&base.llama));
         let served_lp = served_log_probs(&served, &tokens);
         let base_lp = served_log_probs(&base, &tokens);
@@ -487,16 +492,31 @@ fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
         let moved = max_diff(&served_lp[..n], &base_lp[..n]);
         let diff = max_diff(&served_lp[..n], &trained);
         eprintln!("adapters move log-probs by up to {moved}; served vs trained {diff}");
-        assert!(moved > 2.0, "the adapters barely move the log-probs: {moved}");
-        assert!(diff < tolerance, "served and trained log-probs differ by {diff}");
+        assert!(
+            moved > 2.0,
+            "the adapters barely move the log-probs: {moved}"
+        );
+        assert!(
+            diff < tolerance,
+            "served and trained log-probs differ by {diff}"
+        );
 
         // One forward over base and ARM rows gives each what its own forward gives.
         let (mut c1, mut c2) = (KvCache::new(), KvCache::new());
         let mut items = [
-            ForwardItem { cache: &mut c1, tokens: &tokens, logits: Logits::All },
-            ForwardItem { cache: &mut c2, tokens: &tokens, logits: Logits::All },
+            ForwardItem {
+                cache: &mut c1,
+                tokens: &tokens,
+                logits: Logits::All,
+            },
+            ForwardItem {
+                cache: &mut c2,
+                tokens: &tokens,
+                logits: Logits::All,
+            },
         ];
-        let out = Llama::forward_shared(&[&base.llama, &served.llama], &mut items, &[1, 1]).unwrap();
+        let out =
+            Llama::forward_shared(&[&base.llama, &served.llama], &mut items, &[1, 1]).unwrap();
         let lsm = |rows: Vec<&[f32]>| -> Vec<Vec<f32>> {
             rows.into_iter()
                 .map(|r| {
@@ -524,10 +544,23 @@ fn a_lora_arm_with_zero_adapters_predicts_exactly_as_the_base() {
     let out = train_arm(
         &data,
         &out_dir,
-        &["--lora", "4", "--lora-layers", "3", "--epochs", "1", "--lr", "0"],
+        &[
+            "--lora",
+            "4",
+            "--lora-layers",
+            "3",
+            "--epochs",
+            "1",
+            "--lr",
+            "0",
+        ],
         &["--heldout", "0", "--max-len", "96"],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
             .unwrap();
@@ -537,11 +570,23 @@ fn a_lora_arm_with_zero_adapters_predicts_exactly_as_the_base() {
     let loss = report["epochs"][0]["train_loss"].as_f64().unwrap();
     assert!((loss - std::f64::consts::LN_2).abs() < 1e-3, "{loss}");
     let base = common::model();
-    let arm = tilt::model::companions::load(&base, "arm", &out_dir, tilt::model::Role::Reward, Precision::Q8_0)
-        .unwrap();
+    let arm = tilt::model::companions::load(
+        &base,
+        "arm",
+        &out_dir,
+        tilt::model::Role::Reward,
+        Precision::Q8_0,
+    )
+    .unwrap();
     let tokens = base
         .vocab
-        .encode("The capital of France is Paris, and the capital of Italy is Rome.", false)
+        .encode(
+            "The capital of France is Paris, and the capital of Italy is Rome.",
+            false,
+        )
         .unwrap();
-    assert_eq!(served_log_probs(&arm, &tokens), served_log_probs(&base, &tokens));
+    assert_eq!(
+        served_log_probs(&arm, &tokens),
+        served_log_probs(&base, &tokens)
+    );
 }

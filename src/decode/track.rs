@@ -162,8 +162,14 @@ impl Tracker {
             self.relative_firsts = true;
             for l in 0..self.asked {
                 if let Some(r) = self.lanes[l].reference {
-                    let reference = self.lanes[r].first.clone().context("a prompt not prefilled")?;
-                    let own = self.lanes[l].first.as_deref().context("a prompt not prefilled")?;
+                    let reference = self.lanes[r]
+                        .first
+                        .clone()
+                        .context("a prompt not prefilled")?;
+                    let own = self.lanes[l]
+                        .first
+                        .as_deref()
+                        .context("a prompt not prefilled")?;
                     self.lanes[l].first = Some(difference(own, &reference));
                 }
             }

@@ -282,7 +282,8 @@ impl<F: Forward> Worker<F> {
         let forwards = Instant::now();
         // 2. One batched forward per group of models that share weights (a base and its
         // adapters), over all planned items.
-        let mut outputs: Vec<ForwardOutput> = self.models.iter().map(|_| Default::default()).collect();
+        let mut outputs: Vec<ForwardOutput> =
+            self.models.iter().map(|_| Default::default()).collect();
         for group in &self.groups {
             let mut owners = Vec::new();
             let mut caches = Vec::new();
@@ -349,7 +350,8 @@ impl<F: Forward> Worker<F> {
                     }
                 }
                 Err(e) => {
-                    let names: Vec<&str> = group.iter().map(|&m| self.infos[m].name.as_str()).collect();
+                    let names: Vec<&str> =
+                        group.iter().map(|&m| self.infos[m].name.as_str()).collect();
                     let failure = EngineError::Forward {
                         model: names.join("+"),
                         message: format!("{e:#}"),

@@ -87,8 +87,8 @@ impl Adapter {
     /// Read a PEFT-style adapter folder for a base of `cfg`.
     pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<Self> {
         let path = dir.join("adapter_config.json");
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
         let rank = json["r"]

@@ -250,7 +250,10 @@ impl Llama {
         let mut adapted = Vec::new();
         let (mut row, mut item) = (0, 0);
         for (m, &count) in models.iter().zip(counts) {
-            let rows: usize = items[item..item + count].iter().map(|it| it.tokens.len()).sum();
+            let rows: usize = items[item..item + count]
+                .iter()
+                .map(|it| it.tokens.len())
+                .sum();
             if let Some(a) = m.adapter.as_deref() {
                 adapted.push((row..row + rows, a));
             }
@@ -282,7 +285,11 @@ impl Llama {
             for (rows, a) in &adapted {
                 let parts = &a.layers[li].qkv;
                 if !parts.is_empty() {
-                    let normed = rms_normed(&x[rows.start * hidden..rows.end * hidden], &layer.attn_norm, eps);
+                    let normed = rms_normed(
+                        &x[rows.start * hidden..rows.end * hidden],
+                        &layer.attn_norm,
+                        eps,
+                    );
                     let y = &mut qkv[rows.start * width..rows.end * width];
                     adapter::add(parts, &normed, y, width, a.scale);
                 }
@@ -325,7 +332,13 @@ impl Llama {
             for (rows, a) in &adapted {
                 let parts = &a.layers[li].wo;
                 let y = &mut x[rows.start * hidden..rows.end * hidden];
-                adapter::add(parts, &attn[rows.start * qw..rows.end * qw], y, hidden, a.scale);
+                adapter::add(
+                    parts,
+                    &attn[rows.start * qw..rows.end * qw],
+                    y,
+                    hidden,
+                    a.scale,
+                );
             }
             let act_blocks = layer.down.takes_blocks().then(|| q8_act.writer(n, cfg.ffn));
             layer.gate_up.forward(
@@ -342,7 +355,13 @@ impl Llama {
                 let parts = &a.layers[li].down;
                 let y = &mut x[rows.start * hidden..rows.end * hidden];
                 let f = cfg.ffn;
-                adapter::add(parts, &act[rows.start * f..rows.end * f], y, hidden, a.scale);
+                adapter::add(
+                    parts,
+                    &act[rows.start * f..rows.end * f],
+                    y,
+                    hidden,
+                    a.scale,
+                );
             }
         }
         for it in items.iter_mut() {

@@ -1,7 +1,8 @@
 //! Reward sources behind one seam. Two kinds:
 //! - ARMs (autoregressive reward models): causal LMs loaded beside the base with `Role::Reward`
 //!   and the base's tokenizer. Token-level decoders (GenARM) read their next-token log-probs;
-//!   their sequence-level reward is Σ log π_r(y_t | x, y_<t).
+//!   their sequence-level reward is Σ log π_r(y_t | x, y_<t). An ARM made of adapters over the
+//!   base's weights is read relative to the base (`ModelInfo::relative`): log π_r − log π_base.
 //! - Programmatic scorers (`scorers`): functions of the finished text, for sequence-level decoders.
 //!
 //! The `Registry`, built once from the loaded models, resolves names to sources for every
@@ -85,10 +86,13 @@ impl Registry {
             .map(|(model, m)| Arm {
                 name: m.name.clone(),
                 model,
-                description: format!(
-                    "autoregressive reward model ({} layers, hidden size {}): token-level log-probs",
-                    m.config.n_layers, m.config.hidden
-                ),
+                description: match m.relative {
+                    true => "autoregressive reward model on the base's weights (low-rank adapters): token-level log-probs relative to the base's".into(),
+                    false => format!(
+                        "autoregressive reward model ({} layers, hidden size {}): token-level log-probs",
+                        m.config.n_layers, m.config.hidden
+                    ),
+                },
             })
             .collect();
         let drafts = models

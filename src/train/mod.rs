@@ -133,7 +133,12 @@ pub fn encode(base: &Model, pairs: &[TextPair], max_len: usize) -> Result<(Vec<P
 
 /// Each pair's sequences with the base's hidden states after its first `layers` layers (on the
 /// serving forward, as the server will feed a LoRA ARM on them).
-pub fn with_starts(base: &Model, pairs: Vec<Pair>, layers: usize, progress: &ProgressBar) -> Result<Vec<Pair>> {
+pub fn with_starts(
+    base: &Model,
+    pairs: Vec<Pair>,
+    layers: usize,
+    progress: &ProgressBar,
+) -> Result<Vec<Pair>> {
     pairs
         .into_iter()
         .map(|mut p| {
@@ -148,7 +153,12 @@ pub fn with_starts(base: &Model, pairs: Vec<Pair>, layers: usize, progress: &Pro
 }
 
 /// Set each pair's `reference` to the ARM's margin as it is now (an untrained LoRA ARM: the base).
-pub fn set_reference(arm: &Arm, pairs: &mut [Pair], batch: usize, progress: &ProgressBar) -> Result<()> {
+pub fn set_reference(
+    arm: &Arm,
+    pairs: &mut [Pair],
+    batch: usize,
+    progress: &ProgressBar,
+) -> Result<()> {
     for chunk in pairs.chunks_mut(batch.max(1)) {
         let m: Vec<f32> = margins(arm, chunk, 1.0)?.detach().to_vec1()?;
         for (p, m) in chunk.iter_mut().zip(m) {
@@ -162,16 +172,21 @@ pub fn set_reference(arm: &Arm, pairs: &mut [Pair], batch: usize, progress: &Pro
 /// β_r · (log π_r(y_w|x) − log π_r(y_l|x) − the pair's reference margin) per pair: `(pairs,)`.
 pub fn margins(arm: &Arm, pairs: &[Pair], beta_r: f64) -> Result<Tensor> {
     let seqs: Vec<_> = pairs.iter().flat_map(Pair::sequences).collect();
-    let batch = match pairs.iter().map(|p| p.starts.as_deref()).collect::<Option<Vec<_>>>() {
+    let batch = match pairs
+        .iter()
+        .map(|p| p.starts.as_deref())
+        .collect::<Option<Vec<_>>>()
+    {
         Some(starts) => {
-            let starts: Vec<&[f32]> = starts.iter().flat_map(|s| s.iter().map(Vec::as_slice)).collect();
+            let starts: Vec<&[f32]> = starts
+                .iter()
+                .flat_map(|s| s.iter().map(Vec::as_slice))
+                .collect();
             Batch::with_starts(&seqs, &starts, arm.cfg.hidden)?
         }
         None => Batch::new(&seqs)?,
     };
-    let lp = arm
-        .response_log_probs(&batch)?
-        .reshape((pairs.len(), 2))?;
+    let lp = arm.response_log_probs(&batch)?.reshape((pairs.len(), 2))?;
     let reference: Vec<f32> = pairs.iter().map(|p| p.reference).collect();
     let reference = Tensor::new(reference.as_slice(), &candle_core::Device::Cpu)?;
     let margin = ((lp.narrow(1, 0, 1)? - lp.narrow(1, 1, 1)?)?.squeeze(1)? - reference)?;

@@ -139,6 +139,9 @@ pub struct Arm {
     pub lora: Option<LoraConfig>,
 }
 
+/// Response rows the output layer takes at once in training (128 × 49,152 f32 logits: 25 MB).
+const HEAD_CHUNK: usize = 128;
+
 /// Standard deviation of the initial weights (Hugging Face llama's `initializer_range`).
 const INIT_STD: f32 = 0.02;
 
@@ -271,7 +274,7 @@ impl Arm {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, cfg.n_heads * hd))?;
-        Ok(blk.o.forward(&y)?)
+        blk.o.forward(&y)
     }
 
     /// `(len, head_dim / 2)` cosines and sines of half-split RoPE (`RopeStyle::Halves`).
@@ -305,21 +308,35 @@ impl Arm {
     /// Σ_t log π(y_t | x, y_<t) over each sequence's response tokens: `(batch,)`. The output head
     /// runs only on the positions that predict a response token (the vocabulary dominates its cost).
     pub fn response_log_probs(&self, batch: &Batch) -> Result<Tensor> {
-        let picked = self
-            .row_log_probs(batch)?
-            .gather(&batch.targets.unsqueeze(1)?, 1)?;
+        let rows = self.response_rows(batch)?;
+        // The output layer a chunk of rows at a time, each chunk's vocabulary-wide logits freed
+        // before the next (whole, they ran to hundreds of MB a batch, and the allocator mapped
+        // and zeroed fresh pages for each: more system time than compute).
+        let n = rows.dim(0)?;
+        let mut picked = Vec::with_capacity(n.div_ceil(HEAD_CHUNK));
+        for start in (0..n).step_by(HEAD_CHUNK) {
+            let len = HEAD_CHUNK.min(n - start);
+            let logits = rows.narrow(0, start, len)?.matmul(&self.embed.t()?)?;
+            let targets = batch.targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let target = logits.gather(&targets, 1)?.squeeze(1)?;
+            picked.push((target - logits.log_sum_exp(D::Minus1)?)?);
+        }
+        let picked = Tensor::cat(&picked, 0)?.unsqueeze(1)?;
         Ok(batch.owner.matmul(&picked)?.squeeze(1)?)
     }
 
-    /// Log-probabilities of every next token at the batch's response rows: `(rows, vocab)`.
-    pub fn row_log_probs(&self, batch: &Batch) -> Result<Tensor> {
+    /// Final hidden states at the batch's response rows: `(rows, hidden)`.
+    fn response_rows(&self, batch: &Batch) -> Result<Tensor> {
         let (b, t) = batch.tokens.dims2()?;
         let hidden = self
             .hidden(&batch.tokens, batch.start.as_ref())?
             .reshape((b * t, self.cfg.hidden))?;
-        let logits = hidden
-            .index_select(&batch.rows, 0)?
-            .matmul(&self.embed.t()?)?;
+        Ok(hidden.index_select(&batch.rows, 0)?)
+    }
+
+    /// Log-probabilities of every next token at the batch's response rows: `(rows, vocab)`.
+    pub fn row_log_probs(&self, batch: &Batch) -> Result<Tensor> {
+        let logits = self.response_rows(batch)?.matmul(&self.embed.t()?)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 
@@ -359,8 +376,16 @@ impl Arm {
                 p.freeze();
                 let (out, inp) = p.w.weight().dims2()?;
                 let vb = vb.pp(format!("model.layers.{i}.{name}"));
-                let a = vb.get_with_hints((lora.rank, inp), "lora_A.weight", candle_nn::Init::Const(0.0))?;
-                let b = vb.get_with_hints((out, lora.rank), "lora_B.weight", candle_nn::Init::Const(0.0))?;
+                let a = vb.get_with_hints(
+                    (lora.rank, inp),
+                    "lora_A.weight",
+                    candle_nn::Init::Const(0.0),
+                )?;
+                let b = vb.get_with_hints(
+                    (out, lora.rank),
+                    "lora_B.weight",
+                    candle_nn::Init::Const(0.0),
+                )?;
                 p.lora = Some((a, b));
                 p.scale = scale;
             }
@@ -506,7 +531,11 @@ impl Batch {
     }
 
     /// `seqs` with each one's hidden states below the ARM's layers, `(len, hidden)` row-major.
-    pub fn with_starts(seqs: &[(Vec<u32>, usize)], starts: &[&[f32]], hidden: usize) -> Result<Self> {
+    pub fn with_starts(
+        seqs: &[(Vec<u32>, usize)],
+        starts: &[&[f32]],
+        hidden: usize,
+    ) -> Result<Self> {
         let mut batch = Self::new(seqs)?;
         let (b, len) = batch.tokens.dims2()?;
         let mut x = vec![0f32; b * len * hidden];

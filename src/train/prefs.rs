@@ -121,6 +121,10 @@ pub struct PrefsArgs {
     /// Prompts, one {"prompt": …} per line (default: the built-in set of 500).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// With the built-in set, add its 1,464 training-only prompts (other templates and topics,
+    /// never in the `eval` split).
+    #[arg(long, conflicts_with = "prompts")]
+    pub more_prompts: bool,
     /// Which prompts: `train` leaves out the held-out ones that `eval` selects (a stable hash of
     /// the prompt's text picks about one in ten).
     #[arg(long, value_enum, default_value = "train")]
@@ -301,6 +305,7 @@ struct Sampled {
 fn sample_all(args: &PrefsArgs) -> Result<Sampled> {
     let mut prompts = match &args.prompts {
         Some(path) => prompts::read(path, args.split)?,
+        None if args.more_prompts => prompts::builtin_more(args.split),
         None => prompts::builtin(args.split),
     };
     prompts.truncate(args.limit.unwrap_or(usize::MAX));

@@ -2,6 +2,8 @@
 //! with every everyday topic (500 prompts), written here so that it is deterministic and needs no
 //! download. A stable hash of each prompt's text puts about a tenth of them in the held-out
 //! `eval` split, so `tilt eval steer` can measure ARMs on prompts they were never trained on.
+//! A larger set for training only crosses other templates with other topics (1,464 prompts, none
+//! sharing a topic or a template with the first): the `eval` split stays the same 500's tenth.
 
 use std::path::Path;
 
@@ -74,6 +76,147 @@ const TOPICS: &[&str] = &[
     "a rainy holiday",
 ];
 
+/// Templates and topics of the training-only prompts: asks of other kinds, about other things.
+const MORE_TEMPLATES: &[&str] = &[
+    "Write a paragraph about {}.",
+    "What was it like, {}?",
+    "Describe your experience with {}.",
+    "Write a diary entry about {}.",
+    "How do you feel about {}?",
+    "Write a message to a colleague about {}.",
+    "Summarise what people say about {}.",
+    "Write a postcard about {}.",
+    "Describe {} in a few words.",
+    "What is the best and worst part of {}?",
+    "Write a short blog post about {}.",
+    "Tell a friend what happened with {}.",
+];
+
+const MORE_TOPICS: &[&str] = &[
+    "a broken umbrella",
+    "a late train",
+    "a new haircut",
+    "a dog park",
+    "a farmers market",
+    "a noisy neighbour",
+    "a software update",
+    "a road trip",
+    "a first date",
+    "a cooking class",
+    "a flat tyre",
+    "a yoga class",
+    "a science fair",
+    "a garage sale",
+    "a thunderstorm",
+    "a lost wallet",
+    "a family reunion",
+    "a piano recital",
+    "a charity run",
+    "a coffee shop",
+    "a new bicycle",
+    "a bookshop",
+    "a long queue",
+    "a holiday market",
+    "a power nap",
+    "a missed flight",
+    "a picnic",
+    "a house party",
+    "a spelling bee",
+    "a bus strike",
+    "a theme park",
+    "a cold shower",
+    "a new sofa",
+    "a fishing trip",
+    "a hospital visit",
+    "a school play",
+    "a heatwave",
+    "a dinner party",
+    "a yard sale",
+    "a pottery class",
+    "a bike ride",
+    "a rainy afternoon",
+    "a zoo visit",
+    "a foggy morning",
+    "a kitchen remodel",
+    "a late-night snack",
+    "a group project",
+    "a sunset walk",
+    "an office party",
+    "a tax return",
+    "a job offer",
+    "a phone call from an old friend",
+    "a parking ticket",
+    "a boat trip",
+    "a new recipe",
+    "a quiz night",
+    "a ski holiday",
+    "a city marathon",
+    "a noisy café",
+    "a long weekend",
+    "a street festival",
+    "a surprise party",
+    "a delayed package",
+    "a dentist appointment",
+    "a rooftop garden",
+    "a karaoke night",
+    "a farm visit",
+    "a laptop that will not start",
+    "a spring morning",
+    "a road closure",
+    "a chess club",
+    "a night shift",
+    "a neighbourhood cat",
+    "a vintage shop",
+    "a camping stove",
+    "a lake swim",
+    "a volunteer day",
+    "a science museum",
+    "a night bus",
+    "a wet dog",
+    "a library card",
+    "a new job",
+    "a cancelled concert",
+    "a sunny Sunday",
+    "a cooking disaster",
+    "a pop quiz",
+    "an empty fridge",
+    "a hot bath",
+    "a long meeting",
+    "a clean kitchen",
+    "a tidy desk",
+    "a ferry crossing",
+    "a school reunion",
+    "a flower show",
+    "a leaking roof",
+    "a quiet village",
+    "a busy airport",
+    "a football practice",
+    "a mountain view",
+    "a cold winter night",
+    "a home-made cake",
+    "a new phone case",
+    "a crowded beach",
+    "a lazy afternoon",
+    "a swimming lesson",
+    "a broken washing machine",
+    "a street musician",
+    "a gift from a friend",
+    "a rainy picnic",
+    "a power cut during dinner",
+    "a lost key",
+    "a sports day",
+    "a late-night movie",
+    "a new coworker",
+    "a canal walk",
+    "a bakery queue",
+    "a birthday card",
+    "a wild storm",
+    "a fresh loaf of bread",
+    "a garden party",
+    "an early alarm",
+    "a slow internet connection",
+];
+
 /// Which prompts to use: those for training ARMs, the held-out ones, or both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
@@ -105,11 +248,22 @@ pub fn stable_hash(text: &str) -> u64 {
 
 /// The built-in prompts of `split`, in a fixed order.
 pub fn builtin(split: Split) -> Vec<String> {
-    TEMPLATES
-        .iter()
-        .flat_map(|t| TOPICS.iter().map(move |topic| t.replace("{}", topic)))
+    cross(TEMPLATES, TOPICS)
         .filter(|p| split.holds(p))
         .collect()
+}
+
+/// `builtin(split)`, then (outside the `eval` split) the training-only prompts.
+pub fn builtin_more(split: Split) -> Vec<String> {
+    let mut prompts = builtin(split);
+    if split != Split::Eval {
+        prompts.extend(cross(MORE_TEMPLATES, MORE_TOPICS));
+    }
+    prompts
+}
+
+fn cross<'a>(templates: &'a [&str], topics: &'a [&str]) -> impl Iterator<Item = String> + 'a {
+    (templates.iter()).flat_map(move |t| topics.iter().map(move |topic| t.replace("{}", topic)))
 }
 
 /// The prompts of `split` from a JSONL file of `{"prompt": …}` objects (blank lines skipped).
@@ -157,5 +311,19 @@ mod tests {
         assert!(eval.iter().all(|p| !train.contains(p)));
         // About a tenth held out.
         assert!((30..=70).contains(&eval.len()), "{}", eval.len());
+        // The larger set adds training prompts only, none of them already among the first.
+        let more = builtin_more(Split::Train);
+        assert_eq!(
+            more.len(),
+            train.len() + MORE_TEMPLATES.len() * MORE_TOPICS.len()
+        );
+        assert_eq!(builtin_more(Split::Eval), eval);
+        let mut distinct = builtin_more(Split::All);
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            all.len() + MORE_TEMPLATES.len() * MORE_TOPICS.len()
+        );
     }
 }
