@@ -348,21 +348,10 @@ fn guided_best_of_one_is_genarm_and_each_choice_gets_its_own_candidates() {
 /// An adapter folder over the last layer's value and down projections, rank 4: `b` 0 leaves the
 /// base as it is; otherwise A and B are drawn (seeded) with B up to ±`b`.
 fn write_adapter(dir: &std::path::Path, b: f32) {
-    use candle_core::{Device, Tensor};
     let cfg = &common::model().llama.cfg;
     let last = cfg.n_layers - 1;
     let kv = cfg.n_kv_heads * cfg.head_dim;
-    let draw = |shape: (usize, usize), bound: f32, seed: u64| {
-        let n = shape.0 * shape.1;
-        let values: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let x = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed)
-                    .wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                bound * ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
-            })
-            .collect();
-        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    };
+    let draw = common::draw;
     let name =
         |p: &str, ab: &str| format!("base_model.model.model.layers.{last}.{p}.lora_{ab}.weight");
     let tensors = std::collections::HashMap::from([

@@ -244,9 +244,10 @@ fn bad_data_gives_clear_errors() {
     assert!(!dir.path().join("arm").exists());
 }
 
-/// `tilt train-arm --data DATA --out OUT --base <the test model>` with `flags`, then `more`.
-fn train_arm(data: &Path, out: &Path, flags: &[&str], more: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
+/// `tilt train-arm --data DATA --out OUT --base <the test model>` with `flags`, then `more`;
+/// it must succeed. Returns the report it wrote.
+fn train_arm(data: &Path, out: &Path, flags: &[&str], more: &[&str]) -> serde_json::Value {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_tilt"))
         .args(["train-arm", "--data"])
         .arg(data)
         .arg("--out")
@@ -256,7 +257,21 @@ fn train_arm(data: &Path, out: &Path, flags: &[&str], more: &[&str]) -> std::pro
         .args(flags)
         .args(more)
         .output()
-        .unwrap()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// A pairs file in `dir` holding one short pair twice.
+fn one_pair(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("pairs.jsonl");
+    let pair = serde_json::json!({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."});
+    std::fs::write(&data, format!("{pair}\n{pair}\n")).unwrap();
+    data
 }
 
 #[test]
@@ -272,7 +287,7 @@ fn train_arm_command_writes_a_loadable_model_and_report() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out_dir = dir.path().join("arm");
-    let out = train_arm(
+    let report = train_arm(
         &data,
         &out_dir,
         &[
@@ -280,14 +295,6 @@ fn train_arm_command_writes_a_loadable_model_and_report() {
         ],
         &["--heldout", "0.5", "--lr", "1e-2"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
-            .unwrap();
     assert_eq!(report["pairs"], 4);
     assert_eq!(report["train_pairs"], 2);
     assert_eq!(report["heldout_pairs"], 2);
@@ -362,25 +369,18 @@ fn distill_writes_a_draft_that_learns_and_loads_beside_the_base() {
 #[test]
 fn an_arm_from_all_the_base_layers_untrained_predicts_as_the_base() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
-    let pair = serde_json::json!({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."});
-    std::fs::write(&data, format!("{pair}\n{pair}\n")).unwrap();
+    let data = one_pair(dir.path());
     let out_dir = dir.path().join("arm");
     let base = common::model();
     let all: Vec<String> = (0..base.llama.cfg.n_layers)
         .map(|l| l.to_string())
         .collect();
     let layers = all.join(",");
-    let out = train_arm(
+    train_arm(
         &data,
         &out_dir,
         &["--from-layers", &layers, "--epochs", "1", "--lr", "0"],
         &["--heldout", "0", "--max-len", "96"],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let arm = tilt::model::companions::load(
         &base,
@@ -439,9 +439,14 @@ fn lora_arm(base: &tilt::model::Model) -> Arm {
         base: "test".into(),
     };
     arm.add_lora(lora, 3).unwrap();
-    for var in arm.varmap.all_vars() {
-        let bound: f32 = if var.dim(0).unwrap() == 4 { 0.2 } else { 0.1 };
-        var.set(&Tensor::rand(-bound, bound, var.shape(), &Device::Cpu).unwrap())
+    let mut vars: Vec<(String, candle_core::Var)> = (arm.varmap.data().lock().unwrap().iter())
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (seed, (_, var)) in vars.iter().enumerate() {
+        let (rows, cols) = var.dims2().unwrap();
+        let bound = if rows == 4 { 0.2 } else { 0.1 };
+        var.set(&common::draw((rows, cols), bound, seed as u64))
             .unwrap();
     }
     arm
@@ -468,8 +473,13 @@ fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
         .encode("<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nYes, on a clear day it is.", false)
         .unwrap();
     // In f32 only the f16 KV cache rounds; on the Q4_1 kernels int8 activations move logits by
-    // about half a nat (as they move the base's), where a wrong layout moves them by the adapters' all.
-    for (base, tolerance) in [(common::exact_model(), 0.05), (common::model(), 1.0)] {
+    // about half a nat (as they move the base's), where a wrong layout moves them by the adapters'
+    // all. Rows batched with others round their activations as they would alone, but not
+    // bit for bit on the int8 path.
+    for (base, tolerance, batched) in [
+        (common::exact_model(), 0.05, 1e-4),
+        (common::model(), 1.0, 0.05),
+    ] {
         let arm = lora_arm(&base);
         let trained = lora_log_probs(&arm, &base, &tokens);
         let dir = tempfile::tempdir().unwrap();
@@ -527,8 +537,10 @@ fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
         };
         let joint_base = lsm(out[0].item(0).collect());
         let joint_arm = lsm(out[1].item(0).collect());
-        assert!(max_diff(&joint_base, &base_lp) < 1e-4);
-        assert!(max_diff(&joint_arm, &served_lp) < 1e-4);
+        for (joint, alone) in [(&joint_base, &base_lp), (&joint_arm, &served_lp)] {
+            let d = max_diff(joint, alone);
+            assert!(d < batched, "batched and alone differ by {d}");
+        }
     }
 }
 
@@ -537,12 +549,9 @@ fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
 #[test]
 fn a_lora_arm_with_zero_adapters_predicts_exactly_as_the_base() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("pairs.jsonl");
-    let pair = serde_json::json!({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Go away."});
-    std::fs::write(&data, format!("{pair}\n{pair}\n")).unwrap();
     let out_dir = dir.path().join("arm");
-    let out = train_arm(
-        &data,
+    let report = train_arm(
+        &one_pair(dir.path()),
         &out_dir,
         &[
             "--lora",
@@ -556,14 +565,6 @@ fn a_lora_arm_with_zero_adapters_predicts_exactly_as_the_base() {
         ],
         &["--heldout", "0", "--max-len", "96"],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
-            .unwrap();
     assert_eq!(report["lora"]["rank"], 4);
     assert_eq!(report["lora"]["layers"], serde_json::json!([27, 28, 29]));
     // Untrained, the ARM is the base: its margins are the reference, the loss is log 2.

@@ -185,14 +185,18 @@ impl Llama {
             w.output
                 .forward(input, wanted.len(), Sink::Store(&mut data))?;
         }
-        Ok(per_model
+        // Split from the back: the first model's rows (the base's) keep the buffer, uncopied.
+        let mut outputs: Vec<ForwardOutput> = per_model
             .into_iter()
+            .rev()
             .map(|(span, rows)| ForwardOutput {
-                data: data[span.start * vocab..span.end * vocab].to_vec(),
+                data: data.split_off(span.start * vocab),
                 vocab,
                 rows,
             })
-            .collect())
+            .collect();
+        outputs.reverse();
+        Ok(outputs)
     }
 
     /// The hidden states after the first `layers` layers for every token of `tokens`, from an

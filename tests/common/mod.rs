@@ -188,3 +188,17 @@ pub fn engine_with_toy_arm(favoured: u32) -> (tilt::engine::Engine, tempfile::Te
     let options = tilt::engine::EngineOptions::default();
     (tilt::engine::Engine::start(vec![base, arm], options), dir)
 }
+
+/// A `(rows, cols)` tensor of values in ±`bound`, the same for the same `seed` (candle's own
+/// random tensors cannot be seeded).
+pub fn draw(shape: (usize, usize), bound: f32, seed: u64) -> candle_core::Tensor {
+    let values: Vec<f32> = (0..(shape.0 * shape.1) as u64)
+        .map(|i| {
+            let x = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03))
+            .wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            bound * ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+        })
+        .collect();
+    candle_core::Tensor::from_vec(values, shape, &candle_core::Device::Cpu).unwrap()
+}
