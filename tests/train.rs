@@ -541,6 +541,34 @@ fn a_lora_arm_serves_on_the_base_weights_with_its_training_log_probs() {
             let d = max_diff(joint, alone);
             assert!(d < batched, "batched and alone differ by {d}");
         }
+        // Beside its twin (the base item on the same tokens) the ARM's rows skipped the layers
+        // below its adapters and copied the twin's keys and values there: its cache is the one
+        // it would have filled alone, and it goes on alone from it.
+        let mut alone = KvCache::new();
+        served
+            .llama
+            .forward(&mut [ForwardItem {
+                cache: &mut alone,
+                tokens: &tokens,
+                logits: Logits::None,
+            }])
+            .unwrap();
+        let d = c2.max_rel_diff(&alone).unwrap();
+        assert!(d < batched, "keys and values differ by {d}");
+        let more = base.vocab.encode(" And at night?", false).unwrap();
+        let next = |cache: &mut KvCache| {
+            let out = served
+                .llama
+                .forward(&mut [ForwardItem {
+                    cache,
+                    tokens: &more,
+                    logits: Logits::Last,
+                }])
+                .unwrap();
+            out.last(0).unwrap().to_vec()
+        };
+        let (a, b) = (next(&mut c2), next(&mut alone));
+        assert!(max_diff(&[a], &[b]) < batched);
     }
 }
 

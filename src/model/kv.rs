@@ -30,6 +30,9 @@ pub struct KvCache {
     /// prefix from one copy for all of them, while it is still in the CPU's cache.
     lineage: Arc<()>,
     common: usize,
+    /// A hash of the tokens up to each position: two caches with the same hash at their last
+    /// position were fed the same tokens (`same_history`).
+    history: Vec<u64>,
 }
 
 /// One KV head's keys and values of one layer, `[position][head_dim]`, opened for new positions
@@ -54,6 +57,7 @@ impl Default for KvCache {
             head_dim: 0,
             lineage: Arc::new(()),
             common: usize::MAX,
+            history: Vec::new(),
         }
     }
 }
@@ -117,6 +121,7 @@ impl KvCache {
             head_dim: self.head_dim,
             lineage: self.lineage.clone(),
             common: self.common.min(self.len),
+            history: self.history[..self.len].to_vec(),
         }
     }
 
@@ -151,6 +156,7 @@ impl KvCache {
     /// Forget positions from `len` on (search decoders roll back lookahead tokens this way).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.history.truncate(self.len);
         // What this cache writes from here on differs from what the others of its lineage hold.
         self.common = self.common.min(self.len);
     }
@@ -189,11 +195,23 @@ impl KvCache {
         }));
     }
 
-    /// Commits `t` new positions.
+    /// Whether `self` and `other` hold positions for the same tokens (by a 64-bit hash of them):
+    /// then a model reads the same history in both.
+    pub fn same_history(&self, other: &KvCache) -> bool {
+        self.len == other.len && self.history.last() == other.history.last()
+    }
+
+    /// Commits the positions of `tokens`, one each.
     ///
     /// # Safety
-    /// Every layer was opened for them (`open`, with this `t`) and all their rows written since.
-    pub(crate) unsafe fn advance(&mut self, t: usize) {
+    /// Every layer was opened for them (`open`, with `tokens.len()`) and all their rows written since.
+    pub(crate) unsafe fn advance(&mut self, tokens: &[u32]) {
+        let t = tokens.len();
+        let mut h = self.history.last().copied().unwrap_or(0);
+        for &token in tokens {
+            h = mix(h ^ u64::from(token));
+            self.history.push(h);
+        }
         self.len += t;
         let used = self.len * self.head_dim;
         for l in &mut self.layers {
@@ -203,6 +221,14 @@ impl KvCache {
             }
         }
     }
+}
+
+/// splitmix64's finaliser: every bit of the input moves every bit of the output.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
 }
 
 /// Writes `x` as f16 at `dst`: a key or value row of one head, converted as it is stored (a
@@ -241,7 +267,7 @@ mod tests {
             }
         }
         // SAFETY: the one layer's rows are written.
-        unsafe { cache.advance(values.len()) };
+        unsafe { cache.advance(&vec![0; values.len()]) };
     }
 
     #[test]

@@ -150,15 +150,15 @@ impl Llama {
         }
         let cfg = &first.cfg;
         let hidden = cfg.hidden;
-        let x = first.run_layers(models, items, counts, cfg.n_layers)?;
+        let (x, first_row) = first.run_layers(models, items, counts, cfg.n_layers)?;
         // Each model's wanted rows, in item order, then one pass of the output layer for all.
         let mut wanted = Vec::new();
         let mut per_model = Vec::with_capacity(models.len());
-        let (mut row, mut item) = (0, 0);
+        let mut item = 0;
         for &count in counts {
             let mut rows = Vec::with_capacity(count);
             let start = wanted.len();
-            for it in &items[item..item + count] {
+            for (it, &row) in items[item..item + count].iter().zip(&first_row[item..]) {
                 let t = it.tokens.len();
                 let first = wanted.len() - start;
                 match it.logits {
@@ -167,7 +167,6 @@ impl Llama {
                     Logits::All => wanted.extend(row..row + t),
                 }
                 rows.push(first..wanted.len() - start);
-                row += t;
             }
             per_model.push((start..wanted.len(), rows));
             item += count;
@@ -208,22 +207,30 @@ impl Llama {
             tokens,
             logits: Logits::None,
         }];
-        self.run_layers(&[self], &mut items, &[1], layers.min(self.cfg.n_layers))
+        let stop = layers.min(self.cfg.n_layers);
+        Ok(self.run_layers(&[self], &mut items, &[1], stop)?.0)
     }
 
     /// Run `items` (`counts[k]` of `models[k]`) through the first `stop` layers; returns the
-    /// hidden rows and advances every cache.
+    /// hidden rows, each item's first row among them, and advances every cache.
+    ///
+    /// An adapter's item reads the base below the adapter's first layer. When a base item of
+    /// the batch has its tokens at its positions after the same history (GenARM feeds the two
+    /// alike), the adapter's rows skip those layers: they take that twin's hidden rows where
+    /// their adapter begins, and copies of its keys and values (kept, so that the item can
+    /// also run alone later). Rows are laid out with such items last, in the order their layers
+    /// begin, so that each layer runs on a prefix of the rows.
     fn run_layers(
         &self,
         models: &[&Llama],
         items: &mut [ForwardItem<'_>],
         counts: &[usize],
         stop: usize,
-    ) -> Result<Vec<f32>, ForwardError> {
+    ) -> Result<(Vec<f32>, Vec<usize>), ForwardError> {
         let cfg = &self.cfg;
         let w = &*self.weights;
-        let (hidden, hd) = (cfg.hidden, cfg.head_dim);
-        let (qw, kvw) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+        let (hidden, hd, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);
+        let (qw, kvw) = (cfg.n_heads * hd, kvh * hd);
         for it in items.iter() {
             if it.tokens.is_empty() {
                 return Err(ForwardError::Empty);
@@ -242,34 +249,62 @@ impl Llama {
                 });
             }
         }
-        // Rows of the batch: every item's new tokens (attention finds each row's position).
-        let n = items.iter().map(|it| it.tokens.len()).sum::<usize>();
-        let mut x = Vec::with_capacity(n * hidden);
-        for it in items.iter() {
-            for &t in it.tokens {
-                x.extend_from_slice(&w.embed[t as usize * hidden..(t as usize + 1) * hidden]);
-            }
-        }
-        // The rows of each adapted model: (rows, its adapter).
-        let mut adapted = Vec::new();
-        let (mut row, mut item) = (0, 0);
-        for (m, &count) in models.iter().zip(counts) {
-            let rows: usize = items[item..item + count]
-                .iter()
-                .map(|it| it.tokens.len())
-                .sum();
-            if let Some(a) = m.adapter.as_deref() {
-                adapted.push((row..row + rows, a));
-            }
-            row += rows;
-            item += count;
-        }
-        // Items forked from an earlier item of the batch read their shared prefix of keys and
-        // values from that item's copy: (its index, the positions they share).
-        let anchors: Vec<Option<(usize, usize)>> = (0..items.len())
+        let adapter_of: Vec<Option<&Adapter>> = (models.iter().zip(counts))
+            .flat_map(|(m, &c)| std::iter::repeat_n(m.adapter.as_deref(), c))
+            .collect();
+        // Each adapted item's twin among the base's items, and the layer it joins the batch at.
+        let twin: Vec<Option<(usize, usize)>> = (0..items.len())
             .map(|i| {
-                (0..i)
-                    .map(|a| (a, items[i].cache.shared_with(items[a].cache)))
+                let a = adapter_of[i]?;
+                let joins = a.first_layer().min(stop);
+                (joins > 0)
+                    .then(|| {
+                        (0..items.len()).find(|&j| {
+                            adapter_of[j].is_none()
+                                && items[j].tokens == items[i].tokens
+                                && items[j].cache.same_history(items[i].cache)
+                        })
+                    })
+                    .flatten()
+                    .map(|j| (j, joins))
+            })
+            .collect();
+        let mut order: Vec<usize> = (0..items.len()).filter(|&i| twin[i].is_none()).collect();
+        let mut late: Vec<usize> = (0..items.len()).filter(|&i| twin[i].is_some()).collect();
+        late.sort_by_key(|&i| twin[i].map(|(_, joins)| joins));
+        order.extend(&late);
+        // Rows of the batch: every item's new tokens, in `order`.
+        let mut first_row = vec![0; items.len()];
+        let mut n = 0;
+        for &i in &order {
+            first_row[i] = n;
+            n += items[i].tokens.len();
+        }
+        let rows: Vec<Range<usize>> = (0..items.len())
+            .map(|i| first_row[i]..first_row[i] + items[i].tokens.len())
+            .collect();
+        let rows_of = |i: usize| rows[i].clone();
+        let mut place = vec![0; items.len()];
+        for (p, &i) in order.iter().enumerate() {
+            place[i] = p;
+        }
+        let mut x = vec![0f32; n * hidden];
+        for &i in &order {
+            let rows = &mut x[first_row[i] * hidden..];
+            for (row, &t) in rows.chunks_exact_mut(hidden).zip(items[i].tokens) {
+                row.copy_from_slice(&w.embed[t as usize * hidden..(t as usize + 1) * hidden]);
+            }
+        }
+        // The rows of each adapted item, with its adapter.
+        let adapted: Vec<(Range<usize>, &Adapter)> = (0..items.len())
+            .filter_map(|i| Some((rows_of(i), adapter_of[i]?)))
+            .collect();
+        // Items forked from an earlier item of the batch read their shared prefix of keys and
+        // values from that item's copy: (its place in `order`, the positions they share).
+        let anchors: Vec<Option<(usize, usize)>> = (0..order.len())
+            .map(|p| {
+                (0..p)
+                    .map(|a| (a, items[order[p]].cache.shared_with(items[order[a]].cache)))
                     .find(|&(_, shared)| shared > 0)
             })
             .collect();
@@ -279,12 +314,27 @@ impl Llama {
         let mut attn = vec![0f32; n * qw];
         let mut act = vec![0f32; n * cfg.ffn];
         let (mut q8_attn, mut q8_act) = (Q8Rows::new(), Q8Rows::new());
-        let mut kv_heads = Vec::with_capacity(items.len() * cfg.n_kv_heads);
+        let mut kv_heads = Vec::with_capacity(items.len() * kvh);
         for (li, layer) in w.layers[..stop].iter().enumerate() {
+            // Items taking part in this layer: a prefix of `order`, and their rows.
+            let joined = |i: usize| twin[i].is_none_or(|(_, joins)| joins <= li);
+            let active = order.iter().take_while(|&&i| joined(i)).count();
+            let na = order[..active]
+                .iter()
+                .map(|&i| items[i].tokens.len())
+                .sum::<usize>();
+            for &i in &order[..active] {
+                if let Some((j, _)) = twin[i].filter(|&(_, joins)| joins == li) {
+                    let (to, from) = (first_row[i] * hidden, first_row[j] * hidden);
+                    let len = items[i].tokens.len() * hidden;
+                    x.copy_within(from..from + len, to);
+                }
+            }
+            let xa = &mut x[..na * hidden];
             layer.qkv.forward(
-                Input::normed(&x, &layer.attn_norm, eps),
-                n,
-                Sink::Store(&mut qkv),
+                Input::normed(xa, &layer.attn_norm, eps),
+                na,
+                Sink::Store(&mut qkv[..na * width]),
             )?;
             for (rows, a) in &adapted {
                 let parts = &a.layers[li].qkv;
@@ -302,59 +352,80 @@ impl Llama {
             // pass over the pool (a pool call per item made batched decode pay a join per
             // sequence); the tasks rotate and store the new keys and values themselves.
             kv_heads.clear();
-            for it in items.iter_mut() {
+            for &i in &order {
+                let it = &mut items[i];
                 let t = it.tokens.len();
-                it.cache
-                    .open(cfg.n_layers, li, (cfg.n_kv_heads, hd), t, &mut kv_heads);
+                it.cache.open(cfg.n_layers, li, (kvh, hd), t, &mut kv_heads);
             }
-            let kv_of = |i: usize| &kv_heads[i * cfg.n_kv_heads..(i + 1) * cfg.n_kv_heads];
-            let mut spans = Vec::with_capacity(items.len());
-            let mut row = 0;
-            for (i, it) in items.iter().enumerate() {
-                let t = it.tokens.len();
-                spans.push(Span {
-                    rows: row..row + t,
-                    start: it.cache.len(),
-                    kv: kv_of(i),
-                    prefix: anchors[i].map(|(a, shared)| (kv_of(a), shared)),
-                });
-                row += t;
-            }
+            let kv_of = |p: usize| &kv_heads[p * kvh..(p + 1) * kvh];
+            let spans: Vec<Span> = (0..active)
+                .map(|p| {
+                    let i = order[p];
+                    Span {
+                        rows: rows_of(i),
+                        start: items[i].cache.len(),
+                        kv: kv_of(p),
+                        prefix: anchors[p].map(|(a, shared)| (kv_of(a), shared)),
+                    }
+                })
+                .collect();
             // Attention and SwiGLU quantize their outputs for the next matmul as they make
             // them, where it reads quantized blocks (our kernels): its pool call then has no
             // prologue to wait for.
             // An attention task's heads are whole blocks only if a head is.
             let attn_blocks = (layer.wo.takes_blocks() && hd.is_multiple_of(quant::BLOCK))
-                .then(|| q8_attn.writer(n, qw));
+                .then(|| q8_attn.writer(na, qw));
             let rope = |x: &mut [f32], pos: usize| self.rope(x, pos);
-            attention(cfg, &mut qkv, width, &spans, &rope, &mut attn, attn_blocks);
+            let (qkv_a, attn_a) = (&mut qkv[..na * width], &mut attn[..na * qw]);
+            attention(cfg, qkv_a, width, &spans, &rope, attn_a, attn_blocks);
+            // Items not yet in copy their twins' new keys and values.
+            for p in active..order.len() {
+                let (i, (j, _)) = (order[p], twin[order[p]].expect("late items have twins"));
+                let (start, t) = (items[i].cache.len(), items[i].tokens.len());
+                for (to, from) in kv_of(p).iter().zip(kv_of(place[j])) {
+                    // SAFETY: both caches were opened for positions start..start + t of this
+                    // layer, and attention wrote the twin's; the item's are its own.
+                    unsafe {
+                        let at = start * hd;
+                        std::ptr::copy_nonoverlapping(from.keys.add(at), to.keys.add(at), t * hd);
+                        std::ptr::copy_nonoverlapping(
+                            from.values.add(at),
+                            to.values.add(at),
+                            t * hd,
+                        );
+                    }
+                }
+            }
             let input = match attn_blocks {
-                Some(_) => Input::quantized(&attn, &q8_attn),
-                None => Input::plain(&attn),
+                Some(_) => Input::quantized(attn_a, &q8_attn),
+                None => Input::plain(attn_a),
             };
-            layer.wo.forward(input, n, Sink::Add(&mut x))?;
+            layer
+                .wo
+                .forward(input, na, Sink::Add(&mut x[..na * hidden]))?;
             for (rows, a) in &adapted {
                 let parts = &a.layers[li].wo;
                 let y = &mut x[rows.start * hidden..rows.end * hidden];
-                adapter::add(
-                    parts,
-                    &attn[rows.start * qw..rows.end * qw],
-                    y,
-                    hidden,
-                    a.scale,
-                );
+                let input = &attn[rows.start * qw..rows.end * qw];
+                adapter::add(parts, input, y, hidden, a.scale);
             }
-            let act_blocks = layer.down.takes_blocks().then(|| q8_act.writer(n, cfg.ffn));
+            let act_blocks = layer
+                .down
+                .takes_blocks()
+                .then(|| q8_act.writer(na, cfg.ffn));
+            let act_a = &mut act[..na * cfg.ffn];
             layer.gate_up.forward(
-                Input::normed(&x, &layer.ffn_norm, eps),
-                n,
-                Sink::SwiGlu(&mut act, act_blocks),
+                Input::normed(&x[..na * hidden], &layer.ffn_norm, eps),
+                na,
+                Sink::SwiGlu(act_a, act_blocks),
             )?;
             let input = match act_blocks {
-                Some(_) => Input::quantized(&act, &q8_act),
-                None => Input::plain(&act),
+                Some(_) => Input::quantized(act_a, &q8_act),
+                None => Input::plain(act_a),
             };
-            layer.down.forward(input, n, Sink::Add(&mut x))?;
+            layer
+                .down
+                .forward(input, na, Sink::Add(&mut x[..na * hidden]))?;
             for (rows, a) in &adapted {
                 let parts = &a.layers[li].down;
                 let y = &mut x[rows.start * hidden..rows.end * hidden];
@@ -368,11 +439,21 @@ impl Llama {
                 );
             }
         }
-        for it in items.iter_mut() {
-            // SAFETY: every layer opened this cache for its t rows, and its attention wrote them.
-            unsafe { it.cache.advance(it.tokens.len()) };
+        // Items whose adapter begins at `stop` or above are their twins' rows throughout.
+        for (i, twin) in twin.iter().enumerate() {
+            if let Some((j, stop_at)) = *twin {
+                if stop_at == stop {
+                    let (to, from) = (first_row[i] * hidden, first_row[j] * hidden);
+                    x.copy_within(from..from + items[i].tokens.len() * hidden, to);
+                }
+            }
         }
-        Ok(x)
+        for it in items.iter_mut() {
+            // SAFETY: every layer opened this cache for its t rows, and its attention (or its
+            // twin's, copied) wrote them.
+            unsafe { it.cache.advance(it.tokens) };
+        }
+        Ok((x, first_row))
     }
 
     /// Rotate every head of `x` (one row) for position `pos`.
