@@ -317,8 +317,8 @@ pub struct ScoreData {
     pub rewards: BTreeMap<String, RewardScore>,
 }
 
-/// A reward source's score of one response: a reward model's Σ log π_r (with each term), or a
-/// programmatic scorer's value of the text.
+/// A reward source's score of one response: a reward model's Σ log π_r (with each term; for one
+/// read relative to the base, Σ log π_r − log π_base), or a programmatic scorer's value of the text.
 #[derive(Debug, Serialize)]
 pub struct RewardScore {
     pub score: f64,
