@@ -1,7 +1,8 @@
 //! `POST /v1/score` (tilt's own): given a prompt and responses, the base's log-likelihood of each
-//! and each requested reward source's score — a reward model's Σ log π_r (relative to the base's for a LoRA ARM) with its per-token terms,
-//! a programmatic scorer's value — so the rewards that steer decoding can also rank and filter
-//! outside it. The models read the responses through the engine, batched with everything else.
+//! and each requested reward source's score — a reward model's Σ log π_r (relative to the base's
+//! for a LoRA ARM) with its per-token terms, a programmatic scorer's value — so the rewards that
+//! steer decoding can also rank and filter outside it. The models read the responses through the
+//! engine, batched with everything else.
 
 use std::collections::BTreeMap;
 
