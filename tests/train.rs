@@ -183,14 +183,7 @@ fn saved_arm_serves_with_the_training_log_probs() {
     // Served as the server does by default, in Q8_0: int8 rounding of weights and activations
     // moves these large log-probs by a few per cent of their range; a wrong layout would move
     // them by all of it.
-    let q8 = tilt::model::companions::load(
-        &base,
-        "arm",
-        dir.path(),
-        tilt::model::Role::Reward,
-        Precision::Q8_0,
-    )
-    .unwrap();
+    let q8 = load_arm(&base, dir.path(), Precision::Q8_0);
     let diff = max_diff(&served_log_probs(&q8, &tokens), &trained);
     eprintln!("Q8_0 ARM log-probs differ from f32 by at most {diff}");
     assert!(
@@ -266,6 +259,14 @@ fn train_arm(data: &Path, out: &Path, flags: &[&str], more: &[&str]) -> serde_js
     serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
 
+/// The reward model saved in `dir`, loaded beside `base` as the server loads it.
+fn load_arm(base: &tilt::model::Model, dir: &Path, precision: Precision) -> tilt::model::Model {
+    tilt::model::companions::load(base, "arm", dir, tilt::model::Role::Reward, precision).unwrap()
+}
+
+/// A sentence with predictable continuations, to compare two models' log-probs on.
+const CAPITALS: &str = "The capital of France is Paris, and the capital of Italy is Rome.";
+
 /// A pairs file in `dir` holding one short pair twice.
 fn one_pair(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("pairs.jsonl");
@@ -301,14 +302,7 @@ fn train_arm_command_writes_a_loadable_model_and_report() {
     assert_eq!(report["epochs"].as_array().unwrap().len(), 2);
     assert!(report["heldout_accuracy"].as_f64().is_some());
     assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
-    let arm = tilt::model::companions::load(
-        &common::model(),
-        "arm",
-        &out_dir,
-        tilt::model::Role::Reward,
-        Precision::Q8_0,
-    )
-    .unwrap();
+    let arm = load_arm(&common::model(), &out_dir, Precision::Q8_0);
     assert_eq!(arm.llama.cfg.hidden, 32);
     assert_eq!(arm.context_length(), common::model().context_length());
 }
@@ -382,22 +376,9 @@ fn an_arm_from_all_the_base_layers_untrained_predicts_as_the_base() {
         &["--from-layers", &layers, "--epochs", "1", "--lr", "0"],
         &["--heldout", "0", "--max-len", "96"],
     );
-    let arm = tilt::model::companions::load(
-        &base,
-        "arm",
-        &out_dir,
-        tilt::model::Role::Reward,
-        Precision::F32,
-    )
-    .unwrap();
+    let arm = load_arm(&base, &out_dir, Precision::F32);
     assert_eq!(arm.llama.cfg.hidden, base.llama.cfg.hidden);
-    let tokens = base
-        .vocab
-        .encode(
-            "The capital of France is Paris, and the capital of Italy is Rome.",
-            false,
-        )
-        .unwrap();
+    let tokens = base.vocab.encode(CAPITALS, false).unwrap();
     let (a, b) = (
         served_log_probs(&arm, &tokens),
         served_log_probs(&base, &tokens),
@@ -599,21 +580,8 @@ fn a_lora_arm_with_zero_adapters_predicts_exactly_as_the_base() {
     let loss = report["epochs"][0]["train_loss"].as_f64().unwrap();
     assert!((loss - std::f64::consts::LN_2).abs() < 1e-3, "{loss}");
     let base = common::model();
-    let arm = tilt::model::companions::load(
-        &base,
-        "arm",
-        &out_dir,
-        tilt::model::Role::Reward,
-        Precision::Q8_0,
-    )
-    .unwrap();
-    let tokens = base
-        .vocab
-        .encode(
-            "The capital of France is Paris, and the capital of Italy is Rome.",
-            false,
-        )
-        .unwrap();
+    let arm = load_arm(&base, &out_dir, Precision::Q8_0);
+    let tokens = base.vocab.encode(CAPITALS, false).unwrap();
     assert_eq!(
         served_log_probs(&arm, &tokens),
         served_log_probs(&base, &tokens)

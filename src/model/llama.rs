@@ -403,12 +403,12 @@ impl Llama {
             layer
                 .wo
                 .forward(input, na, Sink::Add(&mut x[..na * hidden]))?;
-            for (rows, a) in &adapted {
-                let parts = &a.layers[li].wo;
-                let y = &mut x[rows.start * hidden..rows.end * hidden];
-                let input = &attn[rows.start * qw..rows.end * qw];
-                adapter::add(parts, input, y, hidden, a.scale);
-            }
+            add_deltas(
+                &adapted,
+                |a| &a.layers[li].wo,
+                (&attn, qw),
+                (&mut x, hidden),
+            );
             let act_blocks = layer
                 .down
                 .takes_blocks()
@@ -426,18 +426,12 @@ impl Llama {
             layer
                 .down
                 .forward(input, na, Sink::Add(&mut x[..na * hidden]))?;
-            for (rows, a) in &adapted {
-                let parts = &a.layers[li].down;
-                let y = &mut x[rows.start * hidden..rows.end * hidden];
-                let f = cfg.ffn;
-                adapter::add(
-                    parts,
-                    &act[rows.start * f..rows.end * f],
-                    y,
-                    hidden,
-                    a.scale,
-                );
-            }
+            add_deltas(
+                &adapted,
+                |a| &a.layers[li].down,
+                (&act, cfg.ffn),
+                (&mut x, hidden),
+            );
         }
         // Items whose adapter begins at `stop` or above are their twins' rows throughout.
         for (i, twin) in twin.iter().enumerate() {
@@ -481,6 +475,21 @@ impl Llama {
                 }
             }
         }
+    }
+}
+
+/// Each adapted item's low-rank deltas of one linear layer (`parts` picks it), from its rows of
+/// `input` (each `inp` wide) into its rows of `out` (each `width` wide).
+fn add_deltas<'a>(
+    adapted: &[(Range<usize>, &'a Adapter)],
+    parts: impl Fn(&'a Adapter) -> &'a [adapter::LowRank],
+    (input, inp): (&[f32], usize),
+    (out, width): (&mut [f32], usize),
+) {
+    for (rows, a) in adapted {
+        let x = &input[rows.start * inp..rows.end * inp];
+        let y = &mut out[rows.start * width..rows.end * width];
+        adapter::add(parts(a), x, y, width, a.scale);
     }
 }
 
