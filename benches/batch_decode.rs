@@ -2,7 +2,7 @@
 //! roofline (the weights streamed once a step at this machine's read bandwidth), and the sampler
 //! per row, in one process, interleaved so machine noise hits all alike; prints medians. `--e2e` instead times
 //! whole requests through the engine: one 128-token sample against best-of-4 × 128 and against
-//! GenARM with the shipped `positive` ARM, then with both shipped ARMs, then with each reward
+//! GenARM with the shipped `positive` ARM, then with two and all three shipped ARMs, then with each reward
 //! model named after `--e2e` as NAME=PATH (a LoRA ARM's folder, say).
 //!
 //!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e [NAME=PATH ...]]]
@@ -219,6 +219,13 @@ fn end_to_end(m: Model, rounds: usize, rewards: Vec<(String, std::path::PathBuf)
             spec(
                 "genarm",
                 json!({"rewards": {"positive": 1.0, "concise": 1.0}}),
+            ),
+        ),
+        (
+            "genarm +3 ARMs".to_string(),
+            spec(
+                "genarm",
+                json!({"rewards": {"positive": 1.0, "concise": 1.0, "simple": 1.0}}),
             ),
         ),
     ];

@@ -164,3 +164,22 @@ fn logs_are_plain_text_on_a_pipe_or_json_objects() {
         "{json}"
     );
 }
+
+#[test]
+fn a_reward_model_named_like_a_builtin_scorer_is_refused() {
+    let model = common::model_path();
+    let out = tilt(&[
+        "serve",
+        "--port",
+        "0",
+        "--model",
+        model.to_str().unwrap(),
+        "--no-default-rewards",
+        "--reward",
+        "sentiment=models/arm-positive",
+    ]);
+    assert_clean_failure(
+        &out,
+        "reward model `sentiment`: a built-in scorer has that name",
+    );
+}

@@ -411,10 +411,19 @@ fn speculative_without_rejection_chooses_as_full_best_of_n_and_with_it_generates
     assert_eq!(table_rows(&md).len(), 3);
 }
 
+/// Each text of `yes` scores above its twin in `no`, and every one of `yes` above 0.
+fn assert_judged_apart(judge: &tilt::eval::judge::Judge, yes: &[&str], no: &[&str]) {
+    let scores = judge.score(&[yes, no].concat()).unwrap();
+    for i in 0..yes.len() {
+        assert!(scores[i] > scores[yes.len() + i], "{scores:?}");
+    }
+    assert!(scores[..yes.len()].iter().all(|&s| s > 0.0), "{scores:?}");
+    assert_eq!(judge.score(&[""]).unwrap(), [0.0]);
+}
+
 #[test]
-fn the_judge_tells_glad_texts_from_sad_ones() {
+fn the_judges_tell_glad_texts_from_sad_ones_and_plain_from_dense() {
     let base = common::model();
-    let judge = tilt::eval::judge::SentimentJudge::new(&base).unwrap();
     let glad = [
         "What a wonderful day! I loved every minute of the trip and the people were so kind.",
         "This is the best meal I have had in years; the staff were friendly and it was delicious.",
@@ -425,11 +434,21 @@ fn the_judge_tells_glad_texts_from_sad_ones() {
         "This is the worst meal I have had in years; the staff were hostile and it was disgusting.",
         "I am so miserable at my new job. My colleagues are cruel and I feel ashamed of my work.",
     ];
-    let scores = judge.score(&[&glad[..], &sad[..]].concat()).unwrap();
-    // Each glad text above its sad twin, and glad ones read as positive on the whole.
-    for i in 0..glad.len() {
-        assert!(scores[i] > scores[glad.len() + i], "{scores:?}");
-    }
-    assert!(scores[..glad.len()].iter().all(|&s| s > 0.0), "{scores:?}");
-    assert_eq!(judge.score(&[""]).unwrap(), [0.0]);
+    let sentiment = tilt::eval::judge::Judge::sentiment(&base).unwrap();
+    assert_judged_apart(&sentiment, &glad, &sad);
+    let plain = [
+        "The dog ran to the park. It saw a big red ball and played all day.",
+        "We had soup for lunch. It was hot and good, and then we went home.",
+        "Rain fell all night. In the morning the grass was wet and the sky was gray.",
+    ];
+    let dense = [
+        "The canine proceeded expeditiously towards the recreational facility, whereupon it \
+         encountered a substantial crimson spherical object.",
+        "Our midday sustenance comprised a consommé of considerable temperature and exceptional \
+         palatability, subsequent to which we returned to our residence.",
+        "Precipitation persisted throughout the nocturnal period; consequently, the vegetation \
+         exhibited considerable moisture beneath an overcast firmament.",
+    ];
+    let plainness = tilt::eval::judge::Judge::plainness(&base).unwrap();
+    assert_judged_apart(&plainness, &plain, &dense);
 }

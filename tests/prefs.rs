@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use tilt::train::prefs::{Objective, ScoredPair, CUT_OFF};
+use tilt::reward::scorers::letter_share;
+use tilt::train::prefs::{Objective, ScoredPair, NOT_AN_ANSWER};
 
 fn tilt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tilt"))
@@ -44,12 +45,12 @@ fn parse(bytes: &[u8]) -> Vec<ScoredPair> {
         .collect()
 }
 
-/// The pairs `tilt prefs --objective concise` ranks from the responses saved in `saved`.
-fn concise_from(saved: &Path, out: &Path) -> Vec<ScoredPair> {
+/// The pairs `tilt prefs --objective OBJECTIVE` ranks from the responses saved in `saved`.
+fn rank_from(objective: &str, saved: &Path, out: &Path) -> Vec<ScoredPair> {
     let run = tilt(&[
         "prefs",
         "--objective",
-        "concise",
+        objective,
         "--from-responses",
         saved.to_str().unwrap(),
         "--out",
@@ -64,13 +65,15 @@ fn concise_from(saved: &Path, out: &Path) -> Vec<ScoredPair> {
 }
 
 /// Every pair's chosen and rejected responses are the best and worst of the K scores recorded,
-/// which differ. A recorded score is the scorer's, less `CUT_OFF` for a `concise` response cut
-/// off at `--max-tokens`.
+/// which differ. A recorded score is the scorer's, or for a `concise` response that is not a real
+/// answer (cut off at `--max-tokens`, or mostly symbols) far below any, by its share of lettered
+/// pieces; a `concise` pair chooses a real answer, which ended.
 fn assert_ranked(pairs: &[ScoredPair], objective: Objective, k: usize) {
     let scorer = objective.scorer();
+    let unreal = |text: &str| -NOT_AN_ANSWER + 100.0 * letter_share(text);
     let recorded_as = |recorded: f32, text: &str| {
-        let s = scorer.score(text);
-        recorded == s || (objective == Objective::Concise && recorded == s - CUT_OFF)
+        recorded == scorer.score(text)
+            || (objective == Objective::Concise && recorded == unreal(text))
     };
     for p in pairs {
         assert_eq!(p.scores.len(), k, "{p:?}");
@@ -81,6 +84,9 @@ fn assert_ranked(pairs: &[ScoredPair], objective: Objective, k: usize) {
             recorded_as(max, &p.chosen) && recorded_as(min, &p.rejected),
             "{p:?}"
         );
+        if objective == Objective::Concise {
+            assert!(p.chosen_ended && max == scorer.score(&p.chosen), "{p:?}");
+        }
     }
 }
 
@@ -175,7 +181,7 @@ fn sentiment_pairs_rank_by_the_lexicon_and_their_responses_serve_another_objecti
     let eval = tilt::train::prompts::builtin(tilt::train::prompts::Split::Eval);
     assert!(pairs.iter().all(|p| eval.contains(&p.prompt)));
 
-    // The saved responses, ranked again for concision without sampling.
+    // The saved responses, ranked again for concision and plainness without sampling.
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&saved)
         .unwrap()
         .lines()
@@ -188,9 +194,12 @@ fn sentiment_pairs_rank_by_the_lexicon_and_their_responses_serve_another_objecti
         .all(|l| l["ended"].as_array().unwrap().len() == 4));
     // 24-token responses rarely end, and `concise` pairs only prompts with one that did (its
     // rule is checked exactly in `concise_chooses_a_response_that_ended`).
-    let pairs = concise_from(&saved, &dir.path().join("concise.jsonl"));
+    let pairs = rank_from("concise", &saved, &dir.path().join("concise.jsonl"));
     assert_ranked(&pairs, Objective::Concise, 4);
-    for p in &pairs {
+    let simple = rank_from("readability", &saved, &dir.path().join("simple.jsonl"));
+    assert!(!simple.is_empty(), "every prompt was a tie");
+    assert_ranked(&simple, Objective::Readability, 4);
+    for p in pairs.iter().chain(&simple) {
         let line = lines
             .iter()
             .find(|l| l["prompt"] == p.prompt.as_str())
@@ -350,27 +359,29 @@ fn bad_arguments_fail_with_clear_errors() {
 
 #[test]
 fn concise_chooses_a_response_that_ended() {
-    // The cut-off response has the fewest words (symbols say little per token); the shortest
-    // response that ended is chosen over it, and a prompt whose responses were all cut gives
-    // no pair.
+    // The cut-off response has the fewest words (symbols say little per token), and so has one
+    // of digits that ended; the shortest real answer is chosen over them, and a prompt without
+    // a real answer (all cut off, or digits) gives no pair.
     let dir = tempfile::tempdir().unwrap();
     let saved = dir.path().join("responses.jsonl");
     let lines = [
         serde_json::json!({
             "prompt": "p1",
-            "responses": ["It is blue, mostly.", "\"1\" \"2\" \"3\"", "Blue."],
-            "ended": [true, false, true],
+            "responses": ["It is blue, mostly.", "\"1\" \"2\" \"3\"", "Blue.", "4 5"],
+            "ended": [true, false, true, true],
         }),
         serde_json::json!({
             "prompt": "p2",
-            "responses": ["a b c", "a"],
-            "ended": [false, false],
+            "responses": ["a b c", "a", "1 2"],
+            "ended": [false, false, true],
         }),
     ];
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     std::fs::write(&saved, text.join("\n")).unwrap();
-    let pairs = concise_from(&saved, &dir.path().join("pairs.jsonl"));
+    let pairs = rank_from("concise", &saved, &dir.path().join("pairs.jsonl"));
     assert_eq!(pairs.len(), 1, "{pairs:?}");
     assert_eq!(pairs[0].chosen, "Blue.");
     assert_eq!(pairs[0].rejected, "\"1\" \"2\" \"3\"");
+    // `train-arm` ends only the chosen one with the end token.
+    assert!(pairs[0].chosen_ended && !pairs[0].rejected_ended);
 }

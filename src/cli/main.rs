@@ -354,6 +354,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             () = &mut deadline => return Ok(()),
             loaded = load => loaded.context("loading the models")??,
         };
+        tilt::reward::check_names(&models)?;
         let options = EngineOptions {
             max_running: args.max_running.max(1),
             max_queue: Some(args.max_queue),

@@ -154,9 +154,7 @@ impl Lexicon {
                     .iter()
                     .rev()
                     .find_map(|&t| vocab.bytes(t).last())
-                    .map_or(true, |b| {
-                        b.is_ascii_whitespace() || b.is_ascii_punctuation()
-                    })
+                    .is_none_or(|b| b.is_ascii_whitespace() || b.is_ascii_punctuation())
         };
         for (k, spellings) in self.spellings.iter().enumerate() {
             if present[k] {

@@ -1,33 +1,51 @@
-//! A sentiment judge that is neither the lexicon the `positive` ARM was trained on nor a reward
-//! model: the base model reads each text twice, after a glad framing and after a gloomy one, and
-//! the score is how much likelier per token the glad framing makes it (the "channel" reading of
-//! a language model as a classifier). Asked outright ("positive or negative?"), a 135M model
-//! answers near chance; read this way it orders plainly glad and sad texts correctly.
+//! Judges that are neither the programmatic scorers the ARMs were trained on nor reward models:
+//! the base model reads each text twice, after a framing that names the quality and after one
+//! that names its opposite, and the score is how much likelier per token the first framing makes
+//! it (the "channel" reading of a language model as a classifier). Asked outright ("positive or
+//! negative?"), a 135M model answers near chance; read this way it orders plainly glad and sad
+//! texts, and plain and dense ones, correctly (tests/eval.rs).
 
 use anyhow::Result;
 
 use crate::model::Model;
 
-const GLAD: &str = "The following text is cheerful and positive.\n\n";
-const GLOOMY: &str = "The following text is gloomy and negative.\n\n";
-
-pub struct SentimentJudge<'a> {
+pub struct Judge<'a> {
     model: &'a Model,
-    glad: Vec<u32>,
-    gloomy: Vec<u32>,
+    /// The framing that names the quality, and the one that names its opposite.
+    quality: Vec<u32>,
+    opposite: Vec<u32>,
 }
 
-impl<'a> SentimentJudge<'a> {
-    pub fn new(model: &'a Model) -> Result<Self> {
+impl<'a> Judge<'a> {
+    /// Sentiment (`positive`, the lexicon `sentiment`): above 0 reads as glad.
+    pub fn sentiment(model: &'a Model) -> Result<Self> {
+        Self::new(
+            model,
+            "The following text is cheerful and positive.",
+            "The following text is gloomy and negative.",
+        )
+    }
+
+    /// Plainness (`simple`, the scorer `readability`): above 0 reads as plain.
+    pub fn plainness(model: &'a Model) -> Result<Self> {
+        Self::new(
+            model,
+            "The following text is written in short, simple words that a child can read.",
+            "The following text is written in long, formal, academic language.",
+        )
+    }
+
+    fn new(model: &'a Model, quality: &str, opposite: &str) -> Result<Self> {
+        let frame = |text: &str| model.vocab.encode(&format!("{text}\n\n"), false);
         Ok(Self {
             model,
-            glad: model.vocab.encode(GLAD, false)?,
-            gloomy: model.vocab.encode(GLOOMY, false)?,
+            quality: frame(quality)?,
+            opposite: frame(opposite)?,
         })
     }
 
-    /// Each text's mean log-likelihood per token after the glad framing minus after the gloomy
-    /// one, in nats: above 0 reads as positive. An empty text scores 0.
+    /// Each text's mean log-likelihood per token after the quality's framing minus after its
+    /// opposite's, in nats. An empty text scores 0.
     pub fn score(&self, texts: &[&str]) -> Result<Vec<f64>> {
         let bodies: Vec<Vec<u32>> = (texts.iter())
             .map(|t| self.model.vocab.encode(t.trim(), false))
@@ -37,9 +55,9 @@ impl<'a> SentimentJudge<'a> {
                 bodies.iter().map(|b| (frame, b.as_slice())).collect();
             super::response_nll(self.model, &items)
         };
-        let (glad, gloomy) = (after(&self.glad)?, after(&self.gloomy)?);
-        Ok((glad.iter().zip(&gloomy))
-            .map(|(g, s)| (s.0 - g.0) / g.1.max(1) as f64)
+        let (quality, opposite) = (after(&self.quality)?, after(&self.opposite)?);
+        Ok((quality.iter().zip(&opposite))
+            .map(|(q, o)| (o.0 - q.0) / q.1.max(1) as f64)
             .collect())
     }
 }

@@ -83,7 +83,9 @@ impl EvalModels {
             draft: None,
             manifest,
         };
-        crate::model::companions::with_companions(base, &companions, Precision::Q8_0)
+        let models = crate::model::companions::with_companions(base, &companions, Precision::Q8_0)?;
+        crate::reward::check_names(&models)?;
+        Ok(models)
     }
 }
 

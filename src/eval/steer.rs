@@ -13,11 +13,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
+use super::judge::Judge;
 use super::{Decoding, Job, Output};
 use crate::bench::plot::{xy_panels, Panel, XySeries};
 use crate::decode::DecoderSpec;
 use crate::engine::{Engine, EngineOptions};
-use crate::reward::scorers::{Keywords, RegexMatch, Scorer, Sentiment};
+use crate::reward::scorers::{Keywords, Readability, RegexMatch, Scorer, Sentiment};
 use crate::train::prompts::{self, Split};
 
 /// A list of weights, as a comma-separated flag.
@@ -49,6 +50,8 @@ pub enum ObjectiveScorer {
     Sentiment,
     /// Minus the number of words.
     Concise,
+    /// Flesch reading ease.
+    Readability,
     /// How many times a word (or phrase) occurs, whole words, case-insensitive.
     Count(String),
     /// 1 if the pattern matches, else 0.
@@ -59,7 +62,7 @@ pub enum ObjectiveScorer {
 
 impl ObjectiveScorer {
     pub const HELP: &'static str =
-        "sentiment, concise (−words), count:WORD, regex:PATTERN, keywords:A,B,…";
+        "sentiment, concise (−words), readability (Flesch reading ease), count:WORD, regex:PATTERN, keywords:A,B,…";
 
     pub fn parse(s: &str) -> Result<Self, String> {
         let (kind, arg) = match s.split_once(':') {
@@ -69,6 +72,7 @@ impl ObjectiveScorer {
         match (kind, arg) {
             ("sentiment", None) => Ok(Self::Sentiment),
             ("concise", None) => Ok(Self::Concise),
+            ("readability", None) => Ok(Self::Readability),
             ("count", Some(w)) if !super::words(w).is_empty() => {
                 Ok(Self::Count(super::words(w).join(" ")))
             }
@@ -92,11 +96,21 @@ impl ObjectiveScorer {
         }
     }
 
-    /// The scorer an ARM's name implies: `positive`/`sentiment` and `concise`.
+    /// The scorer an ARM's name implies: `positive`/`sentiment`, `concise`, `simple`/`readability`.
     pub fn for_arm(name: &str) -> Option<Self> {
         match name {
             "positive" | "sentiment" => Some(Self::Sentiment),
             "concise" => Some(Self::Concise),
+            "simple" | "readability" => Some(Self::Readability),
+            _ => None,
+        }
+    }
+
+    /// A judge of the same quality that is not this scorer, where there is one.
+    pub fn judge<'a>(&self, model: &'a crate::model::Model) -> Option<Result<Judge<'a>>> {
+        match self {
+            Self::Sentiment => Some(Judge::sentiment(model)),
+            Self::Readability => Some(Judge::plainness(model)),
             _ => None,
         }
     }
@@ -105,6 +119,7 @@ impl ObjectiveScorer {
     pub fn reward_name(&self) -> Option<&'static str> {
         match self {
             Self::Sentiment => Some("sentiment"),
+            Self::Readability => Some("readability"),
             _ => None,
         }
     }
@@ -113,6 +128,7 @@ impl ObjectiveScorer {
         match self {
             Self::Sentiment => "sentiment".into(),
             Self::Concise => "concise".into(),
+            Self::Readability => "readability".into(),
             Self::Count(w) => format!("count:{w}"),
             Self::Regex(p) => format!("regex:{p}"),
             Self::Keywords(k) => format!("keywords:{}", k.join(",")),
@@ -123,6 +139,7 @@ impl ObjectiveScorer {
         match self {
             Self::Sentiment => f64::from(Sentiment.score(text)),
             Self::Concise => -(super::words(text).len() as f64),
+            Self::Readability => f64::from(Readability.score(text)),
             Self::Count(w) => {
                 let needle: Vec<&str> = w.split(' ').collect();
                 let words = super::words(text);
@@ -158,8 +175,9 @@ pub struct SteerArgs {
     #[command(flatten)]
     pub models: super::EvalModels,
     /// What an ARM steers towards, measured by a programmatic scorer, as ARM=SCORER (repeatable;
-    /// SCORER: sentiment, concise (minus the word count), count:WORD, regex:PATTERN,
-    /// keywords:A,B). ARMs named `positive`/`sentiment` and `concise` get theirs by default.
+    /// SCORER: sentiment, concise (minus the word count), readability (Flesch reading ease),
+    /// count:WORD, regex:PATTERN, keywords:A,B). ARMs named `positive`/`sentiment`, `concise`
+    /// and `simple` get theirs by default.
     #[arg(long = "objective", value_name = "ARM=SCORER", value_parser = parse_objective)]
     pub objectives: Vec<(String, ObjectiveScorer)>,
     /// Each ARM's weight in its 1-D sweep (the others at 0).
@@ -285,9 +303,9 @@ struct Measured {
     distinct_2: f64,
     /// The share of answer tokens with a letter in them.
     word_tokens: f64,
-    /// The sentiment judge's score of each answer, in prompt order (empty without the judge:
-    /// where no objective is sentiment).
-    judge_scores: Vec<f64>,
+    /// Per objective, its judge's score of each answer, in prompt order (empty for an objective
+    /// without a judge: only `sentiment` and `readability` have one).
+    judge_scores: Vec<Vec<f64>>,
     /// The base's perplexity of the answers (teacher-forced, answer tokens pooled).
     perplexity: f64,
     mean_tokens: f64,
@@ -315,9 +333,15 @@ struct Plan<'a> {
 }
 
 impl Measured {
-    /// The judge's mean score and the share of answers it reads as positive (above 0).
-    fn judge(&self) -> Option<(f64, f64)> {
-        let scores = &self.judge_scores;
+    /// Objective `i`'s judge scores (empty without a judge).
+    fn judged(&self, i: usize) -> &[f64] {
+        self.judge_scores.get(i).map_or(&[], Vec::as_slice)
+    }
+
+    /// Objective `i`'s judge: its mean score and the share of answers it reads as having the
+    /// quality (above 0).
+    fn judge(&self, i: usize) -> Option<(f64, f64)> {
+        let scores = self.judged(i);
         (!scores.is_empty()).then(|| {
             let positive = scores.iter().filter(|&&s| s > 0.0).count();
             (
@@ -441,8 +465,8 @@ pub fn run(args: SteerArgs) -> Result<()> {
         }
     }
     let models = args.models.load()?;
-    // A second copy of the base for teacher-forced perplexity and the sentiment judge; the
-    // engine owns the first.
+    // A second copy of the base for teacher-forced perplexity and the judges; the engine owns
+    // the first.
     let reader = super::load_base(args.models.model.as_deref())?;
     // The reward models (the manifest's draft loads beside them).
     let arms: Vec<String> = (models[1..].iter())
@@ -477,13 +501,12 @@ pub fn run(args: SteerArgs) -> Result<()> {
                 })
         })
         .collect::<Result<_>>()?;
-    // An independent judge of sentiment where an objective is sentiment: the lexicon trained
-    // `positive`, so it cannot be the only measure of it.
-    let judge = (objectives
+    // An independent judge per objective where there is one: the scorer trained the ARM, so it
+    // cannot be the only measure of it.
+    let judges: Vec<Option<Judge>> = objectives
         .iter()
-        .any(|o| matches!(o, ObjectiveScorer::Sentiment)))
-    .then(|| super::judge::SentimentJudge::new(&reader))
-    .transpose()?;
+        .map(|o| o.judge(&reader).transpose())
+        .collect::<Result<_>>()?;
     let engine = Engine::start(
         models,
         EngineOptions {
@@ -549,10 +572,10 @@ pub fn run(args: SteerArgs) -> Result<()> {
             .collect();
         let nll = super::response_nll(&reader, &items)?;
         let texts: Vec<&str> = outputs.iter().map(|o| o.text.as_str()).collect();
-        let judged = match &judge {
-            Some(j) => j.score(&texts)?,
-            None => Vec::new(),
-        };
+        let judged = judges
+            .iter()
+            .map(|j| j.as_ref().map_or(Ok(Vec::new()), |j| j.score(&texts)))
+            .collect::<Result<_>>()?;
         let vocab = &engine.base().vocab;
         let mut m = measure(&objectives, outputs, &nll, vocab, wall_s);
         m.judge_scores = judged;
@@ -790,10 +813,7 @@ impl Report<'_> {
             ns.dedup();
             for n in ns {
                 if let (Some(a), Some(b)) = (find(n, &self.arms[i]), find(n, scorer)) {
-                    let (x, y) = (
-                        &self.measured[a].judge_scores,
-                        &self.measured[b].judge_scores,
-                    );
+                    let (x, y) = (self.measured[a].judged(i), self.measured[b].judged(i));
                     if !x.is_empty() && x.len() == y.len() {
                         out.push((i, n, a, b));
                     }
@@ -868,7 +888,17 @@ impl Report<'_> {
                 "KL scale mean / min",
                 "distinct-2",
                 "word tokens",
-                "judge: score / positive",
+            ]
+            .map(String::from),
+        );
+        let judged: Vec<usize> = (0..self.arms.len())
+            .filter(|&i| self.measured.iter().any(|m| m.judge(i).is_some()))
+            .collect();
+        header.extend(
+            (judged.iter()).map(|&i| format!("judge of {}: score / share above 0", self.arms[i])),
+        );
+        header.extend(
+            [
                 "perplexity",
                 "tokens",
                 "generated / answer",
@@ -905,9 +935,13 @@ impl Report<'_> {
                     }),
                     super::cell(m.distinct_2, 3),
                     super::cell(m.word_tokens, 3),
-                    m.judge().map_or("—".into(), |(score, share)| {
+                ]);
+                row.extend(judged.iter().map(|&i| {
+                    m.judge(i).map_or("—".into(), |(score, share)| {
                         format!("{} / {}", super::cell(score, 3), super::cell(share, 2))
-                    }),
+                    })
+                }));
+                row.extend([
                     super::cell(m.perplexity, 2),
                     super::cell(m.mean_tokens, 1),
                     super::cell(m.generated_per_answer, 1),
@@ -947,7 +981,7 @@ impl Report<'_> {
                         super::cell(m.distinct_2, 3),
                         super::cell(m.perplexity / p.perplexity, 2),
                         super::cell(m.word_tokens, 3),
-                    ) + &match (m.judge(), p.judge()) {
+                    ) + &match (m.judge(i), p.judge(i)) {
                         (Some((j, _)), Some((pj, _))) => format!(
                             ", judge {} against plain {}",
                             super::cell(j, 3),
@@ -971,19 +1005,19 @@ impl Report<'_> {
             );
             for (i, n, a, b) in rankers {
                 let (x, y) = (&self.measured[a], &self.measured[b]);
-                let p = paired(&x.judge_scores, &y.judge_scores);
+                let p = paired(x.judged(i), y.judged(i));
                 md.push_str(&format!(
                     "- best-of-{n}: ranked by `{}` {} against ranked by `{}` {}: {:+.4} a prompt (95 % interval {:+.4} … {:+.4}), ahead on {} prompts and behind on {} of {}\n",
                     self.arms[i],
-                    super::cell(x.judge().map_or(f64::NAN, |j| j.0), 4),
+                    super::cell(x.judge(i).map_or(f64::NAN, |j| j.0), 4),
                     self.objectives[i].reward_name().unwrap_or_default(),
-                    super::cell(y.judge().map_or(f64::NAN, |j| j.0), 4),
+                    super::cell(y.judge(i).map_or(f64::NAN, |j| j.0), 4),
                     p.mean,
                     p.interval.0,
                     p.interval.1,
                     p.wins,
                     p.losses,
-                    x.judge_scores.len(),
+                    x.judged(i).len(),
                 ));
             }
         }
@@ -1147,6 +1181,12 @@ impl Report<'_> {
     fn json(&self, checks: &[Check], args: &SteerArgs, prompts: &[String]) -> Value {
         let front = self.front();
         let best = self.best();
+        // Per judged objective, by ARM name: what `f` gives for objective i.
+        let judges = |f: &dyn Fn(usize) -> Option<Value>| -> serde_json::Map<String, Value> {
+            (0..self.arms.len())
+                .filter_map(|i| f(i).map(|v| (self.arms[i].clone(), v)))
+                .collect()
+        };
         let settings: Vec<Value> = self
             .settings
             .iter()
@@ -1182,7 +1222,7 @@ impl Report<'_> {
                     "kl_scale": m.kl_scale.map(|(mean, min)| json!({"mean": mean, "min": min})),
                     "distinct_2": super::num(m.distinct_2),
                     "word_tokens": super::num(m.word_tokens),
-                    "judge": m.judge().map(|(score, share)| json!({"score": score, "positive": share})),
+                    "judge": judges(&|i| m.judge(i).map(|(score, share)| json!({"score": score, "share_above_0": share}))),
                     "perplexity": super::num(m.perplexity),
                     "generated_per_answer": super::num(m.generated_per_answer),
                     "mean_tokens": super::num(m.mean_tokens),
@@ -1190,7 +1230,7 @@ impl Report<'_> {
                     "wall_s": super::num(m.wall_s),
                     "outputs": m.outputs.iter().zip(prompts).enumerate().map(|(k, (o, p))| json!({
                         "prompt": p, "text": o.text, "tokens": o.tokens.len(),
-                        "judge": m.judge_scores.get(k),
+                        "judge": judges(&|i| m.judged(i).get(k).map(|&j| json!(j))),
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -1228,7 +1268,7 @@ impl Report<'_> {
             "prompts": prompts.len(),
             "settings": settings,
             "rankers": self.rankers().into_iter().map(|(i, n, a, b)| {
-                let p = paired(&self.measured[a].judge_scores, &self.measured[b].judge_scores);
+                let p = paired(self.measured[a].judged(i), self.measured[b].judged(i));
                 json!({
                     "arm": self.arms[i], "n": n,
                     "scorer": self.objectives[i].reward_name(),

@@ -16,8 +16,23 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::model::{ModelId, ModelInfo, Role};
+use crate::model::{Model, ModelId, ModelInfo, Role};
 use scorers::Scorer;
+
+/// An error naming the reward model among `models` whose name a built-in scorer has: a request
+/// naming it would be ambiguous.
+pub fn check_names(models: &[Model]) -> anyhow::Result<()> {
+    let builtin = scorers::builtin();
+    match (models.iter())
+        .find(|m| m.role == Role::Reward && builtin.iter().any(|s| s.name == m.name))
+    {
+        Some(m) => anyhow::bail!(
+            "reward model `{}`: a built-in scorer has that name; load it under another",
+            m.name
+        ),
+        None => Ok(()),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -234,7 +249,7 @@ mod tests {
             r.reward("sentiment", 1e39),
             Err(RewardError::Weight { .. })
         ));
-        assert_eq!(r.names(), ["sentiment", "sentiment"]);
+        assert_eq!(r.names(), ["sentiment", "readability", "sentiment"]);
     }
 
     #[test]

@@ -23,16 +23,38 @@ pub struct Builtin {
 }
 
 pub fn builtin() -> Vec<Builtin> {
-    vec![Builtin {
-        name: "sentiment",
-        description: "lexicon sentiment of the answer: (positive − negative words) / √words",
-        scorer: Arc::new(Sentiment),
-    }]
+    vec![
+        Builtin {
+            name: "sentiment",
+            description: "lexicon sentiment of the answer: (positive − negative words) / √words",
+            scorer: Arc::new(Sentiment),
+        },
+        Builtin {
+            name: "readability",
+            description: "Flesch reading ease of the answer: shorter sentences and words of fewer \
+                          syllables score higher (about 60–80 for plain English)",
+            scorer: Arc::new(Readability),
+        },
+    ]
 }
 
 /// How many words `text` has, as the scorers count them.
 pub fn word_count(text: &str) -> usize {
     words(text).count()
+}
+
+/// The share of the text's whitespace-separated pieces that hold a letter (1 for a text without
+/// any): runs of digits and symbols lower it, prose keeps it near 1.
+pub fn letter_share(text: &str) -> f32 {
+    let (mut pieces, mut lettered) = (0usize, 0usize);
+    for piece in text.split_whitespace() {
+        pieces += 1;
+        lettered += usize::from(piece.chars().any(char::is_alphabetic));
+    }
+    if pieces == 0 {
+        return 1.0;
+    }
+    lettered as f32 / pieces as f32
 }
 
 /// Lowercase words (letters, digits and inner apostrophes).
@@ -277,6 +299,46 @@ impl Scorer for Sentiment {
     }
 }
 
+/// Flesch reading ease, 206.835 − 1.015 · words per sentence − 84.6 · syllables per word: plain
+/// English scores 60–80, dense prose below 30. Syllables are a word's vowel groups (a final
+/// silent "e" dropped, at least one); a digit is a syllable of its own, so runs of numbers read
+/// as hard, not as short words. Sentences end at `.`, `!`, `?`, `;`, `:` or a line break; a text
+/// without words scores 0.
+pub struct Readability;
+
+impl Readability {
+    fn syllables(word: &str) -> usize {
+        let (mut groups, mut digits, mut in_vowel) = (0, 0, false);
+        for c in word.chars() {
+            digits += usize::from(c.is_ascii_digit());
+            let vowel = matches!(c, 'a' | 'e' | 'i' | 'o' | 'u' | 'y');
+            groups += usize::from(vowel && !in_vowel);
+            in_vowel = vowel;
+        }
+        let silent_e = word.len() > 2 && word.ends_with('e') && !word.ends_with("le");
+        (groups - usize::from(silent_e && groups > 1) + digits).max(1)
+    }
+}
+
+impl Scorer for Readability {
+    fn score(&self, text: &str) -> f32 {
+        let (mut words_n, mut syllables, mut sentences) = (0usize, 0usize, 0usize);
+        for sentence in text.split(['.', '!', '?', ';', ':', '\n']) {
+            let before = words_n;
+            for w in words(sentence) {
+                words_n += 1;
+                syllables += Self::syllables(&w);
+            }
+            sentences += usize::from(words_n > before);
+        }
+        if words_n == 0 {
+            return 0.0;
+        }
+        let (w, s) = (words_n as f32, syllables as f32);
+        206.835 - 1.015 * w / sentences as f32 - 84.6 * s / w
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,6 +384,32 @@ mod tests {
         assert!(s.score("not good") < 0.0);
         assert!(s.score("not bad") > 0.0);
         assert_eq!(s.score(""), 0.0);
+    }
+
+    #[test]
+    fn readability_prefers_short_sentences_of_short_words() {
+        let s = Readability;
+        let plain = s.score("The cat sat on the mat. It was warm. We had tea.");
+        let dense = s.score(
+            "Contemporary administrative considerations necessitate comprehensive \
+             organisational restructuring initiatives throughout institutional hierarchies.",
+        );
+        let numbers = s.score("11:11 12:11 1234 5678 2024 1999 3141");
+        assert!(plain > 90.0 && dense < 0.0, "{plain} {dense}");
+        assert!(numbers < plain, "{numbers}");
+        assert_eq!(s.score(""), 0.0);
+        assert_eq!(s.score("*** --- ###"), 0.0);
+        assert_eq!(Readability::syllables("cake"), 1);
+        assert_eq!(Readability::syllables("table"), 2);
+        assert_eq!(Readability::syllables("beautiful"), 3);
+        assert_eq!(Readability::syllables("2024"), 4);
+    }
+
+    #[test]
+    fn letter_share_counts_pieces_with_a_letter() {
+        assert_eq!(letter_share("a plain answer."), 1.0);
+        assert_eq!(letter_share("11:11 12:11 ok ##"), 0.25);
+        assert_eq!(letter_share(""), 1.0);
     }
 
     #[test]

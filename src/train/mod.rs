@@ -31,6 +31,16 @@ pub struct TextPair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// Whether each response ended on its own (`tilt prefs` says; other data: yes): only those
+    /// end with the end token, so that an ARM does not learn to end where a cut-off text stops.
+    #[serde(default = "yes")]
+    pub chosen_ended: bool,
+    #[serde(default = "yes")]
+    pub rejected_ended: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Read `{"prompt", "chosen", "rejected"}` JSONL; blank lines are skipped.
@@ -112,17 +122,17 @@ pub fn render_prompt(chat: &ChatTemplate, vocab: &Vocab, prompt: &str) -> Result
 /// Render each prompt as a user turn in the base's chat template and append the response tokens.
 /// Returns the pairs that fit in `max_len` tokens and how many did not.
 pub fn encode(base: &Model, pairs: &[TextPair], max_len: usize) -> Result<(Vec<Pair>, usize)> {
-    let response = |text: &str| -> Result<Vec<u32>> {
+    let response = |text: &str, ended: bool| -> Result<Vec<u32>> {
         let mut ids = base.vocab.encode(text, false)?;
-        ids.extend(base.vocab.eos);
+        ids.extend(base.vocab.eos.filter(|_| ended));
         Ok(ids)
     };
     let mut encoded = Vec::with_capacity(pairs.len());
     for p in pairs {
         encoded.push(Pair::new(
             render_prompt(&base.chat, &base.vocab, &p.prompt)?,
-            response(&p.chosen)?,
-            response(&p.rejected)?,
+            response(&p.chosen, p.chosen_ended)?,
+            response(&p.rejected, p.rejected_ended)?,
         ));
     }
     let total = encoded.len();

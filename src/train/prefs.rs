@@ -14,7 +14,7 @@ use super::prompts::{self, Split};
 use crate::decode::{self, Generation};
 use crate::engine::{Engine, EngineOptions, Event, FinishReason};
 use crate::model::{fetch, Model, Role};
-use crate::reward::scorers::{word_count, Length, Scorer, Sentiment};
+use crate::reward::scorers::{letter_share, word_count, Length, Readability, Scorer, Sentiment};
 use crate::sampling::SamplingParams;
 
 /// What the chosen response has more of.
@@ -22,22 +22,31 @@ use crate::sampling::SamplingParams;
 pub enum Objective {
     /// The sentiment lexicon scorer: more positive is better.
     Sentiment,
-    /// Fewer words is better.
+    /// Fewer words of real text, in an answer that ends, is better.
     Concise,
+    /// Plainer text (Flesch reading ease) is better.
+    Readability,
 }
 
-/// What a `concise` response cut off at `--max-tokens` loses, on top of its words: more than
-/// any ended response can, so it ranks below all of them.
-pub const CUT_OFF: f32 = 1e6;
+/// What a `concise` response that is not a real answer loses, on top of its words: more than
+/// any real answer can, so it ranks below all of them.
+pub const NOT_AN_ANSWER: f32 = 1e6;
+
+/// The least share of a `concise` answer's pieces that hold a letter (`letter_share`).
+pub const MIN_LETTER_SHARE: f32 = 0.8;
 
 impl Objective {
     /// A response's score. For `concise`, a response that did not end (cut off at
-    /// `--max-tokens`) ranks below every one that did: counting its words would reward text
-    /// that says little per token (quotes, digits) instead of answers that stop.
+    /// `--max-tokens`) or is mostly digits and symbols ranks below every real answer, and among
+    /// those the fewer of its pieces hold a letter the lower: counting words alone would reward
+    /// text that says little per token (quotes, digits) instead of answers that stop.
     pub fn score(self, scorer: &dyn Scorer, text: &str, ended: bool) -> f32 {
         let s = scorer.score(text);
+        let letters = letter_share(text);
         match self {
-            Self::Concise if !ended => s - CUT_OFF,
+            Self::Concise if !ended || letters < MIN_LETTER_SHARE => {
+                -NOT_AN_ANSWER + 100.0 * letters
+            }
             _ => s,
         }
     }
@@ -47,6 +56,7 @@ impl Objective {
             Self::Sentiment => Box::new(Sentiment),
             // A budget of one word: each word past it costs 1, so the score is −(words − 1).
             Self::Concise => Box::new(Length::at_most(1)),
+            Self::Readability => Box::new(Readability),
         }
     }
 }
@@ -57,57 +67,68 @@ pub struct ScoredPair {
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
+    /// Whether each response ended on its own: `train-arm` ends only those with the end token.
+    pub chosen_ended: bool,
+    pub rejected_ended: bool,
     pub scores: Vec<f32>,
 }
 
-/// The pair of `responses` with the widest score gap among those whose word counts differ by at
-/// most `tolerance` × the longer one's (any, without a tolerance), or `None` when no pair differs.
-///
-/// Why a tolerance: the GenARM loss compares *sums* of log-probs, and a tiny ARM's per-token
-/// log-probs are far from 0, so a few tokens of length difference outweigh the objective's
-/// signal (sentiment words). Pairs of about the same length leave the ARM only the objective
-/// to learn. A length objective (concise) must not use it.
-pub fn widest_pair(
-    prompt: &str,
-    responses: &[String],
-    scores: &[f32],
-    tolerance: Option<f32>,
-) -> Option<ScoredPair> {
-    let Some(tolerance) = tolerance else {
-        return best_vs_worst(prompt, responses, scores);
-    };
-    let lens: Vec<usize> = responses.iter().map(|r| word_count(r)).collect();
-    let mut best: Option<(usize, usize)> = None;
-    for i in 0..responses.len() {
-        for j in 0..responses.len() {
-            let longer = lens[i].max(lens[j]) as f32;
-            let close = (lens[i] as f32 - lens[j] as f32).abs() <= tolerance * longer;
-            let gap = scores[i] - scores[j];
-            if close && gap > 0.0 && best.is_none_or(|(a, b)| gap > scores[a] - scores[b]) {
-                best = Some((i, j));
-            }
-        }
-    }
-    best.map(|(i, j)| ScoredPair {
-        prompt: prompt.to_string(),
-        chosen: responses[i].clone(),
-        rejected: responses[j].clone(),
-        scores: scores.to_vec(),
-    })
+/// K responses to one prompt, whether each ended on its own, and their scores.
+pub struct Scored<'a> {
+    pub prompt: &'a str,
+    pub responses: &'a [String],
+    pub ended: &'a [bool],
+    pub scores: &'a [f32],
 }
 
-/// Best vs worst of `responses` under `scores`, or `None` when they all score the same.
-pub fn best_vs_worst(prompt: &str, responses: &[String], scores: &[f32]) -> Option<ScoredPair> {
-    let by_score = |a: &(usize, &f32), b: &(usize, &f32)| a.1.total_cmp(b.1);
-    // `max_by` keeps the last of equals and `min_by` the first: either is fine, both are fixed.
-    let (best, _) = scores.iter().enumerate().max_by(by_score)?;
-    let (worst, _) = scores.iter().enumerate().min_by(by_score)?;
-    (scores[best] > scores[worst]).then(|| ScoredPair {
-        prompt: prompt.to_string(),
-        chosen: responses[best].clone(),
-        rejected: responses[worst].clone(),
-        scores: scores.to_vec(),
-    })
+impl Scored<'_> {
+    fn pair(&self, chosen: usize, rejected: usize) -> ScoredPair {
+        ScoredPair {
+            prompt: self.prompt.to_string(),
+            chosen: self.responses[chosen].clone(),
+            rejected: self.responses[rejected].clone(),
+            chosen_ended: self.ended[chosen],
+            rejected_ended: self.ended[rejected],
+            scores: self.scores.to_vec(),
+        }
+    }
+
+    /// The pair with the widest score gap among those whose word counts differ by at most
+    /// `tolerance` × the longer one's (any, without a tolerance), or `None` when no pair differs.
+    ///
+    /// Why a tolerance: the GenARM loss compares *sums* of log-probs, and a tiny ARM's per-token
+    /// log-probs are far from 0, so a few tokens of length difference outweigh the objective's
+    /// signal (sentiment words). Pairs of about the same length leave the ARM only the objective
+    /// to learn. A length objective (concise) must not use it.
+    pub fn widest_pair(&self, tolerance: Option<f32>) -> Option<ScoredPair> {
+        let Some(tolerance) = tolerance else {
+            return self.best_vs_worst();
+        };
+        let (responses, scores) = (self.responses, self.scores);
+        let lens: Vec<usize> = responses.iter().map(|r| word_count(r)).collect();
+        let mut best: Option<(usize, usize)> = None;
+        for i in 0..responses.len() {
+            for j in 0..responses.len() {
+                let longer = lens[i].max(lens[j]) as f32;
+                let close = (lens[i] as f32 - lens[j] as f32).abs() <= tolerance * longer;
+                let gap = scores[i] - scores[j];
+                if close && gap > 0.0 && best.is_none_or(|(a, b)| gap > scores[a] - scores[b]) {
+                    best = Some((i, j));
+                }
+            }
+        }
+        best.map(|(i, j)| self.pair(i, j))
+    }
+
+    /// Best vs worst, or `None` when they all score the same.
+    pub fn best_vs_worst(&self) -> Option<ScoredPair> {
+        let scores = self.scores;
+        let by_score = |a: &(usize, &f32), b: &(usize, &f32)| a.1.total_cmp(b.1);
+        // `max_by` keeps the last of equals and `min_by` the first: either is fine, both are fixed.
+        let (best, _) = scores.iter().enumerate().max_by(by_score)?;
+        let (worst, _) = scores.iter().enumerate().min_by(by_score)?;
+        (scores[best] > scores[worst]).then(|| self.pair(best, worst))
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -404,17 +425,25 @@ pub fn run(args: PrefsArgs) -> Result<()> {
         .zip(&responses)
         .zip(&ended)
         .filter_map(|((prompt, texts), ended)| {
-            // `concise` learns from a response that ended against a longer one; a prompt whose
-            // responses were all cut off has none to choose.
-            if args.objective == Objective::Concise && !ended.iter().any(|&e| e) {
-                return None;
-            }
             let scores: Vec<f32> = texts
                 .iter()
                 .zip(ended)
                 .map(|(t, &e)| args.objective.score(&*scorer, t, e))
                 .collect();
-            widest_pair(prompt, texts, &scores, args.length_tolerance)
+            // `concise` learns from a real answer against a longer or unreal one; a prompt
+            // without a real answer has none to choose.
+            if args.objective == Objective::Concise
+                && scores.iter().all(|&s| s < -NOT_AN_ANSWER / 2.0)
+            {
+                return None;
+            }
+            let scored = Scored {
+                prompt,
+                responses: texts,
+                ended,
+                scores: &scores,
+            };
+            scored.widest_pair(args.length_tolerance)
         })
         .collect();
     for pair in &pairs {
@@ -423,11 +452,11 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     file.flush()
         .with_context(|| format!("writing {}", args.out.display()))?;
 
-    // The scorer's own gap (for `concise`, in words, without the cut-off penalty).
+    // The scorer's own gap (for `concise`, in words, without the penalty of unreal answers).
     let gap = |p: &ScoredPair| scorer.score(&p.chosen) - scorer.score(&p.rejected);
     let wall = start.elapsed().as_secs_f64();
     println!(
-        "{} pairs from {} prompts ({} skipped: ties, or for concise no response that ended), \
+        "{} pairs from {} prompts ({} skipped: ties, or for concise no real answer), \
          mean score gap {:.3}",
         pairs.len(),
         prompts.len(),
@@ -451,13 +480,28 @@ pub fn run(args: PrefsArgs) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn scored<'a>(texts: &'a [String], ended: &'a [bool], scores: &'a [f32]) -> Scored<'a> {
+        Scored {
+            prompt: "p",
+            responses: texts,
+            ended,
+            scores,
+        }
+    }
+
     #[test]
     fn best_vs_worst_skips_ties() {
         let texts: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        let pair = best_vs_worst("p", &texts, &[0.5, 2.0, -1.0]).unwrap();
+        let ended = [true, true, false];
+        let pair = scored(&texts, &ended, &[0.5, 2.0, -1.0])
+            .best_vs_worst()
+            .unwrap();
         assert_eq!((pair.chosen.as_str(), pair.rejected.as_str()), ("b", "c"));
+        assert_eq!((pair.chosen_ended, pair.rejected_ended), (true, false));
         assert_eq!(pair.scores, [0.5, 2.0, -1.0]);
-        assert!(best_vs_worst("p", &texts, &[1.0, 1.0, 1.0]).is_none());
+        assert!(scored(&texts, &ended, &[1.0, 1.0, 1.0])
+            .best_vs_worst()
+            .is_none());
     }
 
     #[test]
@@ -465,26 +509,34 @@ mod tests {
         let texts: Vec<String> = ["good day", "a b c d e f g h", "bad day", "ok"]
             .map(String::from)
             .to_vec();
-        let scores = [1.0, 3.0, -1.0, -2.0];
-        let pair = widest_pair("p", &texts, &scores, Some(0.0)).unwrap();
+        let (ended, scores) = ([true; 4], [1.0, 3.0, -1.0, -2.0]);
+        let pair = scored(&texts, &ended, &scores)
+            .widest_pair(Some(0.0))
+            .unwrap();
         assert_eq!(
             (pair.chosen.as_str(), pair.rejected.as_str()),
             ("good day", "bad day")
         );
-        let pair = widest_pair("p", &texts, &scores, None).unwrap();
+        let pair = scored(&texts, &ended, &scores).widest_pair(None).unwrap();
         assert_eq!(
             (pair.chosen.as_str(), pair.rejected.as_str()),
             ("a b c d e f g h", "ok")
         );
-        assert!(widest_pair("p", &texts[1..2], &scores[1..2], Some(0.5)).is_none());
+        let one = scored(&texts[1..2], &ended[1..2], &scores[1..2]);
+        assert!(one.widest_pair(Some(0.5)).is_none());
     }
 
     #[test]
-    fn concise_prefers_fewer_words_and_answers_that_end() {
+    fn concise_prefers_fewer_words_of_real_answers_that_end() {
         let s = Objective::Concise.scorer();
         assert!(s.score("Yes.") > s.score("Yes, I think so."));
         let score = |text, ended| Objective::Concise.score(&*s, text, ended);
-        assert!(score("Yes, I think so, and here is why.", true) > score("\"1\" \"2\"", false));
+        let long = "Yes, I think so, and here is why: it rains.";
+        assert!(score(long, true) > score("\"1\" \"2\"", false));
+        // Digits and symbols that end are not a short answer either.
+        assert!(score(long, true) > score("11:11 12:11 ok", true));
+        // Below real answers, the more symbol-like ranks lowest: it is what a pair rejects.
+        assert!(score("Yes, I think so, and", false) > score("11:11 12:11 ok", true));
         let sentiment = Objective::Sentiment.scorer();
         assert_eq!(
             Objective::Sentiment.score(&*sentiment, "good", false),
