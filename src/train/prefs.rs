@@ -35,20 +35,21 @@ pub const NOT_AN_ANSWER: f32 = 1e6;
 /// The least share of a `concise` answer's pieces that hold a letter (`letter_share`).
 pub const MIN_LETTER_SHARE: f32 = 0.8;
 
+/// What `concise` counts the words of: a response that ended on its own and is mostly words.
+fn is_real_answer(text: &str, ended: bool) -> bool {
+    ended && letter_share(text) >= MIN_LETTER_SHARE
+}
+
 impl Objective {
     /// A response's score. For `concise`, a response that did not end (cut off at
     /// `--max-tokens`) or is mostly digits and symbols ranks below every real answer, and among
     /// those the fewer of its pieces hold a letter the lower: counting words alone would reward
     /// text that says little per token (quotes, digits) instead of answers that stop.
     pub fn score(self, scorer: &dyn Scorer, text: &str, ended: bool) -> f32 {
-        let s = scorer.score(text);
-        let letters = letter_share(text);
-        match self {
-            Self::Concise if !ended || letters < MIN_LETTER_SHARE => {
-                -NOT_AN_ANSWER + 100.0 * letters
-            }
-            _ => s,
+        if self == Self::Concise && !is_real_answer(text, ended) {
+            return -NOT_AN_ANSWER + 100.0 * letter_share(text);
         }
+        scorer.score(text)
     }
 
     pub fn scorer(self) -> Box<dyn Scorer> {
@@ -425,18 +426,18 @@ pub fn run(args: PrefsArgs) -> Result<()> {
         .zip(&responses)
         .zip(&ended)
         .filter_map(|((prompt, texts), ended)| {
+            // `concise` learns from a real answer against a longer or unreal one; a prompt
+            // without a real answer has none to choose.
+            if args.objective == Objective::Concise
+                && !texts.iter().zip(ended).any(|(t, &e)| is_real_answer(t, e))
+            {
+                return None;
+            }
             let scores: Vec<f32> = texts
                 .iter()
                 .zip(ended)
                 .map(|(t, &e)| args.objective.score(&*scorer, t, e))
                 .collect();
-            // `concise` learns from a real answer against a longer or unreal one; a prompt
-            // without a real answer has none to choose.
-            if args.objective == Objective::Concise
-                && scores.iter().all(|&s| s < -NOT_AN_ANSWER / 2.0)
-            {
-                return None;
-            }
             let scored = Scored {
                 prompt,
                 responses: texts,
