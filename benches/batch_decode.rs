@@ -1,9 +1,10 @@
 //! Decode-step cost at batch 1, 4, 8, 16 and 32 (cache length ~200, or `CTX`) beside the
 //! roofline (the weights streamed once a step at this machine's read bandwidth), and the sampler
-//! per row, in one process, interleaved so machine noise hits all alike; prints medians. `--e2e` instead times
-//! whole requests through the engine: one 128-token sample against best-of-4 × 128 and against
-//! GenARM with the shipped `positive` ARM, then with two and all three shipped ARMs, then with each reward
-//! model named after `--e2e` as NAME=PATH (a LoRA ARM's folder, say).
+//! per row, in one process, interleaved so machine noise hits all alike; prints medians.
+//! `--e2e` instead times whole requests through the engine: one 128-token sample against
+//! best-of-4 × 128 (ranked by the sentiment scorer, then by the `positive` ARM) and against
+//! GenARM with the shipped `positive` ARM, then with two and all three shipped ARMs, then with
+//! each reward model named after `--e2e` as NAME=PATH (a LoRA ARM's folder, say).
 //!
 //!     cargo bench --bench batch_decode [-- ROUNDS [--only BATCH | --e2e [NAME=PATH ...]]]
 
@@ -209,6 +210,10 @@ fn end_to_end(m: Model, rounds: usize, rewards: Vec<(String, std::path::PathBuf)
         (
             "best-of-4".to_string(),
             spec("best_of_n", json!({"n": 4, "rewards": {"sentiment": 1.0}})),
+        ),
+        (
+            "best-of-4 by an ARM".to_string(),
+            spec("best_of_n", json!({"n": 4, "rewards": {"positive": 1.0}})),
         ),
         (
             "genarm +1 ARM".to_string(),

@@ -342,6 +342,54 @@ fn forks_in_one_batch_match_running_alone() {
     assert_batch_matches_alone(&m, &mut caches, &chunks);
 }
 
+/// Two sequences with the same history fed the same token (best-of-N's candidate and the base
+/// lane its ARM is read against) are computed once: the second copies the first's rows, keys and
+/// values, and goes on from them as if it had run alone.
+#[test]
+fn alike_sequences_in_one_batch_match_running_alone() {
+    let m = model();
+    let v = &m.vocab;
+    let prompt = v.encode("Once upon a time there was a", false).unwrap();
+    let other = v.encode("1, 2, 3,", false).unwrap();
+    // Prefilled apart, not forked: alike by their tokens only.
+    let mut caches: Vec<KvCache> = [&prompt, &other, &prompt]
+        .iter()
+        .map(|p| prefill(p, Logits::None).0)
+        .collect();
+    let (king, four) = (
+        v.encode(" king", false).unwrap(),
+        v.encode(" 4", false).unwrap(),
+    );
+    assert_batch_matches_alone(&m, &mut caches, &[&king, &four, &king]);
+    assert!(caches[2].same_history(&caches[0]));
+    // Apart again: the copy's keys and values are its own.
+    let (who, ruled) = (
+        v.encode(" who", false).unwrap(),
+        v.encode(" ruled", false).unwrap(),
+    );
+    assert_batch_matches_alone(&m, &mut caches, &[&who, &four, &ruled]);
+    // The first computed " king"'s keys and values, the copy copied them: from there both
+    // read " ruled" alike.
+    let ruled_after = |cache: &KvCache| {
+        let mut c = cache.fork();
+        c.truncate(prompt.len() + king.len());
+        let out = m
+            .llama
+            .forward(&mut [ForwardItem {
+                cache: &mut c,
+                tokens: &ruled,
+                logits: Logits::Last,
+            }])
+            .unwrap();
+        out.last(0).unwrap().to_vec()
+    };
+    let d = max_abs_diff(&ruled_after(&caches[0]), &ruled_after(&caches[2]));
+    assert!(
+        d < 1e-3,
+        "the copy's cache differs from the original's by {d}"
+    );
+}
+
 #[test]
 fn context_overflow_is_an_error_not_a_panic() {
     let m = model();

@@ -291,14 +291,16 @@ pub struct BestOfNDecoder {
     generation: Generation,
     /// The candidates of every group, each group's N then its K reference samples.
     guided: Guided,
-    /// The reward models that score: their prompts prefilled while the candidates are sampled,
-    /// then a track per candidate fed its response in chunks, summing log-probs.
+    /// The reward models that score: their prompts prefilled beside the candidates', then a
+    /// track per candidate fed each of its tokens in the step that feeds it to the base,
+    /// summing log-probs (in chunks, where it lags behind).
     arms: Tracker,
     /// The objective of each of `arms`' lanes.
     arm_objectives: Vec<usize>,
     /// Per candidate, once scoring has started.
     runs: Vec<Run>,
-    /// The scoring ARMs are reading the candidates: at a checkpoint, or once all have finished.
+    /// The candidates wait while the scoring ARMs catch up: at a checkpoint, or once all have
+    /// finished.
     reading: bool,
     /// Per candidate, the tokens it had when speculative rejection stopped it.
     rejected: Vec<Option<usize>>,
@@ -312,8 +314,12 @@ pub struct BestOfNDecoder {
 /// A candidate being read by the scoring ARMs.
 struct Run {
     track: TrackId,
-    /// Response tokens counted.
+    /// Response tokens fed to the ARMs, and counted (each token's log-prob added, once the row
+    /// before it is read): `counted` is `fed` or `fed + 1`.
+    fed: usize,
     counted: usize,
+    /// Where this step's feed ends.
+    feeding: Option<usize>,
     /// Per ARM lane, Σ log π_r of the response, once counted to its end (or of its prefix,
     /// once stopped early).
     logps: Vec<f64>,
@@ -385,17 +391,15 @@ impl BestOfNDecoder {
         self.arms.ready() && !live.is_empty() && len >= last + every && live.len() * len >= budget
     }
 
-    /// Start the ARMs reading every candidate up to where it stands (a track each on the first
-    /// call); false when there is nothing to read.
-    fn start_reading(&mut self, cx: &mut Cx) -> Result<bool> {
-        if self.arm_objectives.is_empty() {
-            return Ok(false);
-        }
-        if self.runs.is_empty() {
-            self.start_scoring(cx)?;
-        }
-        self.reading = !self.scored();
-        Ok(self.reading)
+    /// Whether the candidates sample this step (they wait while the ARMs catch up).
+    fn sampling(&self) -> bool {
+        !self.reading && !self.guided.is_done()
+    }
+
+    /// Every candidate has its first token.
+    fn started(&self) -> bool {
+        let mut choices = self.guided.choices().peekable();
+        choices.peek().is_some() && choices.all(|c| !c.tokens.is_empty())
     }
 
     /// Each candidate's combined reward for what it has written so far, its ARM terms from the
@@ -454,20 +458,21 @@ impl BestOfNDecoder {
         Ok(())
     }
 
-    /// The candidates are done: a track per candidate, each sum starting with the log-prob of
-    /// the response's first token.
+    /// Every ARM's prompt is in and every candidate has its first token: a track per
+    /// candidate, each sum starting with the log-prob of that token.
     fn start_scoring(&mut self, cx: &mut Cx) -> Result<()> {
         let count = self.guided.choices().count();
         let tracks = self.arms.branch(cx, count)?;
         for (c, track) in self.guided.choices().zip(tracks) {
-            let y1 = *c.tokens.first().context("a candidate without tokens")?;
-            self.arms.count(track, y1)?;
             let mut run = Run {
                 track,
-                counted: 1,
+                fed: 0,
+                counted: 0,
+                feeding: None,
                 logps: Vec::new(),
                 stopped: false,
             };
+            run.count_next(&mut self.arms, c)?;
             run.finish_if_read(cx, &mut self.arms, c)?;
             self.runs.push(run);
         }
@@ -482,32 +487,38 @@ impl BestOfNDecoder {
                     .all(|(r, c)| r.stopped || r.counted >= c.tokens.len()))
     }
 
-    /// Feed every candidate the next chunk of its response that the ARMs have not read: from the
-    /// last token counted on, whose rows predict the tokens after them. The response's last
-    /// token is never fed: only the log-probs before each token are needed.
-    fn plan_scoring(&mut self, cx: &mut Cx) -> Result<()> {
-        for (run, c) in self.runs.iter().zip(self.guided.choices()) {
-            if !run.stopped && run.counted < c.tokens.len() {
-                let end = (run.counted - 1 + SCORE_CHUNK).min(c.tokens.len() - 1);
-                self.arms
-                    .feed(cx, run.track, &c.tokens[run.counted - 1..end])?;
+    /// Feed every candidate's tokens that the ARMs have not read. While a candidate samples,
+    /// its newest token goes in the step that feeds it to the base: the ARM's row is then the
+    /// base row's twin (a LoRA ARM skips the layers below its adapters, the base lane it is
+    /// read against is a copy). After sampling, the response's last token is not fed: only
+    /// the log-probs before each token are needed.
+    fn plan_scoring(&mut self, cx: &mut Cx, sampling: bool) -> Result<()> {
+        for (run, c) in self.runs.iter_mut().zip(self.guided.choices()) {
+            let len = c.tokens.len();
+            let limit = if sampling && !c.is_done() {
+                len
+            } else {
+                len.saturating_sub(1)
+            };
+            if run.is_read() || run.counted != run.fed + 1 || run.fed >= limit {
+                continue;
             }
+            let end = (run.fed + SCORE_CHUNK).min(limit);
+            self.arms.feed(cx, run.track, &c.tokens[run.fed..end])?;
+            run.feeding = Some(end);
         }
         Ok(())
     }
 
-    /// Count what this step's chunks predicted: their tokens after the first (the tracker does)
-    /// and the token after each chunk, from its last row.
+    /// Count what this step's feeds predicted: their tokens after the first (the tracker does),
+    /// and the token after each feed, from its last row, once sampled.
     fn absorb_scoring(&mut self, cx: &mut Cx, out: &Outputs) -> Result<()> {
         self.arms.absorb(cx, out)?;
         for (run, c) in self.runs.iter_mut().zip(self.guided.choices()) {
-            let len = c.tokens.len();
-            if run.stopped || run.counted >= len {
-                continue;
+            if let Some(end) = run.feeding.take() {
+                (run.fed, run.counted) = (end, end);
             }
-            let end = (run.counted - 1 + SCORE_CHUNK).min(len - 1);
-            self.arms.count(run.track, c.tokens[end])?;
-            run.counted = end + 1;
+            run.count_next(&mut self.arms, c)?;
             run.finish_if_read(cx, &mut self.arms, c)?;
         }
         Ok(())
@@ -746,9 +757,23 @@ fn soft(rewards: &[f64], beta: f64, rng: &mut ChaCha8Rng) -> usize {
 }
 
 impl Run {
+    /// Its sums are final: read to the end, or stopped early.
+    fn is_read(&self) -> bool {
+        self.stopped || !self.logps.is_empty()
+    }
+
+    /// Count the token the last row fed predicts, once the candidate has it.
+    fn count_next(&mut self, arms: &mut Tracker, c: &Choice) -> Result<()> {
+        if !self.is_read() && self.counted == self.fed && self.counted < c.tokens.len() {
+            arms.count(self.track, c.tokens[self.counted])?;
+            self.counted += 1;
+        }
+        Ok(())
+    }
+
     /// Once the finished candidate's tokens are all counted, keep the sums and free the track.
     fn finish_if_read(&mut self, cx: &mut Cx, arms: &mut Tracker, c: &Choice) -> Result<()> {
-        if c.is_done() && self.counted >= c.tokens.len() {
+        if !self.is_read() && c.is_done() && self.counted >= c.tokens.len() {
             self.logps = arms.logps(self.track)?.to_vec();
             arms.free(cx, self.track);
         }
@@ -761,15 +786,13 @@ impl Decoder for BestOfNDecoder {
         if !self.rankings.is_empty() {
             return self.rankings.iter_mut().try_for_each(|(r, _)| r.plan(cx));
         }
-        if self.reading {
-            return self.plan_scoring(cx);
-        }
         // Prefilled alongside the candidates' first steps (a no-op once done).
         self.arms.plan_prompts(cx)?;
-        if !self.guided.is_done() {
+        let sampling = self.sampling();
+        if sampling {
             self.guided.plan(cx)?;
         }
-        Ok(())
+        self.plan_scoring(cx, sampling)
     }
 
     fn absorb(&mut self, cx: &mut Cx, out: &Outputs) -> Result<Flow> {
@@ -784,32 +807,28 @@ impl Decoder for BestOfNDecoder {
             self.finish(cx);
             return Ok(Flow::Done);
         }
-        if self.reading {
+        let prefilled = self.arms.absorb_prompts(cx, out)?;
+        if self.sampling() {
+            self.guided.absorb(cx, out, &self.generation)?;
+        }
+        if !self.runs.is_empty() {
             self.absorb_scoring(cx, out)?;
-            if !self.scored() {
-                return Ok(Flow::Continue);
-            }
-            self.reading = false;
-        } else {
-            let prefilled = self.arms.absorb_prompts(cx, out)?;
-            if !self.guided.is_done() && !self.guided.absorb(cx, out, &self.generation)? {
-                // Candidates pause at a checkpoint while the ARMs read them.
-                if self.at_checkpoint() && !self.start_reading(cx)? {
-                    self.checkpoint(cx)?;
-                }
-                return Ok(Flow::Continue);
-            }
-            if !prefilled {
-                // A prompt that takes longer to prefill than the candidates took to sample.
-                return Ok(Flow::Continue);
-            }
-            if self.start_reading(cx)? {
-                return Ok(Flow::Continue);
-            }
+        } else if prefilled && !self.arm_objectives.is_empty() && self.started() {
+            self.start_scoring(cx)?;
         }
         if !self.guided.is_done() {
-            // The ARMs have read up to a checkpoint.
-            self.checkpoint(cx)?;
+            // At a checkpoint the candidates wait until the ARMs have read them.
+            if self.reading || self.at_checkpoint() {
+                self.reading = !self.scored();
+                if !self.reading {
+                    self.checkpoint(cx)?;
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        // Unread: a prompt that took longer to prefill than the candidates took to sample.
+        self.reading = !self.scored();
+        if self.reading {
             return Ok(Flow::Continue);
         }
         if let Selection::Equilibrium(spec) = &self.spec.selection {
@@ -827,7 +846,7 @@ mod tests {
     use super::*;
     use crate::decode::testing::{engine, generation, run, seeded};
     use crate::engine::fake::{self, id, FakeModel, WORDS};
-    use crate::engine::Engine;
+    use crate::engine::{Engine, EngineOptions};
     use crate::model::Role;
 
     /// The fake words of an answer's text.
@@ -884,32 +903,50 @@ mod tests {
     #[test]
     fn a_reward_model_scores_each_whole_response() {
         // An ARM whose next-token distribution depends on the token before: its sums check
-        // that every response token is read after the right history, across chunks.
+        // that every response token is read after the right history. With the base's prompt
+        // the ARM reads each token in the step that samples the next; with a long prompt of its
+        // own, prefilled in small chunks, it lags behind and catches up in chunks.
         let arm_row = |last: u32| fake::favour((last + 2) % WORDS.len() as u32, 2.0);
-        let arm = FakeModel::new("arm", Role::Reward, move |h| arm_row(*h.last().unwrap()))
-            .with_context(256);
-        let e = engine(vec![FakeModel::counting().with_context(256), arm]);
+        let models = || {
+            let arm = FakeModel::new("arm", Role::Reward, move |h| arm_row(*h.last().unwrap()))
+                .with_context(256);
+            vec![FakeModel::counting().with_context(256), arm]
+        };
         let prompt = [id("the"), id("cat")];
-        let g = generation(&prompt, 2 * SCORE_CHUNK + 5, seeded(8));
-        let params = json!({"n": 3, "rewards": {"arm": 1.0}, "return_candidates": true});
-        let report = run(&e, "best_of_n", params, g).report.unwrap();
-        for c in report["candidates"].as_array().unwrap() {
-            let response = ids(c["text"].as_str().unwrap());
-            assert_eq!(response.len(), 2 * SCORE_CHUNK + 5);
-            let mut last = *prompt.last().unwrap();
-            let mut want = 0.0f64;
-            for &y in &response {
-                let mut lp = arm_row(last);
-                crate::math::log_softmax(&mut lp);
-                want += f64::from(lp[y as usize]);
-                last = y;
+        let lagging = Engine::start(
+            models(),
+            EngineOptions {
+                prefill_chunk: 3,
+                ..EngineOptions::default()
+            },
+        );
+        for (e, arm_prompt) in [(engine(models()), None), (lagging, Some(40))] {
+            let mut g = generation(&prompt, 2 * SCORE_CHUNK + 5, seeded(8));
+            if let Some(len) = arm_prompt {
+                // Ends as the base's does: the first response token follows "cat" in both.
+                let mut long = vec![id("the"); len];
+                long.push(id("cat"));
+                g.model_prompts.insert(1, long);
             }
-            let got = c["scores"]["arm"].as_f64().unwrap();
-            assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+            let params = json!({"n": 3, "rewards": {"arm": 1.0}, "return_candidates": true});
+            let report = run(&e, "best_of_n", params, g).report.unwrap();
+            for c in report["candidates"].as_array().unwrap() {
+                let response = ids(c["text"].as_str().unwrap());
+                assert_eq!(response.len(), 2 * SCORE_CHUNK + 5);
+                let mut last = *prompt.last().unwrap();
+                let mut want = 0.0f64;
+                for &y in &response {
+                    let mut lp = arm_row(last);
+                    crate::math::log_softmax(&mut lp);
+                    want += f64::from(lp[y as usize]);
+                    last = y;
+                }
+                let got = c["scores"]["arm"].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-3, "{arm_prompt:?}: {got} vs {want}");
+            }
         }
     }
 
-    /// A base whose candidates vary, and an ARM that favours `sea` after any token.
     fn base_and_arm() -> Engine {
         let arm = FakeModel::new("arm", Role::Reward, |_| fake::favour(id("sea"), 3.0));
         engine(vec![FakeModel::counting(), arm])

@@ -218,8 +218,9 @@ impl Llama {
     /// the batch has its tokens at its positions after the same history (GenARM feeds the two
     /// alike), the adapter's rows skip those layers: they take that twin's hidden rows where
     /// their adapter begins, and copies of its keys and values (kept, so that the item can
-    /// also run alone later). Rows are laid out with such items last, in the order their layers
-    /// begin, so that each layer runs on a prefix of the rows.
+    /// also run alone later). A base item alike with an earlier base item is its copy in the
+    /// same way, through every layer. Rows are laid out with such items last, in the order
+    /// their layers begin, so that each layer runs on a prefix of the rows.
     fn run_layers(
         &self,
         models: &[&Llama],
@@ -252,23 +253,29 @@ impl Llama {
         let adapter_of: Vec<Option<&Adapter>> = (models.iter().zip(counts))
             .flat_map(|(m, &c)| std::iter::repeat_n(m.adapter.as_deref(), c))
             .collect();
-        // Each adapted item's twin among the base's items, and the layer it joins the batch at.
-        let twin: Vec<Option<(usize, usize)>> = (0..items.len())
-            .map(|i| {
-                let a = adapter_of[i]?;
-                let joins = a.first_layer().min(stop);
-                (joins > 0)
-                    .then(|| {
-                        (0..items.len()).find(|&j| {
-                            adapter_of[j].is_none()
-                                && items[j].tokens == items[i].tokens
-                                && items[j].cache.same_history(items[i].cache)
-                        })
-                    })
-                    .flatten()
-                    .map(|j| (j, joins))
-            })
-            .collect();
+        // Each item's twin, and the layer it joins the batch at: an adapted item joins its base
+        // twin where its adapter begins; a base item fed what an earlier one is fed, after the
+        // same history (best-of-N's candidates and the base lane their ARMs are read against),
+        // never joins: it is that one's copy throughout.
+        let base_item = |j: usize| adapter_of[j].is_none();
+        let alike = |i: usize, j: usize| {
+            items[j].tokens == items[i].tokens && items[j].cache.same_history(items[i].cache)
+        };
+        let mut twin: Vec<Option<(usize, usize)>> = vec![None; items.len()];
+        for i in (0..items.len()).filter(|&i| stop > 0 && base_item(i)) {
+            twin[i] = (0..i)
+                .find(|&j| base_item(j) && twin[j].is_none() && alike(i, j))
+                .map(|j| (j, stop));
+        }
+        for i in 0..items.len() {
+            let Some(a) = adapter_of[i] else { continue };
+            let joins = a.first_layer().min(stop);
+            if joins > 0 {
+                twin[i] = (0..items.len())
+                    .find(|&j| base_item(j) && twin[j].is_none() && alike(i, j))
+                    .map(|j| (j, joins));
+            }
+        }
         let mut order: Vec<usize> = (0..items.len()).filter(|&i| twin[i].is_none()).collect();
         let mut late: Vec<usize> = (0..items.len()).filter(|&i| twin[i].is_some()).collect();
         late.sort_by_key(|&i| twin[i].map(|(_, joins)| joins));
@@ -433,7 +440,8 @@ impl Llama {
                 (&mut x, hidden),
             );
         }
-        // Items whose adapter begins at `stop` or above are their twins' rows throughout.
+        // Items that never joined (base copies, adapters that begin at `stop` or above) are their
+        // twins' rows throughout.
         for (i, twin) in twin.iter().enumerate() {
             if let Some((j, stop_at)) = *twin {
                 if stop_at == stop {

@@ -8,6 +8,7 @@ pub mod model;
 pub mod prefs;
 pub mod prompts;
 
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -419,11 +420,31 @@ fn gguf_layers(
     path: &Path,
     base: &Model,
     layers: &[usize],
-) -> Result<(ArmConfig, std::collections::HashMap<String, Tensor>)> {
+) -> Result<(ArmConfig, HashMap<String, Tensor>)> {
     let mut file = std::fs::File::open(path)?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("an ARM from the base's layers needs a GGUF base: {e}"))?;
     distill::base_layers(&mut file, &content, base, layers)
+}
+
+/// Held-out pairs and training pairs: whole prompts, taken in order until at least `n_heldout`
+/// pairs are held out, so that no prompt is on both sides (a prompt has several pairs when its
+/// data comes from several sampling runs). With one pair per prompt, the first `n_heldout`.
+fn split_by_prompt(pairs: Vec<Pair>, n_heldout: usize) -> (Vec<Pair>, Vec<Pair>) {
+    let mut per_prompt: HashMap<&[u32], usize> = HashMap::new();
+    for p in &pairs {
+        *per_prompt.entry(&p.prompt).or_default() += 1;
+    }
+    let (mut held, mut taken) = (HashSet::new(), 0);
+    for p in &pairs {
+        if taken >= n_heldout {
+            break;
+        }
+        if held.insert(p.prompt.clone()) {
+            taken += per_prompt[&p.prompt[..]];
+        }
+    }
+    pairs.into_iter().partition(|p| held.contains(&p.prompt))
 }
 
 /// The `tilt train-arm` command.
@@ -497,7 +518,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         arm.set_weights(&init)?;
         (cfg, arm)
     };
-    let (heldout, train_set) = pairs.split_at(n_heldout);
+    let (heldout, train_set) = split_by_prompt(pairs, n_heldout);
+    let (heldout, train_set) = (&heldout[..], &train_set[..]);
     let opts = TrainOptions {
         epochs: args.epochs,
         lr: args.lr,
@@ -539,8 +561,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         train_pairs: train_set.len(),
         heldout_pairs: heldout.len(),
         skipped_pairs: skipped,
-        response_tokens: pairs
+        response_tokens: heldout
             .iter()
+            .chain(train_set)
             .map(|p| p.chosen.len() + p.rejected.len())
             .sum(),
         config: cfg,
@@ -557,4 +580,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
     println!("{text}");
     println!("saved to {}", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heldout_split_keeps_each_prompt_on_one_side() {
+        let pair = |prompt: u32| Pair::new(vec![prompt], vec![1], vec![2]);
+        let pairs: Vec<Pair> = [7, 3, 7, 5, 3, 9].into_iter().map(pair).collect();
+        // Two pairs asked for: prompt 7 (two pairs) is enough.
+        let (held, train) = split_by_prompt(pairs.clone(), 2);
+        assert_eq!(held.iter().map(|p| p.prompt[0]).collect::<Vec<_>>(), [7, 7]);
+        assert_eq!(train.len(), 4);
+        // Three: 7, then 3 whole (four pairs), none of them left in training.
+        let (held, train) = split_by_prompt(pairs.clone(), 3);
+        assert_eq!(held.len(), 4);
+        assert!(train.iter().all(|p| p.prompt[0] == 5 || p.prompt[0] == 9));
+        // One pair per prompt: the first n, as a plain split.
+        let single: Vec<Pair> = [4, 2, 8].into_iter().map(pair).collect();
+        let (held, _) = split_by_prompt(single, 2);
+        assert_eq!(held.iter().map(|p| p.prompt[0]).collect::<Vec<_>>(), [4, 2]);
+        assert!(split_by_prompt(pairs, 0).0.is_empty());
+    }
 }

@@ -101,9 +101,9 @@ impl Scored<'_> {
     /// log-probs are far from 0, so a few tokens of length difference outweigh the objective's
     /// signal (sentiment words). Pairs of about the same length leave the ARM only the objective
     /// to learn. A length objective (concise) must not use it.
-    pub fn widest_pair(&self, tolerance: Option<f32>) -> Option<ScoredPair> {
+    pub fn widest_pair(&self, tolerance: Option<f32>, min_gap: f32) -> Option<ScoredPair> {
         let Some(tolerance) = tolerance else {
-            return self.best_vs_worst();
+            return self.best_vs_worst(min_gap);
         };
         let (responses, scores) = (self.responses, self.scores);
         let lens: Vec<usize> = responses.iter().map(|r| word_count(r)).collect();
@@ -113,7 +113,8 @@ impl Scored<'_> {
                 let longer = lens[i].max(lens[j]) as f32;
                 let close = (lens[i] as f32 - lens[j] as f32).abs() <= tolerance * longer;
                 let gap = scores[i] - scores[j];
-                if close && gap > 0.0 && best.is_none_or(|(a, b)| gap > scores[a] - scores[b]) {
+                let wide = gap > 0.0 && gap >= min_gap;
+                if close && wide && best.is_none_or(|(a, b)| gap > scores[a] - scores[b]) {
                     best = Some((i, j));
                 }
             }
@@ -121,14 +122,15 @@ impl Scored<'_> {
         best.map(|(i, j)| self.pair(i, j))
     }
 
-    /// Best vs worst, or `None` when they all score the same.
-    pub fn best_vs_worst(&self) -> Option<ScoredPair> {
+    /// Best vs worst, or `None` when their scores differ by less than `min_gap` (or not at all).
+    pub fn best_vs_worst(&self, min_gap: f32) -> Option<ScoredPair> {
         let scores = self.scores;
         let by_score = |a: &(usize, &f32), b: &(usize, &f32)| a.1.total_cmp(b.1);
         // `max_by` keeps the last of equals and `min_by` the first: either is fine, both are fixed.
         let (best, _) = scores.iter().enumerate().max_by(by_score)?;
         let (worst, _) = scores.iter().enumerate().min_by(by_score)?;
-        (scores[best] > scores[worst]).then(|| self.pair(best, worst))
+        let gap = scores[best] - scores[worst];
+        (gap > 0.0 && gap >= min_gap).then(|| self.pair(best, worst))
     }
 }
 
@@ -185,6 +187,10 @@ pub struct PrefsArgs {
     /// taking the widest score gap among them (see `widest_pair`); default: best vs worst.
     #[arg(long)]
     pub length_tolerance: Option<f32>,
+    /// Skip a prompt whose pair's scores differ by less than this, as a tie: a lexicon's small
+    /// gaps (one word more of sentiment in a long answer) are noise the ARM would learn.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_gap: f32,
 }
 
 fn parse_shard(s: &str) -> Result<(usize, usize), String> {
@@ -233,6 +239,9 @@ impl PrefsArgs {
             .is_some_and(|t| !(t.is_finite() && t >= 0.0))
         {
             bail!("--length-tolerance must be a share of at least 0");
+        }
+        if !(self.min_gap.is_finite() && self.min_gap >= 0.0) {
+            bail!("--min-gap must be at least 0, got {}", self.min_gap);
         }
         Ok(())
     }
@@ -444,7 +453,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
                 ended,
                 scores: &scores,
             };
-            scored.widest_pair(args.length_tolerance)
+            scored.widest_pair(args.length_tolerance, args.min_gap)
         })
         .collect();
     for pair in &pairs {
@@ -457,7 +466,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     let gap = |p: &ScoredPair| scorer.score(&p.chosen) - scorer.score(&p.rejected);
     let wall = start.elapsed().as_secs_f64();
     println!(
-        "{} pairs from {} prompts ({} skipped: ties, or for concise no real answer), \
+        "{} pairs from {} prompts ({} skipped: ties or gaps below --min-gap, or for concise no real answer), \
          mean score gap {:.3}",
         pairs.len(),
         prompts.len(),
@@ -495,14 +504,18 @@ mod tests {
         let texts: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         let ended = [true, true, false];
         let pair = scored(&texts, &ended, &[0.5, 2.0, -1.0])
-            .best_vs_worst()
+            .best_vs_worst(0.0)
             .unwrap();
         assert_eq!((pair.chosen.as_str(), pair.rejected.as_str()), ("b", "c"));
         assert_eq!((pair.chosen_ended, pair.rejected_ended), (true, false));
         assert_eq!(pair.scores, [0.5, 2.0, -1.0]);
         assert!(scored(&texts, &ended, &[1.0, 1.0, 1.0])
-            .best_vs_worst()
+            .best_vs_worst(0.0)
             .is_none());
+        // A gap under `min_gap` is a tie; one at it is not.
+        let narrow = scored(&texts, &ended, &[0.5, 0.75, 0.5]);
+        assert!(narrow.best_vs_worst(0.3).is_none());
+        assert!(narrow.best_vs_worst(0.25).is_some());
     }
 
     #[test]
@@ -512,19 +525,25 @@ mod tests {
             .to_vec();
         let (ended, scores) = ([true; 4], [1.0, 3.0, -1.0, -2.0]);
         let pair = scored(&texts, &ended, &scores)
-            .widest_pair(Some(0.0))
+            .widest_pair(Some(0.0), 0.0)
             .unwrap();
         assert_eq!(
             (pair.chosen.as_str(), pair.rejected.as_str()),
             ("good day", "bad day")
         );
-        let pair = scored(&texts, &ended, &scores).widest_pair(None).unwrap();
+        let pair = scored(&texts, &ended, &scores)
+            .widest_pair(None, 0.0)
+            .unwrap();
         assert_eq!(
             (pair.chosen.as_str(), pair.rejected.as_str()),
             ("a b c d e f g h", "ok")
         );
         let one = scored(&texts[1..2], &ended[1..2], &scores[1..2]);
-        assert!(one.widest_pair(Some(0.5)).is_none());
+        assert!(one.widest_pair(Some(0.5), 0.0).is_none());
+        // Among same-length pairs only, the widest gap (2) is below a min_gap of 2.5.
+        assert!(scored(&texts, &ended, &scores)
+            .widest_pair(Some(0.0), 2.5)
+            .is_none());
     }
 
     #[test]
