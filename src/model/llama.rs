@@ -218,8 +218,8 @@ impl Llama {
     /// the batch has its tokens at its positions after the same history (GenARM feeds the two
     /// alike), the adapter's rows skip those layers: they take that twin's hidden rows where
     /// their adapter begins, and copies of its keys and values (kept, so that the item can
-    /// also run alone later). A base item alike with an earlier base item is its copy in the
-    /// same way, through every layer. Rows are laid out with such items last, in the order
+    /// also run alone later). An item alike with an earlier item of the same model is its copy
+    /// in the same way, through every layer. Rows are laid out with such items last, in the order
     /// their layers begin, so that each layer runs on a prefix of the rows.
     fn run_layers(
         &self,
@@ -253,26 +253,33 @@ impl Llama {
         let adapter_of: Vec<Option<&Adapter>> = (models.iter().zip(counts))
             .flat_map(|(m, &c)| std::iter::repeat_n(m.adapter.as_deref(), c))
             .collect();
-        // Each item's twin, and the layer it joins the batch at: an adapted item joins its base
-        // twin where its adapter begins; a base item fed what an earlier one is fed, after the
-        // same history (best-of-N's candidates and the base lane their ARMs are read against),
-        // never joins: it is that one's copy throughout.
-        let base_item = |j: usize| adapter_of[j].is_none();
+        // Each item's twin, and the layer it joins the batch at. An item fed what an earlier
+        // item of the same model is fed, after the same history (best-of-N's candidate, the
+        // base lane its ARMs are read against, an ARM that both guides and ranks it), never
+        // joins: it is that one's copy throughout. An adapted item joins its base twin where
+        // its adapter begins.
+        let same_model = |i: usize, j: usize| match (adapter_of[i], adapter_of[j]) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            _ => false,
+        };
         let alike = |i: usize, j: usize| {
             items[j].tokens == items[i].tokens && items[j].cache.same_history(items[i].cache)
         };
         let mut twin: Vec<Option<(usize, usize)>> = vec![None; items.len()];
-        for i in (0..items.len()).filter(|&i| stop > 0 && base_item(i)) {
+        for i in (0..items.len()).filter(|_| stop > 0) {
             twin[i] = (0..i)
-                .find(|&j| base_item(j) && twin[j].is_none() && alike(i, j))
+                .find(|&j| same_model(i, j) && twin[j].is_none() && alike(i, j))
                 .map(|j| (j, stop));
         }
+        // The base twins come second: a copy's original may be an adapted item that joins
+        // late, which `order` then places (and copies keys and values for) before the copy.
         for i in 0..items.len() {
             let Some(a) = adapter_of[i] else { continue };
             let joins = a.first_layer().min(stop);
-            if joins > 0 {
+            if joins > 0 && twin[i].is_none() {
                 twin[i] = (0..items.len())
-                    .find(|&j| base_item(j) && twin[j].is_none() && alike(i, j))
+                    .find(|&j| adapter_of[j].is_none() && twin[j].is_none() && alike(i, j))
                     .map(|j| (j, joins));
             }
         }
@@ -302,8 +309,9 @@ impl Llama {
                 row.copy_from_slice(&w.embed[t as usize * hidden..(t as usize + 1) * hidden]);
             }
         }
-        // The rows of each adapted item, with its adapter.
+        // The rows of each adapted item that computes its own (copies do not), with its adapter.
         let adapted: Vec<(Range<usize>, &Adapter)> = (0..items.len())
+            .filter(|&i| twin[i].is_none_or(|(_, joins)| joins < stop))
             .filter_map(|i| Some((rows_of(i), adapter_of[i]?)))
             .collect();
         // Items forked from an earlier item of the batch read their shared prefix of keys and

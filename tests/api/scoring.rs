@@ -243,43 +243,48 @@ async fn score_reads_responses_with_the_base_and_rewards(c: Client) {
     assert_eq!(r["data"][0]["tokens"], ids.len() + 1);
 }
 
-/// The score endpoint's reward-model values are best-of-N's: the same Σ log π_r of the same tokens.
+/// The score endpoint's reward-model values are best-of-N's: the same Σ log π_r of the same tokens
+/// (which best-of-N reads as the candidates sample, in the steps that feed the base; guided by
+/// the same ARM, the ranking ARM's rows are copies of the guide's).
 async fn score_arm_values_are_what_best_of_n_ranks_by(c: Client) {
     let prompt = "Write one sentence about your weekend:";
-    let alignment = decoder(
-        "best_of_n",
-        json!({"n": 4, "rewards": {"positive": 1}, "return_candidates": true}),
-    );
-    let r = c
-        .ok(PATH, &json!({"prompt": prompt, "max_tokens": 10, "seed": 3, "ignore_eos": true, "alignment": alignment}))
-        .await;
-    let mut compared = 0;
-    for cand in r["alignment"]["candidates"].as_array().unwrap() {
-        let text = cand["text"].as_str().unwrap();
-        let ids = c.tokens_with(text, false).await;
-        if ids.len() != cand["tokens"].as_u64().unwrap() as usize {
-            continue; // the text does not give back its tokens (e.g. an end token in it)
+    for guide in [None, Some(json!({"rewards": {"positive": 1}}))] {
+        let mut params = json!({"n": 4, "rewards": {"positive": 1}, "return_candidates": true});
+        if let Some(guide) = guide {
+            params["guide"] = guide;
         }
-        let s = c
-            .ok(
-                "/v1/score",
-                &json!({"prompt": prompt, "responses": [ids], "rewards": ["positive"]}),
-            )
+        let alignment = decoder("best_of_n", params);
+        let r = c
+            .ok(PATH, &json!({"prompt": prompt, "max_tokens": 10, "seed": 3, "ignore_eos": true, "alignment": alignment}))
             .await;
-        let got = s["data"][0]["rewards"]["positive"]["score"]
-            .as_f64()
-            .unwrap();
-        let want = cand["scores"]["positive"].as_f64().unwrap();
+        let mut compared = 0;
+        for cand in r["alignment"]["candidates"].as_array().unwrap() {
+            let text = cand["text"].as_str().unwrap();
+            let ids = c.tokens_with(text, false).await;
+            if ids.len() != cand["tokens"].as_u64().unwrap() as usize {
+                continue; // the text does not give back its tokens (e.g. an end token in it)
+            }
+            let s = c
+                .ok(
+                    "/v1/score",
+                    &json!({"prompt": prompt, "responses": [ids], "rewards": ["positive"]}),
+                )
+                .await;
+            let got = s["data"][0]["rewards"]["positive"]["score"]
+                .as_f64()
+                .unwrap();
+            let want = cand["scores"]["positive"].as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 0.01 * want.abs().max(1.0),
+                "{text:?}: score {got} vs best_of_n {want}"
+            );
+            compared += 1;
+        }
         assert!(
-            (got - want).abs() < 0.01 * want.abs().max(1.0),
-            "{text:?}: score {got} vs best_of_n {want}"
+            compared >= 2,
+            "too few candidates retokenise to themselves: {r}"
         );
-        compared += 1;
     }
-    assert!(
-        compared >= 2,
-        "too few candidates retokenise to themselves: {r}"
-    );
 }
 
 async fn score_requests_are_checked(c: Client) {
