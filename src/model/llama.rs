@@ -150,7 +150,7 @@ impl Llama {
         }
         let cfg = &first.cfg;
         let hidden = cfg.hidden;
-        let (x, first_row) = first.run_layers(models, items, counts, cfg.n_layers)?;
+        let (x, first_row, source) = first.run_layers(models, items, counts, cfg.n_layers)?;
         // Each model's wanted rows, in item order, then one pass of the output layer for all.
         let mut wanted = Vec::new();
         let mut per_model = Vec::with_capacity(models.len());
@@ -171,18 +171,36 @@ impl Llama {
             per_model.push((start..wanted.len(), rows));
             item += count;
         }
+        // The output layer runs once per distinct row: a copy's logits are its source's.
+        let mut slot = vec![usize::MAX; source.len()];
+        let mut distinct = Vec::with_capacity(wanted.len());
+        let at: Vec<usize> = (wanted.iter())
+            .map(|&r| {
+                let s = source[r];
+                if slot[s] == usize::MAX {
+                    slot[s] = distinct.len();
+                    distinct.push(s);
+                }
+                slot[s]
+            })
+            .collect();
         let vocab = cfg.vocab_size;
-        let mut data = vec![0f32; wanted.len() * vocab];
-        if !wanted.is_empty() {
-            let sel: Vec<f32> = wanted
-                .iter()
+        let mut data = vec![0f32; distinct.len() * vocab];
+        if !distinct.is_empty() {
+            let sel: Vec<f32> = (distinct.iter())
                 .flat_map(|&r| &x[r * hidden..(r + 1) * hidden])
                 .copied()
                 .collect();
             let w = &first.weights;
             let input = Input::normed(&sel, &w.norm, cfg.rms_eps as f32);
             w.output
-                .forward(input, wanted.len(), Sink::Store(&mut data))?;
+                .forward(input, distinct.len(), Sink::Store(&mut data))?;
+        }
+        if distinct.len() < wanted.len() {
+            data = (at.iter())
+                .flat_map(|&k| &data[k * vocab..(k + 1) * vocab])
+                .copied()
+                .collect();
         }
         // Split from the back: the first model's rows (the base's) keep the buffer, uncopied.
         let mut outputs: Vec<ForwardOutput> = per_model
@@ -212,7 +230,8 @@ impl Llama {
     }
 
     /// Run `items` (`counts[k]` of `models[k]`) through the first `stop` layers; returns the
-    /// hidden rows, each item's first row among them, and advances every cache.
+    /// hidden rows, each item's first row among them and each row's source (the row it is a
+    /// copy of, or itself), and advances every cache.
     ///
     /// An adapter's item reads the base below the adapter's first layer. When a base item of
     /// the batch has its tokens at its positions after the same history (GenARM feeds the two
@@ -227,7 +246,7 @@ impl Llama {
         items: &mut [ForwardItem<'_>],
         counts: &[usize],
         stop: usize,
-    ) -> Result<(Vec<f32>, Vec<usize>), ForwardError> {
+    ) -> Result<(Vec<f32>, Vec<usize>, Vec<usize>), ForwardError> {
         let cfg = &self.cfg;
         let w = &*self.weights;
         let (hidden, hd, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);
@@ -463,7 +482,18 @@ impl Llama {
             // twin's, copied) wrote them.
             unsafe { it.cache.advance(it.tokens) };
         }
-        Ok((x, first_row))
+        // Each row's source: the row it is a copy of (its item never joined), else itself.
+        let mut source: Vec<usize> = (0..n).collect();
+        for (i, twin) in twin.iter().enumerate() {
+            if let Some((j, stop_at)) = *twin {
+                if stop_at == stop {
+                    for k in 0..items[i].tokens.len() {
+                        source[first_row[i] + k] = first_row[j] + k;
+                    }
+                }
+            }
+        }
+        Ok((x, first_row, source))
     }
 
     /// Rotate every head of `x` (one row) for position `pos`.
