@@ -286,7 +286,7 @@ impl Llama {
             items[j].tokens == items[i].tokens && items[j].cache.same_history(items[i].cache)
         };
         let mut twin: Vec<Option<(usize, usize)>> = vec![None; items.len()];
-        for i in (0..items.len()).filter(|_| stop > 0) {
+        for i in 0..items.len() {
             twin[i] = (0..i)
                 .find(|&j| same_model(i, j) && twin[j].is_none() && alike(i, j))
                 .map(|j| (j, stop));
