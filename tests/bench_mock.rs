@@ -305,6 +305,49 @@ async fn load_runs_write_a_complete_report_per_decoder_and_load_point() {
     }
 }
 
+#[tokio::test]
+async fn a_long_prompt_arrives_mid_run_and_the_gaps_around_its_prefill_are_reported() {
+    let (url, mock) = start(Mode::Ok).await;
+    let args = args(
+        &url,
+        &[
+            "--concurrency=2",
+            "--requests=2",
+            "--warmup=0",
+            "--output-tokens=60",
+            "--prompt-tokens=8",
+            "--long-prompt-tokens=400",
+            "--long-prompt-after=0.02",
+        ],
+    );
+    let ran = execute(&args).await.unwrap();
+    let md = markdown(&ran);
+    assert!(md.contains("a 400-token prompt arrived at"), "{md}");
+    let report = serde_json::to_value(ran).unwrap();
+    let run = &report["series"][0]["runs"][0];
+    // The long prompt is not one of the run's requests.
+    assert_eq!(run["summary"]["requests"], 2);
+    let long = &run["long_prompt"];
+    assert_eq!(long["sample"]["ok"], true);
+    assert_eq!(long["sample"]["prompt_tokens"], 400);
+    assert_eq!(long["sample"]["max_tokens"], 2);
+    assert!(long["sample"]["start_ms"].as_f64().unwrap() >= 20.0);
+    let (during, without) = (&long["itl_during_ms"], &long["itl_without_ms"]);
+    let count = |d: &Value| d["count"].as_u64().unwrap();
+    assert!(count(during) > 0 && count(without) > 0, "{long}");
+    // Every gap of the two 60-token streams is on one side or the other.
+    assert_eq!(count(during) + count(without), 2 * 59);
+    assert!(long["p99_during_over_median_without"].as_f64().unwrap() > 0.0);
+    let prompts: Vec<usize> = mock
+        .bodies
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| tokens(b["prompt"].as_str().unwrap()))
+        .collect();
+    assert!(prompts.contains(&400), "{prompts:?}");
+}
+
 /// The one run of a bench at `mode` with four requests, two at a time and no warm-up.
 async fn failing_run(mode: Mode) -> Value {
     let (url, _mock) = start(mode).await;

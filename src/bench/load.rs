@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::task::JoinSet;
 
-use super::client::{self, Sample, Target};
+use super::client::{self, Prompt, Sample, Target};
 use super::workload::Workload;
 
 #[derive(Debug, Clone, Copy)]
@@ -30,13 +30,16 @@ pub enum Stop {
     Duration(Duration),
 }
 
-/// One run's samples in sending order, and its wall time in seconds.
+/// One run's samples in sending order, its wall time in seconds, and the long prompt's request.
 pub struct Ran {
     pub samples: Vec<Sample>,
     pub duration_s: f64,
+    pub long: Option<Sample>,
 }
 
 /// Run `load` until `stop`. `stream` tells runs apart: it picks their prompts and arrival times.
+/// `long`: one more request, sent that long after the start, outside the run's samples.
+#[allow(clippy::too_many_arguments)]
 pub async fn drive(
     target: &Arc<Target>,
     workload: &Arc<Workload>,
@@ -44,9 +47,17 @@ pub async fn drive(
     load: Load,
     stop: Stop,
     seed: u64,
+    long: Option<(Duration, Prompt)>,
     progress: &ProgressBar,
 ) -> Ran {
     let origin = Instant::now();
+    let long = long.map(|(after, prompt)| {
+        let target = target.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until((origin + after).into()).await;
+            client::send(&target, &prompt, usize::MAX, origin).await
+        })
+    });
     let mut tasks = JoinSet::new();
     let shared = (target.clone(), workload.clone(), progress.clone());
     let request = move |i: usize| {
@@ -101,8 +112,14 @@ pub async fn drive(
     }
     let mut samples: Vec<Sample> = tasks.join_all().await.into_iter().flatten().collect();
     samples.sort_by_key(|s| s.index);
+    let duration_s = origin.elapsed().as_secs_f64();
+    let long = match long {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
     Ran {
         samples,
-        duration_s: origin.elapsed().as_secs_f64(),
+        duration_s,
+        long,
     }
 }

@@ -30,7 +30,7 @@ pub use report::{markdown, write};
 
 use client::Target;
 use load::{Load, Stop};
-use stats::{RuntimeFit, Slo, Summary};
+use stats::{LongPrompt, RuntimeFit, Slo, Summary};
 use workload::Workload;
 
 /// Requests per run unless `--requests` or `--duration` says otherwise.
@@ -119,6 +119,19 @@ pub struct BenchArgs {
         requires = "sweep"
     )]
     pub sweep_output_tokens: Vec<usize>,
+    /// Fairness under mixed load: once each run's streams flow, one request with a synthetic
+    /// prompt of this many tokens arrives; the report splits the streams' inter-token gaps into
+    /// those during its prefill (arrival to its first token) and the rest.
+    #[arg(long, value_name = "TOKENS", conflicts_with = "sweep")]
+    pub long_prompt_tokens: Option<usize>,
+    /// Seconds into each run at which the long prompt arrives.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 1.0,
+        requires = "long_prompt_tokens"
+    )]
+    pub long_prompt_after: f64,
     /// Seconds before a request counts as failed (timeout).
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -173,6 +186,8 @@ pub struct Run {
     /// max_tokens asked for (null with --prompts, where lines may set their own).
     pub output_tokens: Option<usize>,
     pub summary: Summary,
+    /// With --long-prompt-tokens: the long prompt's request and the streams' gaps around it.
+    pub long_prompt: Option<LongPrompt>,
     pub samples: Vec<Sample>,
 }
 
@@ -207,6 +222,14 @@ impl BenchArgs {
             "sweep lengths must be at least 1"
         );
         ensure!(!self.plan().is_empty(), "nothing to run: a list is empty");
+        ensure!(
+            self.long_prompt_tokens != Some(0),
+            "--long-prompt-tokens must be at least 1"
+        );
+        ensure!(
+            self.long_prompt_after.is_finite() && self.long_prompt_after >= 0.0,
+            "--long-prompt-after must be a number of seconds"
+        );
         ensure!(
             self.request_timeout > 0.0,
             "--request-timeout must be positive"
@@ -415,6 +438,7 @@ impl Session<'_> {
                 Load::Closed(1),
                 warm,
                 args.seed,
+                None,
                 &hidden,
             )
             .await;
@@ -433,6 +457,12 @@ impl Session<'_> {
             let what = report::describe(concurrency, rate, args.sweep.then_some(lengths));
             let progress = progress_bar(stop, format!("{label} · {what}"));
             self.streams += 1;
+            let long = args.long_prompt_tokens.map(|tokens| {
+                let prompt =
+                    Workload::synthetic(tokens, 2, tokens_per_word.unwrap_or(1.0), args.seed)
+                        .prompt(self.streams, usize::MAX);
+                (Duration::from_secs_f64(args.long_prompt_after), prompt)
+            });
             let ran = load::drive(
                 &target,
                 &workload(lengths),
@@ -440,10 +470,12 @@ impl Session<'_> {
                 load,
                 stop,
                 args.seed,
+                long,
                 &progress,
             )
             .await;
             let summary = Summary::of(&ran.samples, ran.duration_s, slo);
+            let long_prompt = ran.long.map(|long| LongPrompt::of(long, &ran.samples));
             progress.finish_with_message(format!(
                 "{label} · {what}: {} ok, {} failed",
                 summary.completed, summary.failed
@@ -461,6 +493,7 @@ impl Session<'_> {
                 prompt_tokens: lengths.map(|l| l.0),
                 output_tokens: lengths.map(|l| l.1),
                 summary,
+                long_prompt,
                 samples: ran.samples,
             });
         }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use super::plot::categories;
-use super::stats::{Distribution, Summary};
+use super::stats::{Distribution, LongPrompt, Summary};
 use super::{Report, Run, Series};
 
 /// Write `path` (JSON) and, beside it, the markdown (same name, `.md`) and, for load runs, the
@@ -165,6 +165,11 @@ fn series_tables(md: &mut String, series: &Series, sweep: bool) {
         }
     }
     for run in &series.runs {
+        if let Some(long) = &run.long_prompt {
+            long_prompt(md, &load(run, sweep), long);
+        }
+    }
+    for run in &series.runs {
         let t = &run.summary;
         if t.failed > 0 {
             let by = |m: &std::collections::BTreeMap<String, usize>| {
@@ -190,6 +195,43 @@ fn series_tables(md: &mut String, series: &Series, sweep: bool) {
             .unwrap();
         }
     }
+}
+
+fn long_prompt(md: &mut String, load: &str, long: &LongPrompt) {
+    let tokens = long
+        .sample
+        .prompt_tokens
+        .map_or("?".into(), |t| t.to_string());
+    let Some(prefill) = long.prefill_ms else {
+        let why = long
+            .sample
+            .error_detail
+            .as_deref()
+            .unwrap_or("no first token");
+        writeln!(
+            md,
+            "\nAt {load}, the long prompt ({tokens} tokens) failed: {why}."
+        )
+        .unwrap();
+        return;
+    };
+    let median = |d: &Option<Distribution>| d.as_ref().map_or("–".into(), |d| num(d.median));
+    let p99 = long
+        .itl_during_ms
+        .as_ref()
+        .map_or("–".into(), |d| num(d.p99));
+    writeln!(
+        md,
+        "\nAt {load}, a {tokens}-token prompt arrived at {} ms and took {} ms to its first token. \
+         The other streams' inter-token gap: median {} ms without it; during its prefill median \
+         {} ms, p99 {p99} ms; p99 ÷ median without it = {}.",
+        num(long.sample.start_ms),
+        num(prefill),
+        median(&long.itl_without_ms),
+        median(&long.itl_during_ms),
+        opt(long.p99_during_over_median_without),
+    )
+    .unwrap();
 }
 
 /// Each series against the first (the baseline) at each load point.

@@ -150,6 +150,51 @@ impl Summary {
     }
 }
 
+/// The request of `--long-prompt-tokens` and the other streams' inter-token gaps around it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LongPrompt {
+    /// From its arrival to its first token: its prefill (and its wait, if it queued).
+    pub prefill_ms: Option<f64>,
+    /// Gaps of the other requests that overlap its prefill.
+    pub itl_during_ms: Option<Distribution>,
+    /// Their other gaps.
+    pub itl_without_ms: Option<Distribution>,
+    /// p99 of the gaps during its prefill over the median of the others.
+    pub p99_during_over_median_without: Option<f64>,
+    pub sample: Sample,
+}
+
+impl LongPrompt {
+    pub fn of(long: Sample, samples: &[Sample]) -> Self {
+        let prefill = long.ttft_ms.map(|t| (long.start_ms, long.start_ms + t));
+        let (mut during, mut without) = (Vec::new(), Vec::new());
+        for s in samples.iter().filter(|s| s.ok) {
+            let Some(ttft) = s.ttft_ms else { continue };
+            let mut at = s.start_ms + ttft;
+            for &gap in &s.itl_ms {
+                match prefill {
+                    Some((from, to)) if at + gap >= from && at <= to => during.push(gap),
+                    _ => without.push(gap),
+                }
+                at += gap;
+            }
+        }
+        let itl_during_ms = Distribution::of(during);
+        let itl_without_ms = Distribution::of(without);
+        let p99_during_over_median_without = match (&itl_during_ms, &itl_without_ms) {
+            (Some(d), Some(w)) if w.median > 0.0 => Some(d.p99 / w.median),
+            _ => None,
+        };
+        Self {
+            prefill_ms: long.ttft_ms,
+            itl_during_ms,
+            itl_without_ms,
+            p99_during_over_median_without,
+            sample: long,
+        }
+    }
+}
+
 /// y ≈ intercept + Σ slopes[j]·x[j], by ordinary least squares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearFit {
@@ -357,6 +402,32 @@ mod tests {
         assert_eq!((ttft.count, ttft.min, ttft.max), (4, 100.0, 300.0));
         assert_eq!(s.itl_ms.unwrap().count, 30);
         assert_eq!(Summary::of(&samples, 2.0, Slo::default()).goodput, None);
+    }
+
+    #[test]
+    fn a_long_prompts_prefill_splits_the_other_streams_gaps() {
+        // A stream with gaps of 10 ms from 100 ms, its tokens at 100, 110, ..., 200; one gap
+        // of 40 ms (140 → 180) while the long prompt prefills from 150 to 175.
+        let mut stream = ok_sample(100.0, Some(10.0), 5, 8);
+        stream.itl_ms = vec![10.0, 10.0, 10.0, 10.0, 40.0, 10.0, 10.0];
+        let long = Sample {
+            start_ms: 150.0,
+            ..ok_sample(25.0, None, 4000, 1)
+        };
+        let failed_stream = failed(Some(500), Failure::HttpStatus);
+        let l = LongPrompt::of(long, &[stream, failed_stream]);
+        assert_eq!(l.prefill_ms, Some(25.0));
+        let (during, without) = (l.itl_during_ms.unwrap(), l.itl_without_ms.unwrap());
+        assert_eq!((during.count, during.max), (1, 40.0));
+        assert_eq!((without.count, without.median), (6, 10.0));
+        assert_eq!(l.p99_during_over_median_without, Some(4.0));
+        // A long prompt that failed has no prefill: every gap is without it.
+        let l = LongPrompt::of(
+            failed(None, Failure::Connection),
+            &[ok_sample(1.0, Some(2.0), 1, 4)],
+        );
+        assert!(l.prefill_ms.is_none() && l.itl_during_ms.is_none());
+        assert_eq!(l.itl_without_ms.unwrap().count, 3);
     }
 
     #[test]

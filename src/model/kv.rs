@@ -106,13 +106,25 @@ impl KvCache {
     /// search branches): costs one copy of the used rows, never a new prefill.
     pub fn fork(&self) -> Self {
         let used = self.len * self.head_dim;
-        let copy = |heads: &[Vec<f16>]| heads.iter().map(|h| h[..used].to_vec()).collect();
+        let runs = self.runs();
         let layers = self
             .layers
             .iter()
-            .map(|l| Layer {
-                keys: copy(&l.keys),
-                values: copy(&l.values),
+            .enumerate()
+            .map(|(layer, l)| {
+                let copy = |heads: &[Vec<f16>], first: usize| {
+                    let copy_of = |(h, run): (usize, &Vec<f16>)| {
+                        let mut copy = Vec::with_capacity(room(used, first + h, runs));
+                        copy.extend_from_slice(&run[..used]);
+                        copy
+                    };
+                    heads.iter().enumerate().map(copy_of).collect()
+                };
+                let first = layer * 2 * l.keys.len();
+                Layer {
+                    keys: copy(&l.keys, first),
+                    values: copy(&l.values, first + l.keys.len()),
+                }
             })
             .collect();
         Self {
@@ -183,16 +195,27 @@ impl KvCache {
         }
         let l = &mut self.layers[layer];
         assert!(self.head_dim == head_dim && l.keys.len() == heads);
-        let at = self.len * head_dim;
-        for run in l.keys.iter_mut().chain(&mut l.values) {
+        let (at, need) = (self.len * head_dim, (self.len + t) * head_dim);
+        let (first, runs) = (layer * 2 * heads, n_layers * 2 * heads);
+        for (r, run) in l.keys.iter_mut().chain(&mut l.values).enumerate() {
             // Rows past `len()` (rolled back, or of a forward that failed) are dropped.
             run.truncate(at);
-            run.reserve(t * head_dim);
+            if need > run.capacity() {
+                run.reserve_exact(room(need, first + r, runs) - run.len());
+            }
         }
         out.extend(l.keys.iter_mut().zip(&mut l.values).map(|(k, v)| KvHead {
             keys: k.as_mut_ptr(),
             values: v.as_mut_ptr(),
         }));
+    }
+
+    /// Key and value runs in all: two per layer and KV head.
+    fn runs(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.keys.len() + l.values.len())
+            .sum()
     }
 
     /// Whether `self` and `other` hold positions for the same tokens (by a 64-bit hash of them):
@@ -221,6 +244,15 @@ impl KvCache {
             }
         }
     }
+}
+
+/// Capacity for a run that must hold `need` values, the `k`-th of its cache's `runs`: twice
+/// that, and up to as much again by its rank, so a cache's runs outgrow their room at steps
+/// spread over the next doubling rather than all in one step. Sequences that grow in step (a
+/// batch's streams, best-of-N's candidates) would otherwise copy every run of every cache in
+/// one step, several times a normal step's time.
+fn room(need: usize, k: usize, runs: usize) -> usize {
+    need * 2 + need * k / runs.max(1)
 }
 
 /// splitmix64's finaliser: every bit of the input moves every bit of the output.
@@ -297,6 +329,64 @@ mod tests {
                 a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
                 "{a} vs {b}"
             );
+        }
+    }
+
+    #[test]
+    fn a_caches_runs_outgrow_their_room_at_different_steps_and_keep_their_rows() {
+        let (layers, heads) = (4, 2);
+        let mut caches = [KvCache::new(), KvCache::new()];
+        let mut most = 0;
+        for step in 0..3000usize {
+            let t = if step == 0 { 64 } else { 1 };
+            let mut grew = 0;
+            for cache in &mut caches {
+                let at = cache.len();
+                let before: Vec<usize> = cache
+                    .layers
+                    .iter()
+                    .flat_map(|l| l.keys.iter().chain(&l.values))
+                    .map(Vec::capacity)
+                    .collect();
+                for layer in 0..layers {
+                    let mut out = Vec::new();
+                    cache.open(layers, layer, (heads, 1), t, &mut out);
+                    for (h, head) in out.iter().enumerate() {
+                        for p in at..at + t {
+                            let v = [(p * 8 + layer * 2 + h) as f32];
+                            // SAFETY: `open` made room for these positions.
+                            unsafe {
+                                store_f16(head.keys.add(p), &v);
+                                store_f16(head.values.add(p), &v);
+                            }
+                        }
+                    }
+                }
+                // SAFETY: every layer's rows are written.
+                unsafe { cache.advance(&vec![0; t]) };
+                let after = cache
+                    .layers
+                    .iter()
+                    .flat_map(|l| l.keys.iter().chain(&l.values))
+                    .map(Vec::capacity);
+                grew += before.iter().zip(after).filter(|(b, a)| *b != a).count();
+            }
+            if step > 0 {
+                most = most.max(grew);
+            }
+        }
+        // Two caches growing in step: at most one run each grows in a step.
+        assert!(most <= 2, "{most} runs grew in one step");
+        for cache in &caches {
+            assert!(cache.runs() == 16 && cache.len() == 3063);
+            for (layer, l) in cache.layers.iter().enumerate() {
+                for (h, (k, v)) in l.keys.iter().zip(&l.values).enumerate() {
+                    for p in [0, 63, 64, 1000, 3062] {
+                        let want = f16::from_f32((p * 8 + layer * 2 + h) as f32);
+                        assert_eq!((k[p], v[p]), (want, want), "layer {layer} head {h} at {p}");
+                    }
+                }
+            }
         }
     }
 

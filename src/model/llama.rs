@@ -26,6 +26,10 @@ pub enum Logits {
     All,
 }
 
+/// What `run_layers` returns: the hidden rows after the last layer run, each item's first row,
+/// and per row the row it is a copy of (itself when it was computed).
+type Rows = (Vec<f32>, Vec<usize>, Vec<usize>);
+
 /// One sequence's part of a batched forward (`C`: its cache, the KV cache for the real model).
 pub struct ForwardItem<'a, C = KvCache> {
     pub cache: &'a mut C,
@@ -246,7 +250,7 @@ impl Llama {
         items: &mut [ForwardItem<'_>],
         counts: &[usize],
         stop: usize,
-    ) -> Result<(Vec<f32>, Vec<usize>, Vec<usize>), ForwardError> {
+    ) -> Result<Rows, ForwardError> {
         let cfg = &self.cfg;
         let w = &*self.weights;
         let (hidden, hd, kvh) = (cfg.hidden, cfg.head_dim, cfg.n_kv_heads);

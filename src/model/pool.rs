@@ -167,8 +167,12 @@ pub(crate) struct Pool {
 /// threads spent waiting on another past `LATE` (the other was descheduled in the middle of a
 /// piece of work); when that is a large share of the window's time, the next jobs run on the
 /// caller alone, the workers asleep, for a while that doubles each time trying again fails and
-/// resets when it succeeds. A process sharing the cores now and then (the server's own HTTP
-/// threads) costs a few percent and keeps the workers; a busy neighbour costs tens of percent.
+/// resets when it succeeds. A stretch alone is kept only if its jobs ran faster than the
+/// window's that sent it there: waits can also come from pieces of uneven size (attention over
+/// a long context), and then two threads with waits still beat one, so the caller stays with
+/// the workers for a number of windows that doubles with each such miss. A process sharing the
+/// cores now and then (the server's own HTTP threads) costs a few percent and keeps the
+/// workers; a busy neighbour costs tens of percent.
 struct Calls {
     generation: u32,
     count: u64,
@@ -178,6 +182,13 @@ struct Calls {
     window: u32,
     window_time: Duration,
     window_late: Duration,
+    /// Seconds per job of the window that sent the caller alone, and the stretch alone since.
+    together_per_job: f64,
+    alone_jobs: u32,
+    alone_time: Duration,
+    /// Windows left before the caller may go alone again, and how many the next miss costs.
+    hold: u32,
+    hold_for: u32,
 }
 
 /// Jobs run together per decision (a few decode steps).
@@ -185,10 +196,36 @@ const WINDOW: u32 = 512;
 /// Share of a window's time lost to late waits past which the caller goes alone.
 const LOST: f64 = 0.1;
 /// Jobs run alone after the first bad window, and at most.
-const ALONE_FIRST: u64 = 256;
+const ALONE_FIRST: u64 = WINDOW as u64;
 const ALONE_MOST: u64 = 65_536;
+/// Windows together after a first stretch alone that was slower, and at most.
+const HOLD_FIRST: u32 = 1;
+const HOLD_MOST: u32 = 256;
 
 impl Calls {
+    fn new() -> Self {
+        Self {
+            generation: 0,
+            count: 0,
+            alone_until: 0,
+            alone_for: ALONE_FIRST,
+            window: 0,
+            window_time: Duration::ZERO,
+            window_late: Duration::ZERO,
+            together_per_job: 0.0,
+            alone_jobs: 0,
+            alone_time: Duration::ZERO,
+            hold: 0,
+            hold_for: HOLD_FIRST,
+        }
+    }
+
+    /// Whether this job runs on the caller alone.
+    fn alone(&mut self) -> bool {
+        self.count += 1;
+        self.count < self.alone_until
+    }
+
     /// A job run together took `took`, `late` of it waiting on descheduled threads.
     fn record(&mut self, took: Duration, late: Duration) {
         self.window += 1;
@@ -198,13 +235,35 @@ impl Calls {
             return;
         }
         let lost = self.window_late.as_secs_f64() / self.window_time.as_secs_f64().max(1e-9);
-        if lost > LOST {
-            self.alone_until = self.count + self.alone_for;
+        if self.hold > 0 {
+            self.hold -= 1;
+        } else if lost > LOST {
+            self.together_per_job = self.window_time.as_secs_f64() / f64::from(WINDOW);
+            self.alone_until = self.count + 1 + self.alone_for;
             self.alone_for = (self.alone_for * 2).min(ALONE_MOST);
         } else {
             self.alone_for = ALONE_FIRST;
         }
         (self.window, self.window_time, self.window_late) = (0, Duration::ZERO, Duration::ZERO);
+    }
+
+    /// A job run alone took `took`; after the stretch's last, it is judged against the window
+    /// that started it.
+    fn record_alone(&mut self, took: Duration) {
+        self.alone_jobs += 1;
+        self.alone_time += took;
+        if self.count + 1 < self.alone_until {
+            return;
+        }
+        let per_job = self.alone_time.as_secs_f64() / f64::from(self.alone_jobs);
+        if per_job < self.together_per_job {
+            self.hold_for = HOLD_FIRST;
+        } else {
+            self.alone_for = ALONE_FIRST;
+            self.hold = self.hold_for;
+            self.hold_for = (self.hold_for * 2).min(HOLD_MOST);
+        }
+        (self.alone_jobs, self.alone_time) = (0, Duration::ZERO);
     }
 }
 
@@ -245,15 +304,7 @@ impl Pool {
         Self {
             board,
             workers,
-            calls: Mutex::new(Calls {
-                generation: 0,
-                count: 0,
-                alone_until: 0,
-                alone_for: ALONE_FIRST,
-                window: 0,
-                window_time: Duration::ZERO,
-                window_late: Duration::ZERO,
-            }),
+            calls: Mutex::new(Calls::new()),
         }
     }
 
@@ -266,11 +317,12 @@ impl Pool {
             return job(1)(0);
         }
         let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
-        calls.count += 1;
-        if calls.count < calls.alone_until {
+        if calls.alone() {
             IN_POOL.set(true);
+            let started = Instant::now();
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(1)(0)));
             IN_POOL.set(false);
+            calls.record_alone(started.elapsed());
             return outcome.unwrap_or_else(|payload| std::panic::resume_unwind(payload));
         }
         let me = self.workers.len();
@@ -560,6 +612,45 @@ mod tests {
         // Alone for the first stretch (give or take the jobs the loop above ran), then together.
         let alone = (0..2 * ALONE_FIRST).take_while(|_| threads() == 1).count() as u64;
         assert!((ALONE_FIRST - 4..ALONE_FIRST).contains(&alone), "{alone}");
+    }
+
+    /// Lengths of the runs of `alone` jobs and of together ones, in order.
+    fn stretches(alone: &[bool]) -> (Vec<u64>, Vec<u64>) {
+        let (mut apart, mut together) = (Vec::new(), Vec::new());
+        for run in alone.chunk_by(|a, b| a == b) {
+            let list = if run[0] { &mut apart } else { &mut together };
+            list.push(run.len() as u64);
+        }
+        (apart, together)
+    }
+
+    #[test]
+    fn a_stretch_alone_is_kept_only_while_it_runs_faster_than_together() {
+        let ms = |v: f64| Duration::from_secs_f64(v / 1e3);
+        // Jobs take 1 ms together, half of it waiting on late threads, and `alone` ms alone.
+        let run = |calls: &mut Calls, jobs: u64, alone: f64| -> Vec<bool> {
+            let job = |_| match calls.alone() {
+                true => {
+                    calls.record_alone(ms(alone));
+                    true
+                }
+                false => {
+                    calls.record(ms(1.0), ms(0.5));
+                    false
+                }
+            };
+            (0..jobs).map(job).collect()
+        };
+        let w = u64::from(WINDOW);
+        // Alone is faster (a busy neighbour): stretches alone double, a window together between.
+        let (apart, together) = stretches(&run(&mut Calls::new(), 20 * w, 0.5));
+        assert_eq!(apart[..4], [w, 2 * w, 4 * w, 8 * w]);
+        assert!(together.iter().all(|&n| n == w), "{together:?}");
+        // Alone is slower (the waits came from uneven pieces): one stretch alone at a time, and
+        // 1, 2, 4 windows together before the next try.
+        let (apart, together) = stretches(&run(&mut Calls::new(), 20 * w, 2.0));
+        assert!(apart.iter().all(|&n| n == w), "{apart:?}");
+        assert_eq!(together[..4], [w, 2 * w, 3 * w, 5 * w]);
     }
 
     #[test]
