@@ -609,6 +609,7 @@ struct Budget {
 }
 
 /// `prompts`: each prompt in the base's tokens, with its source for the other models.
+#[allow(clippy::too_many_arguments)] // the request's parts, each checked here
 fn job(
     common: CommonRequest,
     engine: &Engine,

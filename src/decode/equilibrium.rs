@@ -616,6 +616,7 @@ impl Ranking {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // one per request, moved once
 enum Phase {
     /// Sampling the candidates.
     Sampling(Guided),

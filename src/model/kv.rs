@@ -24,6 +24,8 @@ pub struct KvCache {
     len: usize,
     /// Values per position per head, known from the first append.
     head_dim: usize,
+    /// Values a run may ever hold (the model's context), known from the first append.
+    most: usize,
     /// Caches forked from one another (best-of-N candidates, search beams) share a lineage,
     /// and each holds the same keys and values as every other cache of its lineage in its first
     /// `common` positions (`usize::MAX`: no bound of its own). Attention reads such a shared
@@ -55,6 +57,7 @@ impl Default for KvCache {
             layers: Vec::new(),
             len: 0,
             head_dim: 0,
+            most: usize::MAX,
             lineage: Arc::new(()),
             common: usize::MAX,
             history: Vec::new(),
@@ -114,7 +117,8 @@ impl KvCache {
             .map(|(layer, l)| {
                 let copy = |heads: &[Vec<f16>], first: usize| {
                     let copy_of = |(h, run): (usize, &Vec<f16>)| {
-                        let mut copy = Vec::with_capacity(room(used, first + h, runs));
+                        let room = room(used, first + h, runs).min(self.most);
+                        let mut copy = Vec::with_capacity(room);
                         copy.extend_from_slice(&run[..used]);
                         copy
                     };
@@ -131,6 +135,7 @@ impl KvCache {
             layers,
             len: self.len,
             head_dim: self.head_dim,
+            most: self.most,
             lineage: self.lineage.clone(),
             common: self.common.min(self.len),
             history: self.history[..self.len].to_vec(),
@@ -173,13 +178,13 @@ impl KvCache {
         self.common = self.common.min(self.len);
     }
 
-    /// Opens layer `layer` for `t` positions from `len()`: makes room for them in every KV
-    /// head's keys and values (`heads` of them, `head_dim` wide), and pushes where each head's
-    /// run starts onto `out`. The rows are written through those pointers, at positions
+    /// Opens layer `layer` (of `n_layers`, for a context of `context` positions) for `t`
+    /// positions from `len()`: makes room for them in every KV head's keys and values (`heads`
+    /// of them, `head_dim` wide), and pushes where each head's run starts onto `out`. The rows are written through those pointers, at positions
     /// `len()..len() + t`; `advance` commits them once every layer's are written.
     pub(crate) fn open(
         &mut self,
-        n_layers: usize,
+        (n_layers, context): (usize, usize),
         layer: usize,
         (heads, head_dim): (usize, usize),
         t: usize,
@@ -187,6 +192,7 @@ impl KvCache {
     ) {
         if self.layers.is_empty() {
             self.head_dim = head_dim;
+            self.most = context.saturating_mul(head_dim);
             let layer = Layer {
                 keys: vec![Vec::new(); heads],
                 values: vec![Vec::new(); heads],
@@ -201,7 +207,8 @@ impl KvCache {
             // Rows past `len()` (rolled back, or of a forward that failed) are dropped.
             run.truncate(at);
             if need > run.capacity() {
-                run.reserve_exact(room(need, first + r, runs) - run.len());
+                let room = room(need, first + r, runs).min(self.most).max(need);
+                run.reserve_exact(room - run.len());
             }
         }
         out.extend(l.keys.iter_mut().zip(&mut l.values).map(|(k, v)| KvHead {
@@ -290,7 +297,7 @@ mod tests {
     fn grow(cache: &mut KvCache, values: &[f32]) {
         let mut heads = Vec::new();
         let at = cache.len();
-        cache.open(1, 0, (1, 1), values.len(), &mut heads);
+        cache.open((1, 1 << 20), 0, (1, 1), values.len(), &mut heads);
         for (p, v) in values.iter().enumerate() {
             // SAFETY: `open` made room for these positions.
             unsafe {
@@ -350,7 +357,7 @@ mod tests {
                     .collect();
                 for layer in 0..layers {
                     let mut out = Vec::new();
-                    cache.open(layers, layer, (heads, 1), t, &mut out);
+                    cache.open((layers, 4000), layer, (heads, 1), t, &mut out);
                     for (h, head) in out.iter().enumerate() {
                         for p in at..at + t {
                             let v = [(p * 8 + layer * 2 + h) as f32];
@@ -377,6 +384,12 @@ mod tests {
         }
         // Two caches growing in step: at most one run each grows in a step.
         assert!(most <= 2, "{most} runs grew in one step");
+        // No run holds room past the context.
+        let rooms = caches
+            .iter()
+            .flat_map(|c| &c.layers)
+            .flat_map(|l| l.keys.iter().chain(&l.values));
+        assert!(rooms.map(Vec::capacity).all(|c| (3063..=4000).contains(&c)));
         for cache in &caches {
             assert!(cache.runs() == 16 && cache.len() == 3063);
             for (layer, l) in cache.layers.iter().enumerate() {

@@ -393,7 +393,13 @@ impl Llama {
             for &i in &order {
                 let it = &mut items[i];
                 let t = it.tokens.len();
-                it.cache.open(cfg.n_layers, li, (kvh, hd), t, &mut kv_heads);
+                it.cache.open(
+                    (cfg.n_layers, cfg.context_length),
+                    li,
+                    (kvh, hd),
+                    t,
+                    &mut kv_heads,
+                );
             }
             let kv_of = |p: usize| &kv_heads[p * kvh..(p + 1) * kvh];
             let spans: Vec<Span> = (0..active)
