@@ -7,6 +7,9 @@ use std::time::Duration;
 
 /// Weight of the newest step in the running averages.
 const NEW: f64 = 0.2;
+/// Prompt tokens of the first step that prefills while something decodes, before a prompt
+/// token's cost is known: a small one, to learn it without stalling the streams.
+const PROBE: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Pacer {
@@ -37,6 +40,7 @@ impl Pacer {
                 let room = (self.stretch - 1.0) * step / token;
                 (room.floor() as usize).clamp(1, self.most)
             }
+            (Some(_), None) => PROBE.min(self.most),
             _ => self.most,
         }
     }
@@ -69,7 +73,7 @@ mod tests {
         for _ in 0..30 {
             pacer.record(ms(10.0), 0);
         }
-        assert_eq!(pacer.budget(), 64, "no prefill measured yet");
+        assert_eq!(pacer.budget(), PROBE, "no prefill measured yet: a small first one");
         // Each prompt token costs 1 ms: a 3× step has room for 20.
         for _ in 0..30 {
             pacer.record(ms(10.0 + pacer.budget() as f64), pacer.budget());
