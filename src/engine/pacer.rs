@@ -73,7 +73,11 @@ mod tests {
         for _ in 0..30 {
             pacer.record(ms(10.0), 0);
         }
-        assert_eq!(pacer.budget(), PROBE, "no prefill measured yet: a small first one");
+        assert_eq!(
+            pacer.budget(),
+            PROBE,
+            "no prefill measured yet: a small first one"
+        );
         // Each prompt token costs 1 ms: a 3× step has room for 20.
         for _ in 0..30 {
             pacer.record(ms(10.0 + pacer.budget() as f64), pacer.budget());

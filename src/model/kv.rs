@@ -180,8 +180,9 @@ impl KvCache {
 
     /// Opens layer `layer` (of `n_layers`, for a context of `context` positions) for `t`
     /// positions from `len()`: makes room for them in every KV head's keys and values (`heads`
-    /// of them, `head_dim` wide), and pushes where each head's run starts onto `out`. The rows are written through those pointers, at positions
-    /// `len()..len() + t`; `advance` commits them once every layer's are written.
+    /// of them, `head_dim` wide), and pushes where each head's run starts onto `out`. The rows
+    /// are written through those pointers, at positions `len()..len() + t`; `advance` commits
+    /// them once every layer's are written.
     pub(crate) fn open(
         &mut self,
         (n_layers, context): (usize, usize),
