@@ -110,25 +110,21 @@ impl KvCache {
     pub fn fork(&self) -> Self {
         let used = self.len * self.head_dim;
         let runs = self.runs();
-        let layers = self
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(layer, l)| {
-                let copy = |heads: &[Vec<f16>], first: usize| {
-                    let copy_of = |(h, run): (usize, &Vec<f16>)| {
-                        let room = room(used, first + h, runs).min(self.most);
-                        let mut copy = Vec::with_capacity(room);
-                        copy.extend_from_slice(&run[..used]);
-                        copy
-                    };
-                    heads.iter().enumerate().map(copy_of).collect()
-                };
-                let first = layer * 2 * l.keys.len();
-                Layer {
-                    keys: copy(&l.keys, first),
-                    values: copy(&l.values, first + l.keys.len()),
-                }
+        // Runs are ranked as `open` ranks them: by layer, each layer's keys then its values.
+        let mut k = 0;
+        let mut copy = |heads: &[Vec<f16>]| -> Vec<Vec<f16>> {
+            let copy_of = |run: &Vec<f16>| {
+                let mut copy = Vec::with_capacity(room(used, k, runs).min(self.most));
+                k += 1;
+                copy.extend_from_slice(&run[..used]);
+                copy
+            };
+            heads.iter().map(copy_of).collect()
+        };
+        let layers = (self.layers.iter())
+            .map(|l| Layer {
+                keys: copy(&l.keys),
+                values: copy(&l.values),
             })
             .collect();
         Self {
